@@ -1,0 +1,76 @@
+"""All engine configuration in one place. The CLI builds its flags from these dataclasses' fields.
+
+Every field is also a keyword argument of `tokenmill.LLM` (`--kv-cache-memory` -> `kv_cache_memory`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from tokenmill.errors import ConfigError
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """'2GiB' -> 2147483648; ints pass through; None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"cannot read {value!r} as a size; use bytes or a unit such as 512MiB or 2GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EngineConfig:
+    """How one engine replica loads its model and schedules requests."""
+
+    model: str = _opt("default", "GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct Q4_1).")
+    tokenizer: str | None = _opt(None, "Tokenizer directory or GGUF file; defaults to the model's own.")
+    dtype: str = _opt("auto", "Weight and activation dtype.", choices=["auto", "float32", "bfloat16"])
+    device: str = _opt("auto", "Where to run the model.", choices=["auto", "cpu", "cuda"])
+    max_model_len: int | None = _opt(None, "Longest prompt + output in tokens; defaults to the model's context.")
+    block_size: int = _opt(16, "Tokens per KV cache block.")
+    kv_cache_memory: int | str | None = _opt(
+        None, "Bytes for the KV cache, e.g. 512MiB or 2GiB; by default a fraction of free memory."
+    )
+    kv_cache_memory_fraction: float = _opt(0.25, "Share of free memory for the KV cache when --kv-cache-memory is unset.")
+    enable_prefix_caching: bool = _opt(True, "Reuse the KV blocks of identical prompt prefixes.")
+    max_num_batched_tokens: int = _opt(1024, "Token budget of one engine step (prefill chunks + decodes).")
+    max_num_seqs: int = _opt(128, "Most requests running at once.")
+    num_threads: int | None = _opt(None, "Torch threads for model math; defaults to the cores this process may use.")
+    seed: int = _opt(0, "Seed for requests that carry none.")
+
+    def __post_init__(self) -> None:
+        self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+        if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
+            raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("max_model_len must be >= 2")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)

@@ -1,0 +1,31 @@
+"""The shape of a model, independent of the file format it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Architectures the model code implements, by the name GGUF metadata or config.json `model_type` uses.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelArchConfig:
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Hugging Face style: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, ...}
+    # or {"rope_type": "linear", "factor": 2.0}; None for plain RoPE.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    sliding_window: int | None = None  # None: full attention
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
