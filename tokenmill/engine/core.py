@@ -1,0 +1,169 @@
+"""The engine core: a busy loop of schedule -> run the model -> update, knowing nothing of HTTP or text."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.errors import InvalidRequestError
+from tokenmill.runner.batch import Logprobs, RunnerOutput, SeqInput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the engine needs of a model runner (the real one, or a fake in tests)."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+
+    def execute(self, seqs: list[SeqInput]) -> RunnerOutput: ...
+
+    def release(self, request_ids: list[str]) -> None: ...
+
+
+@dataclass
+class RequestUpdate:
+    """New tokens of one request after a step. Timestamps are time.monotonic()."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    new_logprobs: list[Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[Logprobs | None] | None = None  # first token of the prompt has none
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_steps: int
+
+
+class EngineCore:
+    def __init__(self, runner: Runner, vocab_size: int, eos_token_ids: list[int], *,
+                 max_num_batched_tokens: int, max_num_seqs: int, enable_prefix_caching: bool = True):
+        self.runner = runner
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = runner.max_model_len
+        self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self._ids = itertools.count()
+        self._pending_aborts: list[RequestUpdate] = []
+        self._prompt_lp: dict[str, list[Logprobs | None]] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.num_steps = 0
+
+    # -- requests in and out -----------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> str:
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})",
+                                      param="prompt")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                "and at least one must be left for the output", param="prompt")
+        total = min(self.max_model_len, n + params.max_tokens)
+        if not self.kv.can_fit(total):
+            raise InvalidRequestError(
+                f"prompt + max_tokens ({total} tokens) does not fit in the KV cache "
+                f"({self.kv.pool.num_blocks * self.kv.block_size} tokens)", param="max_tokens")
+        req = Request(rid, list(prompt_token_ids), params, max_total_tokens=total,
+                      eos_token_ids=self.eos_token_ids, priority=priority,
+                      arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+                      cache_salt=cache_salt)
+        self.scheduler.add_request(req)
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.scheduler.abort_request(request_id)
+        if req is None:
+            return False
+        self.runner.release([request_id])
+        self._prompt_lp.pop(request_id, None)
+        self._pending_aborts.append(self._update(req, []))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending_aborts)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage, self.kv.prefix_cache_queries,
+                           self.kv.prefix_cache_hits, s.num_preemptions, self.prompt_tokens,
+                           self.generation_tokens, self.num_steps)
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestUpdate]:
+        updates, self._pending_aborts = self._pending_aborts, []
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return updates
+        self.num_steps += 1
+        seqs = [self._seq_input(req, n) for req, n in out.scheduled]
+        result = self.runner.execute(seqs)
+        for req, n in out.scheduled:
+            lps = result.prompt_logprobs.get(req.request_id)
+            if lps is not None:
+                if req.num_computed_tokens == 0:  # first chunk (or a restart after preemption)
+                    self._prompt_lp[req.request_id] = [None]
+                self._prompt_lp[req.request_id].extend(lps)
+        for req in self.scheduler.update(out, result.sampled):
+            self.generation_tokens += 1
+            if len(req.output_token_ids) == 1:
+                self.prompt_tokens += req.num_prompt_tokens
+            lp = result.logprobs.get(req.request_id)
+            updates.append(self._update(req, [req.output_token_ids[-1]], [lp] if lp else []))
+            if req.status.finished:
+                self.runner.release([req.request_id])
+        return updates
+
+    def _seq_input(self, req: Request, n: int) -> SeqInput:
+        start = req.num_computed_tokens
+        s = SeqInput(req.request_id, req.tokens_slice(start, start + n), start, self.kv.block_ids(req), req.params,
+                     sample=start + n == req.num_tokens, prompt_token_ids=req.prompt_token_ids,
+                     output_token_ids=req.output_token_ids)
+        if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+            p = req.num_prompt_tokens
+            s.prompt_next_ids = [req.prompt_token_ids[i + 1] if i + 1 < p else None for i in range(start, start + n)]
+        return s
+
+    def _update(self, req: Request, new: list[int], lps: list[Logprobs] | None = None) -> RequestUpdate:
+        u = RequestUpdate(
+            req.request_id, new, req.status.finish_reason, lps or [], None, req.num_prompt_tokens,
+            req.num_cached_tokens, req.num_preemptions, req.arrival_time, req.first_scheduled_time,
+            req.first_token_time, req.finished_time)
+        if len(req.output_token_ids) == 1 and new and req.request_id in self._prompt_lp:
+            u.prompt_logprobs = self._prompt_lp.pop(req.request_id)
+        if req.status == RequestStatus.FINISHED_ABORTED:
+            u.new_token_ids = []
+        return u

@@ -1,0 +1,100 @@
+"""Maps requests to KV blocks: prefix-cache lookups, slot allocation, freeing. Pure bookkeeping."""
+
+from __future__ import annotations
+
+from tokenmill.engine.block_pool import Block, BlockPool, hash_block
+from tokenmill.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[Block]] = {}
+        self._num_hashed: dict[str, int] = {}  # how many of a request's blocks are registered in the cache
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def _hash_key(self, req: Request) -> object:
+        # With caching off, only n>1 siblings (same salt) share; with it on, everyone with the same prefix does.
+        return None if self.enable_caching else req.cache_salt
+
+    def _uses_cache(self, req: Request) -> bool:
+        if req.params.prompt_logprobs is not None:
+            return False  # cached tokens have no logits; prompt logprobs need every position computed
+        return self.enable_caching or req.cache_salt is not None
+
+    def _extend_hashes(self, req: Request, num_tokens: int) -> None:
+        """Make sure req.block_hashes covers every full block of its first num_tokens tokens."""
+        bs = self.block_size
+        hashes = req.block_hashes
+        key = self._hash_key(req)
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, req.tokens_slice(i * bs, (i + 1) * bs), key))
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[Block], int]:
+        """Longest cached prefix of req's tokens, in whole blocks, leaving at least one token to compute."""
+        if not self._uses_cache(req):
+            return [], 0
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        self._extend_hashes(req, max_blocks * self.block_size)
+        hits: list[Block] = []
+        for h in req.block_hashes[:max_blocks]:
+            b = self.pool.get_cached(h)
+            if b is None:
+                break
+            hits.append(b)
+        self.prefix_cache_queries += req.num_tokens
+        self.prefix_cache_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def can_fit(self, num_tokens: int) -> bool:
+        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[Block] | None = None) -> bool:
+        """Reserve KV slots for num_new_tokens more tokens of req. False (and no change) if they do not fit."""
+        computed_blocks = computed_blocks or []
+        blocks = self.req_blocks.get(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        need_new = cdiv(total, self.block_size) - len(blocks) - len(computed_blocks)
+        revived = sum(1 for b in computed_blocks if b.ref_count == 0)  # these leave the free list too
+        if need_new + revived > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(computed_blocks)
+        blocks = self.req_blocks.setdefault(req.request_id, blocks)
+        blocks.extend(computed_blocks)
+        if need_new > 0:
+            blocks.extend(self.pool.allocate(need_new))
+        if self._uses_cache(req):
+            # Register blocks that will be full once this step runs: the KV is written before any
+            # later step can read it, and within a step every layer writes before it attends.
+            self._extend_hashes(req, total)
+            start = self._num_hashed.get(req.request_id, 0)
+            end = total // self.block_size
+            for i in range(start, end):
+                self.pool.cache_block(blocks[i], req.block_hashes[i])
+            self._num_hashed[req.request_id] = max(start, end)
+        return True
+
+    def block_ids(self, req: Request) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(req.request_id, ())]
+
+    def free(self, req: Request) -> None:
+        blocks = self.req_blocks.pop(req.request_id, None)
+        self._num_hashed.pop(req.request_id, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()

@@ -1,0 +1,125 @@
+"""Attention over the paged KV cache, in plain PyTorch (CPU and CUDA share it).
+
+The runner builds one `AttentionMetadata` per step; every layer reuses it. Decoding sequences (one
+query token each) are attended in one batched call over their gathered, padded KV; prefill chunks
+are attended one sequence at a time (there are few of them per step, and each is large).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    tok_start: int  # rows of the flattened batch holding this chunk's queries
+    tok_end: int
+    kv_len: int  # tokens of KV the chunk attends to (cached prefix + the chunk itself)
+    block_ids: torch.Tensor  # blocks covering kv_len
+    mask: torch.Tensor | None  # [T, kv_len] bool, None when plain causal (no cached prefix)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] KV slot of each new token
+    decode_rows: torch.Tensor | None  # rows of the batch that are single-token decodes
+    decode_block_table: torch.Tensor | None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] additive
+    prefills: list[PrefillChunk]
+    all_decode: bool  # every row is a decode, in row order: skip the scatter back
+
+    @classmethod
+    def build(cls, starts: list[int], lens: list[int], block_tables: list[list[int]], block_size: int,
+              dtype: torch.dtype, device: torch.device) -> AttentionMetadata:
+        slots: list[int] = []
+        dec_rows: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        row = 0
+        for start, n, table in zip(starts, lens, block_tables, strict=True):
+            for p in range(start, start + n):
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            kv_len = start + n
+            nblk = -(-kv_len // block_size)
+            if n == 1:
+                dec_rows.append(row)
+                dec_tables.append(table[:nblk])
+                dec_lens.append(kv_len)
+            else:
+                mask = None
+                if start > 0:
+                    q_pos = torch.arange(start, kv_len, device=device)
+                    mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+                prefills.append(PrefillChunk(row, row + n, kv_len,
+                                             torch.tensor(table[:nblk], dtype=torch.long, device=device), mask))
+            row += n
+        meta = cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            decode_rows=None, decode_block_table=None, decode_mask=None,
+            prefills=prefills, all_decode=not prefills,
+        )
+        if dec_rows:
+            width = max(len(t) for t in dec_tables)
+            meta.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=device)
+            meta.decode_block_table = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables],
+                                                   dtype=torch.long, device=device)
+            lens_t = torch.tensor(dec_lens, device=device)
+            valid = torch.arange(width * block_size, device=device)[None, :] < lens_t[:, None]
+            mask = torch.zeros(valid.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~valid, float("-inf"))
+            meta.decode_mask = mask[:, None, None, :]
+        return meta
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, Hkv, D] cache, [..., nblk] table -> [..., Hkv, nblk*bs, D]."""
+    nb, bs, hkv, d = cache.shape
+    g = cache.view(nb, -1).index_select(0, block_table.reshape(-1))
+    g = g.view(*block_table.shape[:-1], block_table.shape[-1] * bs, hkv, d)
+    return g.transpose(-3, -2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] for this step's tokens -> [T, H*D].
+
+    Writes this step's K/V into the cache first, so each query sees its own token and every token
+    computed before it, including other sequences' blocks shared through the prefix cache.
+    """
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    group = h // hkv
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+
+    if meta.all_decode:
+        return _decode(q, k_cache, v_cache, meta, scale, group).reshape(t, h * d)
+
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, group)
+    for c in meta.prefills:
+        qc = q[c.tok_start:c.tok_end].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+        kc = _gather(k_cache, c.block_ids)[:, :c.kv_len].unsqueeze(0)  # [1, Hkv, L, D]
+        vc = _gather(v_cache, c.block_ids)[:, :c.kv_len].unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
+                                           scale=scale, enable_gqa=group > 1)
+        out[c.tok_start:c.tok_end] = o[0].transpose(0, 1)
+    return out.reshape(t, h * d)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float, group: int) -> torch.Tensor:
+    """One query token per sequence. The query heads sharing a KV head are laid along the query
+    axis, so grouped-query attention needs no repeated K/V."""
+    b, h, d = q.shape
+    hkv = h // group
+    kd = _gather(k_cache, meta.decode_block_table)  # [B, Hkv, L, D]
+    vd = _gather(v_cache, meta.decode_block_table)
+    qd = q.view(b, hkv, group, d)
+    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(b, h, d)

@@ -1,0 +1,33 @@
+"""What the engine hands the runner each step, and what comes back. Plain data: no torch here,
+so the engine core stays importable (and testable) without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.sampling_params import SamplingParams
+
+# (logprob of the chosen token, top-N token ids, their logprobs)
+Logprobs = tuple[float, list[int], list[float]]
+
+
+@dataclass
+class SeqInput:
+    request_id: str
+    token_ids: list[int]  # the tokens to compute this step
+    start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
+    block_ids: list[int]  # the request's KV blocks, covering start_pos + len(token_ids)
+    params: SamplingParams
+    # Set when this chunk reaches the last known token, so the step samples the next one.
+    sample: bool = False
+    prompt_token_ids: list[int] = field(default_factory=list)  # for penalties
+    output_token_ids: list[int] = field(default_factory=list)
+    # When prompt logprobs are asked for: the token each position of this chunk predicts (None past the prompt).
+    prompt_next_ids: list[int] | None = None
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)

@@ -1,0 +1,177 @@
+"""Turns one scheduler decision into one flattened forward pass and one sampled token per sequence."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import ConfigError
+from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.models.llama import LlamaModel
+from tokenmill.models.loader import ModelSource
+from tokenmill.runner.batch import RunnerOutput, SeqInput
+from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    # On CPUs with AMX tiles bfloat16 matmuls are several times faster than float32 once a step
+    # batches a few sequences (DESIGN.md's measurements); elsewhere bfloat16 is emulated and slower.
+    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() == "AMX" or _has_amx() else torch.float32
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: list[int]):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        arch = source.arch
+        self.arch = arch
+        self.max_model_len = config.max_model_len or arch.max_position_embeddings
+        if self.max_model_len > arch.max_position_embeddings:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
+                              f"{arch.max_position_embeddings} tokens")
+        t0 = time.monotonic()
+        self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len)
+        self.model.load_weights(source.iter_tensors(), str(source.path))
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1f s", source.path.name, arch.architecture,
+                    arch.num_layers, str(self.dtype).removeprefix("torch."), self.device, time.monotonic() - t0)
+        self.block_size = config.block_size
+        self.num_blocks = self._size_kv_cache()
+        shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(arch.num_layers)]
+        self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _size_kv_cache(self) -> int:
+        a = self.arch
+        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)
+        n = budget // per_block
+        if n < 1:
+            raise ConfigError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB, %s)", n, self.block_size,
+                    n * per_block / 2**20, str(self.dtype).removeprefix("torch."))
+        return n
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    @torch.no_grad()
+    def execute(self, seqs: list[SeqInput]) -> RunnerOutput:
+        ids: list[int] = []
+        pos: list[int] = []
+        logit_rows: list[int] = []
+        row = 0
+        for s in seqs:
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start_pos, s.start_pos + n))
+            if s.prompt_next_ids is not None:
+                logit_rows.extend(range(row, row + n))
+            elif s.sample:
+                logit_rows.append(row + n - 1)
+            row += n
+        dev = self.device
+        meta = AttentionMetadata.build([s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
+                                       [s.block_ids for s in seqs], self.block_size, self.dtype, dev)
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
+                                    torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
+                                    torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        return self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[SeqInput], logits: torch.Tensor) -> RunnerOutput:
+        out = RunnerOutput()
+        rows: list[SamplingRow] = []
+        sample_idx: list[int] = []
+        owners: list[str] = []
+        r = 0
+        for s in seqs:
+            if s.prompt_next_ids is not None:
+                n = len(s.token_ids)
+                # Positions that predict a prompt token get its logprob; the last row may sample.
+                known = [(i, t) for i, t in enumerate(s.prompt_next_ids) if t is not None]
+                if known:
+                    lp = prompt_logprobs(logits[[r + i for i, _ in known]], [t for _, t in known],
+                                         s.params.prompt_logprobs or 0)
+                    out.prompt_logprobs[s.request_id] = [(e.token_logprob, e.top_ids, e.top_logprobs) for e in lp]
+                last = r + n - 1
+                r += n
+            elif s.sample:
+                last = r
+                r += 1
+            else:
+                continue
+            if s.sample:
+                gen = None
+                if s.params.seed is not None:
+                    gen = self.generators.get(s.request_id)
+                    if gen is None:
+                        gen = self.generators[s.request_id] = make_generator(s.params.seed)
+                rows.append(SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, gen))
+                sample_idx.append(last)
+                owners.append(s.request_id)
+        if rows:
+            in_order = sample_idx == list(range(logits.shape[0]))
+            res = self.sampler(logits if in_order else logits[sample_idx], rows)
+            for rid, tok, lp in zip(owners, res.token_ids, res.logprobs, strict=True):
+                out.sampled[rid] = tok
+                if lp is not None:
+                    out.logprobs[rid] = (lp.token_logprob, lp.top_ids, lp.top_logprobs)
+        return out
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,0 +1,342 @@
+"""Turn a batch of logits into one token per request, vectorized over the batch.
+
+Order of processing follows vLLM:
+  1. logprobs to return are taken from the raw logits (log_softmax before anything else);
+  2. logit_bias; min_tokens (eos and stop tokens masked); repetition penalty (HF semantics, prompt +
+     output); presence / frequency penalties (OpenAI semantics, output only);
+  3. greedy rows take the argmax here;
+  4. the other rows: temperature, top-k, top-p, min-p, then the exponential race
+     argmax(probs / Exp(1) noise), which needs no host sync and lets each seeded row draw its noise from
+     its own generator, so a seed gives the same tokens whatever else shares the batch.
+
+A batch of plain greedy rows (no penalty, bias, min_tokens or logprobs) takes a single argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+# Exp(1) noise can be exactly 0; then a masked token (p == 0) would give 0 / 0 = NaN, which argmax
+# prefers over every number. Clamping the noise to the smallest normal float keeps masked tokens at 0.
+_MIN_NOISE = torch.finfo(torch.float32).tiny
+_SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # torch.Generator.manual_seed accepts only 64-bit values
+
+
+@dataclass
+class SamplingRow:
+    """One row of the logits batch: a request that samples a token this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far, before this step's token
+    generator: torch.Generator | None = None  # the request's own when it has a seed; else the shared one
+
+
+@dataclass
+class SampledLogprobs:
+    token_logprob: float  # logprob of the sampled (or given) token
+    top_ids: list[int]  # top-N token ids, most likely first
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[SampledLogprobs | None]  # None for rows that did not ask for logprobs
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A request's own generator: same seed, same noise, whatever batch the request lands in."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & _SEED_MASK)
+    return g
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return (
+        p.temperature == 0.0
+        and p.logprobs is None
+        and not p.logit_bias
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and len(row.output_token_ids) >= p.min_tokens
+    )
+
+
+def _index(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def _top_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, ns: list[int]
+) -> list[SampledLogprobs]:
+    """Per row: the logprob of token_ids[i] and the top ns[i] entries, from [R, V] logprobs."""
+    token_lp = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    n_max = min(max(ns, default=0), logprobs.shape[1])
+    if n_max > 0:
+        top = logprobs.topk(n_max, dim=-1)  # sorted, most likely first
+        top_lp, top_ids = top.values.tolist(), top.indices.tolist()
+    else:
+        top_lp = top_ids = [[] for _ in ns]
+    return [
+        SampledLogprobs(token_lp[i], top_ids[i][:n], top_lp[i][:n]) for i, n in enumerate(ns)
+    ]
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_ids: list[int], n: int, vocab_size: int | None = None
+) -> list[SampledLogprobs]:
+    """Logprobs of prompt tokens: logits[i] predicts next_ids[i]; top-n alongside.
+
+    vocab_size cuts off padded vocabulary columns, which must not take probability mass.
+    """
+    if logits.shape[0] != len(next_ids):
+        raise ValueError(f"{logits.shape[0]} logit rows for {len(next_ids)} next tokens")
+    if not next_ids:
+        return []
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return _top_logprobs(lp, _index(next_ids, lp.device), [n] * len(next_ids))
+
+
+class Sampler:
+    """Samples one token per row of a [B, V] logits batch; see the module docstring for the order."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int], seed: int = 0):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = [t for t in eos_token_ids if 0 <= t < vocab_size]
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}  # shared, one per device
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        n = len(rows)
+        # Rows past len(rows) (padded batch) and columns past vocab_size (padded LM head) are ignored.
+        logits = logits[:n, : self.vocab_size]
+        for row in rows:
+            if not _is_plain_greedy(row):
+                break
+        else:  # fast path: the common decode step, one argmax and nothing else
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
+
+        tokens = self._sample(logits, rows)
+        lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        logprobs: list[SampledLogprobs | None] = [None] * n
+        if lp_rows:
+            idx = _index(lp_rows, logits.device)
+            # Raw logprobs: before any penalty or temperature, as vLLM returns them by default.
+            raw = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+            ns = [rows[i].params.logprobs or 0 for i in lp_rows]
+            for i, lp in zip(lp_rows, _top_logprobs(raw, tokens.index_select(0, idx), ns), strict=True):
+                logprobs[i] = lp
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    def adjust_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """A float32 copy of the logits after logit_bias, min_tokens and the penalties (what greedy
+        rows take the argmax of). The caller's tensor is left untouched."""
+        x = logits[: len(rows), : self.vocab_size].to(torch.float32, copy=True)
+        self._apply_logit_bias(x, rows)
+        self._apply_min_tokens(x, rows)
+        self._apply_penalties(x, rows)
+        return x
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        x = self.adjust_logits(logits, rows)
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0.0]
+        if len(greedy) == len(rows):
+            return x.argmax(dim=-1)
+        if not greedy:  # x is already our own copy, sample it in place
+            return self._random_sample(x, rows)
+        random = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
+        gi = _index(greedy, x.device)
+        tokens.index_copy_(0, gi, x.index_select(0, gi).argmax(dim=-1))
+        if random:
+            ri = _index(random, x.device)
+            tokens.index_copy_(0, ri, self._random_sample(x.index_select(0, ri), [rows[i] for i in random]))
+        return tokens
+
+    def _apply_logit_bias(self, x: torch.Tensor, rows: list[SamplingRow]) -> None:
+        r_idx: list[int] = []
+        t_idx: list[int] = []
+        bias: list[float] = []
+        for i, row in enumerate(rows):
+            for tok, b in row.params.logit_bias.items():
+                if tok < self.vocab_size:  # ids past the vocabulary can never be sampled anyway
+                    r_idx.append(i)
+                    t_idx.append(tok)
+                    bias.append(b)
+        if r_idx:
+            dev = x.device
+            x.index_put_(
+                (_index(r_idx, dev), _index(t_idx, dev)),
+                torch.tensor(bias, dtype=x.dtype, device=dev),
+                accumulate=True,
+            )
+
+    def _apply_min_tokens(self, x: torch.Tensor, rows: list[SamplingRow]) -> None:
+        r_idx: list[int] = []
+        t_idx: list[int] = []
+        for i, row in enumerate(rows):
+            p = row.params
+            if len(row.output_token_ids) < p.min_tokens:
+                # eos is masked even with ignore_eos: min_tokens asks for that many non-stop tokens.
+                stops = self.eos_token_ids + [t for t in p.stop_token_ids if t < self.vocab_size]
+                r_idx.extend([i] * len(stops))
+                t_idx.extend(stops)
+        if r_idx:
+            dev = x.device
+            x.index_put_((_index(r_idx, dev), _index(t_idx, dev)), torch.tensor(_NEG_INF, device=dev))
+
+    def _apply_penalties(self, x: torch.Tensor, rows: list[SamplingRow]) -> None:
+        pen = [
+            i
+            for i, r in enumerate(rows)
+            if r.params.repetition_penalty != 1.0
+            or r.params.presence_penalty != 0.0
+            or r.params.frequency_penalty != 0.0
+        ]
+        if not pen:
+            return
+        dev = x.device
+        pi = _index(pen, dev)
+        sub = x.index_select(0, pi)
+        prows = [rows[i] for i in pen]
+
+        if any(r.params.repetition_penalty != 1.0 for r in prows):
+            # HF semantics over prompt + output: a seen token's positive logit is divided by the
+            # penalty, a negative one multiplied, so the penalty always makes it less likely.
+            seqs = [
+                (j, r.prompt_token_ids + r.output_token_ids)
+                for j, r in enumerate(prows)
+                if r.params.repetition_penalty != 1.0
+            ]
+            seen = torch.zeros_like(sub, dtype=torch.bool)
+            seen[self._flat_index(seqs, dev)] = True
+            rp = _column([r.params.repetition_penalty for r in prows], dev)  # 1.0: exact no-op
+            sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+
+        if any(r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0 for r in prows):
+            # OpenAI semantics over output tokens only: logit -= count * freq + (count > 0) * presence.
+            seqs = [(j, r.output_token_ids) for j, r in enumerate(prows) if r.output_token_ids]
+            if seqs:
+                counts = torch.zeros_like(sub)
+                index = self._flat_index(seqs, dev)
+                counts.index_put_(index, torch.ones(index[0].numel(), device=dev), accumulate=True)
+                freq = _column([r.params.frequency_penalty for r in prows], dev)
+                pres = _column([r.params.presence_penalty for r in prows], dev)
+                sub -= counts * freq + (counts > 0).to(sub.dtype) * pres
+
+        x.index_copy_(0, pi, sub)
+
+    @staticmethod
+    def _flat_index(
+        seqs: list[tuple[int, list[int]]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) index tensors for every token of every listed row."""
+        toks: list[int] = []
+        for _, seq in seqs:
+            toks.extend(seq)
+        lengths = torch.tensor([len(s) for _, s in seqs], device=device)
+        row_ids = torch.repeat_interleave(_index([j for j, _ in seqs], device), lengths)
+        return row_ids, _index(toks, device)
+
+    def _random_sample(self, s: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Sample one token per row of s (our own copy, modified in place); no row is greedy."""
+        dev = s.device
+        s.div_(_column([r.params.temperature for r in rows], dev))
+        self._apply_top_k(s, rows)
+        self._apply_top_p(s, rows)
+        self._apply_min_p(s, rows)
+        probs = torch.softmax(s, dim=-1)
+        noise = self._draw_noise(s.shape, rows, dev).clamp_min_(_MIN_NOISE)
+        return probs.div_(noise).argmax(dim=-1)
+
+    @staticmethod
+    def _subset(
+        s: torch.Tensor, rows: list[SamplingRow], wanted: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The wanted rows of s (s itself when that is all of them) and their index, if a subset."""
+        if len(wanted) == len(rows):
+            return s, None
+        idx = _index(wanted, s.device)
+        return s.index_select(0, idx), idx
+
+    def _apply_top_k(self, s: torch.Tensor, rows: list[SamplingRow]) -> None:
+        vocab = s.shape[1]
+        wanted = [j for j, r in enumerate(rows) if 0 < r.params.top_k < vocab]
+        if not wanted:
+            return
+        sub, idx = self._subset(s, rows, wanted)
+        ks = [rows[j].params.top_k for j in wanted]
+        kth = sub.topk(max(ks), dim=-1).values  # one topk for the largest k, then each row's k-th
+        kth = kth.gather(1, _index(ks, s.device).sub_(1).unsqueeze(1))
+        sub.masked_fill_(sub < kth, _NEG_INF)  # ties with the k-th value are all kept
+        if idx is not None:
+            s.index_copy_(0, idx, sub)
+
+    def _apply_top_p(self, s: torch.Tensor, rows: list[SamplingRow]) -> None:
+        wanted = [j for j, r in enumerate(rows) if r.params.top_p < 1.0]
+        if not wanted:
+            return
+        sub, idx = self._subset(s, rows, wanted)
+        sorted_probs, order = torch.softmax(sub, dim=-1).sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1).sub_(sorted_probs)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+        drop = mass_before >= _column([rows[j].params.top_p for j in wanted], s.device)
+        drop[:, 0] = False  # the most likely token always stays
+        sub.masked_fill_(torch.empty_like(drop).scatter_(1, order, drop), _NEG_INF)
+        if idx is not None:
+            s.index_copy_(0, idx, sub)
+
+    def _apply_min_p(self, s: torch.Tensor, rows: list[SamplingRow]) -> None:
+        wanted = [j for j, r in enumerate(rows) if r.params.min_p > 0.0]
+        if not wanted:
+            return
+        sub, idx = self._subset(s, rows, wanted)
+        probs = torch.softmax(sub, dim=-1)
+        floor = probs.amax(dim=-1, keepdim=True) * _column([rows[j].params.min_p for j in wanted], s.device)
+        sub.masked_fill_(probs < floor, _NEG_INF)
+        if idx is not None:
+            s.index_copy_(0, idx, sub)
+
+    def _draw_noise(self, shape: torch.Size, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+        """Exp(1) noise, [S, V]. A seeded row's noise comes only from its own generator, V draws per
+        step, so its tokens do not depend on its position or neighbours; the rest share one draw."""
+        noise = torch.empty(shape, device=device)
+        unseeded = [j for j, r in enumerate(rows) if r.generator is None]
+        if len(unseeded) == len(rows):
+            return noise.exponential_(generator=self._shared_generator(device))
+        if unseeded:
+            shared = torch.empty((len(unseeded), shape[1]), device=device)
+            shared.exponential_(generator=self._shared_generator(device))
+            noise.index_copy_(0, _index(unseeded, device), shared)
+        for j, r in enumerate(rows):
+            g = r.generator
+            if g is None:
+                continue
+            if g.device == noise.device:
+                noise[j].exponential_(generator=g)
+            else:  # a CPU generator for a row on an accelerator: draw on the CPU, then copy
+                noise[j].copy_(torch.empty(shape[1], device=g.device).exponential_(generator=g))
+        return noise
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = make_generator(self._seed, device)
+        return g
