@@ -93,7 +93,7 @@ def test_preemption_keeps_greedy_output(llm, gguf_path, prompt_ids):
     tight = LLM(str(gguf_path), dtype="float32", kv_cache_memory=9 * per_block, enable_prefix_caching=False)
     got = [o.outputs[0].token_ids for o in tight.generate(short, params, use_tqdm=False)]
     assert got == ref
-    assert tight.engine.stats().num_preemptions >= 5
+    assert tight.engine.stats().num_preemptions >= 3
 
 
 def test_n_and_seed_reproduce(llm):

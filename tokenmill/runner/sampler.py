@@ -9,11 +9,12 @@ Order of processing follows vLLM:
      argmax(probs / Exp(1) noise), which needs no host sync and lets each seeded row draw its noise from
      its own generator, so a seed gives the same tokens whatever else shares the batch.
 
-A batch of plain greedy rows (no penalty, bias, min_tokens or logprobs) takes a single argmax.
+A batch of plain greedy rows (no penalty, bias or min_tokens) takes a single argmax.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ _NEG_INF = float("-inf")
 # prefers over every number. Clamping the noise to the smallest normal float keeps masked tokens at 0.
 _MIN_NOISE = torch.finfo(torch.float32).tiny
 _SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # torch.Generator.manual_seed accepts only 64-bit values
+TOP_P_CANDIDATES = (64, 1024)  # CPU top-p: candidate set sizes tried before a full sort
 
 
 @dataclass
@@ -62,13 +64,38 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
     return (
         p.temperature == 0.0
-        and p.logprobs is None
         and not p.logit_bias
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
         and len(row.output_token_ids) >= p.min_tokens
     )
+
+
+@functools.cache
+def _argmax_block(vocab: int) -> int | None:
+    """A divisor of vocab near 1024 to split rows into blocks for argmax_rows; None if there is none."""
+    for size in (*range(1024, 255, -1), *range(1025, 4097)):
+        if vocab % size == 0:
+            return size
+    return None
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) for [B, V]: the same indices (first maximum, NaN counts as the maximum).
+
+    On CPU torch's argmax keeps an index per lane and runs ~15x slower than amax; taking the maximum of
+    each block of ~1024 columns, then argmax over the blocks and inside the winning block, is 3-8x faster
+    at V=49152 (B=1..64). The first block holding the row maximum holds its first occurrence.
+    """
+    vocab = x.shape[-1]
+    block = _argmax_block(vocab) if x.device.type == "cpu" and vocab >= 8192 else None
+    if block is None:
+        return x.argmax(dim=-1)
+    blocks = x.unflatten(-1, (vocab // block, block))
+    best = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(x.shape[0], device=x.device), best].argmax(dim=-1)
+    return best.mul_(block).add_(inner)
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
@@ -93,6 +120,46 @@ def _top_logprobs(
     return [
         SampledLogprobs(token_lp[i], top_ids[i][:n], top_lp[i][:n]) for i, n in enumerate(ns)
     ]
+
+
+def _flat_ids(seqs: list[tuple[int, list[int]]], vocab: int, device: torch.device) -> torch.Tensor:
+    """row * vocab + token for every token of every listed (row, tokens) pair."""
+    toks: list[int] = []
+    for _, seq in seqs:
+        toks.extend(seq)
+    lengths = torch.tensor([len(seq) for _, seq in seqs], device=device)
+    row_ids = torch.repeat_interleave(_index([i for i, _ in seqs], device), lengths)
+    return row_ids.mul_(vocab).add_(_index(toks, device))
+
+
+def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, stages: list[int]) -> torch.Tensor:
+    """Per row [R, 1]: the smallest probability inside the smallest most-likely set whose mass reaches
+    top_p. Each stage k looks at the top k only; rows whose top k do not reach top_p go on to the next
+    stage and finally to a full sort."""
+    vocab = probs.shape[1]
+    thresh = torch.empty((probs.shape[0], 1), dtype=probs.dtype, device=probs.device)
+    pending: torch.Tensor | None = None  # rows still open; None: all of them
+    for k in (*stages, vocab):
+        p = probs if pending is None else probs.index_select(0, pending)
+        tp = top_p if pending is None else top_p.index_select(0, pending)
+        vals = p.topk(k, dim=-1).values if k < vocab else p.sort(dim=-1, descending=True).values
+        cum = vals.cumsum(dim=-1)  # never decreases, so counting entries below top_p finds the cut
+        n_keep = (cum < tp).sum(dim=-1, keepdim=True).add_(1).clamp_(max=k)  # top token always kept
+        t = vals.gather(1, n_keep - 1)
+        if k == vocab:
+            covered = None
+        else:
+            covered = cum[:, -1:] >= tp
+            t = torch.where(covered, t, 0.0)  # placeholder, overwritten by a later stage
+        if pending is None:
+            thresh.copy_(t)
+        else:
+            thresh.index_copy_(0, pending, t)
+        if covered is None or bool(covered.all()):
+            break
+        open_rows = (~covered).squeeze(1).nonzero().squeeze(1)
+        pending = open_rows if pending is None else pending.index_select(0, open_rows)
+    return thresh
 
 
 def prompt_logprobs(
@@ -127,17 +194,17 @@ class Sampler:
         logits = logits[:n, : self.vocab_size]
         for row in rows:
             if not _is_plain_greedy(row):
+                tokens = self._sample(logits, rows)
                 break
-        else:  # fast path: the common decode step, one argmax and nothing else
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
-
-        tokens = self._sample(logits, rows)
+        else:  # fast path, the common decode step: one argmax over the raw logits (logprobs or not)
+            tokens = argmax_rows(logits)
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         logprobs: list[SampledLogprobs | None] = [None] * n
         if lp_rows:
             idx = _index(lp_rows, logits.device)
+            some = logits.index_select(0, idx) if len(lp_rows) < n else logits
             # Raw logprobs: before any penalty or temperature, as vLLM returns them by default.
-            raw = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+            raw = torch.log_softmax(some.float(), dim=-1)
             ns = [rows[i].params.logprobs or 0 for i in lp_rows]
             for i, lp in zip(lp_rows, _top_logprobs(raw, tokens.index_select(0, idx), ns), strict=True):
                 logprobs[i] = lp
@@ -158,13 +225,13 @@ class Sampler:
         x = self.adjust_logits(logits, rows)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0.0]
         if len(greedy) == len(rows):
-            return x.argmax(dim=-1)
+            return argmax_rows(x)
         if not greedy:  # x is already our own copy, sample it in place
             return self._random_sample(x, rows)
         random = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]
         tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
         gi = _index(greedy, x.device)
-        tokens.index_copy_(0, gi, x.index_select(0, gi).argmax(dim=-1))
+        tokens.index_copy_(0, gi, argmax_rows(x.index_select(0, gi)))
         if random:
             ri = _index(random, x.device)
             tokens.index_copy_(0, ri, self._random_sample(x.index_select(0, ri), [rows[i] for i in random]))
@@ -203,68 +270,47 @@ class Sampler:
             x.index_put_((_index(r_idx, dev), _index(t_idx, dev)), torch.tensor(_NEG_INF, device=dev))
 
     def _apply_penalties(self, x: torch.Tensor, rows: list[SamplingRow]) -> None:
-        pen = [
-            i
+        # Sparse: only the (row, token) entries that occurred are touched, never a [B, V] pass.
+        vocab, dev = x.shape[1], x.device
+        flat_x = x.view(-1)  # x is our own contiguous copy
+        rep = [
+            (i, r.prompt_token_ids + r.output_token_ids)
             for i, r in enumerate(rows)
             if r.params.repetition_penalty != 1.0
-            or r.params.presence_penalty != 0.0
-            or r.params.frequency_penalty != 0.0
         ]
-        if not pen:
-            return
-        dev = x.device
-        pi = _index(pen, dev)
-        sub = x.index_select(0, pi)
-        prows = [rows[i] for i in pen]
-
-        if any(r.params.repetition_penalty != 1.0 for r in prows):
+        if rep:
             # HF semantics over prompt + output: a seen token's positive logit is divided by the
             # penalty, a negative one multiplied, so the penalty always makes it less likely.
-            seqs = [
-                (j, r.prompt_token_ids + r.output_token_ids)
-                for j, r in enumerate(prows)
-                if r.params.repetition_penalty != 1.0
-            ]
-            seen = torch.zeros_like(sub, dtype=torch.bool)
-            seen[self._flat_index(seqs, dev)] = True
-            rp = _column([r.params.repetition_penalty for r in prows], dev)  # 1.0: exact no-op
-            sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+            flat = _flat_ids(rep, vocab, dev).unique()
+            rp = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)[flat // vocab]
+            vals = flat_x[flat]
+            flat_x[flat] = torch.where(vals > 0, vals / rp, vals * rp)
 
-        if any(r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0 for r in prows):
+        freq_pres = [
+            (i, r.output_token_ids)
+            for i, r in enumerate(rows)
+            if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and r.output_token_ids
+        ]
+        if freq_pres:
             # OpenAI semantics over output tokens only: logit -= count * freq + (count > 0) * presence.
-            seqs = [(j, r.output_token_ids) for j, r in enumerate(prows) if r.output_token_ids]
-            if seqs:
-                counts = torch.zeros_like(sub)
-                index = self._flat_index(seqs, dev)
-                counts.index_put_(index, torch.ones(index[0].numel(), device=dev), accumulate=True)
-                freq = _column([r.params.frequency_penalty for r in prows], dev)
-                pres = _column([r.params.presence_penalty for r in prows], dev)
-                sub -= counts * freq + (counts > 0).to(sub.dtype) * pres
-
-        x.index_copy_(0, pi, sub)
-
-    @staticmethod
-    def _flat_index(
-        seqs: list[tuple[int, list[int]]], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, token) index tensors for every token of every listed row."""
-        toks: list[int] = []
-        for _, seq in seqs:
-            toks.extend(seq)
-        lengths = torch.tensor([len(s) for _, s in seqs], device=device)
-        row_ids = torch.repeat_interleave(_index([j for j, _ in seqs], device), lengths)
-        return row_ids, _index(toks, device)
+            flat, counts = _flat_ids(freq_pres, vocab, dev).unique(return_counts=True)
+            row = flat // vocab
+            freq = torch.tensor([r.params.frequency_penalty for r in rows], device=dev)[row]
+            pres = torch.tensor([r.params.presence_penalty for r in rows], device=dev)[row]
+            flat_x.index_add_(0, flat, -(counts * freq + pres))
 
     def _random_sample(self, s: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Sample one token per row of s (our own copy, modified in place); no row is greedy."""
         dev = s.device
-        s.div_(_column([r.params.temperature for r in rows], dev))
+        temps = [r.params.temperature for r in rows]
+        if any(t != 1.0 for t in temps):
+            s.div_(_column(temps, dev))
         self._apply_top_k(s, rows)
         self._apply_top_p(s, rows)
         self._apply_min_p(s, rows)
         probs = torch.softmax(s, dim=-1)
         noise = self._draw_noise(s.shape, rows, dev).clamp_min_(_MIN_NOISE)
-        return probs.div_(noise).argmax(dim=-1)
+        return argmax_rows(probs.div_(noise))
 
     @staticmethod
     def _subset(
@@ -294,12 +340,13 @@ class Sampler:
         if not wanted:
             return
         sub, idx = self._subset(s, rows, wanted)
-        sorted_probs, order = torch.softmax(sub, dim=-1).sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1).sub_(sorted_probs)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
-        drop = mass_before >= _column([rows[j].params.top_p for j in wanted], s.device)
-        drop[:, 0] = False  # the most likely token always stays
-        sub.masked_fill_(torch.empty_like(drop).scatter_(1, order, drop), _NEG_INF)
+        probs = torch.softmax(sub, dim=-1)
+        top_p = _column([rows[j].params.top_p for j in wanted], s.device)
+        # A full sort costs ~2.5 ms per row of 49k on CPU, while the top-p set is nearly always a few
+        # dozen tokens: there, try the top candidates first and sort only the rows they do not cover.
+        # On accelerators one sort is cheap and needs no host sync.
+        stages = [k for k in TOP_P_CANDIDATES if k < probs.shape[1]] if s.device.type == "cpu" else []
+        sub.masked_fill_(probs < _top_p_threshold(probs, top_p, stages), _NEG_INF)
         if idx is not None:
             s.index_copy_(0, idx, sub)
 
@@ -317,23 +364,26 @@ class Sampler:
     def _draw_noise(self, shape: torch.Size, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
         """Exp(1) noise, [S, V]. A seeded row's noise comes only from its own generator, V draws per
         step, so its tokens do not depend on its position or neighbours; the rest share one draw."""
+        # Uniform draws turned into Exp(1) by -log(1 - u): the same distribution as exponential_(),
+        # which is ~5x slower on CPU. u in [0, 1) gives noise in [0, 16.6], 0 clamped by the caller.
         noise = torch.empty(shape, device=device)
         unseeded = [j for j, r in enumerate(rows) if r.generator is None]
         if len(unseeded) == len(rows):
-            return noise.exponential_(generator=self._shared_generator(device))
-        if unseeded:
-            shared = torch.empty((len(unseeded), shape[1]), device=device)
-            shared.exponential_(generator=self._shared_generator(device))
-            noise.index_copy_(0, _index(unseeded, device), shared)
-        for j, r in enumerate(rows):
-            g = r.generator
-            if g is None:
-                continue
-            if g.device == noise.device:
-                noise[j].exponential_(generator=g)
-            else:  # a CPU generator for a row on an accelerator: draw on the CPU, then copy
-                noise[j].copy_(torch.empty(shape[1], device=g.device).exponential_(generator=g))
-        return noise
+            noise.uniform_(generator=self._shared_generator(device))
+        else:
+            if unseeded:
+                shared = torch.empty((len(unseeded), shape[1]), device=device)
+                shared.uniform_(generator=self._shared_generator(device))
+                noise.index_copy_(0, _index(unseeded, device), shared)
+            for j, r in enumerate(rows):
+                g = r.generator
+                if g is None:
+                    continue
+                if g.device == noise.device:
+                    noise[j].uniform_(generator=g)
+                else:  # a CPU generator for a row on an accelerator: draw on the CPU, then copy
+                    noise[j].copy_(torch.empty(shape[1], device=g.device).uniform_(generator=g))
+        return noise.neg_().log1p_().neg_()
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         g = self._generators.get(device)
