@@ -106,9 +106,7 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
-def _top_logprobs(
-    logprobs: torch.Tensor, token_ids: torch.Tensor, ns: list[int]
-) -> list[SampledLogprobs]:
+def _top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ns: list[int]) -> list[SampledLogprobs]:
     """Per row: the logprob of token_ids[i] and the top ns[i] entries, from [R, V] logprobs."""
     token_lp = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
     n_max = min(max(ns, default=0), logprobs.shape[1])
@@ -117,9 +115,7 @@ def _top_logprobs(
         top_lp, top_ids = top.values.tolist(), top.indices.tolist()
     else:
         top_lp = top_ids = [[] for _ in ns]
-    return [
-        SampledLogprobs(token_lp[i], top_ids[i][:n], top_lp[i][:n]) for i, n in enumerate(ns)
-    ]
+    return [SampledLogprobs(token_lp[i], top_ids[i][:n], top_lp[i][:n]) for i, n in enumerate(ns)]
 
 
 def _flat_ids(seqs: list[tuple[int, list[int]]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -213,7 +209,8 @@ class Sampler:
     def adjust_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """A float32 copy of the logits after logit_bias, min_tokens and the penalties (what greedy
         rows take the argmax of). The caller's tensor is left untouched."""
-        x = logits[: len(rows), : self.vocab_size].to(torch.float32, copy=True)
+        x = logits[: len(rows), : self.vocab_size]
+        x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         self._apply_logit_bias(x, rows)
         self._apply_min_tokens(x, rows)
         self._apply_penalties(x, rows)

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput and latency against peers measured in the same run."""
