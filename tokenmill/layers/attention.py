@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels.cpu import native
+
 
 @dataclass
 class PrefillChunk:
@@ -27,7 +29,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] KV slot of each new token
     decode_rows: torch.Tensor | None  # rows of the batch that are single-token decodes
     decode_block_table: torch.Tensor | None  # [B, max_blocks]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] additive
+    decode_lens: torch.Tensor | None  # [B] KV length of each decoding sequence
     prefills: list[PrefillChunk]
     all_decode: bool  # every row is a decode, in row order: skip the scatter back
 
@@ -59,7 +61,7 @@ class AttentionMetadata:
             row += n
         meta = cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            decode_rows=None, decode_block_table=None, decode_mask=None,
+            decode_rows=None, decode_block_table=None, decode_lens=None,
             prefills=prefills, all_decode=not prefills,
         )
         if dec_rows:
@@ -67,11 +69,7 @@ class AttentionMetadata:
             meta.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=device)
             meta.decode_block_table = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables],
                                                    dtype=torch.long, device=device)
-            lens_t = torch.tensor(dec_lens, device=device)
-            valid = torch.arange(width * block_size, device=device)[None, :] < lens_t[:, None]
-            mask = torch.zeros(valid.shape, dtype=dtype, device=device)
-            mask.masked_fill_(~valid, float("-inf"))
-            meta.decode_mask = mask[:, None, None, :]
+            meta.decode_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
         return meta
 
 
@@ -114,12 +112,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
             scale: float, group: int) -> torch.Tensor:
-    """One query token per sequence. The query heads sharing a KV head are laid along the query
-    axis, so grouped-query attention needs no repeated K/V."""
+    """One query token per sequence."""
+    if q.device.type == "cpu":
+        kernels = native()
+        if kernels is not None:  # reads the blocks in place: no gathered copy of the KV
+            return kernels.paged_decode(q, k_cache, v_cache, meta.decode_block_table, meta.decode_lens, scale)
+    return decode_reference(q, k_cache, v_cache, meta, scale, group)
+
+
+def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, group: int) -> torch.Tensor:
+    """Plain PyTorch decode: gather each sequence's blocks, pad, mask. The query heads sharing a KV
+    head are laid along the query axis, so grouped-query attention needs no repeated K/V."""
     b, h, d = q.shape
     hkv = h // group
     kd = _gather(k_cache, meta.decode_block_table)  # [B, Hkv, L, D]
     vd = _gather(v_cache, meta.decode_block_table)
+    valid = torch.arange(kd.shape[2], device=q.device)[None, :] < meta.decode_lens[:, None]
+    mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
     qd = q.view(b, hkv, group, d)
-    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale)
     return o.reshape(b, h, d)

@@ -142,7 +142,7 @@ class ModelRunner:
                 known = [(i, t) for i, t in enumerate(s.prompt_next_ids) if t is not None]
                 if known:
                     lp = prompt_logprobs(logits[[r + i for i, _ in known]], [t for _, t in known],
-                                         s.params.prompt_logprobs or 0)
+                                         s.params.prompt_logprobs or 0, vocab_size=self.arch.vocab_size)
                     out.prompt_logprobs[s.request_id] = [(e.token_logprob, e.top_ids, e.top_logprobs) for e in lp]
                 last = r + n - 1
                 r += n
