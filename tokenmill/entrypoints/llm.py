@@ -86,9 +86,10 @@ class LLM:
         remaining = len(states)
         while remaining:
             for u in self.engine.step():
-                ro, st = states[u.request_id]
-                if st.output.finished:
+                entry = states.get(u.request_id)
+                if entry is None or entry[1].output.finished:
                     continue  # the engine's echo of an abort we sent after a stop string
+                ro, st = entry
                 delta = st.process(u)
                 if delta.needs_abort:
                     self.engine.abort_request(u.request_id)
