@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check tokenmill tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	bash benchmarks/offline.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 template <typename T>
@@ -77,6 +78,145 @@ static void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t*
   });
 }
 
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  // bfloat16 is the top half of a float32: widen and shift.
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp for 16 floats: 2^(x*log2 e) split into an integer power (scalef) and a degree-6 polynomial on
+// [-ln2/2, ln2/2]; relative error ~1e-7, well under float32 attention's own rounding. -inf gives 0.
+static inline __m512 exp16(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// AVX-512 path for head sizes that are a multiple of 16 (64 and 128 cover the supported models).
+// Per block of tokens: scores for every query head of the group, one max/exp pass, then the
+// probability-weighted V rows accumulated in registers.
+template <typename scalar_t, int D>
+static void decode_avx512(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+                          const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t bs,
+                          int64_t max_blocks, float scale) {
+  constexpr int V = D / 16;
+  const int64_t G = H / Hkv;
+  // One task per sequence reads each of its KV rows (all heads, contiguous) exactly once; with fewer
+  // sequences than threads, split the heads across tasks instead.
+  const int64_t splits = B >= 2 * at::get_num_threads() ? 1 : Hkv;
+  const int64_t heads_per = Hkv / splits;
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> qv(H * V), acc(H * V);
+    std::vector<float> m(H), l(H), s(H * bs), tmp(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits, h0 = (task % splits) * heads_per, h1 = h0 + heads_per;
+      const int64_t len = lens[b];
+      for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
+        const scalar_t* qp = q + (b * H + qh) * D;
+        for (int d = 0; d < D; ++d) tmp[d] = static_cast<float>(qp[d]) * scale;
+        for (int v = 0; v < V; ++v) {
+          qv[qh * V + v] = _mm512_loadu_ps(tmp.data() + 16 * v);
+          acc[qh * V + v] = _mm512_setzero_ps();
+        }
+        m[qh] = -std::numeric_limits<float>::infinity();
+        l[qh] = 0.f;
+      }
+      const int64_t nblk = (len + bs - 1) / bs;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t block = tables[b * max_blocks + blk];
+        const int64_t n = std::min(bs, len - blk * bs);
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t h = h0; h < h1; ++h) {
+            const scalar_t* kp = kc + ((block * bs + t) * Hkv + h) * D;
+            __m512 k[V];
+            for (int v = 0; v < V; ++v) k[v] = load16(kp + 16 * v);
+            for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
+              __m512 dot = _mm512_mul_ps(qv[qh * V], k[0]);
+              for (int v = 1; v < V; ++v) dot = _mm512_fmadd_ps(qv[qh * V + v], k[v], dot);
+              s[qh * bs + t] = _mm512_reduce_add_ps(dot);
+            }
+          }
+        }
+        for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
+          float* sq = s.data() + qh * bs;
+          float bmax = m[qh];
+          for (int64_t t = 0; t < n; ++t) bmax = std::max(bmax, sq[t]);
+          const float corr = std::exp(m[qh] - bmax);
+          l[qh] *= corr;
+          const __m512 c = _mm512_set1_ps(corr);
+          for (int v = 0; v < V; ++v) acc[qh * V + v] = _mm512_mul_ps(acc[qh * V + v], c);
+          const __m512 mx = _mm512_set1_ps(bmax);
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t t0 = 0; t0 < n; t0 += 16) {
+            const __mmask16 mask = static_cast<__mmask16>(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sq + t0), mx));
+            _mm512_mask_storeu_ps(sq + t0, mask, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+          }
+          l[qh] += _mm512_reduce_add_ps(sum);
+          m[qh] = bmax;
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t h = h0; h < h1; ++h) {
+            const scalar_t* vp = vc + ((block * bs + t) * Hkv + h) * D;
+            __m512 vv[V];
+            for (int v = 0; v < V; ++v) vv[v] = load16(vp + 16 * v);
+            for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
+              const __m512 p = _mm512_set1_ps(s[qh * bs + t]);
+              for (int v = 0; v < V; ++v) acc[qh * V + v] = _mm512_fmadd_ps(p, vv[v], acc[qh * V + v]);
+            }
+          }
+        }
+      }
+      for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
+        scalar_t* op = out + (b * H + qh) * D;
+        const __m512 inv = _mm512_set1_ps(l[qh] > 0.f ? 1.f / l[qh] : 0.f);
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(tmp.data() + 16 * v, _mm512_mul_ps(acc[qh * V + v], inv));
+        for (int d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(tmp[d]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+static bool try_fast(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+                     const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                     int64_t max_blocks, float scale) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (D == 64) {
+      decode_avx512<scalar_t, 64>(q, kc, vc, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      return true;
+    }
+    if (D == 128) {
+      decode_avx512<scalar_t, 128>(q, kc, vc, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      return true;
+    }
+  }
+  return false;
+}
+#else
+template <typename scalar_t>
+static bool try_fast(const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, const int64_t*, scalar_t*,
+                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
+#endif
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor ctx_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,H,D], cache [blocks,bs,Hkv,D]");
@@ -89,6 +229,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "head shapes do not match");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    if (try_fast<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                           tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H,
+                           Hkv, D, bs, tables.size(1), static_cast<float>(scale)))
+      return;
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                             tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H,
                             Hkv, D, bs, tables.size(1), static_cast<float>(scale));
