@@ -35,9 +35,9 @@ class RotaryEmbedding:
                  device: torch.device):
         inv = inv_frequencies(head_dim, theta, scaling).to(torch.float32)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
+        self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(device)
+        # The sign of rotate_half folded into the table: rotate_half(x) * sin == swap_halves(x) * signed_sin.
+        self.sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(device)
         self.half = head_dim // 2
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +46,5 @@ class RotaryEmbedding:
                 self.sin.index_select(0, positions).unsqueeze(1).to(dtype))
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : self.half], x[..., self.half :]
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return x * cos + rotated * sin
+        swapped = torch.cat([x[..., self.half :], x[..., : self.half]], dim=-1)
+        return torch.addcmul(x * cos, swapped, sin)

@@ -129,9 +129,9 @@ class LlamaModel:
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             h = rms_norm(x, layer.in_norm, eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            q = self.rope.apply(q.view(t, -1, d), cos, sin)
-            k = self.rope.apply(k.view(t, -1, d), cos, sin)
+            qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
+            qk = self.rope.apply(qk.view(t, -1, d), cos, sin)  # q and k heads rotated in one pass
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
             attn = paged_attention(q, k, v.reshape(t, -1, d), k_cache, v_cache, meta, self.scale)
             x = x + F.linear(attn, layer.o)
             h = rms_norm(x, layer.post_norm, eps)
