@@ -19,6 +19,8 @@ from tokenmill.models.arch import ModelArchConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one fused kernel; bit-identical to the formula below in float32
+        return F.rms_norm(x, weight.shape, weight, eps)
     # As Hugging Face: normalise in float32, scale in the model dtype.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
