@@ -1,0 +1,203 @@
+"""Bad requests get 4xx with an OpenAI error body naming the problem: never 5xx, never a hang.
+
+This module's server runs the engine in-process (--inproc), so both engine placements are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_helpers import ServerProcess, start_server
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server() -> ServerProcess:
+    s = start_server("--inproc", "--max-body-bytes", "64KiB")
+    yield s
+    assert s.stop() == 0, s.log_text()
+    s.assert_clean_log()
+
+
+@pytest.fixture(scope="module")
+def http(server) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _error(r: httpx.Response, status: int = 400, param: str | None = "<any>") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param != "<any>":
+        assert err["param"] == param, err
+    return err
+
+
+CASES = [
+    # (endpoint, body, expected param)
+    ("completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "x", "max_tokens": 10**30}, "max_tokens"),
+    ("completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ("completions", {"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ("completions", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("completions", {"prompt": "x", "temperature": 1e308}, "temperature"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "x", "top_p": 2}, "top_p"),
+    ("completions", {"prompt": "x", "top_k": -5}, "top_k"),
+    ("completions", {"prompt": "x", "min_p": 3}, "min_p"),
+    ("completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ("completions", {"prompt": "x", "presence_penalty": 9}, "presence_penalty"),
+    ("completions", {"prompt": "x", "frequency_penalty": -9}, "frequency_penalty"),
+    ("completions", {"prompt": "x", "n": 0}, "n"),
+    ("completions", {"prompt": "x", "n": 10**6}, "n"),
+    ("completions", {"prompt": "x", "logprobs": 100}, "logprobs"),
+    ("completions", {"prompt": "x", "logprobs": -1}, "logprobs"),
+    ("completions", {"prompt": "x", "seed": 2**70}, "seed"),
+    ("completions", {"prompt": "x", "priority": 2**40}, "priority"),
+    ("completions", {"prompt": "x", "min_tokens": 50, "max_tokens": 5}, "min_tokens"),
+    ("completions", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 1000}}, "logit_bias"),
+    ("completions", {"prompt": "x", "stop": ["a"] * 100}, "stop"),
+    ("completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("completions", {"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ("completions", {"prompt": "x", "frobnicate": True}, "frobnicate"),
+    ("completions", {"prompt": "x", "echo": True}, "echo"),
+    ("completions", {"prompt": "x", "suffix": "tail"}, "suffix"),
+    ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("completions", {"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, "stream_options"),
+    ("completions", {"prompt": "x", "model": "gpt-9"}, "model"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [[]]}, "prompt"),
+    ("completions", {"prompt": [-1, 5]}, "prompt"),
+    ("completions", {"prompt": [10**9]}, "prompt"),
+    ("completions", {"prompt": [1, "a"]}, "prompt"),
+    ("completions", {"prompt": None}, "prompt"),
+    ("completions", {"max_tokens": 5}, "prompt"),
+    ("completions", {"prompt": [5] * 9000}, "prompt"),
+    ("completions", {"prompt": "x", "max_tokens": 8192}, "max_tokens"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {}, "messages"),
+    ("chat/completions", {"messages": "hi"}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
+    ("chat/completions", {"messages": CHAT, "logprobs": 3}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,param", CASES, ids=[f"{e}:{json.dumps(b)[:60]}" for e, b, _ in CASES])
+def test_bad_value(http, endpoint, body, param):
+    _error(http.post(f"/v1/{endpoint}", json=body), 400, param)
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b'{"prompt": "\xff\xfe"}', b"", b"[]", b"42", b'"prompt"',
+                                 b'{"prompt": "x", "prompt": 5}', b"\x00\x01\x02", b'{"prompt": "x"} trailing'])
+def test_malformed_body(http, raw):
+    for endpoint in ("completions", "chat/completions"):
+        r = http.post(f"/v1/{endpoint}", content=raw, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
+        _error(r, r.status_code)
+
+
+def test_huge_body(http):
+    body = json.dumps({"prompt": "x" * 100_000}).encode()
+    _error(http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"}), 413)
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(20):
+            yield b" " * 8192
+
+    _error(http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}), 413)
+
+
+def test_routes(http):
+    _error(http.get("/v1/nothing"), 404)
+    _error(http.get("/v1/completions"), 405)
+    _error(http.post("/tokenize", json={"prompt": "a", "messages": CHAT}), 400)
+    _error(http.post("/detokenize", json={"tokens": [-3]}), 400, "tokens")
+
+
+def test_good_request_still_served(http):
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
+
+
+# -- property-based fuzz over request bodies ---------------------------------------------------------------
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+)
+_json_value = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                               st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                           max_leaves=8)
+_FIELDS = ["model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+           "top_k", "min_p", "stop", "seed", "logprobs", "top_logprobs", "logit_bias", "stream", "stream_options",
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "priority",
+           "user", "echo", "suffix", "best_of", "tools", "stop_token_ids", "bogus_field"]
+# Values that keep a valid request short: generation length stays tiny whatever else the fuzzer picks.
+_small = st.integers(min_value=-3, max_value=3) | st.sampled_from([10**12, -(10**12), 2**64, "2", 1.5, [], True])
+
+
+@st.composite
+def _bodies(draw):
+    endpoint = draw(st.sampled_from(["completions", "chat/completions"]))
+    base: dict = ({"prompt": "Hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    base["max_tokens"] = 2
+    for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=4, unique=True)):
+        if name in ("max_tokens", "max_completion_tokens", "min_tokens", "n"):
+            base[name] = draw(_small)
+        elif name == "prompt":
+            base[name] = draw(_json_value | st.lists(st.integers(min_value=-5, max_value=60000), max_size=6))
+        elif name == "messages":
+            base[name] = draw(_json_value | st.lists(st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "assistant", "system", "tool", ""]), "content": _json_value}),
+                max_size=3))
+        else:
+            base[name] = draw(_json_value)
+    if "max_tokens" not in base and "max_completion_tokens" not in base:
+        base["max_tokens"] = 2
+    return endpoint, base
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(case=_bodies())
+def test_fuzz_never_5xx(http, case):
+    endpoint, body = case
+    r = http.post(f"/v1/{endpoint}", json=body, timeout=60)
+    assert r.status_code < 500, (body, r.status_code, r.text)
+    if r.status_code == 200:
+        if body.get("stream") is True:
+            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
+        else:
+            assert r.json()["choices"]
+    else:
+        _error(r, r.status_code)
+
+
+def test_healthy_after_abuse(http):
+    assert http.get("/health").json() == {"status": "ok"}

@@ -1,0 +1,127 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly.
+
+Unknown fields are rejected (extra="forbid"), wrong JSON types are rejected (strict=True: no "5" for 5),
+and OpenAI parameters we know but do not implement are listed so the 400 says so in plain words.
+Value ranges are checked by SamplingParams and the serving code, which name the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenmill.errors import UnsupportedParameterError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    n: int | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Extensions (vLLM's names).
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    priority: int | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+    # OpenAI parameters tokenmill does not implement. Accepted only when absent/null or at the value that
+    # means "off", so a request is never served while silently ignoring what it asked for.
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+
+    def check_unsupported(self) -> None:
+        for name, harmless in self.UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is None or value == harmless:
+                continue
+            raise UnsupportedParameterError(f"'{name}' is not supported by this server", param=name)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: Any = None
+    best_of: int | None = None
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"echo": False, "suffix": ""}
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise UnsupportedParameterError("'best_of' other than n is not supported by this server",
+                                            param="best_of")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # Known, not implemented:
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    service_tier: Any = None
+    store: Any = None
+    metadata: Any = None
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "functions": [], "function_call": "none",
+        "response_format": {"type": "text"}, "modalities": ["text"], "audio": None, "prediction": None,
+        "reasoning_effort": None, "web_search_options": None, "service_tier": "auto", "store": False,
+        "metadata": None,
+    }
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,56 @@
+"""Server options: everything `tokenmill serve` adds on top of the engine's EngineConfig."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from tokenmill.config import parse_size
+from tokenmill.errors import ConfigError
+
+# At or below this many usable cores the engine runs in-process by default: a separate engine process then
+# competes with the frontend for the same two cores (see the report in BENCHMARKS.md).
+INPROC_MAX_CORES = 2
+
+
+def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServerConfig:
+    """How the OpenAI-compatible HTTP frontend listens, admits and sheds load."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on.")
+    port: int = _opt(8000, "TCP port to listen on.")
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize.")
+    served_model_name: str | None = _opt(None, "Model name clients send and /v1/models lists (default: --model).")
+    inproc: bool | None = _opt(
+        None, "Run the engine loop in a thread of the server process (--inproc) or in its own process (--no-inproc). "
+        f"Default: in-process on machines with at most {INPROC_MAX_CORES} cores, where it measured faster; "
+        "its own process otherwise.")
+    max_queued_requests: int = _opt(
+        256, "Most sequences admitted but not yet producing tokens; beyond it requests get 429 with Retry-After.")
+    max_queued_tokens: int = _opt(
+        262144, "Most prompt tokens admitted but not yet prefilled; beyond it requests get 429 with Retry-After.")
+    drain_timeout: float = _opt(30.0, "Seconds SIGTERM waits for in-flight requests before aborting them.")
+    max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
+    max_n: int = _opt(64, "Largest `n` (completions per prompt) one request may ask for.")
+    log_requests: bool = _opt(True, "Log one line per finished request.")
+
+    def __post_init__(self) -> None:
+        self.max_body_bytes = parse_size(self.max_body_bytes)
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests < 1:
+            raise ConfigError("max_queued_requests must be >= 1")
+        if self.max_queued_tokens < 1:
+            raise ConfigError("max_queued_tokens must be >= 1")
+        if self.drain_timeout < 0:
+            raise ConfigError("drain_timeout must be >= 0")
+        if self.max_body_bytes is None or self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be at least 1KiB")
+        if self.max_n < 1:
+            raise ConfigError("max_n must be >= 1")
+        if self.inproc is None:
+            self.inproc = len(os.sched_getaffinity(0)) <= INPROC_MAX_CORES

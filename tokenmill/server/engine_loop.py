@@ -1,0 +1,164 @@
+"""The engine side of the split: one EngineCore driven by messages, in its own process or in a thread.
+
+Loop: take every waiting message without blocking; if the engine has work, step it and send the updates
+(with fresh stats) back; if not, block on the inbox until a message comes or a heartbeat is due. The loop
+does nothing per token beyond what EngineCore.step() does: text, stop strings and metrics are the
+frontend's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.server.protocol import (
+    AbortRequests,
+    AddRejected,
+    AddRequest,
+    Failed,
+    FromEngine,
+    Ready,
+    Shutdown,
+    ToEngine,
+    Updates,
+)
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0  # idle engines still report stats (and notice a vanished parent) this often
+
+
+def default_num_threads(config: EngineConfig) -> int:
+    return config.num_threads or len(os.sched_getaffinity(0))
+
+
+def build_engine(config: EngineConfig, send: Callable[[FromEngine], None]):
+    """Load the model and report Ready. Returns the EngineCore."""
+    import torch  # only the engine side pays for torch
+
+    torch.set_num_threads(default_num_threads(config))
+    from tokenmill.entrypoints.build import build_replica
+
+    replica = build_replica(config)
+    engine = replica.engine
+    send(Ready(engine.max_model_len, replica.source.arch.vocab_size, engine.kv.pool.num_blocks,
+               engine.kv.block_size, os.getpid()))
+    return engine
+
+
+class EngineLoop:
+    def __init__(self, engine, send: Callable[[FromEngine], None]):
+        self.engine = engine
+        self.send = send
+
+    def handle(self, msg: ToEngine) -> bool:
+        """Apply one message; False means shut down."""
+        engine = self.engine
+        if isinstance(msg, AddRequest):
+            try:
+                engine.add_request(msg.prompt_token_ids, msg.params, request_id=msg.request_id,
+                                   priority=msg.priority, arrival_time=msg.arrival_time, cache_salt=msg.cache_salt)
+            except InvalidRequestError as e:
+                self.send(AddRejected(msg.request_id, str(e), e.param))
+            except ValueError as e:  # duplicate id: a frontend bug, but not worth the engine's life
+                self.send(AddRejected(msg.request_id, str(e), None))
+        elif isinstance(msg, AbortRequests):
+            for rid in msg.request_ids:
+                engine.abort_request(rid)
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    def run(self, recv: Callable[[float], list[ToEngine] | None]) -> None:
+        """recv(timeout) returns the waiting messages (waiting up to timeout seconds for the first), or
+        None when the engine should stop (its inbox is gone)."""
+        engine = self.engine
+        last_report = 0.0
+        while True:
+            msgs = recv(0.0 if engine.has_unfinished() else HEARTBEAT_S)
+            if msgs is None:
+                return
+            for m in msgs:
+                if not self.handle(m):
+                    self._abort_all()
+                    return
+            if engine.has_unfinished():
+                t0 = time.monotonic()
+                updates = engine.step()
+                last_report = time.monotonic()
+                self.send(Updates(last_report, updates, engine.stats(), last_report - t0))
+            elif time.monotonic() - last_report >= HEARTBEAT_S:
+                last_report = time.monotonic()
+                self.send(Updates(last_report, [], engine.stats()))
+
+    def _abort_all(self) -> None:
+        for rid in list(self.engine.scheduler.requests):
+            self.engine.abort_request(rid)
+
+
+def run_engine_process(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int, log_level: str) -> None:
+    """Target of the engine process (multiprocessing spawn)."""
+    import zmq
+
+    from tokenmill.server.protocol import from_engine_codec, to_engine_codec
+
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    # The frontend owns shutdown: Ctrl+C or a SIGTERM sent to the whole process group must not kill the
+    # engine under in-flight requests that are draining. It exits on Shutdown or when its parent is gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(in_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.connect(out_addr)
+    encoder, _ = from_engine_codec()
+    _, decoder = to_engine_codec()
+
+    def send(msg: FromEngine) -> None:
+        outbox.send(encoder.encode(msg))
+
+    def recv(timeout: float) -> list[ToEngine] | None:
+        if timeout > 0 and not inbox.poll(int(timeout * 1000)):
+            return None if os.getppid() != parent_pid else []
+        msgs = []
+        while True:
+            try:
+                raw = inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return msgs
+            try:
+                msgs.append(decoder.decode(raw))
+            except Exception:  # a frontend bug; never a reason to take every other request down
+                logger.exception("dropping an undecodable message")
+
+    stage = "loading the model"
+    try:
+        engine = build_engine(config, send)
+        logger.info("engine ready (pid %d, %d torch threads)", os.getpid(), default_num_threads(config))
+        stage = "engine loop"
+        EngineLoop(engine, send).run(recv)
+        logger.info("engine stopped")
+    except Exception as e:
+        if isinstance(e, TokenmillError):  # a reported condition (bad model file, bad config): no traceback
+            logger.error("engine failed while %s: %s", stage, e)
+        else:
+            logger.exception("engine failed while %s", stage)
+        try:
+            send(Failed(f"engine failed while {stage}: {type(e).__name__}: {e}"))
+        except Exception:
+            pass
+        raise SystemExit(1) from None
+    finally:
+        inbox.close(linger=0)
+        outbox.close()
+        ctx.term()

@@ -1,0 +1,102 @@
+"""Prometheus metrics, `tokenmill:` prefix, vLLM's names where vLLM has one.
+
+Engine-side numbers (running, waiting, KV usage, prefix cache, preemptions, token counters) arrive as a stats
+snapshot with every engine step and are exported as they are by a custom collector, so the counters are
+the engine's own totals. Latency histograms are derived in the frontend from engine timestamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tokenmill.engine.core import EngineStats
+
+# `*_created` series double the exposition and nothing reads them (vLLM turns them off too).
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+                    20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 240.0, 480.0)
+_ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.stats: EngineStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        if s is None:
+            return
+        labels, values = ["model_name"], [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=labels)
+            c.add_metric(values, value)
+            return c
+
+        yield gauge("num_requests_running", "Requests in the engine's running set.", s.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting in the engine (new or preempted).", s.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Share of KV blocks held by live requests (1 = full).", s.kv_cache_usage)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield counter("num_preemptions", "Requests preempted to free KV blocks.", s.num_preemptions)
+        yield counter("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
+        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield counter("engine_steps", "Engine steps (forward passes) run.", s.num_steps)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.engine = _EngineStatsCollector(model_name)
+        self.registry.register(self.engine)
+        r, labels = self.registry, ["model_name"]
+        self.model_name = model_name
+
+        def hist(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"tokenmill:{name}", doc, labels, registry=r, buckets=buckets).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first token, seconds.", _LATENCY_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a request, seconds.",
+                        _ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish, seconds.", _LATENCY_BUCKETS)
+        self.queue_time = hist("request_queue_time_seconds", "Arrival to first scheduled, seconds.", _LATENCY_BUCKETS)
+        self.prefill_time = hist("request_prefill_time_seconds", "First scheduled to first token, seconds.",
+                                 _LATENCY_BUCKETS)
+        self.decode_time = hist("request_decode_time_seconds", "First token to finish, seconds.", _LATENCY_BUCKETS)
+        self.step_time = hist("engine_step_duration_seconds", "Duration of one engine step (forward pass and "
+                              "scheduling), seconds.", _ITL_BUCKETS)
+        self.prompt_tokens = hist("request_prompt_tokens", "Prompt length of finished requests, tokens.",
+                                  _TOKEN_BUCKETS)
+        self.generation_tokens = hist("request_generation_tokens", "Output length of finished requests, tokens.",
+                                      _TOKEN_BUCKETS)
+        self._success = Counter("tokenmill:request_success", "Finished requests by finish reason.",
+                                [*labels, "finished_reason"], registry=r)
+        self._rejected = Counter("tokenmill:request_rejected", "Requests turned away, by reason.",
+                                 [*labels, "reason"], registry=r)
+        for reason in ("stop", "length", "abort"):
+            self._success.labels(model_name, reason)
+        for reason in REJECTION_REASONS:
+            self._rejected.labels(model_name, reason)
+
+    def success(self, finish_reason: str) -> None:
+        self._success.labels(self.model_name, finish_reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.model_name, reason).inc()
+
+
+# Every reason a request can be turned away with (pre-created so dashboards see zeros, not gaps).
+REJECTION_REASONS = ("invalid_request", "unauthorized", "body_too_large", "queue_requests", "queue_tokens",
+                     "starting", "draining", "engine_dead")

@@ -1,0 +1,409 @@
+"""OpenAI-compatible completions and chat: request -> SamplingParams + token ids -> engine -> JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import TokenLogprob
+from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
+from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from tokenmill.server.frontend import Frontend, RequestHandle, Seq
+
+logger = logging.getLogger(__name__)
+
+_json = msgspec.json.Encoder()
+MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 1024
+# Prompts longer than this many characters are tokenized off the event loop, so they stall nobody else.
+_TOKENIZE_INLINE_CHARS = 8192
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports hopeless tokens like this
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+def _lp(v: float) -> float:
+    return v if v > _MIN_LOGPROB else _MIN_LOGPROB
+
+
+def _top(d: dict[int, TokenLogprob], k: int) -> list[TokenLogprob]:
+    return sorted(d.values(), key=lambda e: -e.logprob)[:k] if k else []
+
+
+class OpenAIServing:
+    def __init__(self, frontend: Frontend, served_model_name: str, accepted_names: set[str]):
+        self.frontend = frontend
+        self.served_model_name = served_model_name
+        self.accepted_names = accepted_names
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.accepted_names:
+            raise InvalidRequestError(
+                f"model '{model}' does not exist; this server serves '{self.served_model_name}'", param="model")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        info = self.frontend.info
+        assert info is not None
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        vocab = info.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise InvalidRequestError(f"token id {t} is outside the vocabulary [0, {vocab})", param=param)
+        if len(ids) >= info.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model's context is {info.max_model_len} tokens and at "
+                "least one must be left for the output", param=param)
+
+    def _max_tokens(self, requested: int | None, default: int | None, prompt_lens: list[int],
+                    param: str) -> int:
+        limit = self.frontend.max_total_tokens
+        longest = max(prompt_lens)
+        room = limit - longest
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt has {longest} tokens, which leaves no room for output in the "
+                f"{limit}-token limit of this server (context and KV cache)", param="prompt")
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested < 1:
+            raise InvalidRequestError(f"{param} must be an integer >= 1, got {requested}", param=param)
+        if requested > room:
+            raise InvalidRequestError(
+                f"this server's limit is {limit} tokens (context and KV cache), but the prompt ({longest} tokens) "
+                f"plus {param} ({requested}) asks for {longest + requested}; lower {param} or shorten the prompt",
+                param=param)
+        return requested
+
+    def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None,
+                         num_prompts: int) -> SamplingParams:
+        info = self.frontend.info
+        assert info is not None
+        vocab = info.vocab_size
+        n = 1 if req.n is None else req.n
+        max_n = self.frontend.config.max_n
+        if not 1 <= n <= max_n:
+            raise InvalidRequestError(f"n must be in [1, {max_n}], got {n}", param="n")
+        if n * num_prompts > MAX_PROMPTS:
+            raise InvalidRequestError(f"prompts x n must be at most {MAX_PROMPTS}, got {n * num_prompts}", param="n")
+        if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+            raise InvalidRequestError("seed must fit in 64 bits", param="seed")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
+        bias: dict[int, float] = {}
+        for key, value in (req.logit_bias or {}).items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}",
+                                          param="logit_bias") from None
+            if not 0 <= tid < vocab:
+                raise InvalidRequestError(f"logit_bias token id {tid} is outside the vocabulary [0, {vocab})",
+                                          param="logit_bias")
+            bias[tid] = value
+        for t in req.stop_token_ids or []:
+            if not 0 <= t < vocab:
+                raise InvalidRequestError(f"stop token id {t} is outside the vocabulary [0, {vocab})",
+                                          param="stop_token_ids")
+        top_k = 0 if req.top_k is None else req.top_k
+        if top_k > vocab:
+            top_k = vocab  # a cut at or past the vocabulary keeps every token: same thing, and it fits 64 bits
+        min_tokens = 0 if req.min_tokens is None else req.min_tokens
+        if min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})",
+                                      param="min_tokens")
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequestError("stream_options is only allowed with stream=true", param="stream_options")
+
+        def opt(v, default):
+            return default if v is None else v
+
+        return SamplingParams(
+            n=n, max_tokens=max_tokens, min_tokens=min_tokens, temperature=opt(req.temperature, 1.0),
+            top_p=opt(req.top_p, 1.0), top_k=top_k, min_p=opt(req.min_p, 0.0),
+            repetition_penalty=opt(req.repetition_penalty, 1.0), presence_penalty=opt(req.presence_penalty, 0.0),
+            frequency_penalty=opt(req.frequency_penalty, 0.0), seed=req.seed, stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+            logit_bias=bias, skip_special_tokens=opt(req.skip_special_tokens, True),
+            include_stop_str_in_output=bool(req.include_stop_str_in_output))
+
+    def _priority(self, req: _SamplingFields) -> int:
+        p = 0 if req.priority is None else req.priority
+        if not -(2**31) <= p < 2**31:
+            raise InvalidRequestError("priority must fit in 32 bits", param="priority")
+        return p
+
+    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tok = self.frontend.tokenizer
+        assert tok is not None
+        if len(text) <= _TOKENIZE_INLINE_CHARS:
+            return tok.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(tok.encode, text, add_special_tokens)
+
+    async def render_chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        tok = self.frontend.tokenizer
+        assert tok is not None
+        convo = [{"role": "system" if m.role == "developer" else m.role,
+                  "content": m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)}
+                 for m in messages]
+        text = tok.apply_chat_template(convo, add_generation_prompt=add_generation_prompt)
+        # The template already placed any BOS token; encode exactly as the offline LLM.chat does.
+        return text, await self._encode(text, add_special_tokens=False)
+
+    # -- endpoints -----------------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, http: Request, arrival: float) -> Response:
+        fe = self.frontend
+        fe.check_available()
+        self._check_model(req.model)
+        req.check_unsupported()
+        p = req.prompt
+        if isinstance(p, str):
+            p = [p]
+        if not p:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(p) > MAX_PROMPTS and not isinstance(p[0], int):
+            raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        if isinstance(p[0], str):
+            prompts = [await self._encode(t) for t in p]
+        elif isinstance(p[0], list):
+            prompts = [list(x) for x in p]
+        else:
+            prompts = [list(p)]
+        for ids in prompts:
+            self._check_ids(ids, "prompt")
+        max_tokens = self._max_tokens(req.max_tokens, 16, [len(x) for x in prompts], "max_tokens")
+        params = self._sampling_params(req, max_tokens, req.logprobs, len(prompts))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        handle = fe.submit(rid, prompts, params, priority=self._priority(req), arrival=arrival,
+                           stream=bool(req.stream))
+        fmt = _CompletionFormat(self, rid, params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream(handle, prompts, fmt, include_usage, chat=False)
+        if not await self._wait(handle, http):
+            return Response(status_code=499)
+        choices = [fmt.choice(s) for s in handle.seqs]
+        return json_response({"id": rid, "object": "text_completion", "created": fmt.created,
+                              "model": self.served_model_name, "choices": choices,
+                              "usage": _usage(prompts, handle)})
+
+    async def chat(self, req: ChatCompletionRequest, http: Request, arrival: float) -> Response:
+        fe = self.frontend
+        fe.check_available()
+        self._check_model(req.model)
+        req.check_unsupported()
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                                      param="top_logprobs")
+        _, ids = await self.render_chat(req.messages)
+        self._check_ids(ids, "messages")
+        requested, param = req.max_tokens, "max_tokens"
+        if req.max_completion_tokens is not None:
+            requested, param = req.max_completion_tokens, "max_completion_tokens"
+        max_tokens = self._max_tokens(requested, None, [len(ids)], param)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling_params(req, max_tokens, logprobs, 1)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        handle = fe.submit(rid, [ids], params, priority=self._priority(req), arrival=arrival,
+                           stream=bool(req.stream))
+        fmt = _ChatFormat(self, rid, params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream(handle, [ids], fmt, include_usage, chat=True)
+        if not await self._wait(handle, http):
+            return Response(status_code=499)
+        choices = [fmt.choice(s) for s in handle.seqs]
+        return json_response({"id": rid, "object": "chat.completion", "created": fmt.created,
+                              "model": self.served_model_name, "choices": choices,
+                              "usage": _usage([ids], handle)})
+
+    # -- waiting and streaming -------------------------------------------------------------------------------
+    async def _wait(self, handle: RequestHandle, http: Request) -> bool:
+        """Wait for a non-streaming request; False if the client left first (its request is aborted)."""
+        done = asyncio.ensure_future(handle.wait())
+        gone = asyncio.ensure_future(_disconnected(http))
+        finished = False
+        try:
+            await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+            finished = done.done()
+        finally:
+            if not finished:  # the client left (or this handler was cancelled): stop generating for nobody
+                done.cancel()
+                self.frontend.abort(handle)
+            gone.cancel()
+        if not finished:
+            logger.info("client of %s disconnected; request aborted", handle.request_id)
+            return False
+        done.result()  # raises the request's error, if any
+        return True
+
+    def _stream(self, handle: RequestHandle, prompts: list[list[int]], fmt: _Format, include_usage: bool,
+                chat: bool) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            q = handle.queue
+            assert q is not None
+            try:
+                if chat:
+                    yield b"".join(fmt.start_chunk(s, include_usage) for s in handle.seqs)
+                end = False
+                while not end:
+                    items = [await q.get()]
+                    while not q.empty():
+                        items.append(q.get_nowait())
+                    out = []
+                    for item in items:
+                        if item is None:
+                            end = True
+                            break
+                        out.append(fmt.chunk(item[0], item[1], include_usage))
+                    if out:
+                        yield b"".join(out)
+                if handle.error is not None:
+                    yield _sse(error_body(handle.error))
+                elif include_usage:
+                    yield _sse({"id": fmt.rid, "object": fmt.chunk_object, "created": fmt.created,
+                                "model": self.served_model_name, "choices": [], "usage": _usage(prompts, handle)})
+                yield b"data: [DONE]\n\n"
+            finally:
+                if not handle.done:
+                    logger.info("client of %s disconnected mid-stream; request aborted", handle.request_id)
+                    self.frontend.abort(handle)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _disconnected(http: Request) -> None:
+    # The body is read already, so the next ASGI message is http.disconnect, whenever the client leaves.
+    while True:
+        if (await http.receive())["type"] == "http.disconnect":
+            return
+
+
+def _usage(prompts: list[list[int]], handle: RequestHandle) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(s.state.output.token_ids) for s in handle.seqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def error_body(e: BaseException) -> dict[str, Any]:
+    return {"error": {"message": str(e), "type": getattr(e, "error_type", "internal_error"),
+                      "param": getattr(e, "param", None), "code": getattr(e, "http_status", 500)}}
+
+
+class _Format:
+    chunk_object = ""
+
+    def __init__(self, serving: OpenAIServing, rid: str, params: SamplingParams):
+        self.rid = rid
+        self.model = serving.served_model_name
+        self.created = int(time.time())
+        self.token_text: Callable[[int], str] = serving.frontend.token_text
+        self.top_n = params.logprobs or 0
+        self.want_logprobs = params.logprobs is not None
+
+    def start_chunk(self, seq: Seq, include_usage: bool) -> bytes:
+        return b""
+
+    def chunk(self, seq: Seq, delta, include_usage: bool) -> bytes:
+        raise NotImplementedError
+
+    def choice(self, seq: Seq) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _wrap(self, choice: dict[str, Any], include_usage: bool) -> bytes:
+        obj = {"id": self.rid, "object": self.chunk_object, "created": self.created, "model": self.model,
+               "choices": [choice]}
+        if include_usage:
+            obj["usage"] = None
+        return _sse(obj)
+
+
+class _CompletionFormat(_Format):
+    chunk_object = "text_completion"
+
+    def __init__(self, serving: OpenAIServing, rid: str, params: SamplingParams):
+        super().__init__(serving, rid, params)
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token (0-based: no echo)
+
+    def _logprobs(self, seq: Seq, token_ids: list[int], lps: list[dict[int, TokenLogprob]] | None) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        text, tok_lps, top, offsets = [], [], [], []
+        off = self._offsets.get(seq.index, 0)
+        for tid, d in zip(token_ids, lps or [], strict=False):
+            t = self.token_text(tid)
+            text.append(t)
+            tok_lps.append(_lp(d[tid].logprob))
+            top.append({self.token_text(e.token_id): _lp(e.logprob) for e in _top(d, self.top_n)})
+            offsets.append(off)
+            off += len(t)
+        self._offsets[seq.index] = off
+        return {"tokens": text, "token_logprobs": tok_lps, "top_logprobs": top, "text_offset": offsets}
+
+    def chunk(self, seq: Seq, delta, include_usage: bool) -> bytes:
+        if not (delta.text or delta.finished or (self.want_logprobs and delta.token_ids)):
+            return b""  # the detokenizer is holding these tokens' text back (partial character, maybe a stop)
+        out = seq.state.output
+        return self._wrap({"index": seq.index, "text": delta.text,
+                           "logprobs": self._logprobs(seq, delta.token_ids, delta.logprobs),
+                           "finish_reason": out.finish_reason if delta.finished else None}, include_usage)
+
+    def choice(self, seq: Seq) -> dict[str, Any]:
+        out = seq.state.output
+        return {"index": seq.index, "text": out.text, "logprobs": self._logprobs(seq, out.token_ids, out.logprobs),
+                "finish_reason": out.finish_reason}
+
+
+class _ChatFormat(_Format):
+    chunk_object = "chat.completion.chunk"
+
+    def _logprobs(self, token_ids: list[int], lps: list[dict[int, TokenLogprob]] | None) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        content = []
+        for tid, d in zip(token_ids, lps or [], strict=False):
+            t = self.token_text(tid)
+            content.append({"token": t, "logprob": _lp(d[tid].logprob), "bytes": list(t.encode()),
+                            "top_logprobs": [{"token": (s := self.token_text(e.token_id)), "logprob": _lp(e.logprob),
+                                              "bytes": list(s.encode())} for e in _top(d, self.top_n)]})
+        return {"content": content}
+
+    def start_chunk(self, seq: Seq, include_usage: bool) -> bytes:
+        return self._wrap({"index": seq.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}, include_usage)
+
+    def chunk(self, seq: Seq, delta, include_usage: bool) -> bytes:
+        out = b""
+        if delta.text or (self.want_logprobs and delta.token_ids):
+            out = self._wrap({"index": seq.index, "delta": {"content": delta.text},
+                              "logprobs": self._logprobs(delta.token_ids, delta.logprobs), "finish_reason": None},
+                             include_usage)
+        if delta.finished:
+            out += self._wrap({"index": seq.index, "delta": {}, "logprobs": None,
+                               "finish_reason": seq.state.output.finish_reason}, include_usage)
+        return out
+
+    def choice(self, seq: Seq) -> dict[str, Any]:
+        out = seq.state.output
+        return {"index": seq.index, "message": {"role": "assistant", "content": out.text},
+                "logprobs": self._logprobs(out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
