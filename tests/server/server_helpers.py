@@ -59,6 +59,10 @@ class ServerProcess:
         text = Path(self.log.name).read_text(errors="replace")
         assert "Traceback" not in text and " ERROR " not in text, self.log_text(200)
 
+    def remove_log(self) -> None:
+        """Called once a module passed; a failing module leaves its log behind for inspection."""
+        Path(self.log.name).unlink(missing_ok=True)
+
     def engine_pid(self) -> int:
         """The spawned engine process: the server's child that is not multiprocessing's resource tracker."""
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()

@@ -55,6 +55,7 @@ def server(offline) -> ServerProcess:
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()
+    s.remove_log()
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ def server() -> ServerProcess:
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()
+    s.remove_log()
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def _bodies(draw):
     return endpoint, base
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(case=_bodies())
 def test_fuzz_never_5xx(http, case):

@@ -20,6 +20,7 @@ def server() -> ServerProcess:
     s = start_server("--no-inproc")  # an engine process to kill
     yield s
     s.stop()
+    s.remove_log()
 
 
 def test_engine_death_gives_503_and_nonzero_exit(server):
@@ -64,3 +65,4 @@ def test_engine_that_cannot_start_exits_nonzero(tmp_path):
         s.stop()
     assert code != 0
     assert "broken.gguf" in s.log_text()
+    s.remove_log()

@@ -1,6 +1,5 @@
 """Backpressure and shutdown: a burst over the queue limits gets 429 + Retry-After while admitted requests
-finish; SIGTERM drains (503 for new requests, in-flight ones complete) and the server exits 0.
-The server runs with the default engine placement (in-process on 2 cores, its own process on more)."""
+finish; SIGTERM drains (503 for new requests, in-flight ones complete) and the server exits 0."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ def server() -> ServerProcess:
     yield s
     s.stop()
     s.assert_clean_log()
+    s.remove_log()
 
 
 def test_overload_gets_429_and_admitted_complete(server):

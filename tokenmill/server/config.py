@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from tokenmill.config import parse_size
 from tokenmill.errors import ConfigError
-
-# At or below this many usable cores the engine runs in-process by default: a separate engine process then
-# competes with the frontend for the same two cores (see the report in BENCHMARKS.md).
-INPROC_MAX_CORES = 2
 
 
 def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
@@ -25,10 +20,10 @@ class ServerConfig:
     port: int = _opt(8000, "TCP port to listen on.")
     api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize.")
     served_model_name: str | None = _opt(None, "Model name clients send and /v1/models lists (default: --model).")
-    inproc: bool | None = _opt(
-        None, "Run the engine loop in a thread of the server process (--inproc) or in its own process (--no-inproc). "
-        f"Default: in-process on machines with at most {INPROC_MAX_CORES} cores, where it measured faster; "
-        "its own process otherwise.")
+    # Measured on 2 cores: the split ties --inproc at 1 and 64 streams and leads at 16 (BENCHMARKS.md); it
+    # also keeps the event loop free of the engine's GIL time and lets an engine crash be seen and restarted.
+    inproc: bool = _opt(
+        False, "Run the engine loop in a thread of the server process instead of its own process (for comparison).")
     max_queued_requests: int = _opt(
         256, "Most sequences admitted but not yet producing tokens; beyond it requests get 429 with Retry-After.")
     max_queued_tokens: int = _opt(
@@ -52,5 +47,3 @@ class ServerConfig:
             raise ConfigError("max_body_bytes must be at least 1KiB")
         if self.max_n < 1:
             raise ConfigError("max_n must be >= 1")
-        if self.inproc is None:
-            self.inproc = len(os.sched_getaffinity(0)) <= INPROC_MAX_CORES
