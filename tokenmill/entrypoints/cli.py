@@ -10,7 +10,9 @@ import sys
 import types
 import typing
 
+from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.server_cli import add_serve_parser
 from tokenmill.errors import TokenmillError
 
 
@@ -78,19 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    try:
-        from tokenmill.entrypoints.server_cli import add_serve_parser
-    except ImportError:
-        add_serve_parser = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub, add_engine_args, engine_config)
-
-    try:
-        from tokenmill.bench.cli import add_bench_parser
-    except ImportError:
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub, add_engine_args, engine_config)
+    add_serve_parser(sub, add_engine_args, engine_config)
+    add_bench_parser(sub, add_engine_args, engine_config)
     return parser
 
 
