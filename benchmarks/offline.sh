@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 mkdir -p bench_results
 for dtype in ${DTYPES:-bfloat16 float32}; do
   .venv/bin/tokenmill --log-level WARNING bench throughput --dtype "$dtype" --num-prompts "${NUM_PROMPTS:-200}" \
-    --peer-requests "${PEER_REQUESTS:-8}" --latency --kv-cache-memory 4GiB --max-num-seqs 256 \
+    --peer-requests "${PEER_REQUESTS:-4}" --latency --kv-cache-memory 4GiB --max-num-seqs 256 \
     --out "bench_results/offline_${dtype}.json"
 done
