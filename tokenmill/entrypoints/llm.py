@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -105,7 +106,5 @@ class LLM:
 
 
 def _child_params(p: SamplingParams, j: int) -> SamplingParams:
-    from dataclasses import replace
-
     # Each of the n completions gets its own stream of randomness, reproducible from the parent seed.
     return replace(p, n=1, seed=None if p.seed is None else p.seed + j)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -169,9 +168,3 @@ class ModelRunner:
                     out.logprobs[rid] = (lp.token_logprob, lp.top_ids, lp.top_logprobs)
         return out
 
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
