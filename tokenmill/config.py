@@ -51,6 +51,19 @@ class EngineConfig:
     max_num_seqs: int = _opt(128, "Most requests running at once.")
     num_threads: int | None = _opt(None, "Torch threads for model math; defaults to the cores this process may use.")
     seed: int = _opt(0, "Seed for requests that carry none.")
+    scheduling_policy: str = _opt(
+        "fcfs", "Who goes first when demand outruns capacity. fcfs: by priority level, then arrival. "
+        "priority: the same, with aging (--priority-aging) and preemption of less important running requests. "
+        "deadline: earliest TTFT deadline first (targets per request or from --slo-classes); running decodes "
+        "before new prefills. fair: per-tenant virtual token counters (VTC, OSDI'24); tenant = API key or "
+        "the request's `user`.", choices=["fcfs", "priority", "deadline", "fair"])
+    priority_aging: float = _opt(
+        10.0, "priority policy: a waiting request's priority improves by one level per this many seconds "
+        "waited, so low priority cannot starve forever; 0 turns aging off.")
+    slo_classes: str | None = _opt(
+        None, "TTFT target per priority value, e.g. '0:ttft=0.5,1:ttft=5,*:ttft=30' ('*': every other "
+        "priority). The deadline policy orders by them; the server's admission control rejects (429) "
+        "requests predicted to miss theirs.")
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
@@ -66,6 +79,13 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory must be positive")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
+        from tokenmill.engine.policy import POLICIES, parse_slo_classes
+
+        if self.scheduling_policy not in POLICIES:
+            raise ConfigError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.scheduling_policy!r}")
+        if not self.priority_aging >= 0:
+            raise ConfigError("priority_aging must be >= 0 seconds")
+        parse_slo_classes(self.slo_classes)  # raises ConfigError naming the bad item
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

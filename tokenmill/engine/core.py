@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.policy import SchedulingPolicy
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidRequestError
@@ -36,7 +40,7 @@ class RequestUpdate:
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "timeout"
     new_logprobs: list[Logprobs] = field(default_factory=list)
     prompt_logprobs: list[Logprobs | None] | None = None  # first token of the prompt has none
     num_prompt_tokens: int = 0
@@ -63,13 +67,16 @@ class EngineStats:
 
 class EngineCore:
     def __init__(self, runner: Runner, vocab_size: int, eos_token_ids: list[int], *,
-                 max_num_batched_tokens: int, max_num_seqs: int, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int, max_num_seqs: int, enable_prefix_caching: bool = True,
+                 policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic):
         self.runner = runner
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_model_len = runner.max_model_len
+        self.clock = clock
         self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, policy, clock)
+        self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, request id)
         self._ids = itertools.count()
         self._pending_aborts: list[RequestUpdate] = []
         self._prompt_lp: dict[str, list[Logprobs | None]] = {}
@@ -79,7 +86,10 @@ class EngineCore:
 
     # -- requests in and out -----------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> str:
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None,
+                    tenant: str | None = None, ttft_target: float | None = None,
+                    expires_at: float | None = None) -> str:
+        """expires_at: clock time past which the request is aborted with finish_reason "timeout"."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         n = len(prompt_token_ids)
         if n == 0:
@@ -97,15 +107,20 @@ class EngineCore:
             raise InvalidRequestError(
                 f"prompt + max_tokens ({total} tokens) does not fit in the KV cache "
                 f"({self.kv.pool.num_blocks * self.kv.block_size} tokens)", param="max_tokens")
+        if ttft_target is not None and not 0 < ttft_target < math.inf:
+            raise InvalidRequestError(f"ttft_target must be a positive number of seconds, got {ttft_target!r}",
+                                      param="ttft_target")
         req = Request(rid, list(prompt_token_ids), params, max_total_tokens=total,
                       eos_token_ids=self.eos_token_ids, priority=priority,
-                      arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
-                      cache_salt=cache_salt)
+                      arrival_time=arrival_time if arrival_time is not None else self.clock(),
+                      cache_salt=cache_salt, tenant=tenant, ttft_target=ttft_target, expires_at=expires_at)
         self.scheduler.add_request(req)
+        if expires_at is not None:
+            heapq.heappush(self._expiry, (expires_at, rid))
         return rid
 
-    def abort_request(self, request_id: str) -> bool:
-        req = self.scheduler.abort_request(request_id)
+    def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> bool:
+        req = self.scheduler.abort_request(request_id, status)
         if req is None:
             return False
         self.runner.release([request_id])
@@ -123,7 +138,18 @@ class EngineCore:
                            self.generation_tokens, self.num_steps)
 
     # -- one step ----------------------------------------------------------------------------
+    def _expire(self) -> None:
+        """Abort every request whose deadline has passed (finish_reason "timeout"); their blocks go back."""
+        now = self.clock()
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, rid = heapq.heappop(heap)
+            if self.abort_request(rid, RequestStatus.FINISHED_TIMEOUT):
+                logger.info("request %s timed out; aborted", rid)
+
     def step(self) -> list[RequestUpdate]:
+        if self._expiry:
+            self._expire()
         updates, self._pending_aborts = self._pending_aborts, []
         out = self.scheduler.schedule()
         if not out.scheduled:
@@ -164,6 +190,6 @@ class EngineCore:
             req.first_token_time, req.finished_time)
         if len(req.output_token_ids) == 1 and new and req.request_id in self._prompt_lp:
             u.prompt_logprobs = self._prompt_lp.pop(req.request_id)
-        if req.status == RequestStatus.FINISHED_ABORTED:
+        if req.status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_TIMEOUT):
             u.new_token_ids = []
         return u

@@ -16,10 +16,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # eos or a stop token
     FINISHED_LENGTH = "length"  # max_tokens or the context limit
     FINISHED_ABORTED = "abort"
+    FINISHED_TIMEOUT = "timeout"  # aborted because its deadline (the request's timeout) passed
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                        RequestStatus.FINISHED_TIMEOUT)
 
     @property
     def finish_reason(self) -> str | None:
@@ -37,6 +39,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # Sibling requests of one n>1 call share this salt, so they share prompt blocks even with prefix caching off.
     cache_salt: str | None = None
+    tenant: str | None = None  # who is asking (API key or `user`): the fair policy shares service by it
+    ttft_target: float | None = None  # seconds, arrival to first token: the deadline policy's target
+    expires_at: float | None = None  # monotonic time past which the request is aborted (its timeout)
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -3,19 +3,21 @@
 Each step hands `max_num_batched_tokens` to running requests first (most important first), then to
 waiting ones. A request is handed `min(tokens it still has to compute, budget left)`, so long prompts are
 prefilled in chunks and decodes ride in the same forward pass. When KV blocks run out, the least
-important running request (lowest priority, then newest) is preempted: its blocks are freed and it
-recomputes later. Pure Python: no torch.
+important running request is preempted: its blocks are freed and it recomputes later. What
+"important" means is the scheduling policy's business (tokenmill/engine/policy.py): it orders both lists,
+picks the next request to admit and may let a waiting request preempt a running one. Pure Python: no torch.
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.policy import SchedulingPolicy
 from tokenmill.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -32,49 +34,49 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic):
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self._seq = itertools.count()
-        self._order: dict[str, tuple] = {}  # request id -> sort key (priority, arrival, seq)
-        self.waiting: list[Request] = []  # sorted by key: most important first
-        self.running: list[Request] = []  # sorted by key, so victims come from the tail
+        self.policy = policy if policy is not None else SchedulingPolicy()
+        self.clock = clock
+        self.waiting: list[Request] = []  # sorted by policy.waiting_key: most important first
+        self.running: list[Request] = []  # sorted by policy.running_key, so victims come from the tail
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
     # -- queue bookkeeping -------------------------------------------------------------------
-    def _key(self, req: Request) -> tuple:
-        return self._order[req.request_id]
-
     def _insert(self, queue: list[Request], req: Request) -> None:
-        queue.insert(bisect.bisect(queue, self._key(req), key=self._key), req)
+        key = self.policy.running_key if queue is self.running else self.policy.waiting_key
+        queue.insert(bisect.bisect(queue, key(req), key=key), req)
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         self.requests[req.request_id] = req
-        self._order[req.request_id] = (req.priority, req.arrival_time, next(self._seq))
+        self.policy.add(req, self.clock())
         req.status = RequestStatus.WAITING
         self._insert(self.waiting, req)
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
         req = self.requests.get(request_id)
         if req is None or req.status.finished:
             return None
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._finish(req, status)
         return req
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        if req.status == RequestStatus.RUNNING:
-            self.running.remove(req)
-        else:
+        was_waiting = req.status != RequestStatus.RUNNING
+        if was_waiting:
             self.waiting.remove(req)
+        else:
+            self.running.remove(req)
         self.kv.free(req)
         req.status = status
-        req.finished_time = time.monotonic()
+        req.finished_time = self.clock()
         del self.requests[req.request_id]
-        del self._order[req.request_id]
+        self.policy.remove(req, was_waiting)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -89,12 +91,28 @@ class Scheduler:
         self.num_preemptions += 1
         logger.info("preempted request %s (priority %d, %d tokens) to free KV blocks",
                     req.request_id, req.priority, req.num_tokens)
+        self.policy.preempted(req)
         self._insert(self.waiting, req)
+
+    def _admission_victim(self, req: Request, out: SchedulerOutput) -> tuple[Request, int] | None:
+        """A running request the policy lets `req` preempt, and the tokens it had been given this step."""
+        if not self.policy.preempt_to_admit or not self.running:
+            return None
+        victim = self.running[-1]
+        if not self.policy.should_preempt(req, victim):
+            return None
+        given = next((n for r, n in out.scheduled if r is victim), 0)
+        return victim, given
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[str] = set()
+        policy = self.policy
+        policy.begin_step(self.clock())
+        if policy.resort:  # keys moved with time or service since the last step
+            self.waiting.sort(key=policy.waiting_key)
+            self.running.sort(key=policy.running_key)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -108,34 +126,49 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append((req, n))
+                policy.scheduled(req, n)
                 scheduled_ids.add(req.request_id)
                 budget -= n
                 i += 1
                 continue
             break  # req preempted itself: everything after it was preempted already
 
-        # Admit waiting requests only when nothing had to be preempted this step (it would thrash).
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            req = self.waiting[0]
+        # Admit waiting requests only when nothing had to be preempted this step (it would thrash); a
+        # policy that lets a waiting request preempt a running one does so at most once per step.
+        while (self.waiting and budget > 0 and not out.preempted
+               and (len(self.running) < self.max_num_seqs or policy.preempt_to_admit)):
+            req = policy.pick(self.waiting)
             computed, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(req, n, computed):
-                break
-            self.waiting.pop(0)
+            if len(self.running) >= self.max_num_seqs or not self.kv.allocate_slots(req, n, computed):
+                found = self._admission_victim(req, out)
+                if found is None:
+                    break
+                victim, given = found
+                out.scheduled = [(r, k) for r, k in out.scheduled if r is not victim]
+                budget += given
+                self._preempt(victim)
+                out.preempted.append(victim)
+                n = min(req.num_tokens - num_cached, budget)
+                if len(self.running) >= self.max_num_seqs or not self.kv.allocate_slots(req, n, computed):
+                    break
+            self.waiting.remove(req)
             req.num_computed_tokens = num_cached
             if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.monotonic()
+                req.first_scheduled_time = self.clock()
                 req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
+            policy.admitted(req)
             self._insert(self.running, req)
             out.scheduled.append((req, n))
+            policy.scheduled(req, n)
             budget -= n
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, finish requests that stopped. Returns the
         requests that got a token this step (finished ones have a finished status)."""
-        now = time.monotonic()
+        now = self.clock()
         touched = []
         for req, n in out.scheduled:
             if req.status != RequestStatus.RUNNING:
@@ -145,6 +178,7 @@ class Scheduler:
             if tok is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
             req.output_token_ids.append(tok)
+            self.policy.generated(req)
             if req.first_token_time is None:
                 req.first_token_time = now
             stop = req.check_stop()

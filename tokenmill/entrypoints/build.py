@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.policy import make_policy
 from tokenmill.models.loader import ModelSource, open_model
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -35,7 +36,8 @@ def build_replica(config: EngineConfig) -> Replica:
 
     source, tokenizer = load_tokenizer(config)
     runner = ModelRunner(config, source, tokenizer.eos_token_ids)
+    policy = make_policy(config.scheduling_policy, aging_s=config.priority_aging, slo_classes=config.slo_classes)
     engine = EngineCore(runner, source.arch.vocab_size, tokenizer.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                        enable_prefix_caching=config.enable_prefix_caching)
+                        enable_prefix_caching=config.enable_prefix_caching, policy=policy)
     return Replica(config, source, tokenizer, engine)

@@ -1,0 +1,321 @@
+"""Scheduling policies on the pure engine (fake runner, simulated clock): priority order and victims, aging,
+EDF with protected decodes, VTC's fairness bound, timeouts."""
+
+from __future__ import annotations
+
+import pytest
+from fake_runner import FakeRunner
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.policy import (
+    FAIR_OUTPUT_WEIGHT,
+    FAIR_PROMPT_WEIGHT,
+    DeadlinePolicy,
+    FairPolicy,
+    PriorityPolicy,
+    SchedulingPolicy,
+    make_policy,
+    parse_slo_classes,
+)
+from tokenmill.engine.request import Request
+from tokenmill.errors import ConfigError
+from tokenmill.sampling_params import SamplingParams
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_engine(policy: SchedulingPolicy, clock: Clock, num_blocks=64, block_size=4, budget=16, max_seqs=8):
+    runner = FakeRunner(num_blocks, block_size, 256)
+    eng = EngineCore(runner, 50, [0], max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy,
+                     clock=clock)
+    return eng, runner
+
+
+def params(max_tokens=4):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def first_scheduled_order(runner: FakeRunner) -> list[str]:
+    seen: list[str] = []
+    for step in runner.steps:
+        for s in step:
+            if s.request_id not in seen:
+                seen.append(s.request_id)
+    return seen
+
+
+def drain(eng: EngineCore, clock: Clock | None = None, dt: float = 0.0, max_steps: int = 5000) -> dict[str, str]:
+    reasons = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished():
+            break
+        for u in eng.step():
+            if u.finish_reason:
+                reasons[u.request_id] = u.finish_reason
+        if clock is not None:
+            clock.t += dt
+    assert not eng.has_unfinished()
+    assert eng.kv.pool.num_free_blocks == eng.kv.pool.num_blocks
+    return reasons
+
+
+# -- fcfs and priority -------------------------------------------------------------------------------------
+
+def test_fcfs_is_priority_then_arrival():
+    clock = Clock()
+    eng, runner = make_engine(SchedulingPolicy(), clock, max_seqs=1)
+    for rid, prio in [("a", 1), ("b", 0), ("c", 1), ("d", 0)]:
+        eng.add_request([1, 2, 3], params(2), request_id=rid, priority=prio)
+        clock.t += 0.01
+    drain(eng)
+    assert first_scheduled_order(runner) == ["b", "d", "a", "c"]
+
+
+def test_priority_orders_admission():
+    clock = Clock()
+    eng, runner = make_engine(PriorityPolicy(aging_s=0), clock, max_seqs=1)
+    for rid, prio in [("p2", 2), ("p0", 0), ("p1", 1), ("p0b", 0)]:
+        eng.add_request([1, 2, 3], params(2), request_id=rid, priority=prio)
+        clock.t += 0.01
+    drain(eng)
+    assert first_scheduled_order(runner) == ["p0", "p0b", "p1", "p2"]
+
+
+def test_priority_preempts_least_important_newest_running():
+    clock = Clock()
+    eng, runner = make_engine(PriorityPolicy(aging_s=0), clock, max_seqs=3, budget=64)
+    for rid, prio in [("mid", 1), ("low-old", 5), ("low-new", 5)]:
+        eng.add_request([1, 2, 3], params(20), request_id=rid, priority=prio)
+        clock.t += 0.01
+    eng.step()
+    assert {r.request_id for r in eng.scheduler.running} == {"mid", "low-old", "low-new"}
+    eng.add_request([4, 5, 6], params(2), request_id="urgent", priority=0)
+    eng.step()
+    running = {r.request_id for r in eng.scheduler.running}
+    assert "urgent" in running and "low-new" not in running and {"mid", "low-old"} <= running
+    assert eng.scheduler.requests["low-new"].num_preemptions == 1
+    # fcfs never preempts to admit: the same workload leaves 'urgent' waiting for a free slot.
+    eng2, _ = make_engine(SchedulingPolicy(), Clock(), max_seqs=3, budget=64)
+    for rid, prio in [("mid", 1), ("low-old", 5), ("low-new", 5)]:
+        eng2.add_request([1, 2, 3], params(20), request_id=rid, priority=prio)
+    eng2.step()
+    eng2.add_request([4, 5, 6], params(2), request_id="urgent", priority=0)
+    eng2.step()
+    assert "urgent" not in {r.request_id for r in eng2.scheduler.running}
+    drain(eng)
+    drain(eng2)
+
+
+def test_kv_pressure_victim_is_lowest_priority():
+    clock = Clock()
+    # 10 blocks of 4 tokens: three requests growing to 3 + 12 tokens each cannot all fit.
+    eng, _ = make_engine(PriorityPolicy(aging_s=0), clock, num_blocks=10, max_seqs=3, budget=64)
+    for rid, prio in [("a", 0), ("b", 3), ("c", 1)]:
+        eng.add_request([1, 2, 3], params(12), request_id=rid, priority=prio)
+    victims = []
+    for _ in range(200):
+        if not eng.has_unfinished():
+            break
+        out_before = eng.scheduler.num_preemptions
+        eng.step()
+        if eng.scheduler.num_preemptions > out_before:
+            victims.append(next(r.request_id for r in eng.scheduler.waiting if r.num_preemptions))
+    assert victims and victims[0] == "b"
+    drain(eng)
+
+
+@pytest.mark.parametrize("aging", [0.0, 1.0])
+def test_aging_ends_starvation(aging):
+    """max_num_seqs=1 and a new priority-0 request every step: a priority-5 request waits forever without
+    aging; with one level per second it runs once it has waited ~5 s."""
+    clock = Clock()
+    eng, runner = make_engine(PriorityPolicy(aging_s=aging), clock, max_seqs=1, budget=64)
+    eng.add_request([1, 2, 3], params(1), request_id="low", priority=5)
+    t0 = clock.t
+    clock.t += 0.01
+    low = eng.scheduler.requests["low"]
+    for i in range(300):  # 30 simulated seconds
+        eng.add_request([1, 2, i % 40 + 3], params(1), request_id=f"hi{i}", priority=0)
+        eng.step()
+        clock.t += 0.1
+        if low.first_scheduled_time is not None:
+            break
+    if aging == 0:
+        assert low.first_scheduled_time is None
+    else:
+        assert low.first_scheduled_time is not None
+        # Effective priority 5 - floor(wait / 1 s) reaches 0 after 5 s; older arrival then wins the tie.
+        assert 5.0 <= low.first_scheduled_time - t0 <= 5.3
+    drain(eng)
+
+
+# -- deadline ----------------------------------------------------------------------------------------------
+
+def test_edf_admission_order_with_classes_and_per_request_targets():
+    clock = Clock()
+    policy = DeadlinePolicy(parse_slo_classes("0:ttft=0.5,1:ttft=5"))
+    eng, runner = make_engine(policy, clock, max_seqs=1)
+    eng.add_request([1, 2, 3], params(1), request_id="best-effort", priority=7)  # no class: no deadline
+    eng.add_request([1, 2, 3], params(1), request_id="p1", priority=1)  # +5.0
+    eng.add_request([1, 2, 3], params(1), request_id="own-2s", priority=1, ttft_target=2.0)  # +2.0
+    clock.t += 1.0
+    eng.add_request([1, 2, 3], params(1), request_id="p0-late", priority=0)  # +1.0 +0.5 = 1.5
+    drain(eng)
+    assert first_scheduled_order(runner) == ["p0-late", "own-2s", "p1", "best-effort"]
+
+
+def test_edf_prefill_chunks_do_not_stall_running_decodes():
+    clock = Clock()
+    eng, runner = make_engine(DeadlinePolicy(), clock, budget=8)
+    eng.add_request([1, 2, 3], params(12), request_id="streaming", ttft_target=10.0)
+    eng.step()  # its prefill; from now on it decodes one token per step
+    clock.t += 0.1
+    eng.add_request(list(range(1, 41)), params(2), request_id="urgent-prompt", ttft_target=0.01)
+    eng.add_request(list(range(2, 42)), params(2), request_id="later-prompt", ttft_target=1.0)
+    streaming = eng.scheduler.requests["streaming"]
+    n_steps = len(runner.steps)
+    while "streaming" in eng.scheduler.requests:
+        eng.step()
+    for step in runner.steps[n_steps:]:
+        assert "streaming" in [s.request_id for s in step]  # it decodes every step
+        kinds = [s.start_pos >= len(s.prompt_token_ids) for s in step]  # True: a decode
+        assert kinds == sorted(kinds, reverse=True), kinds  # decodes before prefill chunks
+    assert len(streaming.output_token_ids) == 12
+    # The prefills went in deadline order: the urgent prompt's first chunk comes before the later one's.
+    order = [i for i in first_scheduled_order(runner) if i != "streaming"]
+    assert order == ["urgent-prompt", "later-prompt"]
+    drain(eng)
+
+
+# -- fair (VTC) --------------------------------------------------------------------------------------------
+
+def _service_trace(runner: FakeRunner, tenant_of) -> list[dict[str, float]]:
+    """Cumulative weighted service per tenant after each step, computed from what the runner computed:
+    w_p per prompt position computed for the first time, w_q per token sampled."""
+    done: dict[str, int] = {}
+    total: dict[str, float] = {}
+    trace = []
+    for step in runner.steps:
+        for s in step:
+            t = tenant_of(s.request_id)
+            p = len(s.prompt_token_ids)
+            end = min(s.start_pos + len(s.token_ids), p)
+            new = max(0, end - max(s.start_pos, done.get(s.request_id, 0)))
+            done[s.request_id] = max(done.get(s.request_id, 0), end)
+            total[t] = total.get(t, 0.0) + FAIR_PROMPT_WEIGHT * new + (FAIR_OUTPUT_WEIGHT if s.sample else 0.0)
+        trace.append(dict(total))
+    return trace
+
+
+def _two_backlogged_tenants(policy: SchedulingPolicy):
+    clock = Clock()
+    num_blocks, block_size = 16, 4
+    eng, runner = make_engine(policy, clock, num_blocks=num_blocks, block_size=block_size, budget=16, max_seqs=4)
+    # The heavy tenant queues everything first, with long prompts; the light one comes right after.
+    for i in range(60):
+        eng.add_request([1 + (i + k) % 40 for k in range(20)], params(8), request_id=f"A{i}", tenant="A")
+    for i in range(60):
+        eng.add_request([1 + (i * 3 + k) % 40 for k in range(5)], params(8), request_id=f"B{i}", tenant="B")
+    both_backlogged = 0
+    for _ in range(100_000):
+        tenants_waiting = {r.tenant for r in eng.scheduler.waiting}
+        if tenants_waiting != {"A", "B"}:
+            break
+        eng.step()
+        both_backlogged += 1
+    trace = _service_trace(runner, lambda rid: rid[0])[:both_backlogged]
+    diffs = [t.get("A", 0.0) - t.get("B", 0.0) for t in trace]
+    # VTC (Sheng et al. OSDI'24, Thm. 4.4): for two backlogged clients |W_f - W_g| <= 2U over any interval,
+    # U = max(w_p * L_input, w_q * M), M = most tokens the KV cache holds. Over all intervals inside the
+    # window the largest difference is max(D) - min(D) of the cumulative difference D.
+    u = max(FAIR_PROMPT_WEIGHT * 20, FAIR_OUTPUT_WEIGHT * num_blocks * block_size)
+    drain(eng)
+    return max(diffs) - min(diffs), 2 * u, both_backlogged
+
+
+def test_vtc_service_difference_within_paper_bound():
+    spread, bound, steps = _two_backlogged_tenants(FairPolicy())
+    assert steps > 50
+    assert spread <= bound, (spread, bound)
+
+
+def test_fcfs_breaks_that_bound_on_the_same_workload():
+    spread, bound, _ = _two_backlogged_tenants(SchedulingPolicy())
+    assert spread > 2 * bound  # so the test above can fail
+
+
+def test_vtc_counter_lift_for_returning_tenant():
+    p = FairPolicy()
+    clock = Clock()
+    eng, _ = make_engine(p, clock, budget=64, max_seqs=2)
+    for i in range(5):
+        eng.add_request([1, 2, 3, 4], params(4), request_id=f"A{i}", tenant="A")
+        eng.add_request([1, 2, 3, 5], params(4), request_id=f"B{i}", tenant="B")
+    for _ in range(6):
+        eng.step()
+    assert p.counters["A"] > 0 and p.counters["B"] > 0
+    eng.add_request([5, 6, 7], params(1), request_id="C0", tenant="C")
+    waiting = [p.counters[t] for t in ("A", "B") if any(r.tenant == t for r in eng.scheduler.waiting)]
+    assert waiting and p.counters["C"] == min(waiting)  # lifted: idling earned it no credit
+    drain(eng)
+
+
+# -- timeouts ----------------------------------------------------------------------------------------------
+
+def test_timeout_aborts_waiting_and_running_and_frees_blocks():
+    clock = Clock()
+    eng, runner = make_engine(SchedulingPolicy(), clock, max_seqs=1, budget=64)
+    eng.add_request(list(range(1, 20)), params(50), request_id="running", expires_at=clock.t + 1.0)
+    eng.add_request([1, 2, 3], params(5), request_id="waiting", expires_at=clock.t + 0.5)
+    eng.add_request([1, 2, 4], params(3), request_id="no-timeout")
+    eng.step()
+    assert eng.kv.pool.num_free_blocks < eng.kv.pool.num_blocks
+    clock.t += 0.6
+    ups = eng.step()
+    assert [(u.request_id, u.finish_reason) for u in ups if u.finish_reason] == [("waiting", "timeout")]
+    clock.t += 0.5
+    ups = eng.step()
+    assert ("running", "timeout") in [(u.request_id, u.finish_reason) for u in ups]
+    assert "running" in runner.released
+    reasons = drain(eng)
+    assert reasons == {"no-timeout": "length"}
+
+
+# -- configuration -----------------------------------------------------------------------------------------
+
+def test_slo_classes_parse_and_errors():
+    c = parse_slo_classes("0:ttft=0.5, 1:ttft=5,*:ttft=30")
+    assert c[0].ttft == 0.5 and c[1].ttft == 5.0 and c[None].ttft == 30.0
+    for bad in ["0:tpot=1", "x:ttft=1", "0:ttft=0", "0:ttft=1,0:ttft=2", "0=1"]:
+        with pytest.raises(ConfigError):
+            parse_slo_classes(bad)
+
+
+def test_engine_config_validates_policy_options():
+    assert EngineConfig(scheduling_policy="fair").scheduling_policy == "fair"
+    with pytest.raises(ConfigError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lottery")
+    with pytest.raises(ConfigError, match="priority_aging"):
+        EngineConfig(priority_aging=-1)
+    with pytest.raises(ConfigError, match="SLO class"):
+        EngineConfig(slo_classes="0:ttft=-1")
+    for name in ("fcfs", "priority", "deadline", "fair"):
+        assert make_policy(name).name == name
+
+
+def test_policy_keys_see_one_clock_per_step():
+    p = PriorityPolicy(aging_s=1.0)
+    r = Request("x", [1], params(), 10, priority=3, arrival_time=0.0)
+    p.add(r, 0.0)
+    p.begin_step(2.5)
+    assert p.effective_priority(r) == 1
+    p.admitted(r)
+    p.begin_step(100.0)
+    assert p.running_key(r)[0] == 1  # frozen at admission

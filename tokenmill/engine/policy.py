@@ -1,0 +1,278 @@
+"""Scheduling policies: who is admitted first, whose prefill chunk goes first, who is preempted.
+
+The scheduler keeps two lists, `waiting` and `running`, sorted by a policy's `waiting_key` / `running_key`
+(smaller = more important; the running list's tail is the preemption victim). A policy whose keys move
+with time or service (`resort = True`) has both lists re-sorted at the start of every step, with `now`
+frozen for that step so every key in the list is computed against the same clock.
+
+- fcfs: (priority, arrival). Exactly the scheduler's historical order: priority levels are strict classes,
+  first come first served within one; no aging, no preemption to admit.
+- priority: the same order, but a waiting request's priority improves by one level for every
+  `aging_s` seconds it has waited (the starvation guard), its effective priority is frozen when it is
+  admitted, and a waiting request that outranks the least important running one may preempt it.
+- deadline: earliest deadline first. Deadline = arrival + TTFT target (the request's own, else its
+  priority class's from --slo-classes; none = best effort, after every request that has one). Running
+  requests that are decoding come before running prefills, so a burst of new prompts cannot stretch the
+  decode steps of requests already streaming (their TPOT); prefill chunks go in EDF order.
+- fair: Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language Models", OSDI'24). Each
+  tenant has a counter of the service it received (w_p per prompt token computed, w_q per token
+  generated); the waiting request of the tenant with the smallest counter goes next. A tenant that
+  becomes active again is lifted to the smallest counter of the tenants waiting (or to that of the last
+  tenant to leave the queue), so idling earns no credit to flood with later.
+
+Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+
+from tokenmill.engine.request import Request
+from tokenmill.errors import ConfigError
+
+POLICIES = ("fcfs", "priority", "deadline", "fair")
+# VTC weights of the paper: an output token costs twice an input token.
+FAIR_PROMPT_WEIGHT = 1.0
+FAIR_OUTPUT_WEIGHT = 2.0
+DEFAULT_TENANT = "default"
+MAX_IDLE_TENANTS = 4096  # counters kept for tenants with nothing in flight
+
+
+@dataclass(frozen=True)
+class SloClass:
+    ttft: float  # seconds from arrival to first token
+
+
+def parse_slo_classes(spec: str | None) -> dict[int | None, SloClass]:
+    """'0:ttft=0.5,1:ttft=5,*:ttft=30' -> {0: SloClass(0.5), 1: SloClass(5.0), None: SloClass(30.0)}.
+    Keys are priority values; '*' is the class of every other priority."""
+    out: dict[int | None, SloClass] = {}
+    if not spec:
+        return out
+    for item in spec.split(","):
+        item = item.strip()
+        m = re.fullmatch(r"(-?\d+|\*)\s*:\s*(\w+)\s*=\s*([0-9]*\.?[0-9]+)", item)
+        if not m:
+            raise ConfigError(f"cannot read SLO class {item!r}; write PRIORITY:ttft=SECONDS, e.g. 0:ttft=0.5,1:ttft=5")
+        key = None if m.group(1) == "*" else int(m.group(1))
+        if m.group(2) != "ttft":
+            raise ConfigError(f"SLO class {item!r}: unknown target {m.group(2)!r} (supported: ttft)")
+        value = float(m.group(3))
+        if not 0 < value < math.inf:
+            raise ConfigError(f"SLO class {item!r}: the target must be a positive number of seconds")
+        if key in out:
+            raise ConfigError(f"SLO class for priority {m.group(1)} given twice")
+        out[key] = SloClass(value)
+    return out
+
+
+def class_ttft(classes: dict[int | None, SloClass], priority: int) -> float | None:
+    c = classes.get(priority, classes.get(None))
+    return None if c is None else c.ttft
+
+
+class SchedulingPolicy:
+    """fcfs: (priority, arrival, admission order) for both lists; the scheduler's historical behaviour."""
+
+    name = "fcfs"
+    resort = False  # keys change with time or service: re-sort both lists every step
+    preempt_to_admit = False  # may a waiting request preempt a running one (see should_preempt)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._count = itertools.count()
+        self._seq: dict[str, int] = {}
+
+    # -- lifecycle hooks (the scheduler calls these) ----------------------------------------------------
+    def add(self, req: Request, now: float) -> None:
+        self._seq[req.request_id] = next(self._count)
+
+    def remove(self, req: Request, was_waiting: bool) -> None:
+        """The request finished or was aborted (from the waiting list if was_waiting)."""
+        self._seq.pop(req.request_id, None)
+
+    def begin_step(self, now: float) -> None:
+        self.now = now
+
+    def admitted(self, req: Request) -> None:
+        """Moved from waiting to running (first time or after a preemption)."""
+
+    def preempted(self, req: Request) -> None:
+        """Moved from running back to waiting."""
+
+    def scheduled(self, req: Request, num_tokens: int) -> None:
+        """num_tokens of req will be computed this step (req.num_computed_tokens not yet advanced)."""
+
+    def generated(self, req: Request) -> None:
+        """req got a new output token."""
+
+    # -- ordering -------------------------------------------------------------------------------------
+    def waiting_key(self, req: Request) -> tuple:
+        return (req.priority, req.arrival_time, self._seq[req.request_id])
+
+    def running_key(self, req: Request) -> tuple:
+        return self.waiting_key(req)
+
+    def pick(self, waiting: list[Request]) -> Request:
+        """The next waiting request to admit (the list is sorted by waiting_key at the step's start)."""
+        return waiting[0]
+
+    def should_preempt(self, waiting: Request, victim: Request) -> bool:
+        return False
+
+
+FCFSPolicy = SchedulingPolicy
+
+
+class PriorityPolicy(SchedulingPolicy):
+    name = "priority"
+    resort = True
+    preempt_to_admit = True
+
+    def __init__(self, aging_s: float = 0.0) -> None:
+        super().__init__()
+        self.aging_s = aging_s
+        self._frozen: dict[str, int] = {}
+
+    def effective_priority(self, req: Request) -> int:
+        if self.aging_s <= 0:
+            return req.priority
+        waited = max(0.0, self.now - req.arrival_time)
+        return req.priority - int(waited // self.aging_s)
+
+    def remove(self, req: Request, was_waiting: bool) -> None:
+        super().remove(req, was_waiting)
+        self._frozen.pop(req.request_id, None)
+
+    def admitted(self, req: Request) -> None:
+        # Frozen, so an aged request is not preempted at once by the fresh arrivals it has just overtaken.
+        self._frozen[req.request_id] = self.effective_priority(req)
+
+    def waiting_key(self, req: Request) -> tuple:
+        return (self.effective_priority(req), req.arrival_time, self._seq[req.request_id])
+
+    def running_key(self, req: Request) -> tuple:
+        p = self._frozen.get(req.request_id, req.priority)
+        return (p, req.arrival_time, self._seq[req.request_id])
+
+    def should_preempt(self, waiting: Request, victim: Request) -> bool:
+        return self.waiting_key(waiting)[0] < self.running_key(victim)[0]
+
+
+class DeadlinePolicy(SchedulingPolicy):
+    name = "deadline"
+    resort = True
+
+    def __init__(self, classes: dict[int | None, SloClass] | None = None) -> None:
+        super().__init__()
+        self.classes = classes or {}
+
+    def ttft_target(self, req: Request) -> float | None:
+        return req.ttft_target if req.ttft_target is not None else class_ttft(self.classes, req.priority)
+
+    def deadline(self, req: Request) -> float:
+        t = self.ttft_target(req)
+        return math.inf if t is None else req.arrival_time + t
+
+    def waiting_key(self, req: Request) -> tuple:
+        # Best-effort requests (no target) come after every deadline, first come first served among them.
+        return (self.deadline(req), req.arrival_time, self._seq[req.request_id])
+
+    def running_key(self, req: Request) -> tuple:
+        prefilling = req.num_computed_tokens < req.num_prompt_tokens
+        return (prefilling, *self.waiting_key(req))
+
+
+class FairPolicy(SchedulingPolicy):
+    """VTC. Counters grow with service actually computed: prompt tokens when first computed (a recompute
+    after preemption is our doing, not the tenant's, and is free), output tokens when generated."""
+
+    name = "fair"
+    resort = True
+
+    def __init__(self, prompt_weight: float = FAIR_PROMPT_WEIGHT, output_weight: float = FAIR_OUTPUT_WEIGHT) -> None:
+        super().__init__()
+        self.wp = prompt_weight
+        self.wq = output_weight
+        self.counters: dict[str, float] = {}
+        self._waiting: dict[str, int] = {}  # tenant -> its requests in the waiting list
+        self._live: dict[str, int] = {}  # tenant -> its unfinished requests
+        self._charged: dict[str, int] = {}  # request -> prompt positions already charged
+        self._last_left = 0.0  # counter of the last tenant whose queue emptied
+
+    @staticmethod
+    def tenant(req: Request) -> str:
+        return req.tenant or DEFAULT_TENANT
+
+    def add(self, req: Request, now: float) -> None:
+        super().add(req, now)
+        t = self.tenant(req)
+        if not self._waiting.get(t):
+            # Counter lift (VTC): a tenant joining the queue starts no lower than the least-served tenant
+            # already waiting, or than the last tenant to leave when nobody waits.
+            backlogged = [self.counters[u] for u, n in self._waiting.items() if n]
+            floor = min(backlogged) if backlogged else self._last_left
+            self.counters[t] = max(self.counters.get(t, 0.0), floor)
+        self._waiting[t] = self._waiting.get(t, 0) + 1
+        self._live[t] = self._live.get(t, 0) + 1
+
+    def _left_queue(self, t: str) -> None:
+        self._waiting[t] -= 1
+        if not self._waiting[t]:
+            del self._waiting[t]
+            self._last_left = self.counters[t]
+
+    def admitted(self, req: Request) -> None:
+        self._left_queue(self.tenant(req))
+
+    def preempted(self, req: Request) -> None:
+        t = self.tenant(req)
+        self._waiting[t] = self._waiting.get(t, 0) + 1
+
+    def remove(self, req: Request, was_waiting: bool) -> None:
+        super().remove(req, was_waiting)
+        t = self.tenant(req)
+        if was_waiting:
+            self._left_queue(t)
+        self._charged.pop(req.request_id, None)
+        self._live[t] -= 1
+        if not self._live[t]:
+            del self._live[t]
+            if len(self.counters) > MAX_IDLE_TENANTS:
+                # Bounded memory under tenant churn: an idle tenant's counter is dropped (the lift on its
+                # return puts it level with the least-served waiting tenant).
+                del self.counters[t]
+
+    def scheduled(self, req: Request, num_tokens: int) -> None:
+        start = max(req.num_computed_tokens, self._charged.get(req.request_id, 0))
+        end = min(req.num_computed_tokens + num_tokens, req.num_prompt_tokens)
+        if end > start:
+            self._charged[req.request_id] = end
+            self.counters[self.tenant(req)] += self.wp * (end - start)
+
+    def generated(self, req: Request) -> None:
+        self.counters[self.tenant(req)] += self.wq
+
+    def waiting_key(self, req: Request) -> tuple:
+        return (self.counters[self.tenant(req)], req.priority, req.arrival_time, self._seq[req.request_id])
+
+    running_key = waiting_key
+
+    def pick(self, waiting: list[Request]) -> Request:
+        # Counters move within a step (admission charges the prompt), so take the minimum now.
+        return min(waiting, key=self.waiting_key)
+
+
+def make_policy(name: str, *, aging_s: float = 0.0, slo_classes: str | None = None) -> SchedulingPolicy:
+    if name == "fcfs":
+        return SchedulingPolicy()
+    if name == "priority":
+        return PriorityPolicy(aging_s)
+    if name == "deadline":
+        return DeadlinePolicy(parse_slo_classes(slo_classes))
+    if name == "fair":
+        return FairPolicy()
+    raise ConfigError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
