@@ -47,6 +47,18 @@ class EngineDeadError(TokenmillError):
     error_type = "engine_dead"
 
 
+class RequestTimeoutError(TokenmillError):
+    """The request's deadline (its `timeout`, or the server's --request-timeout) passed before it finished;
+    it was aborted and its KV blocks freed."""
+
+    http_status = 408
+    error_type = "timeout"
+
+    def __init__(self, message: str, param: str | None = "timeout"):
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFullError(TokenmillError):
     """The waiting queue is over its limit: the caller should retry later."""
 

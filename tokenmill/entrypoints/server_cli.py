@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from collections.abc import Callable
 
@@ -20,6 +21,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         if hint is bool or hint == bool | None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
             continue
+        if isinstance(hint, types.UnionType):  # X | None: the flag takes an X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         typ = {int: int, float: float}.get(hint, str)
         group.add_argument(flag, type=typ, default=default,
                            help=doc + ("" if default is None else f" (default: {default})"))

@@ -43,6 +43,10 @@ class _SamplingFields(_Strict):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     priority: int | None = None
+    # tokenmill extensions: seconds until the request is aborted with a timeout error; its TTFT target
+    # (deadline policy and admission control).
+    timeout: float | None = None
+    ttft_target: float | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None

@@ -32,6 +32,13 @@ class ServerConfig:
     max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
     max_n: int = _opt(64, "Largest `n` (completions per prompt) one request may ask for.")
     log_requests: bool = _opt(True, "Log one line per finished request.")
+    max_queue_delay: float | None = _opt(
+        None, "Admission control: answer 429 (with an honest Retry-After) to a request whose predicted wait "
+        "for its first token exceeds this many seconds; requests with a TTFT target (their own `ttft_target` "
+        "or their --slo-classes class) are held to the tighter of the two.")
+    request_timeout: float | None = _opt(
+        None, "Default deadline in seconds for requests that set no `timeout`: past it a request is aborted, "
+        "its KV blocks freed, and it is answered with a 408 timeout error (an error event, if streaming).")
 
     def __post_init__(self) -> None:
         self.max_body_bytes = parse_size(self.max_body_bytes)
@@ -47,3 +54,7 @@ class ServerConfig:
             raise ConfigError("max_body_bytes must be at least 1KiB")
         if self.max_n < 1:
             raise ConfigError("max_n must be >= 1")
+        for name in ("max_queue_delay", "request_timeout"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < float("inf"):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v}")

@@ -63,7 +63,8 @@ class EngineLoop:
         if isinstance(msg, AddRequest):
             try:
                 engine.add_request(msg.prompt_token_ids, msg.params, request_id=msg.request_id,
-                                   priority=msg.priority, arrival_time=msg.arrival_time, cache_salt=msg.cache_salt)
+                                   priority=msg.priority, arrival_time=msg.arrival_time, cache_salt=msg.cache_salt,
+                                   tenant=msg.tenant, ttft_target=msg.ttft_target, expires_at=msg.expires_at)
             except InvalidRequestError as e:
                 self.send(AddRejected(msg.request_id, str(e), e.param))
             except ValueError as e:  # duplicate id: a frontend bug, but not worth the engine's life

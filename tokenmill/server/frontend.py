@@ -17,10 +17,18 @@ from dataclasses import dataclass, replace
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineStats, RequestUpdate
+from tokenmill.engine.policy import DEFAULT_TENANT, class_ttft, parse_slo_classes
 from tokenmill.entrypoints.build import load_tokenizer
 from tokenmill.entrypoints.output_processor import CompletionState, Delta
-from tokenmill.errors import EngineDeadError, InvalidRequestError, QueueFullError, TokenmillError
+from tokenmill.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTimeoutError,
+    TokenmillError,
+)
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.admission import DrainMeter, QueuedWork, decide, predict_wait, work_ahead
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.engine_client import EngineClient, ProcessEngineClient, ThreadEngineClient
 from tokenmill.server.metrics import ServerMetrics
@@ -59,6 +67,7 @@ class Seq:
     prompt_len: int
     queued: bool = True  # admitted, no token yet: counts against the queue limits
     last_token_time: float = 0.0
+    labels: tuple[str, str] = ("0", DEFAULT_TENANT)  # (priority class, tenant) metric labels
 
 
 class RequestHandle:
@@ -72,6 +81,8 @@ class RequestHandle:
         self.error: BaseException | None = None
         self.queue: asyncio.Queue[tuple[Seq, Delta] | None] | None = asyncio.Queue() if stream else None
         self.finished = asyncio.get_running_loop().create_future()
+        self.timeout_s: float | None = None
+        self.timed_out = False
 
     @property
     def done(self) -> bool:
@@ -111,6 +122,11 @@ class Frontend:
         self._idle.set()
         self.queued_seqs = 0
         self.queued_tokens = 0
+        # Admission control (tokenmill/server/admission.py): what is queued, and how fast the queue drains.
+        self.policy_name = engine_config.scheduling_policy
+        self.slo_classes = parse_slo_classes(engine_config.slo_classes)
+        self.drain_meter = DrainMeter()
+        self._queued_work: dict[str, QueuedWork] = {}
         self._queue_time_ewma = 0.0
         self._token_text: dict[int, str] = {}
         self._ready: asyncio.Future[Ready] | None = None
@@ -214,32 +230,60 @@ class Frontend:
 
     # -- requests ----------------------------------------------------------------------------------------
     def submit(self, request_id: str, prompts: list[list[int]], params: SamplingParams, *, priority: int = 0,
-               arrival: float, stream: bool) -> RequestHandle:
-        """Admit one HTTP request (every prompt x params.n) or raise 503/429. Prompts are validated already."""
+               arrival: float, stream: bool, tenant: str = DEFAULT_TENANT, ttft_target: float | None = None,
+               timeout: float | None = None) -> RequestHandle:
+        """Admit one HTTP request (every prompt x params.n) or raise 503/429. Prompts are validated already.
+        ttft_target: the request's own TTFT target (else its priority class's); timeout: seconds until it is
+        aborted (else --request-timeout)."""
         self.check_available()
         n_seqs = len(prompts) * params.n
         n_tokens = sum(len(p) for p in prompts) * params.n
+        labels = self.metrics.labels_for(priority, tenant)
+
+        def reject(message: str, retry_after: float, reason: str) -> QueueFullError:
+            self.metrics.by("rejected", labels, reason=reason)
+            return QueueFullError(message, retry_after, reason)
+
         # An empty queue always admits, so one request bigger than the limits is still served, alone.
         if self.queued_seqs:
             if self.queued_seqs + n_seqs > self.config.max_queued_requests:
-                raise QueueFullError(f"server busy: {self.queued_seqs} requests waiting "
-                                     f"(limit {self.config.max_queued_requests}); retry later",
-                                     self.retry_after(), "queue_requests")
+                raise reject(f"server busy: {self.queued_seqs} requests waiting "
+                             f"(limit {self.config.max_queued_requests}); retry later",
+                             self.retry_after(), "queue_requests")
             if self.queued_tokens + n_tokens > self.config.max_queued_tokens:
-                raise QueueFullError(f"server busy: {self.queued_tokens} prompt tokens waiting "
-                                     f"(limit {self.config.max_queued_tokens}); retry later",
-                                     self.retry_after(), "queue_tokens")
+                raise reject(f"server busy: {self.queued_tokens} prompt tokens waiting "
+                             f"(limit {self.config.max_queued_tokens}); retry later",
+                             self.retry_after(), "queue_tokens")
+        target = ttft_target if ttft_target is not None else class_ttft(self.slo_classes, priority)
+        work = QueuedWork(priority, math.inf if target is None else arrival + target, tenant, n_tokens)
+        if target is not None or self.config.max_queue_delay is not None:
+            ahead = work_ahead(self.policy_name, self._queued_work.values(), work)
+            rej = decide(predict_wait(ahead, self.drain_meter.rate), target, self.config.max_queue_delay,
+                         nothing_ahead=ahead <= n_tokens)
+            if rej is not None:
+                what = "its TTFT target" if rej.reason == "ttft_target" else "the server's --max-queue-delay"
+                raise reject(f"server busy: the predicted wait for a first token is {rej.predicted_s:.1f}s "
+                             f"({ahead} prompt tokens ahead at {self.drain_meter.rate:.0f} tokens/s), beyond "
+                             f"{what} of {rej.limit_s:g}s; retry after {rej.retry_after_s}s",
+                             rej.retry_after_s, rej.reason)
+        if timeout is None:
+            timeout = self.config.request_timeout
+        expires_at = None if timeout is None else arrival + timeout
         assert self.tokenizer is not None and self.client is not None
         handle = RequestHandle(request_id, arrival, stream)
+        handle.timeout_s = timeout
         msgs = []
         for i, ids in enumerate(prompts):
             for j in range(params.n):
                 child = params if params.n == 1 else _child_params(params, j)
                 rid = f"{request_id}-{i}-{j}"
-                seq = Seq(rid, handle, i * params.n + j, CompletionState(self.tokenizer, ids, child, j), len(ids))
+                seq = Seq(rid, handle, i * params.n + j, CompletionState(self.tokenizer, ids, child, j), len(ids),
+                          labels=labels)
                 handle.seqs.append(seq)
                 msgs.append(AddRequest(rid, ids, child, priority, arrival,
-                                       f"{request_id}-{i}" if params.n > 1 else None))
+                                       f"{request_id}-{i}" if params.n > 1 else None, tenant, ttft_target,
+                                       expires_at))
+                self._queued_work[rid] = QueuedWork(priority, work.deadline, tenant, len(ids))
         for seq in handle.seqs:
             self._seqs[seq.request_id] = seq
         handle.unfinished = len(handle.seqs)
@@ -276,10 +320,14 @@ class Frontend:
 
     def _drop(self, seq: Seq) -> None:
         del self._seqs[seq.request_id]
+        self._dequeue(seq)
+
+    def _dequeue(self, seq: Seq) -> None:
         if seq.queued:
             seq.queued = False
             self.queued_seqs -= 1
             self.queued_tokens -= seq.prompt_len
+            self._queued_work.pop(seq.request_id, None)
 
     def _close(self, handle: RequestHandle, error: BaseException | None = None) -> None:
         handle._finish(error)
@@ -297,8 +345,9 @@ class Frontend:
             self.metrics.engine.stats = msg.stats
             if msg.step_s:
                 self.metrics.step_time.observe(msg.step_s)
-            if msg.updates:
-                self._on_updates(msg.updates)
+            backlogged = self.queued_seqs > 0
+            drained = self._on_updates(msg.updates) if msg.updates else 0
+            self.drain_meter.observe(time.monotonic(), drained, backlogged)
         elif isinstance(msg, AddRejected):
             seq = self._seqs.get(msg.request_id)
             if seq is not None:
@@ -314,20 +363,22 @@ class Frontend:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(EngineDeadError(msg.message))
 
-    def _on_updates(self, updates: list[RequestUpdate]) -> None:
+    def _on_updates(self, updates: list[RequestUpdate]) -> int:
+        """Apply one step's updates; returns the queued prompt tokens that got their first token."""
         now = time.monotonic()
         metrics = self.metrics
         stop_aborts: list[str] = []
+        drained = 0
         for u in updates:
             seq = self._seqs.get(u.request_id)
             if seq is None:
                 continue  # the engine's echo of an abort we sent after a stop string, or of a dropped request
             if u.new_token_ids:
                 if seq.queued:
-                    seq.queued = False
-                    self.queued_seqs -= 1
-                    self.queued_tokens -= seq.prompt_len
+                    self._dequeue(seq)
+                    drained += seq.prompt_len
                     metrics.ttft.observe(now - seq.handle.arrival)
+                    metrics.by("ttft", seq.labels, now - seq.handle.arrival)
                     if u.first_scheduled_time is not None:
                         qt = u.first_scheduled_time - u.arrival_time
                         self._queue_time_ewma += 0.2 * (qt - self._queue_time_ewma)
@@ -338,12 +389,14 @@ class Frontend:
             if delta.needs_abort:
                 stop_aborts.append(u.request_id)
             h = seq.handle
-            if h.queue is not None and (delta.text or delta.token_ids or delta.finished):
+            timed_out = u.finish_reason == "timeout"  # answered with an error, not a finish chunk
+            if h.queue is not None and (delta.text or delta.token_ids or delta.finished) and not timed_out:
                 h.queue.put_nowait((seq, delta))
             if delta.finished:
                 self._finish_seq(seq, u, now)
         if stop_aborts and self.client is not None:
             self.client.abort(stop_aborts)
+        return drained
 
     def _finish_seq(self, seq: Seq, u: RequestUpdate, now: float) -> None:
         self._drop(seq)
@@ -356,8 +409,11 @@ class Frontend:
         m.generation_tokens.observe(len(out.token_ids))
         sched, first = u.first_scheduled_time, u.first_token_time
         finished = u.finished_time if u.finished_time is not None else now
+        m.by("generation", seq.labels, len(out.token_ids))
+        m.by("preemptions", seq.labels, u.num_preemptions)
         if sched is not None:
             m.queue_time.observe(max(0.0, sched - u.arrival_time))
+            m.by("queue", seq.labels, max(0.0, sched - u.arrival_time))
             if first is not None:
                 m.prefill_time.observe(max(0.0, first - sched))
                 m.decode_time.observe(max(0.0, finished - first))
@@ -368,9 +424,18 @@ class Frontend:
                 "finish_reason=%s preemptions=%d", seq.request_id, seq.prompt_len, len(out.token_ids),
                 u.num_cached_tokens, ttft, now - seq.handle.arrival, reason, u.num_preemptions)
         h = seq.handle
+        if reason == "timeout":
+            h.timed_out = True
+            m.by("timeouts", seq.labels)
         h.unfinished -= 1
         if h.unfinished == 0:
-            self._close(h)
+            self._close(h, self._timeout_error(h) if h.timed_out else None)
+
+    def _timeout_error(self, h: RequestHandle) -> RequestTimeoutError:
+        n = sum(len(s.state.output.token_ids) for s in h.seqs)
+        return RequestTimeoutError(
+            f"the request timed out: it was not finished {h.timeout_s:g}s after it arrived (its 'timeout', or "
+            f"the server's --request-timeout) and was aborted after {n} generated tokens")
 
     # -- text helpers ------------------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tokenmill.engine.core import EngineStats
+from tokenmill.server.admission import LabelLimiter
 
 # `*_created` series double the exposition and nothing reads them (vLLM turns them off too).
 disable_created_metrics()
@@ -85,10 +86,36 @@ class ServerMetrics:
                                 [*labels, "finished_reason"], registry=r)
         self._rejected = Counter("tokenmill:request_rejected", "Requests turned away, by reason.",
                                  [*labels, "reason"], registry=r)
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "timeout"):
             self._success.labels(model_name, reason)
         for reason in REJECTION_REASONS:
             self._rejected.labels(model_name, reason)
+
+        # Per priority class and per tenant. Label values are bounded (LabelLimiter): the first
+        # MAX_LABEL_VALUES distinct ones keep their name, later ones share "other".
+        self.class_label = LabelLimiter(MAX_LABEL_VALUES)
+        self.tenant_label = LabelLimiter(MAX_LABEL_VALUES)
+        self._by: dict[str, dict[str, Histogram | Counter]] = {}
+        for dim in ("class", "tenant"):
+            lab = [*labels, "priority_class" if dim == "class" else "tenant"]
+            self._by[dim] = {
+                "ttft": Histogram(f"tokenmill:{dim}_time_to_first_token_seconds",
+                                  f"Arrival to first token, seconds, by {dim}.", lab, registry=r,
+                                  buckets=_LATENCY_BUCKETS),
+                "queue": Histogram(f"tokenmill:{dim}_request_queue_time_seconds",
+                                   f"Arrival to first scheduled, seconds, by {dim}.", lab, registry=r,
+                                   buckets=_LATENCY_BUCKETS),
+                "rejected": Counter(f"tokenmill:{dim}_request_rejected",
+                                    f"Requests turned away by admission control or the queue limits, by {dim} "
+                                    "and reason.", [*lab, "reason"], registry=r),
+                "preemptions": Counter(f"tokenmill:{dim}_num_preemptions",
+                                       f"Preemptions of finished requests, by {dim}.", lab, registry=r),
+                "timeouts": Counter(f"tokenmill:{dim}_request_timeouts",
+                                    f"Requests aborted past their timeout, by {dim}.", lab, registry=r),
+                "generation": Counter(f"tokenmill:{dim}_generation_tokens",
+                                      f"Tokens generated, by {dim} (the service each one received).", lab,
+                                      registry=r),
+            }
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()
@@ -96,7 +123,23 @@ class ServerMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_name, reason).inc()
 
+    def labels_for(self, priority: int, tenant: str) -> tuple[str, str]:
+        return self.class_label(str(priority)), self.tenant_label(tenant)
+
+    def by(self, what: str, labels: tuple[str, str], value: float = 1.0, reason: str | None = None) -> None:
+        """Record one observation (histograms) or increment (counters) for both the class and the tenant."""
+        for dim, label in zip(("class", "tenant"), labels, strict=True):
+            m = self._by[dim][what]
+            child = m.labels(self.model_name, label) if reason is None else m.labels(self.model_name, label, reason)
+            if isinstance(m, Histogram):
+                child.observe(value)
+            elif value:
+                child.inc(value)
+
 
 # Every reason a request can be turned away with (pre-created so dashboards see zeros, not gaps).
+# ttft_target / queue_delay: admission control predicted a wait beyond the request's TTFT target or
+# --max-queue-delay.
 REJECTION_REASONS = ("invalid_request", "unauthorized", "body_too_large", "queue_requests", "queue_tokens",
-                     "starting", "draining", "engine_dead")
+                     "ttft_target", "queue_delay", "starting", "draining", "engine_dead")
+MAX_LABEL_VALUES = 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -13,6 +14,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from tokenmill.engine.policy import DEFAULT_TENANT
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -27,6 +29,8 @@ MAX_PROMPTS = 1024
 # Prompts longer than this many characters are tokenized off the event loop, so they stall nobody else.
 _TOKENIZE_INLINE_CHARS = 8192
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports hopeless tokens like this
+MAX_SECONDS = 86400.0  # largest timeout / ttft_target accepted
+MAX_TENANT_CHARS = 64
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -150,6 +154,16 @@ class OpenAIServing:
             raise InvalidRequestError("priority must fit in 32 bits", param="priority")
         return p
 
+    def _scheduling(self, req: _SamplingFields, http: Request) -> dict[str, Any]:
+        """priority, tenant, ttft_target and timeout for Frontend.submit."""
+        for name in ("timeout", "ttft_target"):
+            v = getattr(req, name)
+            if v is not None and not 0 < v <= MAX_SECONDS:
+                raise InvalidRequestError(f"{name} must be a number of seconds in (0, {MAX_SECONDS}], got {v}",
+                                          param=name)
+        return {"priority": self._priority(req), "tenant": tenant_of(req.user, http),
+                "ttft_target": req.ttft_target, "timeout": req.timeout}
+
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tok = self.frontend.tokenizer
         assert tok is not None
@@ -191,8 +205,8 @@ class OpenAIServing:
         max_tokens = self._max_tokens(req.max_tokens, 16, [len(x) for x in prompts], "max_tokens")
         params = self._sampling_params(req, max_tokens, req.logprobs, len(prompts))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        handle = fe.submit(rid, prompts, params, priority=self._priority(req), arrival=arrival,
-                           stream=bool(req.stream))
+        handle = fe.submit(rid, prompts, params, arrival=arrival, stream=bool(req.stream),
+                           **self._scheduling(req, http))
         fmt = _CompletionFormat(self, rid, params)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -223,8 +237,8 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._sampling_params(req, max_tokens, logprobs, 1)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        handle = fe.submit(rid, [ids], params, priority=self._priority(req), arrival=arrival,
-                           stream=bool(req.stream))
+        handle = fe.submit(rid, [ids], params, arrival=arrival, stream=bool(req.stream),
+                           **self._scheduling(req, http))
         fmt = _ChatFormat(self, rid, params)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -290,6 +304,17 @@ class OpenAIServing:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def tenant_of(user: str | None, http: Request) -> str:
+    """Whom a request counts against for fair sharing: its OpenAI `user` field, else its API key (as a short
+    hash: the key itself never reaches logs or metrics), else the shared default tenant."""
+    if user:
+        return "user:" + user[:MAX_TENANT_CHARS]
+    auth = http.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and len(auth) > 7:
+        return "key:" + hashlib.sha256(auth[7:].encode()).hexdigest()[:12]
+    return DEFAULT_TENANT
 
 
 async def _disconnected(http: Request) -> None:

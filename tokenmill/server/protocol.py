@@ -23,6 +23,9 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     priority: int = 0
     arrival_time: float = 0.0  # time.monotonic() at HTTP arrival; the engine's queue time starts here
     cache_salt: str | None = None
+    tenant: str | None = None  # the fair policy's unit of sharing
+    ttft_target: float | None = None  # the request's own target, seconds (the deadline policy)
+    expires_at: float | None = None  # time.monotonic() past which the engine aborts it ("timeout")
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
