@@ -18,7 +18,9 @@ frozen for that step so every key in the list is computed against the same clock
   tenant has a counter of the service it received (w_p per prompt token computed, w_q per token
   generated); the waiting request of the tenant with the smallest counter goes next. A tenant that
   becomes active again is lifted to the smallest counter of the tenants waiting (or to that of the last
-  tenant to leave the queue), so idling earns no credit to flood with later.
+  tenant to leave the queue), so idling earns no credit to flood with later. Beyond the paper: when every
+  slot is taken, a waiting request may preempt the running request of the most-served tenant if their
+  counters differ by more than the work the preemption throws away.
 
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
@@ -192,6 +194,7 @@ class FairPolicy(SchedulingPolicy):
 
     name = "fair"
     resort = True
+    preempt_to_admit = True
 
     def __init__(self, prompt_weight: float = FAIR_PROMPT_WEIGHT, output_weight: float = FAIR_OUTPUT_WEIGHT) -> None:
         super().__init__()
@@ -260,6 +263,12 @@ class FairPolicy(SchedulingPolicy):
         return (self.counters[self.tenant(req)], req.priority, req.arrival_time, self._seq[req.request_id])
 
     running_key = waiting_key
+
+    def should_preempt(self, waiting: Request, victim: Request) -> bool:
+        # Only when the unfairness exceeds the work the preemption throws away (the victim recomputes):
+        # a light tenant's request need not wait for a slot behind a flooding tenant, and nobody bounces.
+        gap = self.counters[self.tenant(victim)] - self.counters[self.tenant(waiting)]
+        return gap > self.wp * victim.num_computed_tokens
 
     def pick(self, waiting: list[Request]) -> Request:
         # Counters move within a step (admission charges the prompt), so take the minimum now.

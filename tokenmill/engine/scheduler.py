@@ -94,15 +94,21 @@ class Scheduler:
         self.policy.preempted(req)
         self._insert(self.waiting, req)
 
-    def _admission_victim(self, req: Request, out: SchedulerOutput) -> tuple[Request, int] | None:
-        """A running request the policy lets `req` preempt, and the tokens it had been given this step."""
-        if not self.policy.preempt_to_admit or not self.running:
+    def _preempt_to_admit(self) -> Request | None:
+        """Before anything is scheduled: if the next waiting request has no room (every slot taken, or too
+        few free blocks for its first chunk) and the policy ranks it above the least important running
+        request, preempt that one. At most one per step, so nothing thrashes."""
+        if not (self.policy.preempt_to_admit and self.waiting and self.running):
             return None
+        req = self.policy.pick(self.waiting)
         victim = self.running[-1]
-        if not self.policy.should_preempt(req, victim):
+        first_chunk = min(req.num_tokens, self.max_num_batched_tokens)
+        full = (len(self.running) >= self.max_num_seqs
+                or self.kv.pool.num_free_blocks * self.kv.block_size < first_chunk)
+        if not full or not self.policy.should_preempt(req, victim):
             return None
-        given = next((n for r, n in out.scheduled if r is victim), 0)
-        return victim, given
+        self._preempt(victim)
+        return victim
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -113,6 +119,7 @@ class Scheduler:
         if policy.resort:  # keys moved with time or service since the last step
             self.waiting.sort(key=policy.waiting_key)
             self.running.sort(key=policy.running_key)
+        admit_victim = self._preempt_to_admit()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -133,25 +140,16 @@ class Scheduler:
                 continue
             break  # req preempted itself: everything after it was preempted already
 
-        # Admit waiting requests only when nothing had to be preempted this step (it would thrash); a
-        # policy that lets a waiting request preempt a running one does so at most once per step.
-        while (self.waiting and budget > 0 and not out.preempted
-               and (len(self.running) < self.max_num_seqs or policy.preempt_to_admit)):
+        # Admit waiting requests only when nothing had to be preempted for lack of blocks (it would thrash).
+        thrashing = bool(out.preempted)
+        if admit_victim is not None:
+            out.preempted.append(admit_victim)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not thrashing:
             req = policy.pick(self.waiting)
             computed, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_cached, budget)
-            if len(self.running) >= self.max_num_seqs or not self.kv.allocate_slots(req, n, computed):
-                found = self._admission_victim(req, out)
-                if found is None:
-                    break
-                victim, given = found
-                out.scheduled = [(r, k) for r, k in out.scheduled if r is not victim]
-                budget += given
-                self._preempt(victim)
-                out.preempted.append(victim)
-                n = min(req.num_tokens - num_cached, budget)
-                if len(self.running) >= self.max_num_seqs or not self.kv.allocate_slots(req, n, computed):
-                    break
+            if not self.kv.allocate_slots(req, n, computed):
+                break
             self.waiting.remove(req)
             req.num_computed_tokens = num_cached
             if req.first_scheduled_time is None:

@@ -21,8 +21,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         if hint is bool or hint == bool | None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
             continue
-        if isinstance(hint, types.UnionType):  # X | None: the flag takes an X
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if isinstance(hint, types.UnionType):  # X | None: the flag takes an X (other unions: a string)
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0] if len(args) == 1 else str
         typ = {int: int, float: float}.get(hint, str)
         group.add_argument(flag, type=typ, default=default,
                            help=doc + ("" if default is None else f" (default: {default})"))
