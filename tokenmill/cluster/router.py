@@ -168,7 +168,7 @@ class Router:
     async def forward(self, http: Request, method: str, path: str, body: bytes | None, parsed: Any,
                       stream: bool) -> Response:
         arrival = time.monotonic()
-        f = await self.features(parsed) if parsed is not None else RequestFeatures(0, 0, (), 0, 0)
+        f = await self.features(parsed)
         tried: set[str] = set()
         failed: Response | None = None
         for attempt in range(2):  # the first try and one retry elsewhere
