@@ -158,7 +158,7 @@ _json_value = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, m
 _FIELDS = ["model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p",
            "top_k", "min_p", "stop", "seed", "logprobs", "top_logprobs", "logit_bias", "stream", "stream_options",
            "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "priority",
-           "user", "echo", "suffix", "best_of", "tools", "stop_token_ids", "bogus_field"]
+           "user", "echo", "suffix", "best_of", "tools", "stop_token_ids", "timeout", "ttft_target", "bogus_field"]
 # Values that keep a valid request short: generation length stays tiny whatever else the fuzzer picks.
 _small = st.integers(min_value=-3, max_value=3) | st.sampled_from([10**12, -(10**12), 2**64, "2", 1.5, [], True])
 
