@@ -380,3 +380,20 @@ def test_property_every_policy_no_leaks_and_correct_kv(policy, num_blocks, budge
     assert not live and len(ended) == added
     assert eng.kv.pool.num_free_blocks == eng.kv.pool.num_blocks
     assert not eng.kv.req_blocks
+
+
+def test_vtc_newly_active_tenant_gets_a_slot_at_once():
+    """Every slot is held by a flooding tenant with more queued: a tenant with nothing running preempts the
+    flood's newest request at the next step instead of waiting for a slot to free."""
+    clock = Clock()
+    eng, runner = make_engine(FairPolicy(), clock, max_seqs=2, budget=64)
+    for i in range(6):
+        eng.add_request([1, 2, 3, 4 + i], params(30), request_id=f"H{i}", tenant="heavy")
+    eng.step()
+    eng.step()
+    assert {r.request_id for r in eng.scheduler.running} == {"H0", "H1"}
+    eng.add_request([9, 9, 9], params(2), request_id="L0", tenant="light")
+    eng.step()
+    assert "L0" in [s.request_id for s in runner.steps[-1]]
+    assert eng.scheduler.requests["H1"].num_preemptions == 1  # the newest of the flood
+    drain(eng)

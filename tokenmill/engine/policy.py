@@ -20,7 +20,8 @@ frozen for that step so every key in the list is computed against the same clock
   becomes active again is lifted to the smallest counter of the tenants waiting (or to that of the last
   tenant to leave the queue), so idling earns no credit to flood with later. Beyond the paper: when every
   slot is taken, a waiting request may preempt the running request of the most-served tenant if their
-  counters differ by more than the work the preemption throws away.
+  counters differ by more than the work the preemption throws away, or if its tenant has nothing running
+  at all (a tenant that sends a request now and then gets a slot at once, not after the flood's).
 
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
@@ -259,15 +260,28 @@ class FairPolicy(SchedulingPolicy):
     def generated(self, req: Request) -> None:
         self.counters[self.tenant(req)] += self.wq
 
+    def _num_running(self, t: str) -> int:
+        return self._live.get(t, 0) - self._waiting.get(t, 0)
+
     def waiting_key(self, req: Request) -> tuple:
+        # Equal counters (a tenant just lifted level with the others): the one with fewer running goes first.
+        t = self.tenant(req)
+        return (self.counters[t], self._num_running(t), req.priority, req.arrival_time, self._seq[req.request_id])
+
+    def running_key(self, req: Request) -> tuple:
         return (self.counters[self.tenant(req)], req.priority, req.arrival_time, self._seq[req.request_id])
 
-    running_key = waiting_key
-
     def should_preempt(self, waiting: Request, victim: Request) -> bool:
-        # Only when the unfairness exceeds the work the preemption throws away (the victim recomputes):
-        # a light tenant's request need not wait for a slot behind a flooding tenant, and nobody bounces.
-        gap = self.counters[self.tenant(victim)] - self.counters[self.tenant(waiting)]
+        t, v = self.tenant(waiting), self.tenant(victim)
+        if t == v:
+            return False
+        gap = self.counters[v] - self.counters[t]
+        if self._num_running(t) == 0:
+            # The tenant has nothing running: it has just become active (the lift made it level with the
+            # least-served waiting tenant), and it should not queue for a slot behind a flooding tenant.
+            return gap >= 0
+        # Otherwise only when the unfairness exceeds the work the preemption throws away (the victim
+        # recomputes), so two backlogged tenants never bounce a slot back and forth.
         return gap > self.wp * victim.num_computed_tokens
 
     def pick(self, waiting: list[Request]) -> Request:
