@@ -51,6 +51,18 @@ class EngineConfig:
     max_num_seqs: int = _opt(128, "Most requests running at once.")
     num_threads: int | None = _opt(None, "Torch threads for model math; defaults to the cores this process may use.")
     seed: int = _opt(0, "Seed for requests that carry none.")
+    quantization: str = _opt(
+        "none", "Weight-only quantization of every linear layer: int8 (per output channel) or int4 "
+        "(group-wise; GGUF Q4_0/Q4_1 weights are repacked as shipped at group 32).",
+        choices=["none", "int8", "int4"])
+    quant_group_size: int = _opt(32, "Input columns per int4 scale/zero group.", choices=[32, 64, 128])
+    lm_head_quantization: str = _opt(
+        "auto", "LM head weights: auto is int8 whenever --quantization is set (an int4 head costs more "
+        "accuracy than it saves time; the default GGUF ships it as Q8_0 too), none keeps it in --dtype.",
+        choices=["auto", "none", "int8", "int4"])
+    kv_cache_dtype: str = _opt(
+        "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scales; ~4x the tokens "
+        "of float32 in the same memory).", choices=["auto", "int8"])
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
@@ -64,6 +76,14 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be positive")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ConfigError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            raise ConfigError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
+        if self.lm_head_quantization not in ("auto", "none", "int8", "int4"):
+            raise ConfigError(f"lm_head_quantization must be auto, none, int8 or int4, got {self.lm_head_quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
 

@@ -1,4 +1,4 @@
-"""`tokenmill` command line: generate, serve, bench. Engine flags come from EngineConfig's fields."""
+"""`tokenmill` command line: generate, serve, bench, eval. Engine flags come from EngineConfig's fields."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
 from tokenmill.entrypoints.server_cli import add_serve_parser
 from tokenmill.errors import TokenmillError
+from tokenmill.eval.cli import add_eval_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub, add_engine_args, engine_config)
     add_bench_parser(sub, add_engine_args, engine_config)
+    add_eval_parser(sub, add_engine_args, engine_config)
     return parser
 
 

@@ -10,8 +10,9 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
-from tokenmill.models.llama import LlamaModel
+from tokenmill.models.llama import LlamaModel, QuantSpec
 from tokenmill.models.loader import ModelSource
+from tokenmill.quant.kv import kv_bytes_per_token_head
 from tokenmill.runner.batch import RunnerOutput, SeqInput
 from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 
@@ -71,35 +72,46 @@ class ModelRunner:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                               f"{arch.max_position_embeddings} tokens")
         t0 = time.monotonic()
-        self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len)
-        self.model.load_weights(source.iter_tensors(), str(source.path))
-        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1f s", source.path.name, arch.architecture,
-                    arch.num_layers, str(self.dtype).removeprefix("torch."), self.device, time.monotonic() - t0)
+        quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization)
+        self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len, quant)
+        # Quantizing: GGUF Q8_0/Q4_0/Q4_1 tensors arrive as blocks, to be repacked without a float copy.
+        self.model.load_weights(source.iter_tensors(keep_blocks=(quant.mode, quant.lm_head_mode) != ("none", "none")), str(source.path))
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1f s, weights %s", source.path.name,
+                    arch.architecture, arch.num_layers, str(self.dtype).removeprefix("torch."), self.device,
+                    time.monotonic() - t0, self.model.weight_report())
         self.block_size = config.block_size
+        self.kv_int8 = config.kv_cache_dtype == "int8"
         self.num_blocks = self._size_kv_cache()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(arch.num_layers)]
+        if self.kv_int8:  # (K, V, K scales, V scales): one float32 scale per token per KV head
+            z = lambda s, dt: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731
+            self.kv_caches = [(z(shape, torch.int8), z(shape, torch.int8), z(shape[:3], torch.float32),
+                               z(shape[:3], torch.float32)) for _ in range(arch.num_layers)]
+        else:
+            self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                               torch.zeros(shape, dtype=self.dtype, device=self.device))
+                              for _ in range(arch.num_layers)]
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
         self.generators: dict[str, torch.Generator] = {}
 
     def _size_kv_cache(self) -> int:
         a = self.arch
-        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_head = kv_bytes_per_token_head(a.head_dim, self.config.kv_cache_dtype, self.dtype)
+        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * per_head
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)
         n = budget // per_block
         if n < 1:
             raise ConfigError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        kv_dtype = "int8" if self.kv_int8 else str(self.dtype).removeprefix("torch.")
         logger.info("KV cache: %d blocks of %d tokens (%.0f MiB, %s)", n, self.block_size,
-                    n * per_block / 2**20, str(self.dtype).removeprefix("torch."))
+                    n * per_block / 2**20, kv_dtype)
         return n
 
     @property
     def kv_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
