@@ -60,6 +60,9 @@ class EngineConfig:
         "auto", "LM head weights: auto is int8 whenever --quantization is set (an int4 head costs more "
         "accuracy than it saves time; the default GGUF ships it as Q8_0 too), none keeps it in --dtype.",
         choices=["auto", "none", "int8", "int4"])
+    quant_compute_dtype: str = _opt(
+        "auto", "Activation dtype inside int8/int4 matmuls; auto is bfloat16 (torch's CPU kernels are fast "
+        "only there), so a float32 model casts around them.", choices=["auto", "float32", "bfloat16"])
     kv_cache_dtype: str = _opt(
         "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scales; ~4x the tokens "
         "of float32 in the same memory).", choices=["auto", "int8"])
@@ -82,6 +85,8 @@ class EngineConfig:
             raise ConfigError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.lm_head_quantization not in ("auto", "none", "int8", "int4"):
             raise ConfigError(f"lm_head_quantization must be auto, none, int8 or int4, got {self.lm_head_quantization!r}")
+        if self.quant_compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"quant_compute_dtype must be auto, float32 or bfloat16, got {self.quant_compute_dtype!r}")
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:

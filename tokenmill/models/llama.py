@@ -64,6 +64,7 @@ class QuantSpec:
     mode: str = "none"
     group_size: int = 32
     lm_head: str = "auto"  # auto: int8 when quantizing (int4 hurts the logits most), else none
+    act_dtype: torch.dtype | None = None  # what quantized kernels compute in; None: the model dtype
 
     @property
     def lm_head_mode(self) -> str:
@@ -73,7 +74,7 @@ class QuantSpec:
 
     def builder(self, n: int, k: int, dtype: torch.dtype, device: torch.device, name: str,
                 mode: str | None = None) -> LinearBuilder:
-        return LinearBuilder(n, k, mode or self.mode, self.group_size, dtype, device, name)
+        return LinearBuilder(n, k, mode or self.mode, self.group_size, dtype, device, name, self.act_dtype)
 
 
 class LlamaModel:

@@ -3,6 +3,11 @@
 - int8: symmetric, one scale per output channel: w[n, k] ~= q[n, k] * s[n], q in [-127, 127].
   Runs through `torch.ops.aten._weight_int8pack_mm` (activations float32 or bfloat16, scales in the
   activation dtype).
+
+Activation dtype: both CPU kernels accept float32 and bfloat16, but (torch 2.13, these Xeons) only the
+bfloat16 path is fast beyond one row: with float32 activations a 16-row matmul ran ~10x and a 64-row one
+~10-13x slower than bfloat16. So a float32 model computes its quantized linears in bfloat16 unless told
+otherwise (`--quant-compute-dtype`); inputs and outputs stay float32.
 - int4: asymmetric, one (scale, zero) pair per group of `group` input columns of each output channel:
   w[n, k] ~= (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n], q in [0, 15]. That is the layout of
   aten's int4pack kernels (`scales_and_zeros` [K/g, N, 2]); GGUF Q4_0/Q4_1 blocks of 32 map onto it
@@ -94,14 +99,18 @@ class FloatLinear:
 class Int8Linear:
     kind = "int8"
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 act_dtype: torch.dtype | None = None):
+        """dtype: the model's (inputs and outputs); act_dtype: what the kernel computes in (default dtype)."""
         self.q = q.contiguous()
-        self.scales = scales.to(dtype)  # the kernel wants scales in the activation dtype
+        self.act_dtype = act_dtype or dtype
+        self.scales = scales.to(self.act_dtype)  # the kernel wants scales in the activation dtype
         self.bias = bias
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.q, self.scales)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scales).to(self.dtype)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -114,15 +123,15 @@ class Int4Linear:
     kind = "int4"
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 bias: torch.Tensor | None, dtype: torch.dtype):
-        """q uint8 values 0..15 [N, K]; scales, zeros [N, K/g]."""
+                 bias: torch.Tensor | None, dtype: torch.dtype, act_dtype: torch.dtype | None = None):
+        """q uint8 values 0..15 [N, K]; scales, zeros [N, K/g]. act_dtype: what the kernel computes in."""
         self.n, self.k = q.shape
         self.group = group
         self.bias = bias
         self.dtype = dtype
         self.cuda = q.device.type == "cuda"
-        # CUDA's kernel runs bfloat16 only; the CPU one runs the model dtype.
-        self.act_dtype = torch.bfloat16 if self.cuda else dtype
+        # CUDA's kernel runs bfloat16 only; the CPU one float32 or bfloat16.
+        self.act_dtype = torch.bfloat16 if self.cuda else (act_dtype or dtype)
         sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
         self.scales_and_zeros = sz.to(self.act_dtype)
         if self.cuda:  # UNTESTED: the CUDA packer takes two values per byte, high nibble first
@@ -158,10 +167,11 @@ class LinearBuilder:
     """Collects the rows of one (possibly fused) [N, K] weight piece by piece, quantizing each piece."""
 
     def __init__(self, n: int, k: int, mode: str, group: int, dtype: torch.dtype, device: torch.device,
-                 name: str = ""):
+                 name: str = "", act_dtype: torch.dtype | None = None):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization {mode!r}")
         self.n, self.k, self.dtype, self.device, self.name = n, k, dtype, device, name
+        self.act_dtype = act_dtype
         self.mode = mode
         self.group = group
         if mode == "int4":
@@ -213,5 +223,5 @@ class LinearBuilder:
         if self.mode == "none":
             return FloatLinear(self.weight, bias)
         if self.mode == "int8":
-            return Int8Linear(self.q, self.scales, bias, self.dtype)
-        return Int4Linear(self.q, self.scales, self.zeros, self.group, bias, self.dtype)
+            return Int8Linear(self.q, self.scales, bias, self.dtype, self.act_dtype)
+        return Int4Linear(self.q, self.scales, self.zeros, self.group, bias, self.dtype, self.act_dtype)

@@ -72,7 +72,8 @@ class ModelRunner:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                               f"{arch.max_position_embeddings} tokens")
         t0 = time.monotonic()
-        quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization)
+        act = torch.bfloat16 if config.quant_compute_dtype == "auto" else _DTYPES[config.quant_compute_dtype]
+        quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization, act)
         self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len, quant)
         # Quantizing: GGUF Q8_0/Q4_0/Q4_1 tensors arrive as blocks, to be repacked without a float copy.
         self.model.load_weights(source.iter_tensors(keep_blocks=(quant.mode, quant.lm_head_mode) != ("none", "none")), str(source.path))
