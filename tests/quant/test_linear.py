@@ -75,6 +75,18 @@ def test_random_weights_float32_within_bound(mode, group):
     assert 0 < err.max() < 0.2 * (x @ w.T).abs().max()
 
 
+def test_int8_prefill_sized_batches_take_the_dequantized_path_and_agree():
+    from tokenmill.quant.linear import INT8_DEQUANT_ROWS
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(INT8_DEQUANT_ROWS + 3, 128, generator=g)
+    lin, _ = build(w, "int8")
+    big = lin(x)  # dense path
+    small = torch.cat([lin(x[i:i + 8]) for i in range(0, x.shape[0], 8)])  # the int8 kernel
+    torch.testing.assert_close(big, small, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_bfloat16_activations(mode):
     """Both kernels take bfloat16 activations; the result is within bf16 rounding of the float32 one."""

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process by which",
            "Three facts about the planet Mars:"]
-OPTS = dict(kv_cache_memory="64MiB", max_model_len=512, dtype="float32")
+OPTS = dict(kv_cache_memory="64MiB", max_model_len=512, dtype="float32", max_num_batched_tokens=256)
 
 
 def measure(**kw) -> dict:
     llm = LLM(**(OPTS | kw))
-    ppl = perplexity(llm, read_text(None), window=256, max_tokens=512).perplexity
+    ppl = perplexity(llm, read_text(None), window=96, max_tokens=192).perplexity
     prompt_ids, out = greedy(llm, PROMPTS, 12)
     res = {"ppl": ppl, "prompt_ids": prompt_ids, "out": out, "llm": llm,
            "blocks": llm.engine.runner.num_blocks, "report": llm.engine.runner.model.weight_report()}
@@ -75,3 +75,23 @@ def test_bad_options_are_config_errors():
         LLM(quantization="int3")
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         LLM(kv_cache_dtype="fp8")
+
+
+def test_eval_cli_perplexity_and_agreement(tmp_path, capsys):
+    import json
+
+    from tokenmill.entrypoints.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    common = ["--kv-cache-memory", "32MiB", "--max-model-len", "256", "--dtype", "float32"]
+    assert main(["eval", "perplexity", "--text", str(text), "--window", "64", "--json", "--quantization", "int4",
+                 *common]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["quantization"] == "int4" and res["tokens"] > 64 and 1 < res["perplexity"] < 1e4
+    assert main(["eval", "agreement", "--num-prompts", "2", "--max-tokens", "4", "--json",
+                 "--kv-cache-dtype", "int8", *common]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] == 8 and 0 <= res["teacher_forced_agreement"] <= 1
+    assert main(["eval", "perplexity", "--text", str(tmp_path / "missing.txt"), *common]) == 2
+    assert "cannot read text file" in capsys.readouterr().err

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
+INT8_DEQUANT_ROWS = 128  # at and above this many rows an int8 linear dequantizes and runs a dense GEMM
 _INNER_K_TILES = 8  # int4pack tiling along K (CUDA needs K % (16 * tiles) == 0; the CPU packer ignores it)
 
 
@@ -110,7 +111,12 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scales).to(self.dtype)
+        if x2.shape[0] >= INT8_DEQUANT_ROWS:
+            # Prefill-sized: dequantizing the matrix once and running the dense GEMM is cheaper than the
+            # weight-only kernel, whose cost grows with the rows (DESIGN.md: 3.6x bf16's at 256 rows).
+            y = F.linear(x2, self.q.to(self.act_dtype) * self.scales[:, None]).to(self.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scales).to(self.dtype)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
