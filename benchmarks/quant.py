@@ -161,9 +161,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| dtype | weights | KV | linear weights MiB | KV tokens in budget | decode tok/s b1 | b16 | b64 | "
-             "offline tok/s | perplexity | Δppl | teacher-forced agree | free-run prefix agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    batches = [str(b) for b in report["args"]["batches"]]
+    lines = ["| dtype | weights | KV | linear weights MiB | KV tokens in budget | "
+             + " | ".join(f"decode tok/s b{b}" for b in batches)
+             + " | offline tok/s | perplexity | Δppl | teacher-forced agree | free-run prefix agree |",
+             "|---" * (10 + len(batches)) + "|"]
     base: dict[str, dict] = {}
     for r in report["results"]:
         if (r["weights"], r["kv_cache_dtype"]) == ("none", "auto"):
@@ -182,12 +184,12 @@ def markdown(report: dict) -> str:
         ag = r.get("agreement", {})
         lines.append(
             f"| {r['dtype']} | {r['weights']} | {r['kv_cache_dtype']} | {wb:.0f} | {r['kv_tokens']} | "
-            f"{rate('1')} | {rate('16')} | {rate('64')} | {r['offline']['output_tok_s']:.1f} | "
+            + " | ".join(rate(b) for b in batches) + f" | {r['offline']['output_tok_s']:.1f} | "
             f"{r['perplexity']:.3f} | {r.get('ppl_change_pct', 0):+.2f} % | "
             f"{ag.get('teacher_forced_agreement', float('nan')):.3f} | "
             f"{ag.get('free_running_prefix_agreement', float('nan')):.3f} |")
     if report.get("hf"):
-        lines += ["", "| transformers (same GGUF, dequantized) | decode tok/s b1 | perplexity |", "|---|---|---|"]
+        lines += ["", "| transformers (same GGUF), dtype | decode tok/s b1 | perplexity |", "|---|---|---|"]
         for dt, h in report["hf"].items():
             lines.append(f"| {dt} | {h['decode_tok_s_batch1']:.1f} | {h['perplexity']:.3f} |")
     return "\n".join(lines)
