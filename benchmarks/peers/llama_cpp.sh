@@ -40,9 +40,13 @@ build() {
       "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$dl"
     tar -xzf "$dl/llama_cpp_python-$VERSION.tar.gz" -C "$CACHE"
   fi
+  local cmake=cmake
+  if ! command -v cmake >/dev/null; then  # PyPI ships cmake as a wheel
+    "$PY" -m pip install -q cmake && cmake="$(dirname "$PY")/cmake"
+  fi
   cd "$SRC/vendor/llama.cpp"
-  nice -n 19 cmake -S . -B "$BUILD" "${CMAKE_FLAGS[@]}"
-  nice -n 19 cmake --build "$BUILD" --target llama-server llama-batched-bench llama-bench llama-quantize \
+  nice -n 19 "$cmake" -S . -B "$BUILD" "${CMAKE_FLAGS[@]}"
+  nice -n 19 "$cmake" --build "$BUILD" --target llama-server llama-batched-bench llama-bench llama-quantize \
     -j "${BUILD_JOBS:-2}"
   echo "built: $BIN/llama-server"
 }

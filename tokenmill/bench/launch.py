@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tokenmill.bench.loadgen import wait_ready
+from tokenmill.errors import TokenmillError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         if port_in_use(self.port):
-            raise RuntimeError(f"port {self.port} is already in use: is another server still running?")
+            raise TokenmillError(f"port {self.port} is already in use: is another server still running?")
         argv = ["bash", "-c", self.command]
         if self.cpus:
             argv = ["taskset", "-c", self.cpus, *argv]
@@ -62,21 +63,25 @@ class ServerProcess:
             asyncio.run(wait_ready(self.base_url, self.ready_timeout_s, alive=lambda: self.proc.poll() is None))
         except BaseException:
             self.stop()
-            raise RuntimeError(f"server did not come up: {self.command}; see {self.log_path}") from None
+            raise TokenmillError(f"server did not come up: {self.command}; see {self.log_path}") from None
         return self
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            # SIGTERM to the server itself first (the peer scripts exec it), so it shuts down its own
+            # children in order; then whatever is left of the process group goes.
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.send_signal(signal.SIGTERM)
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
+                logger.warning("server did not stop in %.0f s after SIGTERM; killing its process group", grace_s)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
         self._log.close()
         self.proc = None
         # The port must be free again before the next system starts.

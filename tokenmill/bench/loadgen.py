@@ -170,7 +170,8 @@ async def run(base_url: str, requests: list[BenchRequest], *, backend: Backend, 
 
 async def wait_ready(base_url: str, timeout_s: float = 600.0, api_key: str | None = None,
                      alive: Callable[[], bool] | None = None) -> None:
-    """Poll GET /v1/models until it answers 200 (the server has loaded its model), or fail."""
+    """Poll until the server has loaded its model: GET /health answers 200 (tokenmill, llama-server, vLLM
+    answer 503 while loading) or does not exist (404), and GET /v1/models answers 200."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=5.0) as client:
@@ -178,8 +179,8 @@ async def wait_ready(base_url: str, timeout_s: float = 600.0, api_key: str | Non
             if alive is not None and not alive():
                 raise RuntimeError(f"the server for {base_url} exited before it was ready")
             try:
-                r = await client.get("/v1/models")
-                if r.status_code == 200:
+                health = (await client.get("/health")).status_code
+                if health in (200, 404) and (await client.get("/v1/models")).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tokenmill.bench import datasets, loadgen
 from tokenmill.bench.metrics import RequestRecord, compute, parse_slo
+from tokenmill.errors import TokenmillError
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,8 @@ def run_point(base_url: str, requests: list[datasets.BenchRequest], *, backend: 
               extra: dict | None = None, show_progress: bool = True) -> dict:
     """One benchmark run against a live server -> result dict (settings, metrics, raw records)."""
     be = loadgen.BACKENDS[backend]
-    if warmup:  # untimed: first requests pay for lazy initialisation on some servers
-        warm = [datasets.BenchRequest(r.prompt_token_ids[:32], r.prompt, 4) for r in requests[:warmup]]
-        if not be.prompt_as_tokens:
-            warm = [datasets.BenchRequest(r.prompt_token_ids, r.prompt, 4) for r in requests[:warmup]]
-        asyncio.run(loadgen.run(base_url, warm, backend=be, model=model, max_concurrency=1, api_key=api_key))
+    if warmup:
+        _warm_up(base_url, requests[:warmup], be, model, api_key)
     bar = tqdm(total=len(requests), desc=f"{label or base_url} rate={request_rate:g}", unit="req",
                disable=not show_progress)
     started = datetime.datetime.now(datetime.UTC)
@@ -89,6 +87,28 @@ def run_point(base_url: str, requests: list[datasets.BenchRequest], *, backend: 
         "metrics": metrics | {"prompt_len_mismatches": mismatched},
         "requests": [asdict(r) for r in records],
     }
+
+
+def _warm_up(base_url: str, requests: list[datasets.BenchRequest], be: loadgen.Backend, model: str | None,
+             api_key: str | None, patience_s: float = 120.0) -> None:
+    """Untimed short requests first (lazy initialisation on some servers). A server still starting (503)
+    is waited for; any other failure stops the run here with the server's own message."""
+    import time
+
+    warm = [datasets.BenchRequest(r.prompt_token_ids, r.prompt, 4) for r in requests]
+    deadline = time.monotonic() + patience_s
+    while True:
+        recs = asyncio.run(loadgen.run(base_url, warm, backend=be, model=model, max_concurrency=1, api_key=api_key))
+        errors = [r.error or "no output" for r in recs if r.status == "error"]
+        if not errors:
+            break
+        if not all(e.startswith("HTTP 503") for e in errors) or time.monotonic() > deadline:
+            raise TokenmillError(f"warm-up request failed against {base_url}: {errors[0]}")
+        time.sleep(1.0)
+    for r in recs:
+        if r.status != "ok":
+            logger.warning("warm-up asked for 4 tokens and got %s: does the server honour fixed output lengths "
+                           "with --backend %s?", r.output_tokens, be.name)
 
 
 def format_metrics(m: dict) -> str:
@@ -153,6 +173,17 @@ def max_rate_meeting_slo(points: list[dict], slo: dict[str, float]) -> float | N
     return best
 
 
+def sweep_object(label: str, axis: str, slo: dict[str, float], points: list[dict], launch: str | None = None) -> dict:
+    """Points of one system along one axis ("request_rate" or "max_concurrency") -> a sweep result."""
+    best = max_rate_meeting_slo(points, slo) if axis == "request_rate" else None
+    return {"kind": "sweep", "label": label, "axis": axis, "slo": slo, "launch": launch, "points": points,
+            "max_rate_meeting_slo": best,
+            "curve": [{"x": p["settings"][axis], "goodput": p["metrics"].get("goodput"),
+                       "output_throughput": p["metrics"]["output_throughput"],
+                       "p99_ttft_s": p["metrics"]["ttft_s"]["p99"], "p99_tpot_s": p["metrics"]["tpot_s"]["p99"],
+                       "meets_slo": p.get("meets_slo")} for p in points]}
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tokenmill.bench.launch import ServerProcess, free_port
 
@@ -192,13 +223,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"{m['output_throughput']:.1f} tok/s, p99 TTFT {m['ttft_s']['p99']:.3f} s, p99 TPOT "
               f"{m['tpot_s']['p99'] * 1e3:.1f} ms")
         points.append(res)
-    best = max_rate_meeting_slo(points, slo) if args.rates else None
-    out = {"kind": "sweep", "label": args.label, "axis": axis[0][0], "slo": slo, "launch": args.launch,
-           "points": points, "max_rate_meeting_slo": best,
-           "curve": [{"x": v, "goodput": p["metrics"].get("goodput"),
-                      "output_throughput": p["metrics"]["output_throughput"],
-                      "p99_ttft_s": p["metrics"]["ttft_s"]["p99"], "p99_tpot_s": p["metrics"]["tpot_s"]["p99"],
-                      "meets_slo": p.get("meets_slo")} for (_, v), p in zip(axis, points, strict=True)]}
+    out = sweep_object(args.label, axis[0][0], slo, points, args.launch)
+    best = out["max_rate_meeting_slo"]
     if args.rates:
         print(f"highest rate meeting p99 {slo}: {best if best is not None else 'none of those tried'}")
     if args.out:
