@@ -96,7 +96,8 @@ def _warm_up(base_url: str, requests: list[datasets.BenchRequest], be: loadgen.B
     is waited for; any other failure stops the run here with the server's own message."""
     import time
 
-    warm = [datasets.BenchRequest(r.prompt_token_ids, r.prompt, 4) for r in requests]
+    # Short reversed prompts: the same vocabulary, but nothing a prefix cache could reuse later.
+    warm = [datasets.BenchRequest(r.prompt_token_ids[::-1][:64], r.prompt[::-1][:256], 4) for r in requests]
     deadline = time.monotonic() + patience_s
     while True:
         recs = asyncio.run(loadgen.run(base_url, warm, backend=be, model=model, max_concurrency=1, api_key=api_key))
