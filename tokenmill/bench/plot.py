@@ -15,12 +15,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from tokenmill.bench.metrics import RequestRecord
+from tokenmill.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
 def _label(obj: dict, path: Path) -> str:
-    return obj.get("label") or path.stem
+    label = obj.get("label") or path.stem
+    scenario = (obj.get("settings") or {}).get("scenario")
+    return f"{label} {scenario}" if scenario and obj.get("kind") == "serve" else label
 
 
 def _records(result: dict) -> list[RequestRecord]:
@@ -38,7 +41,10 @@ def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     serves, rate_sweeps, conc = [], [], defaultdict(list)
     for p in map(Path, paths):
-        obj = json.loads(p.read_text())
+        try:
+            obj = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read benchmark result {p}: {e}") from None
         items = obj if isinstance(obj, list) else [obj]
         for o in items:
             if o.get("kind") == "sweep":
@@ -68,7 +74,7 @@ def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
                 if not xs:
                     continue
                 xs = np.sort(np.asarray(xs) * 1e3)
-                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{label} ({len(recs)} req)")
+                ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=f"{label} ({len(recs)} req)")
             ax.set_title(title)
             ax.set_xlabel("ms")
             ax.set_ylabel("fraction of requests" if key != "itl" else "fraction of chunks")
