@@ -86,19 +86,20 @@ def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
 
     if rate_sweeps:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
         for label, sw in rate_sweeps:
             xs = [c["x"] for c in sw["curve"]]
             axes[0].plot(xs, [c["goodput"] or 0 for c in sw["curve"]], "o-", label=label)
             axes[1].plot(xs, [c["output_throughput"] for c in sw["curve"]], "o-", label=label)
-            axes[2].plot(xs, [c["p99_ttft_s"] for c in sw["curve"]], "o-", label=f"{label} p99 TTFT (s)")
-            axes[2].plot(xs, [10 * c["p99_tpot_s"] for c in sw["curve"]], "s--", label=f"{label} p99 TPOT (x10 s)")
+            axes[2].plot(xs, [c["p99_ttft_s"] for c in sw["curve"]], "o-", label=label)
+            axes[3].plot(xs, [1e3 * c["p99_tpot_s"] for c in sw["curve"]], "o-", label=label)
         slo = rate_sweeps[0][1].get("slo") or {}
         if "ttft" in slo:
-            axes[2].axhline(slo["ttft"], color="k", lw=0.8, ls=":", label=f"TTFT limit {slo['ttft']} s")
+            axes[2].axhline(slo["ttft"], color="k", lw=0.8, ls=":", label=f"limit {slo['ttft']} s")
         if "tpot" in slo:
-            axes[2].axhline(10 * slo["tpot"], color="r", lw=0.8, ls=":", label=f"TPOT limit {slo['tpot']} s (x10)")
-        for ax, t in zip(axes, ["goodput (req/s meeting SLO)", "output tok/s", "p99 latency"], strict=True):
+            axes[3].axhline(1e3 * slo["tpot"], color="k", lw=0.8, ls=":", label=f"limit {1e3 * slo['tpot']:.0f} ms")
+        titles = ["goodput (req/s meeting SLO)", "output tok/s", "p99 TTFT (s)", "p99 TPOT (ms)"]
+        for ax, t in zip(axes, titles, strict=True):
             ax.set_xlabel("request rate (req/s)")
             ax.set_title(t)
             ax.grid(alpha=0.3)
