@@ -1,0 +1,1 @@
+"""The cluster tier: many engine replicas behind one OpenAI endpoint (router, autoscaler, Ray Serve)."""
