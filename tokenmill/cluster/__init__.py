@@ -1,1 +1,2 @@
-"""The cluster tier: many engine replicas behind one OpenAI endpoint (router, autoscaler, Ray Serve)."""
+"""Cluster tier: the router in front of engine replicas, its routing policies, health and supervision,
+the autoscaler, and the Ray Serve deployment."""
