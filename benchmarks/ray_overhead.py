@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--engine-args", default="--kv-cache-memory 512MiB", help="extra engine flags for the replica")
     args = p.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     table = setups(args.threads, args.engine_args.split())
     results = []
     for name in args.setups.split(","):

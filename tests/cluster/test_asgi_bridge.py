@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from tokenmill.cluster.asgi_bridge import HttpCall, ResponseHead, RoutingHint, call_asgi, routing_hint
+from tokenmill.cluster.asgi_bridge import HttpCall, ResponseHead, call_asgi
 
 
 def _app(events: list[str]) -> Starlette:
@@ -82,28 +82,3 @@ def test_an_app_exception_is_raised_not_swallowed():
 
     with pytest.raises(RuntimeError, match="app bug"):
         asyncio.run(main())
-
-
-@pytest.mark.parametrize("path,body,expected", [
-    ("/v1/completions", {"prompt": "Hello world", "max_tokens": 7}, RoutingHint("Hello world", 11, 7)),
-    ("/v1/completions", {"prompt": ["first", "second"]}, RoutingHint("first", 5, 0)),
-    ("/v1/completions", {"prompt": [1, 2, 3]}, RoutingHint("1 2 3", 5, 0)),
-    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
-                                           {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-                              "max_completion_tokens": 3}, RoutingHint("Be brief.\nHi", 12, 3)),
-])
-def test_routing_hint_reads_the_prompt(path, body, expected):
-    assert routing_hint(path, json.dumps(body).encode()) == expected
-
-
-@pytest.mark.parametrize("path,body", [
-    ("/v1/completions", b"not json"), ("/v1/completions", b"[1]"), ("/v1/models", b""),
-    ("/tokenize", b'{"prompt": "x"}'),
-])
-def test_routing_hint_is_absent_for_what_it_cannot_read(path, body):
-    assert routing_hint(path, body) is None
-
-
-def test_long_prompts_are_cut_in_the_hint_but_their_length_kept():
-    hint = routing_hint("/v1/completions", json.dumps({"prompt": "x" * 100_000}).encode())
-    assert hint is not None and len(hint.prompt_prefix) < 100_000 and hint.prompt_chars == 100_000

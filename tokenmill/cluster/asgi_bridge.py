@@ -1,8 +1,8 @@
 """One HTTP request as plain data, run against an in-process ASGI app, answered as a stream of parts.
 
 Ray Serve moves Python objects between actors, not sockets. The Ray ingress turns each HTTP request into an
-`HttpCall`; the engine replica runs it through tokenmill's own FastAPI app (`call_asgi`) and yields a
-`ResponseHead` followed by body chunks. So every validation, error body, SSE stream and metric of the
+`HttpCall` (with the routing policy's `RequestFeatures` of its prompt); the engine replica runs it through
+tokenmill's own FastAPI app (`call_asgi`) and yields a `ResponseHead` followed by body chunks. So every validation, error body, SSE stream and metric of the
 single-replica server holds behind Ray too. Closing the generator early (the client left) delivers
 `http.disconnect` to the app, which aborts the engine request.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tokenmill.cluster.policy import RequestFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +26,6 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict]], Callable[[dic
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer",
                         b"proxy-authenticate", b"proxy-authorization"})
 
-# How much of a prompt the routing hint keeps: enough to tell shared prefixes apart, small to pickle.
-HINT_PREFIX_CHARS = 8192
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingHint:
-    """What a routing policy may look at before a replica is chosen (no tokenizer in the router)."""
-
-    prompt_prefix: str = ""  # the start of the prompt text (chat: the messages' contents joined)
-    prompt_chars: int = 0  # the whole prompt's length in characters
-    max_tokens: int = 0  # requested output tokens (0 = not given)
-
 
 @dataclass(slots=True)
 class HttpCall:
@@ -45,48 +34,13 @@ class HttpCall:
     query_string: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
-    hint: RoutingHint | None = None
+    features: RequestFeatures | None = None  # what the routing policy reads (the ingress fills it)
 
 
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
     status: int
     headers: list[tuple[bytes, bytes]]
-
-
-def routing_hint(path: str, body: bytes) -> RoutingHint | None:
-    """Read the prompt from an OpenAI request body, leniently: a body we cannot read gets no hint (the replica
-    will answer it with the proper 400)."""
-    if not path.endswith(("/completions", "/chat/completions")) or not body:
-        return None
-    try:
-        req = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(req, dict):
-        return None
-    text = ""
-    if path.endswith("/chat/completions"):
-        msgs = req.get("messages")
-        if isinstance(msgs, list):
-            parts = []
-            for m in msgs:
-                content = m.get("content") if isinstance(m, dict) else None
-                if isinstance(content, str):
-                    parts.append(content)
-                elif isinstance(content, list):  # content parts: keep the text ones
-                    parts += [p.get("text", "") for p in content if isinstance(p, dict)]
-            text = "\n".join(parts)
-    else:
-        prompt = req.get("prompt")
-        if isinstance(prompt, str):
-            text = prompt
-        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            text = prompt[0]
-        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            text = " ".join(map(str, prompt))  # token ids: still a stable prefix to match on
-    max_tokens = req.get("max_tokens") or req.get("max_completion_tokens") or 0
-    return RoutingHint(text[:HINT_PREFIX_CHARS], len(text), max_tokens if isinstance(max_tokens, int) else 0)
 
 
 def _scope(call: HttpCall) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.cluster.policy import POLICIES
 from tokenmill.config import parse_size
 from tokenmill.errors import ConfigError
 
@@ -36,8 +37,8 @@ class RayServeConfig:
     replica_gpus: float = _opt(0.0, "Ray GPUs each engine replica reserves (fractions allowed).")
     router_cpus: float = _opt(0.25, "Ray CPUs the router deployment reserves.")
     router_replicas: int = _opt(1, "Replicas of the router deployment (stateless; more for more HTTP traffic).")
-    routing: str = _opt("least-load", "How the router picks an engine replica.",
-                        choices=["least-load", "round-robin", "prefix-aware"])
+    routing: str = _opt("prefix-aware", "How the router picks an engine replica (the policies of "
+                        "`tokenmill router`).", choices=list(POLICIES))
     max_ongoing_requests: int = _opt(
         256, "Most requests Ray Serve sends one engine replica at once (the replica's own queue limits "
              "still apply); beyond it requests wait in the router.")
@@ -64,6 +65,8 @@ class RayServeConfig:
             raise ConfigError("replica_cpus, replica_gpus and router_cpus must be >= 0")
         if self.router_replicas < 1 or self.max_ongoing_requests < 1 or self.max_waiting_requests < 1:
             raise ConfigError("router_replicas, max_ongoing_requests and max_waiting_requests must be >= 1")
+        if self.routing not in POLICIES:
+            raise ConfigError(f"unknown routing policy {self.routing!r}; choose one of {', '.join(POLICIES)}")
         if self.routing_stats_period <= 0:
             raise ConfigError("routing_stats_period must be > 0")
         if self.detach and self.address is None:

@@ -1,34 +1,35 @@
 """tokenmill as a Ray Serve application: a router deployment (the HTTP ingress) in front of engine replicas.
 
     client ─HTTP─► Serve proxy ─► Router (FastAPI ingress) ──handle──► EngineReplica × N
-                                   reads the prompt,             each: a tokenmill Frontend + engine
-                                   TokenmillRequestRouter        process, our FastAPI app run in-process
-                                   picks the replica             (asgi_bridge), reports its load
+                                   tokenizes the prompt,          each: a tokenmill Frontend + engine
+                                   TokenmillRequestRouter         process, our FastAPI app run in-process
+                                   picks the replica              (asgi_bridge), reports its load
 
-The router turns the HTTP request into an `HttpCall` with a `RoutingHint` (the prompt's start, its length,
-max_tokens) and calls the engine deployment through a DeploymentHandle. Which replica gets it is decided by
-`TokenmillRequestRouter`, a Ray Serve request router that ranks the replicas with `rank_replicas` (a pure
-function of the hint and each replica's load: what the replica last reported through
-`record_routing_stats`, plus this router's own count of requests it has in flight there). Ray Serve then
-sends the request to the first ranked replica that has room (`max_ongoing_requests`).
+The router turns the HTTP request into an `HttpCall` carrying the prompt's `RequestFeatures` (token count,
+output tokens asked for, the prefix cache's block hashes) and calls the engine deployment through a
+DeploymentHandle. Which replica gets it is decided by `TokenmillRequestRouter`, a Ray Serve request router
+that calls the same pure policy as `tokenmill router` (`tokenmill.cluster.policy.route`) over one
+`ReplicaView` per replica: what the replica last reported through `record_routing_stats` (running, waiting,
+KV use) plus this router's own in-flight requests, outstanding tokens and per-replica prefix index. The
+policy's pick is ranked first, the others after it by load: Ray Serve sends the request to the first one
+with room (`max_ongoing_requests`).
 
 Engine replicas scale with Ray Serve's autoscaler (`autoscaling_config`) and reserve fractional CPUs. When
 Serve stops a replica it waits for the replica's in-flight requests first (graceful shutdown), then the
 replica's `__del__` stops its engine.
 """
 
-
 import asyncio
-import itertools
+import dataclasses
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
@@ -36,14 +37,9 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from tokenmill.cluster.asgi_bridge import (
-    HOP_BY_HOP,
-    HttpCall,
-    ResponseHead,
-    RoutingHint,
-    call_asgi,
-    routing_hint,
-)
+from tokenmill.cluster.asgi_bridge import HOP_BY_HOP, HttpCall, ResponseHead, call_asgi
+from tokenmill.cluster.metrics import RouterMetrics
+from tokenmill.cluster.policy import PolicyParams, PrefixIndex, ReplicaView, RequestFeatures, load, route
 from tokenmill.cluster.ray_config import RayServeConfig
 from tokenmill.config import EngineConfig
 from tokenmill.server.config import ServerConfig
@@ -51,94 +47,99 @@ from tokenmill.server.config import ServerConfig
 logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = b"x-tokenmill-replica"
-CHARS_PER_TOKEN = 4  # the router has no tokenizer; a rough size is enough to weigh load
+PREFIX_INDEX_BLOCKS = 16384  # block hashes remembered per replica (as `tokenmill router`'s default)
+
+# The Router deployment's metrics; its request router (in the same process) counts decisions here too.
+_metrics: RouterMetrics | None = None
 
 
-# -- which replica: a pure function -------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ReplicaLoad:
-    """One engine replica as a routing policy sees it."""
+# -- Ray Serve's request router, calling our policy -----------------------------------------------------------
+@dataclasses.dataclass
+class _Work:
+    """This router's requests on one replica, and the prompts it sent there."""
 
-    replica_id: str
-    running: int = 0  # reported by the replica (may be up to routing_stats_period old)
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
-    inflight_requests: int = 0  # this router's own, always current
-    inflight_tokens: int = 0  # estimated prompt + output tokens of those requests
+    index: PrefixIndex
+    in_flight: int = 0
+    outstanding_tokens: int = 0
 
 
-def rank_replicas(policy: str, hint: RoutingHint | None, replicas: list[ReplicaLoad], turn: int) -> list[int]:
-    """Indices of `replicas`, most preferred first. `turn` is a counter the caller advances per request.
-
-    Stand-in until tokenmill.cluster's routing policies land; the call site in TokenmillRequestRouter
-    passes the same inputs to them.
-    """
-    n = len(replicas)
-    if policy == "round-robin":
-        return [(turn + i) % n for i in range(n)]
-    # least-load (and, for now, prefix-aware): outstanding tokens, then requests, then the replica's own queue.
-    return sorted(range(n), key=lambda i: (replicas[i].inflight_tokens, replicas[i].inflight_requests,
-                                           replicas[i].waiting, replicas[i].running, (i - turn) % n))
-
-
-def estimated_tokens(hint: RoutingHint | None) -> int:
-    if hint is None:
-        return 1
-    return hint.prompt_chars // CHARS_PER_TOKEN + (hint.max_tokens or 16)
-
-
-# -- Ray Serve's request router, calling our policy ---------------------------------------------------------------
 class TokenmillRequestRouter(RequestRouter):
     """Runs inside each caller of the engine deployment (the Router deployment's replicas)."""
 
-    def initialize_state(self, policy: str = "least-load", **kwargs: Any) -> None:
+    def initialize_state(self, policy: str = "least-load", block_size: int = 16,
+                         params: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.policy = policy
-        self._turn = itertools.count()
-        self._inflight: dict[str, tuple[ReplicaID, int]] = {}  # internal request id -> (replica, tokens)
-        self._per_replica: dict[ReplicaID, list[int]] = {}  # replica -> [requests, tokens]
+        self.block_size = block_size
+        self.params = PolicyParams(**(params or {}))
+        self._seq = 0
+        self._rng = random.Random()
+        self._work: dict[ReplicaID, _Work] = {}
+        self._requests: dict[str, tuple[ReplicaID, int]] = {}  # internal request id -> (replica, tokens)
+
+    def _of(self, replica_id: ReplicaID) -> _Work:
+        w = self._work.get(replica_id)
+        if w is None:
+            w = self._work[replica_id] = _Work(PrefixIndex(PREFIX_INDEX_BLOCKS))
+        return w
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {r.replica_id for r in replicas}
+        for gone in [rid for rid in self._work if rid not in live]:
+            del self._work[gone]  # a replacement replica starts with a cold cache
+
+    def matched_tokens(self, f: RequestFeatures, replica_id: ReplicaID) -> int:
+        if not f.block_hashes:
+            return 0
+        max_blocks = max(0, (f.prompt_tokens - 1) // self.block_size)  # the engine looks up prompt - 1 tokens
+        return min(self._of(replica_id).index.match(f.block_hashes), max_blocks) * self.block_size
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        hint = _hint_of(pending_request)
-        loads = []
-        for r in candidate_replicas:
-            stats = r.routing_stats or {}
-            reqs, toks = self._per_replica.get(r.replica_id, (0, 0))
-            loads.append(ReplicaLoad(r.replica_id.unique_id, int(stats.get("running", 0)),
-                                     int(stats.get("waiting", 0)), float(stats.get("kv_cache_usage", 0.0)),
-                                     reqs, toks))
         if pending_request is not None:
             # Let Serve back off between rounds when every replica is full instead of spinning.
             pending_request.routing_context.should_backoff = True
-        order = rank_replicas(self.policy, hint, loads, next(self._turn))
+        self._seq += 1
+        f = dataclasses.replace(_features_of(pending_request) or RequestFeatures(0, 0), seq=self._seq,
+                                rand=self._rng.getrandbits(32))
+        views = []
+        for r in candidate_replicas:
+            stats, w = r.routing_stats or {}, self._of(r.replica_id)
+            views.append(ReplicaView(r.replica_id.unique_id, w.outstanding_tokens, w.in_flight,
+                                     int(stats.get("running", 0)), int(stats.get("waiting", 0)),
+                                     float(stats.get("kv_cache_usage", 0.0)), self.matched_tokens(f, r.replica_id)))
+        decision = route(self.policy, f, views, self.params)
+        if _metrics is not None:
+            _metrics.decided(decision.reason)
+        order = sorted(range(len(views)), key=lambda i: (views[i].name != decision.replica, load(views[i])))
         return [[candidate_replicas[i]] for i in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        tokens = estimated_tokens(_hint_of(pending_request))
-        self._inflight[pending_request.metadata.internal_request_id] = (replica_id, tokens)
-        counts = self._per_replica.setdefault(replica_id, [0, 0])
-        counts[0] += 1
-        counts[1] += tokens
+        f = _features_of(pending_request) or RequestFeatures(0, 0)
+        w = self._of(replica_id)
+        tokens = max(0, f.prompt_tokens - self.matched_tokens(f, replica_id)) + f.max_tokens
+        if f.block_hashes:
+            w.index.insert(f.block_hashes)
+        w.in_flight += 1
+        w.outstanding_tokens += tokens
+        self._requests[pending_request.metadata.internal_request_id] = (replica_id, tokens)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        entry = self._inflight.pop(internal_request_id, None)
-        if entry is None:
+        entry = self._requests.pop(internal_request_id, None)
+        if entry is None or entry[0] not in self._work:
             return
-        counts = self._per_replica.get(entry[0])
-        if counts is not None:
-            counts[0] -= 1
-            counts[1] -= entry[1]
-            if counts[0] <= 0:
-                del self._per_replica[entry[0]]
+        w = self._work[entry[0]]
+        w.in_flight -= 1
+        w.outstanding_tokens -= entry[1]
 
 
-def _hint_of(pending_request: PendingRequest | None) -> RoutingHint | None:
+def _features_of(pending_request: PendingRequest | None) -> RequestFeatures | None:
     if pending_request is None or not pending_request.args:
         return None
     call = pending_request.args[0]
-    return call.hint if isinstance(call, HttpCall) else None
+    return call.features if isinstance(call, HttpCall) else None
 
 
 # -- the engine replica -----------------------------------------------------------------------------------------
@@ -195,11 +196,14 @@ def _log_to_stderr() -> None:
 
 
 # -- the router (HTTP ingress) -----------------------------------------------------------------------------------
-async def _relay(gen) -> AsyncIterator[bytes]:
+async def _relay(gen, on_first=None) -> AsyncIterator[bytes]:
     """Body chunks from the replica to the client; if the client leaves, cancel the replica's stream."""
     done = False
     try:
         async for chunk in gen:
+            if on_first is not None:
+                on_first()
+                on_first = None
             yield chunk
         done = True
     finally:
@@ -231,37 +235,55 @@ def _error(status: int, message: str, type_: str, headers: dict[str, str] | None
 
 router_app = FastAPI(title="tokenmill router", description="OpenAI-compatible API in front of engine replicas.")
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+_GENERATE = ("/v1/completions", "/v1/chat/completions")
 
 
 @serve.ingress(router_app)
 class Router:
-    def __init__(self, engine: DeploymentHandle, max_body_bytes: int):
+    async def __init__(self, engine: DeploymentHandle, engine_config: EngineConfig, routing: str,
+                       max_body_bytes: int):
+        from tokenmill.cluster.router import load_router_tokenizer
+
+        global _metrics
         _log_to_stderr()
         self.engine = engine
         self.max_body = max_body_bytes
-        self.registry = CollectorRegistry()
-        self.requests = Counter("tokenmill:router_requests", "Requests forwarded, by engine replica.",
-                                ["replica"], registry=self.registry)
-        self.retries = Counter("tokenmill:router_retries", "Requests sent again after a replica failed "
-                               "before answering.", registry=self.registry)
-        self.failures = Counter("tokenmill:router_failures", "Requests answered 503 because no replica could "
-                                "take them.", registry=self.registry)
+        self.metrics = _metrics = RouterMetrics(routing)
+        # Block hashes only for the policies that read them (as `tokenmill router`).
+        self.block_size = engine_config.block_size if routing in ("prefix-aware", "kv-aware") else 0
+        try:
+            self.tokenizer = await asyncio.to_thread(load_router_tokenizer, engine_config)
+        except Exception as e:  # routing still works, on load alone
+            logger.error("cannot load the tokenizer of %r (%s): routing without prompt features",
+                         engine_config.model, e)
+            self.tokenizer = None
 
     @router_app.get("/metrics")
     async def metrics(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @router_app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, request: Request, path: str) -> Response:
+        from tokenmill.cluster.router import request_features
+
+        arrival = time.monotonic()
         try:
             body = await _read_body(request, self.max_body)
         except _TooLarge:
+            self.metrics.unrouted.labels("body_too_large").inc()
             return _error(413, f"request body is larger than {self.max_body} bytes", "invalid_request_error")
         except ClientDisconnect:
             return Response(status_code=499)
+        features = stream = None
+        if request.method == "POST" and request.url.path in _GENERATE:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None  # the replica answers with the exact 400
+            features = await request_features(self.tokenizer, parsed, self.block_size)
+            stream = isinstance(parsed, dict) and parsed.get("stream") is True
         call = HttpCall(request.method, request.url.path, request.scope.get("query_string", b""),
-                        [(k, v) for k, v in request.scope["headers"] if k not in HOP_BY_HOP], body,
-                        routing_hint(request.url.path, body))
+                        [(k, v) for k, v in request.scope["headers"] if k not in HOP_BY_HOP], body, features)
         last_error: BaseException | None = None
         for attempt in range(2):  # a replica that fails before answering: once more, elsewhere
             gen = self.engine.options(stream=True).handle.remote(call)
@@ -274,15 +296,16 @@ class Router:
                 last_error = e
                 logger.warning("engine replica failed before answering (attempt %d): %s", attempt + 1, e)
                 if attempt == 0:
-                    self.retries.inc()
+                    self.metrics.retries.labels("reset").inc()
                 continue
             assert isinstance(head, ResponseHead)
             replica = dict(head.headers).get(REPLICA_HEADER, b"?").decode()
-            self.requests.labels(replica).inc()
-            resp = StreamingResponse(_relay(gen), status_code=head.status)
+            self.metrics.requests.labels(replica).inc()
+            on_first = (lambda: self.metrics.ttft.observe(time.monotonic() - arrival)) if stream else None
+            resp = StreamingResponse(_relay(gen, on_first), status_code=head.status)
             resp.raw_headers = head.headers
             return resp
-        self.failures.inc()
+        self.metrics.unrouted.labels("no_replica").inc()
         msg = f"no engine replica could take the request: {type(last_error).__name__}: {last_error}"
         return _error(503, msg, "service_unavailable", headers={"Retry-After": "5"})
 
@@ -298,7 +321,7 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
         "health_check_period_s": 5.0,
         "request_router_config": RequestRouterConfig(
             request_router_class=TokenmillRequestRouter,
-            request_router_kwargs={"policy": ray_config.routing},
+            request_router_kwargs={"policy": ray_config.routing, "block_size": engine_config.block_size},
             request_routing_stats_period_s=ray_config.routing_stats_period,
             request_routing_stats_timeout_s=max(5.0, 3 * ray_config.routing_stats_period)),
     }
@@ -312,7 +335,8 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
         ray_actor_options={"num_cpus": ray_config.router_cpus},
         max_ongoing_requests=ray_config.max_ongoing_requests * 4,
         max_queued_requests=ray_config.max_waiting_requests)
-    return router.bind(engine.bind(engine_config, server_config, model_name), int(server_config.max_body_bytes))
+    return router.bind(engine.bind(engine_config, server_config, model_name), engine_config, ray_config.routing,
+                       int(server_config.max_body_bytes))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -332,17 +356,3 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     engine_config, server_config = pick(EngineConfig), pick(ServerConfig)
     name = server_config.served_model_name or engine_config.model
     return build_application(engine_config, server_config, pick(RayServeConfig), name)
-
-
-def wait_until_running(app_name: str, timeout: float) -> None:
-    """Block until the application's deployments are all running, or raise with Serve's status message."""
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app_name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"Ray Serve application {app_name!r} is {status.status}: {status.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"Ray Serve application {app_name!r} not running after {timeout:.0f}s: {status}")

@@ -16,7 +16,6 @@ from tokenmill.entrypoints.server_cli import add_server_args, server_config
 from tokenmill.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-STARTUP_TIMEOUT_S = 600.0
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +61,7 @@ def run_ray_serve(engine_config: EngineConfig, server_config, config: RayServeCo
         from ray import serve
     except ImportError as e:
         raise ConfigError(f"Ray is not installed ({e}); pip install 'tokenmill[ray]'") from None
-    from tokenmill.cluster.ray_serve import build_application, wait_until_running
+    from tokenmill.cluster.ray_serve import build_application
 
     if config.address is None:
         ray.init(num_cpus=config.num_cpus, object_store_memory=config.object_store_memory,
@@ -76,20 +75,29 @@ def run_ray_serve(engine_config: EngineConfig, server_config, config: RayServeCo
         serve.start(http_options={"host": server_config.host, "port": server_config.port})
         name = server_config.served_model_name or engine_config.model
         app = build_application(engine_config, server_config, config, name)
-        serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
         logger.info("deploying %r: %s engine replica(s) of %s CPU each, routing %s", config.app_name,
                     f"{config.min_replicas}..{config.max_replicas}" if config.autoscaling else config.replicas,
                     config.replica_cpus, config.routing)
-        while True:  # wait for the replicas to load their models, but stop at once if asked to
+        # serve.run returns once every replica has loaded its model; wait in a thread so a signal still stops us.
+        failure: list[BaseException] = []
+        deployed = threading.Event()
+
+        def deploy() -> None:
             try:
-                wait_until_running(config.app_name, 1.0)
-                break
-            except TimeoutError:
-                if stop.is_set():
-                    return 130
-            except RuntimeError as e:
-                logger.error("%s", e)
-                return 1
+                serve.run(app, name=config.app_name, route_prefix="/")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                failure.append(e)
+            finally:
+                deployed.set()
+
+        threading.Thread(target=deploy, name="serve-deploy", daemon=True).start()
+        while not deployed.wait(0.5):
+            if stop.is_set():
+                logger.info("stopped while deploying")
+                return 130
+        if failure:
+            logger.error("deploying %r failed: %s", config.app_name, failure[0])
+            return 1
         logger.info("serving on http://%s:%d (Ray Serve application %r)", server_config.host, server_config.port,
                     config.app_name)
         if config.detach:
