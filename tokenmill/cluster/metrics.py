@@ -83,7 +83,7 @@ class RouterMetrics:
                               registry=r, buckets=_TTFT_BUCKETS)
         for reason in DECISION_REASONS:
             self.decisions.labels(policy, reason)
-        for reason in ("connect", "status_5xx", "status_429", "timeout", "reset"):
+        for reason in ("connect", "status_5xx", "status_429", "timeout", "reset", "down"):
             self.retries.labels(reason)
         for reason in ("no_replica", "body_too_large", "unauthorized"):
             self.unrouted.labels(reason)

@@ -26,7 +26,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
+from tokenmill.cluster.replicas import Cut, Load, Replica, ReplicaSet
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,28 @@ class Forwarder:
 
     async def attempt(self, r: Replica, load: Load, http: Request, method: str, path: str, body: bytes | None,
                       stream: bool, arrival: float) -> Response | Retry:
-        """One try on replica r. Releases `load` whenever it returns anything but a committed stream."""
+        """One try on replica r. Releases `load` whenever it returns anything but a committed stream.
+
+        The health checker may cut the exchange short (the replica stopped answering, or its process is
+        gone): before the first token that is a failure like any other, and the request is retried."""
+        cut = Cut()
+        r.exchanges.add(cut)
+        out: Response | Retry | None = None
+        try:
+            with anyio.CancelScope() as cut.scope:
+                out = await self._attempt(r, load, http, method, path, body, stream, arrival, cut)
+        finally:
+            cut.scope = None
+            if not isinstance(out, StreamingResponse):
+                r.exchanges.discard(cut)  # a committed stream's relay keeps it until the stream ends
+        if out is None:  # cut short
+            self.on_failure(r, "down")
+            return Retry("down", error_response(502, f"replica {r.name} stopped answering before the first token",
+                                                "upstream_error"))
+        return out
+
+    async def _attempt(self, r: Replica, load: Load, http: Request, method: str, path: str, body: bytes | None,
+                       stream: bool, arrival: float, cut: Cut) -> Response | Retry:
         watch = _Watch(http)
         resp: httpx.Response | None = None
         committed = False
@@ -198,7 +219,7 @@ class Forwarder:
             self.on_first_token(time.monotonic() - arrival)
             committed = True
             headers = {**SSE_HEADERS, "x-tokenmill-replica": r.name}
-            return StreamingResponse(self._relay(r, load, resp, chunks, buf, state == "ended"),
+            return StreamingResponse(self._relay(r, load, resp, chunks, buf, state == "ended", cut),
                                      media_type="text/event-stream", headers=headers)
         except ClientGone:
             logger.info("client left while waiting on replica %s; request cancelled there", r.name)
@@ -211,29 +232,44 @@ class Forwarder:
                     await _close(resp)
 
     async def _relay(self, r: Replica, load: Load, resp: httpx.Response, chunks: AsyncIterator[bytes],
-                     first: bytes, ended: bool) -> AsyncIterator[bytes]:
+                     first: bytes, ended: bool, cut: Cut) -> AsyncIterator[bytes]:
         ok = False
         pending = first
         try:
             # Whole events only, so an error event never lands in the middle of a half-sent one.
-            cut = pending.rfind(b"\n\n") + 2
-            if cut >= 2:
-                yield pending[:cut]
-                pending = pending[cut:]
-            if not ended:
-                async for chunk in chunks:
+            end = pending.rfind(b"\n\n") + 2
+            if end >= 2:
+                yield pending[:end]
+                pending = pending[end:]
+            while not ended:
+                # Each read in a cancel scope of its own (never across a yield) that the health checker can cut.
+                chunk = None
+                with anyio.CancelScope() as cut.scope:
+                    if not cut.cut:
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            ended = True
+                cut.scope = None
+                if cut.cut:
+                    raise _CutShort()
+                if chunk:
                     pending += chunk
-                    cut = pending.rfind(b"\n\n") + 2
-                    if cut >= 2:
-                        out, pending = pending[:cut], pending[cut:]
+                    end = pending.rfind(b"\n\n") + 2
+                    if end >= 2:
+                        out, pending = pending[:end], pending[end:]
                         load.tokens(out.count(b"data:"))
                         yield out
             if pending:
                 yield pending
             ok = True
-        except httpx.HTTPError as e:
-            kind, _ = _classify(e)
-            self._failed(r, kind, f"mid-stream: {type(e).__name__}: {e}")
+        except (httpx.HTTPError, _CutShort) as e:
+            if isinstance(e, _CutShort):
+                kind = "down"
+                self.on_failure(r, kind)
+            else:
+                kind, _ = _classify(e)
+                self._failed(r, kind, f"mid-stream: {type(e).__name__}: {e}")
             self.on_stream_error(r)
             logger.warning("stream from replica %s broke after its first token (%s); ending it with an error "
                            "event", r.name, kind)
@@ -241,10 +277,15 @@ class Forwarder:
                             f"({kind}: {type(e).__name__}); the output is incomplete")
             yield b"data: [DONE]\n\n"
         finally:
+            r.exchanges.discard(cut)
             load.release()
             if ok:
                 self.replicas.record_success(r)
             await _close(resp)
+
+
+class _CutShort(Exception):
+    """The health checker cut this exchange: the replica stopped answering."""
 
 
 async def _close(resp: httpx.Response) -> None:

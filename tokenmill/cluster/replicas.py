@@ -49,6 +49,22 @@ class ReplicaStats:
     polled_at: float = 0.0
 
 
+class Cut:
+    """An exchange in flight with a replica, which the health checker can cut short when the replica stops
+    answering (its current read runs in `scope`, set by the proxy only while it awaits the replica)."""
+
+    __slots__ = ("scope", "cut")
+
+    def __init__(self):
+        self.scope = None
+        self.cut = False
+
+    def cancel(self) -> None:
+        self.cut = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
 class Replica:
     def __init__(self, name: str, url: str, index_blocks: int, client: httpx.AsyncClient):
         self.name = name
@@ -64,8 +80,17 @@ class Replica:
         self.expected_hits = 0  # prefix-hit tokens the router predicted here since the last poll
         self.pid: int | None = None  # set by the supervisor for spawned replicas
         self.last_error: str | None = None
+        self.exchanges: set[Cut] = set()  # requests in flight there, for cut_in_flight()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def cut_in_flight(self) -> int:
+        """End every request in flight here: not-yet-started ones are retried elsewhere, started streams end
+        with an error event. For a replica that is gone or hung, so that nothing waits on it forever."""
+        cuts = list(self.exchanges)
+        for c in cuts:
+            c.cancel()
+        return len(cuts)
 
     @property
     def routable(self) -> bool:
@@ -192,11 +217,13 @@ class ReplicaSet:
         self.on_state_change(r, old)
 
     def mark_down(self, name: str, why: str) -> None:
-        """Take a replica out of rotation now (e.g. its supervised process exited)."""
+        """Take a replica out of rotation now and end what is in flight there (its supervised process exited)."""
         r = self.replicas.get(name)
         if r is not None:
             r.last_error = why
             self._set_state(r, ReplicaState.UNHEALTHY, why)
+            if n := r.cut_in_flight():
+                logger.warning("replica %s: ending %d requests in flight there", name, n)
 
     def record_failure(self, r: Replica, kind: str, detail: str, fatal: bool = False) -> None:
         """A request to r failed (connect, 5xx, timeout, reset). `fatal`: the replica is surely gone."""
@@ -212,11 +239,15 @@ class ReplicaSet:
         await self.check_all()
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
-    async def stop(self) -> None:
+    async def stop_polling(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+
+    async def stop(self) -> None:
+        await self.stop_polling()
         for r in self.replicas.values():
             await r.client.aclose()
 
@@ -242,6 +273,9 @@ class ReplicaSet:
             r.last_error = why
             if r.state is ReplicaState.HEALTHY:
                 self.record_failure(r, "health", why)
+                if r.state is ReplicaState.UNHEALTHY and (n := r.cut_in_flight()):
+                    # It does not answer its health check: nothing in flight there can be trusted to finish.
+                    logger.warning("replica %s: ending %d requests in flight there", r.name, n)
             elif r.state is ReplicaState.STARTING and r.failures == 0:
                 r.failures = 1  # log the first miss only; starting replicas take a while
                 logger.info("replica %s not ready yet (%s)", r.name, why)

@@ -80,6 +80,7 @@ class Router:
         await self.replicas.start()
 
     async def stop(self) -> None:
+        await self.replicas.stop_polling()  # replicas stopping now are not failures
         if self.supervisor is not None:
             await self.supervisor.stop()
         await self.replicas.stop()
@@ -124,7 +125,7 @@ class Router:
     async def forward(self, http: Request, method: str, path: str, body: bytes | None, parsed: Any,
                       stream: bool) -> Response:
         arrival = time.monotonic()
-        f = await self.features(parsed) if parsed is not None else RequestFeatures(0, 0, (), 0, 0)
+        f = await self.features(parsed)
         tried: set[str] = set()
         failed: Response | None = None
         for attempt in range(2):  # the first try and one retry elsewhere
@@ -309,7 +310,16 @@ def build_router_app(router: Router) -> FastAPI:
 
 
 def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
+    """Serve until SIGTERM/SIGINT (a second one forces exit); spawned replicas are stopped on the way out."""
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown and turn a clean
+            # stop into death-by-signal.
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
     router = Router(config, engine_config)
@@ -318,5 +328,5 @@ def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
                         timeout_graceful_shutdown=30, lifespan="on", timeout_keep_alive=30)
     logger.info("router on http://%s:%d: %s routing over %s", config.host, config.port, config.routing,
                 f"{config.spawn} spawned replicas" if config.spawn else ", ".join(config.replica_urls))
-    uvicorn.Server(uv).run()
+    _Server(uv).run()
     return 0

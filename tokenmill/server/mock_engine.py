@@ -61,16 +61,26 @@ class MockRunner:
         decodes = sum(1 for s in seqs if s.start_pos >= len(s.prompt_token_ids))
         out = RunnerOutput()
         for s in seqs:
+            if s.prompt_next_ids is not None:  # prompt logprobs: every known next token is "likely"
+                out.prompt_logprobs[s.request_id] = [
+                    self._logprobs(t, s.params.prompt_logprobs or 0) for t in s.prompt_next_ids if t is not None]
             if s.sample:
                 pos = s.start_pos + len(s.token_ids)
                 tok = self.lo + (s.token_ids[-1] * 7919 + pos * 104729) % self.span
                 while tok in self.eos:
                     tok += 1
                 out.sampled[s.request_id] = tok
+                if s.params.logprobs is not None:
+                    out.logprobs[s.request_id] = self._logprobs(tok, s.params.logprobs)
         left = self.model.step_time(prefill, decodes) - (time.monotonic() - t0)
         if left > 0:
             self.sleep(left)
         return out
+
+    def _logprobs(self, token: int, top_n: int) -> tuple[float, list[int], list[float]]:
+        # Made-up but well-formed: the chosen token is the most likely, then its neighbours in the vocabulary.
+        top = [token] + [self.lo + (token - self.lo + k) % self.span for k in range(1, top_n)] if top_n else []
+        return -0.25, top, [-0.25 - k for k in range(len(top))]
 
     def release(self, request_ids: list[str]) -> None:
         pass
