@@ -75,6 +75,8 @@ def test_scale_to_zero_and_back():
     busy_once = _steady(1, 31)
     busy_once[5] = Observation(busy_once[5].t, 1, inflight=1)
     assert decide(busy_once, 1, 0.0, cfg).replicas == 1
+    booting = [Observation(t=i * 0.5, replicas=1, starting=1) for i in range(70)]
+    assert decide(booting, 1, 0.0, cfg).replicas == 1  # a replica still starting is not idle
     assert decide([Observation(0, replicas=0, waiting=1)], 0, 0.0, cfg).replicas == 1  # at once
     assert decide([Observation(0, replicas=0)], 0, 0.0, cfg).replicas == 0
     # min > 0 never scales to zero.

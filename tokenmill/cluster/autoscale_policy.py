@@ -13,7 +13,7 @@ The pressure of an observation is the largest of the three.
     the hysteresis) and the load would stay under it on one replica fewer, remove one replica.
   * Nothing changes within `up_delay` / `down_delay` of the last change, and a decision only looks at
     observations made after it, so a replica's own start-up cannot trigger another change.
-  * Scale to zero (min = 0): no request anywhere for `idle` seconds. From zero, the first waiting request
+  * Scale to zero (min = 0): no request anywhere, and no replica starting, for `idle` seconds. From zero, the first waiting request
     brings one replica back at once (its cold start shows up in TTFT).
 """
 
@@ -125,7 +125,8 @@ def decide(window: Sequence[Observation], current: int, last_change: float, cfg:
     # Scale to zero after a long idle spell.
     if cfg.min == 0:
         idle = _span(since_change, now, cfg.idle)
-        if idle is not None and all(o.waiting == 0 and o.inflight == 0 for o in idle):
+        # (Ready replicas only: a replica still starting has not had its chance to be used.)
+        if idle is not None and all(o.waiting == 0 and o.inflight == 0 and o.starting == 0 for o in idle):
             return Decision(0, f"no requests for {cfg.idle:g}s")
 
     # Down slow, one at a time, only if one replica fewer would still be under the band.
