@@ -143,3 +143,25 @@ def test_a_hung_replica_leaves_the_rotation_and_nothing_waits_on_it(router):
     finally:
         os.kill(victim, signal.SIGCONT)
     router.wait_healthy(2, timeout=60)
+
+
+def test_sigterm_drains_a_replica_and_it_stays_stopped(router):
+    """An operator's `kill PID`: the replica drains (its stream completes), leaves the set, and is not
+    restarted; the router carries on with the other one."""
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    streams = [client.completions.create(model="default", prompt=f"Drain {i}", max_tokens=60, stream=True)
+               for i in range(2)]
+    for s in streams:
+        next(iter(s))
+    pid = next(r["pid"] for r in router.replicas() if r["name"] == "replica-1")
+    os.kill(pid, signal.SIGTERM)
+    for s in streams:
+        assert sum(1 for _ in s) > 0  # both finish: the draining one too
+    deadline = time.monotonic() + 60
+    while any(r["name"] == "replica-1" for r in router.replicas()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [r["name"] for r in router.replicas()] == ["replica-0"]
+    served = {client.completions.with_raw_response.create(model="default", prompt="still there?", max_tokens=2)
+              .headers["x-tokenmill-replica"] for _ in range(3)}
+    assert served == {"replica-0"}
+    assert router.metrics().get('tokenmill:router_replica_restarts_total{replica="replica-1"}', 0) == 0

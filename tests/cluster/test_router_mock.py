@@ -169,6 +169,24 @@ def test_client_disconnect_aborts_the_request_on_the_replica(client, router):
     assert all(r["in_flight"] == 0 for r in router.replicas())
 
 
+def test_router_features_tokenize_exactly_as_the_replicas_do(router):
+    from tokenmill.cluster.features import Featurizer, load_tokenizer
+    from tokenmill.config import EngineConfig
+
+    feat = Featurizer(16, hash_prompts=True, tokenizer=load_tokenizer(EngineConfig()))
+    replica = router.replicas()[0]["url"]
+    bodies = [{"messages": [{"role": "developer", "content": "Be brief."},
+                            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text",
+                                                                                     "text": "there"}]}]},
+              {"prompt": "The capital of France is"}]
+    for body in bodies:
+        expected = httpx.post(f"{replica}/tokenize", json=body, timeout=30).json()["tokens"]
+        assert asyncio.run(feat.prompt_ids(body)) == expected
+        f = asyncio.run(feat.features({**body, "max_tokens": 7, "n": 2}))
+        assert f.prompt_tokens == len(expected) and f.max_tokens == 14
+        assert len(f.block_hashes) == len(expected) // 16
+
+
 def test_router_and_mock_replicas_never_load_torch(router):
     assert not maps_torch(router.proc.pid)
     pids = [r["pid"] for r in router.replicas()]

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ class ClientGone(Exception):
 class Retry:
     """This attempt failed before the client saw anything; `response` is what to send if no retry is left."""
 
-    reason: str  # connect | timeout | reset | status_5xx | status_429
+    reason: str  # connect | timeout | reset | status_5xx | status_429 | down
     response: Response
 
 
@@ -215,12 +215,20 @@ class Forwarder:
                 self._failed(r, "status_5xx", "stream failed before its first token")
                 return Retry("status_5xx", error_response(
                     502, f"replica {r.name} failed before the first token", "upstream_error"))
+            if watch.gone.done():
+                raise ClientGone()
             load.first_token()
             self.on_first_token(time.monotonic() - arrival)
             committed = True
             headers = {**SSE_HEADERS, "x-tokenmill-replica": r.name}
-            return StreamingResponse(self._relay(r, load, resp, chunks, buf, state == "ended", cut),
-                                     media_type="text/event-stream", headers=headers)
+
+            async def cleanup(resp: httpx.Response = resp) -> None:
+                r.exchanges.discard(cut)
+                load.release()
+                await _close(resp)
+
+            return _RelayResponse(self._relay(r, load, resp, chunks, buf, state == "ended", cut), cleanup,
+                                  media_type="text/event-stream", headers=headers)
         except ClientGone:
             logger.info("client left while waiting on replica %s; request cancelled there", r.name)
             return Response(status_code=499)
@@ -282,6 +290,22 @@ class Forwarder:
             if ok:
                 self.replicas.record_success(r)
             await _close(resp)
+
+
+class _RelayResponse(StreamingResponse):
+    """A StreamingResponse that releases the upstream side however it ends: Starlette never starts the body
+    iterator (so never runs its `finally`) when the client is gone before the first byte."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
 
 
 class _CutShort(Exception):

@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from tokenmill.cluster.asgi_bridge import HOP_BY_HOP, HttpCall, ResponseHead, call_asgi
+from tokenmill.cluster.features import Featurizer, load_tokenizer
 from tokenmill.cluster.metrics import RouterMetrics
 from tokenmill.cluster.policy import PolicyParams, PrefixIndex, ReplicaView, RequestFeatures, load, route
 from tokenmill.cluster.ray_config import RayServeConfig
@@ -242,21 +243,18 @@ _GENERATE = ("/v1/completions", "/v1/chat/completions")
 class Router:
     async def __init__(self, engine: DeploymentHandle, engine_config: EngineConfig, routing: str,
                        max_body_bytes: int):
-        from tokenmill.cluster.router import load_router_tokenizer
-
         global _metrics
         _log_to_stderr()
         self.engine = engine
         self.max_body = max_body_bytes
         self.metrics = _metrics = RouterMetrics(routing)
         # Block hashes only for the policies that read them (as `tokenmill router`).
-        self.block_size = engine_config.block_size if routing in ("prefix-aware", "kv-aware") else 0
+        self.featurizer = Featurizer(engine_config.block_size, hash_prompts=routing in ("prefix-aware", "kv-aware"))
         try:
-            self.tokenizer = await asyncio.to_thread(load_router_tokenizer, engine_config)
+            self.featurizer.tokenizer = await asyncio.to_thread(load_tokenizer, engine_config)
         except Exception as e:  # routing still works, on load alone
             logger.error("cannot load the tokenizer of %r (%s): routing without prompt features",
                          engine_config.model, e)
-            self.tokenizer = None
 
     @router_app.get("/metrics")
     async def metrics(self) -> Response:
@@ -264,8 +262,6 @@ class Router:
 
     @router_app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, request: Request, path: str) -> Response:
-        from tokenmill.cluster.router import request_features
-
         arrival = time.monotonic()
         try:
             body = await _read_body(request, self.max_body)
@@ -280,7 +276,7 @@ class Router:
                 parsed = json.loads(body)
             except ValueError:
                 parsed = None  # the replica answers with the exact 400
-            features = await request_features(self.tokenizer, parsed, self.block_size)
+            features = await self.featurizer.features(parsed)  # its seq/rand are replaced when routing
             stream = isinstance(parsed, dict) and parsed.get("stream") is True
         call = HttpCall(request.method, request.url.path, request.scope.get("query_string", b""),
                         [(k, v) for k, v in request.scope["headers"] if k not in HOP_BY_HOP], body, features)

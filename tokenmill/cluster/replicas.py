@@ -264,17 +264,24 @@ class ReplicaSet:
 
     async def check(self, r: Replica) -> None:
         """One active check: /health decides rotation, /metrics refreshes the stats the policies read."""
+        answered = False
         try:
             resp = await r.client.get("/health", timeout=self.health_timeout)
+            answered = True
             ok, why = resp.status_code == 200, f"/health answered {resp.status_code}"
         except httpx.HTTPError as e:
-            ok, why = False, f"/health failed: {type(e).__name__}: {e}"
+            ok, why = False, f"/health failed: {type(e).__name__}: {e!s}".rstrip(": ")
         if not ok:
             r.last_error = why
             if r.state is ReplicaState.HEALTHY:
+                if answered:
+                    # It says it is not ready (starting, draining, engine dead): out of rotation now. It is
+                    # alive, so what it has in flight ends by its own hand (a draining replica finishes it).
+                    self._set_state(r, ReplicaState.UNHEALTHY, why)
+                    return
                 self.record_failure(r, "health", why)
                 if r.state is ReplicaState.UNHEALTHY and (n := r.cut_in_flight()):
-                    # It does not answer its health check: nothing in flight there can be trusted to finish.
+                    # It does not answer at all: nothing in flight there can be trusted to finish.
                     logger.warning("replica %s: ending %d requests in flight there", r.name, n)
             elif r.state is ReplicaState.STARTING and r.failures == 0:
                 r.failures = 1  # log the first miss only; starting replicas take a while

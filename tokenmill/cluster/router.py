@@ -13,7 +13,6 @@ import asyncio
 import hmac
 import json
 import logging
-import random
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,26 +24,25 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenmill.cluster.config import RouterConfig
+from tokenmill.cluster.features import Featurizer, load_tokenizer
 from tokenmill.cluster.metrics import RouterMetrics
-from tokenmill.cluster.policy import Decision, PolicyParams, RequestFeatures, block_hashes, route
+from tokenmill.cluster.policy import Decision, PolicyParams, RequestFeatures, route
 from tokenmill.cluster.proxy import Forwarder, Retry, error_response
 from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
 from tokenmill.config import EngineConfig
-from tokenmill.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize")
-_TOKENIZE_INLINE_CHARS = 8192
-_CHAT_DEFAULT_MAX_TOKENS = 256  # decode work assumed for a chat request without max_tokens
 
 
 class Router:
     """Routing state for one router process: the replica set, the policy, the tokenizer, metrics.
 
-    Seams for what builds on it: `replicas` (a ReplicaSet: add / drain / wait_idle / remove) and
-    `supervisor` (spawned replicas: add_replica / remove_replica), both usable by an autoscaler;
-    `route()` in tokenmill.cluster.policy is the pure decision a Ray deployment can call directly.
+    Seams for what builds on it: `replicas` (a ReplicaSet: add / drain / wait_idle / remove, per-replica
+    stats) and `supervisor` (spawned replicas: add_replica / remove_replica, draining first) for an
+    autoscaler, with `metrics.ttft` for its latency signal; `Featurizer` (tokenmill.cluster.features) and
+    the pure `route()` (tokenmill.cluster.policy) for a Ray deployment that routes the same way.
     """
 
     def __init__(self, config: RouterConfig, engine_config: EngineConfig):
@@ -61,10 +59,8 @@ class Router:
         self.metrics.watch(self.replicas.all)
         self.forwarder = Forwarder(self.replicas, self._on_failure, self.metrics.ttft.observe,
                                    lambda r: self.metrics.stream_errors.labels(r.name).inc())
-        self.tokenizer: Tokenizer | None = None
+        self.featurizer = Featurizer(self.block_size, hash_prompts=self.uses_prefix)
         self.supervisor = None  # tokenmill.cluster.supervisor.Supervisor with --spawn
-        self._seq = 0
-        self._rng = random.Random()
         self._tokenizer_task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -87,7 +83,7 @@ class Router:
 
     async def _load_tokenizer(self) -> None:
         try:
-            self.tokenizer = await asyncio.to_thread(load_router_tokenizer, self.engine_config)
+            self.featurizer.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine_config)
             logger.info("tokenizer of %r loaded: prompts are hashed in blocks of %d tokens for routing",
                         self.engine_config.model, self.block_size)
         except Exception as e:
@@ -96,9 +92,7 @@ class Router:
 
     # -- features and decisions ----------------------------------------------------------------------------
     async def features(self, body: Any) -> RequestFeatures:
-        self._seq += 1
-        return await request_features(self.tokenizer, body, self.block_size if self.uses_prefix else 0,
-                                      self._seq, self._rng.getrandbits(32))
+        return await self.featurizer.features(body)
 
     def pick(self, f: RequestFeatures, exclude: set[str]) -> tuple[Replica, Decision, int] | None:
         """The policy's replica among the routable ones not in `exclude`, and the prompt tokens it should
@@ -150,57 +144,6 @@ class Router:
         states = ", ".join(f"{r.name}: {r.state.value}" for r in self.replicas.all()) or "none configured"
         return error_response(503, f"no healthy replica to serve this request ({states})", "service_unavailable",
                               headers={"Retry-After": "2"})
-
-
-async def request_features(tokenizer: Tokenizer | None, body: Any, block_size: int, seq: int = 0,
-                           rand: int = 0) -> RequestFeatures:
-    """What a routing policy needs of one OpenAI request body. `block_size` 0: no prefix block hashes.
-    Used by the router and by the Ray Serve ingress (tokenmill.cluster.ray_serve)."""
-    if not isinstance(body, dict):
-        return RequestFeatures(0, 0, (), seq, rand)
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(max_tokens, int):
-        max_tokens = _CHAT_DEFAULT_MAX_TOKENS if "messages" in body else 16
-    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-    ids = None
-    if tokenizer is not None:
-        try:
-            ids = await prompt_ids(tokenizer, body)
-        except Exception:  # malformed request: the replica will say what is wrong with it
-            ids = None
-    if not ids:
-        return RequestFeatures(0, max_tokens * n, (), seq, rand)
-    hashes = block_hashes(ids, block_size) if block_size else ()
-    return RequestFeatures(len(ids), max_tokens * n, hashes, seq, rand)
-
-
-async def prompt_ids(tok: Tokenizer, body: dict) -> list[int] | None:
-    """The token ids the replica will see for this body's (first) prompt, as its frontend makes them."""
-    if "messages" in body:
-        convo = [{"role": "system" if m["role"] == "developer" else m["role"],
-                  "content": m["content"] if isinstance(m["content"], str)
-                  else "\n".join(p["text"] for p in m["content"])} for m in body["messages"]]
-        text = tok.apply_chat_template(convo, add_generation_prompt=True)
-        special = False
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and p and not isinstance(p[0], int):
-            p = p[0]
-        if isinstance(p, list):
-            return [t for t in p if isinstance(t, int)]
-        if not isinstance(p, str):
-            return None
-        text, special = p, True
-    if len(text) <= _TOKENIZE_INLINE_CHARS:
-        return tok.encode(text, add_special_tokens=special)
-    return await asyncio.to_thread(tok.encode, text, special)
-
-
-def load_router_tokenizer(engine_config: EngineConfig) -> Tokenizer:
-    """The model's tokenizer from its metadata only: tensors (and torch) stay untouched."""
-    from tokenmill.models.loader import open_model
-
-    return Tokenizer.from_source(open_model(engine_config.model), engine_config.tokenizer)
 
 
 def build_router_app(router: Router) -> FastAPI:

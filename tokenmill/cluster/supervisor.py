@@ -1,9 +1,10 @@
 """Local replicas for `tokenmill router --spawn N`: `tokenmill serve` child processes on loopback ports.
 
 Each child is logged with its pid, URL and log file when it starts, so an operator can see and stop it.
-A child that exits unasked is taken out of rotation at once and restarted on the same port after a
-backoff (0.5 s, doubling per quick crash up to --restart-backoff-max; reset once a child has run for a
-minute). Children get PR_SET_PDEATHSIG, so they do not outlive a router that is killed.
+A child that crashes (non-zero exit, killed by a signal) is taken out of rotation at once and restarted
+on the same port after a backoff (0.5 s, doubling per quick crash up to --restart-backoff-max; reset once a
+child has run for a minute). A child that exits cleanly was told to stop (`kill PID`: SIGTERM drains it
+first) and is not restarted. Children get PR_SET_PDEATHSIG, so they do not outlive a router that is killed.
 
 `add_replica()` / `remove_replica(name)` (drain first) are the autoscaler's handles on the local set.
 """
@@ -140,8 +141,9 @@ class Supervisor:
         r = self.replicas.replicas.get(rp.name)
         if r is not None:
             r.pid = rp.proc.pid
-        logger.info("replica %s: pid %d serving on %s (log: %s; `kill %d` restarts it, the router's own exit "
-                    "stops it)", rp.name, rp.proc.pid, rp.url, rp.log_path, rp.proc.pid)
+        logger.info("replica %s: pid %d serving on %s (log: %s; `kill %d` drains and stops it for good, a "
+                    "crash is restarted, the router's exit stops it)", rp.name, rp.proc.pid, rp.url, rp.log_path,
+                    rp.proc.pid)
 
     async def _watch(self, rp: ReplicaProcess) -> None:
         backoff = 0.5
@@ -149,6 +151,14 @@ class Supervisor:
             assert rp.proc is not None
             code = await rp.proc.wait()
             if rp.stopping:
+                return
+            if code == 0:
+                # A clean exit is a replica that was told to stop (SIGTERM: it drained first), by an operator
+                # or an orchestrator; only crashes are restarted.
+                logger.warning("replica %s (pid %d) stopped cleanly; not restarting it", rp.name, rp.proc.pid)
+                self.children.pop(rp.name, None)
+                self.replicas.mark_down(rp.name, "stopped")
+                await self.replicas.remove(rp.name)
                 return
             ran = time.monotonic() - rp.started_at
             if ran >= _STABLE_AFTER_S:
