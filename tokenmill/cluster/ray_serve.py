@@ -41,6 +41,7 @@ from tokenmill.cluster.asgi_bridge import HOP_BY_HOP, HttpCall, ResponseHead, ca
 from tokenmill.cluster.features import Featurizer, load_tokenizer
 from tokenmill.cluster.metrics import RouterMetrics
 from tokenmill.cluster.policy import PolicyParams, PrefixIndex, ReplicaView, RequestFeatures, load, route
+from tokenmill.cluster.proxy import sse_error
 from tokenmill.cluster.ray_config import RayServeConfig
 from tokenmill.config import EngineConfig
 from tokenmill.server.config import ServerConfig
@@ -197,16 +198,24 @@ def _log_to_stderr() -> None:
 
 
 # -- the router (HTTP ingress) -----------------------------------------------------------------------------------
-async def _relay(gen, on_first=None) -> AsyncIterator[bytes]:
-    """Body chunks from the replica to the client; if the client leaves, cancel the replica's stream."""
+async def _relay(gen, first: bytes | None, stream: bool, on_first=None) -> AsyncIterator[bytes]:
+    """Body chunks from the replica to the client. If the client leaves, cancel the replica's stream; if the
+    replica fails mid-stream, end an SSE stream with an OpenAI-style error event (the status is sent)."""
     done = False
     try:
-        async for chunk in gen:
+        if first is not None:
             if on_first is not None:
                 on_first()
-                on_first = None
+            yield first
+        async for chunk in gen:
             yield chunk
         done = True
+    except Exception as e:  # noqa: BLE001 - the replica (or its actor) failed after the response started
+        done = True
+        logger.warning("engine replica failed mid-response: %s: %s", type(e).__name__, e)
+        if stream:
+            yield sse_error(f"the engine replica failed mid-stream ({type(e).__name__})")
+            yield b"data: [DONE]\n\n"
     finally:
         if not done:
             gen.cancel()
@@ -281,14 +290,17 @@ class Router:
         call = HttpCall(request.method, request.url.path, request.scope.get("query_string", b""),
                         [(k, v) for k, v in request.scope["headers"] if k not in HOP_BY_HOP], body, features)
         last_error: BaseException | None = None
-        for attempt in range(2):  # a replica that fails before answering: once more, elsewhere
+        for attempt in range(2):  # a replica that fails before the client got a byte: once more, elsewhere
             gen = self.engine.options(stream=True).handle.remote(call)
             try:
                 head = await gen.__anext__()
-            except (StopAsyncIteration, asyncio.CancelledError):
+                # Wait for the first body chunk too (a stream's first event): until then nothing was sent.
+                first = await anext(gen, None)
+            except asyncio.CancelledError:
                 gen.cancel()
                 raise
             except Exception as e:  # noqa: BLE001 - Ray raises many kinds (actor died, unavailable, ...)
+                gen.cancel()
                 last_error = e
                 logger.warning("engine replica failed before answering (attempt %d): %s", attempt + 1, e)
                 if attempt == 0:
@@ -298,7 +310,7 @@ class Router:
             replica = dict(head.headers).get(REPLICA_HEADER, b"?").decode()
             self.metrics.requests.labels(replica).inc()
             on_first = (lambda: self.metrics.ttft.observe(time.monotonic() - arrival)) if stream else None
-            resp = StreamingResponse(_relay(gen, on_first), status_code=head.status)
+            resp = StreamingResponse(_relay(gen, first, bool(stream), on_first), status_code=head.status)
             resp.raw_headers = head.headers
             return resp
         self.metrics.unrouted.labels("no_replica").inc()
