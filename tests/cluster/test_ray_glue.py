@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tokenmill.cluster import ray_serve
 from tokenmill.cluster.asgi_bridge import HttpCall
 from tokenmill.cluster.policy import RequestFeatures
 from tokenmill.cluster.ray_config import RayServeConfig
 from tokenmill.errors import ConfigError
 
-ray_serve = pytest.importorskip("tokenmill.cluster.ray_serve", reason="needs the 'ray' extra")
 REPO = Path(__file__).resolve().parents[2]
 
 
