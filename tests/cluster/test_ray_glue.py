@@ -29,6 +29,7 @@ def test_autoscaling_options_become_serves_autoscaling_config():
     ({"min_replicas": 1}, "both"), ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
     ({"replicas": 0}, "replicas"), ({"replica_cpus": -1}, "replica_cpus"), ({"detach": True}, "--address"),
     ({"object_store_memory": "lots"}, "size"), ({"routing": "random"}, "routing policy"),
+    ({"address": "auto", "num_cpus": 4}, "private Ray"),
 ])
 def test_bad_ray_options_are_clear_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -46,9 +47,11 @@ def test_the_shipped_serve_configs_build_the_application(path):
     assert type(built).__name__ == "Application"
 
 
-def test_app_builder_rejects_unknown_options():
+def test_app_builder_rejects_unknown_options_and_ones_it_would_ignore():
     with pytest.raises(ValueError, match="num_thread"):
         ray_serve.app_builder({"num_thread": 2})
+    with pytest.raises(ValueError, match="port"):
+        ray_serve.app_builder({"port": 9000})
 
 
 def _replica(name: str, **stats):

@@ -23,9 +23,9 @@ class RayServeConfig:
     address: str | None = _opt(
         None, "Ray cluster to join: 'auto' (the one `ray start` made on this machine), host:port or "
               "ray://host:10001. Default: start a private Ray instance on this machine.")
-    num_cpus: int | None = _opt(None, "CPUs of the private Ray instance (ignored with --address).")
+    num_cpus: int | None = _opt(None, "CPUs of the private Ray instance (not with --address).")
     object_store_memory: int | str | None = _opt(
-        None, "Object store size of the private Ray instance, e.g. 128MiB (ignored with --address).")
+        None, "Object store size of the private Ray instance, e.g. 128MiB (not with --address).")
     replicas: int = _opt(1, "Engine replicas when not autoscaling.")
     min_replicas: int | None = _opt(
         None, "Autoscale the engine replicas between --min-replicas and --max-replicas (Ray Serve's "
@@ -69,6 +69,9 @@ class RayServeConfig:
             raise ConfigError(f"unknown routing policy {self.routing!r}; choose one of {', '.join(POLICIES)}")
         if self.routing_stats_period <= 0:
             raise ConfigError("routing_stats_period must be > 0")
+        if self.address is not None and (self.num_cpus is not None or self.object_store_memory is not None):
+            raise ConfigError("--num-cpus and --object-store-memory size a private Ray instance; with --address "
+                              "the cluster's own `ray start` settings apply")
         if self.detach and self.address is None:
             raise ConfigError("--detach needs --address: a private Ray instance ends with this process")
 

@@ -347,6 +347,10 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
                        int(server_config.max_body_bytes))
 
 
+# Options `tokenmill ray-serve` uses to start or reach Ray and Serve, not to build the application.
+_NOT_APP_OPTIONS = frozenset({"host", "port", "address", "num_cpus", "object_store_memory", "detach", "app_name"})
+
+
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """For `serve run` / a Serve config file (`import_path: tokenmill.cluster.ray_serve:app_builder`): `args`
     maps option names of EngineConfig, ServerConfig and RayServeConfig (underscored) to values."""
@@ -361,6 +365,11 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown tokenmill option(s) in the Serve config: {', '.join(unknown)}")
+    elsewhere = sorted(set(args) & _NOT_APP_OPTIONS)
+    if elsewhere:
+        raise ValueError(f"option(s) {', '.join(elsewhere)} do not belong in the application's args: the Serve "
+                         "config's http_options set host and port, and the cluster is the one `serve deploy` "
+                         "talks to")
     engine_config, server_config = pick(EngineConfig), pick(ServerConfig)
     name = server_config.served_model_name or engine_config.model
     return build_application(engine_config, server_config, pick(RayServeConfig), name)
