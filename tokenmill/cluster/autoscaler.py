@@ -216,10 +216,20 @@ class AutoscalingRouter(Router):
     async def forward(self, http: Request, method: str, path: str, body: bytes | None, parsed: Any,
                       stream: bool, arrival: float | None = None) -> Response:
         arrival = time.monotonic() if arrival is None else arrival
-        if self.autoscaler is not None and not await self.autoscaler.wait_for_replica(self.config.cold_start_timeout):
-            self.metrics.unrouted.labels("no_replica").inc()
-            return error_response(503, f"no replica became ready within {self.config.cold_start_timeout:g}s",
-                                  "service_unavailable", headers={"Retry-After": "5"})
+        if self.autoscaler is not None and not self.replicas.routable():
+            waiting = asyncio.ensure_future(self.autoscaler.wait_for_replica(self.config.cold_start_timeout))
+            gone = asyncio.ensure_future(_client_left(http))
+            try:
+                await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (waiting, gone):
+                    t.cancel()
+            if not waiting.done() or waiting.cancelled():
+                return Response(status_code=499)  # the client left while its request waited for a replica
+            if not waiting.result():
+                self.metrics.unrouted.labels("no_replica").inc()
+                return error_response(503, f"no replica became ready within {self.config.cold_start_timeout:g}s",
+                                      "service_unavailable", headers={"Retry-After": "5"})
         return await super().forward(http, method, path, body, parsed, stream, arrival=arrival)
 
     def install_routes(self, app: Any) -> None:
@@ -230,3 +240,9 @@ class AutoscalingRouter(Router):
             return Response(json.dumps(body), media_type="application/json")
 
         app.add_api_route("/router/autoscaler", autoscaler_status, methods=["GET"])
+
+
+async def _client_left(http: Request) -> None:
+    # The body is read already, so the next ASGI message is http.disconnect, whenever the client leaves.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
