@@ -184,8 +184,12 @@ def run_policy(policy: str, replica_urls: list[str], args: argparse.Namespace, l
     url = f"http://127.0.0.1:{port}"
     try:
         router.wait_ready(url, 120, lambda r: r.status_code == 200 and r.json()["healthy_replicas"] == len(replica_urls))
-        # The router tokenizes prompts for prefix-aware routing once its tokenizer has loaded: wait for it.
-        time.sleep(args.settle_s)
+        # The router hashes prompts for prefix-aware routing once its tokenizer has loaded: wait for that.
+        deadline = time.monotonic() + 120
+        while not httpx.get(f"{url}/router/replicas", timeout=10).json()["tokenizer_loaded"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router's tokenizer did not load; see {router.log_path}")
+            time.sleep(0.5)
         work = shared_prefix_workload(args.groups, args.requests, args.system_words, args.question_words, seed)
         hits0, queries0 = cache_counters(replica_urls)
         t0 = time.perf_counter()
@@ -265,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=96, help="requests per policy")
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--settle-s", type=float, default=3.0, help="pause after a router reports ready")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mock", action="store_true", help="mock replicas (no model): a quick smoke run of the script")
     p.add_argument("--out", default="bench_results/routing", help="writes OUT.json and OUT.md")

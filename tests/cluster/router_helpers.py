@@ -61,7 +61,8 @@ class RouterProcess:
                 raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_text()}")
             try:
                 r = httpx.get(f"{self.url}/health", timeout=2)
-                if r.status_code == 200 and r.json()["healthy_replicas"] >= n:
+                if r.status_code == 200 and r.json()["healthy_replicas"] >= n and \
+                        httpx.get(f"{self.url}/router/replicas", timeout=2).json()["tokenizer_loaded"]:
                     return
             except httpx.HTTPError:
                 pass

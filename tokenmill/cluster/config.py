@@ -23,7 +23,7 @@ class RouterConfig:
     replicas: str | None = _opt(None, "Comma-separated base URLs of running replicas, e.g. "
                                       "http://10.0.0.2:8000,http://10.0.0.3:8000.")
     spawn: int = _opt(0, "Start and supervise this many local `tokenmill serve` replicas on free loopback ports "
-                         "(restarted with backoff when they exit).")
+                         "(restarted with backoff when they crash).")
     mock: bool = _opt(False, "Spawned replicas serve a mock engine (`tokenmill serve --mock`: no model, no torch).")
     replica_args: str = _opt("", "Extra `tokenmill serve` flags for spawned replicas, written with '=', e.g. "
                                  "--replica-args='--max-queued-requests 64 --mock-base-ms 20' (engine flags given "

@@ -246,7 +246,8 @@ def build_router_app(router: Router) -> FastAPI:
 
     @app.get("/router/replicas")
     async def replicas() -> Response:
-        body = {"routing": router.policy, "replicas": [r.describe() for r in router.replicas.all()]}
+        body = {"routing": router.policy, "tokenizer_loaded": router.featurizer.tokenizer is not None,
+                "replicas": [r.describe() for r in router.replicas.all()]}
         return Response(json.dumps(body), media_type="application/json")
 
     return app

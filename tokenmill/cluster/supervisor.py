@@ -4,7 +4,7 @@ Each child is logged with its pid, URL and log file when it starts, so an operat
 A child that crashes (non-zero exit, killed by a signal) is taken out of rotation at once and restarted
 on the same port after a backoff (0.5 s, doubling per quick crash up to --restart-backoff-max; reset once a
 child has run for a minute). A child that exits cleanly was told to stop (`kill PID`: SIGTERM drains it
-first) and is not restarted. Children get PR_SET_PDEATHSIG, so they do not outlive a router that is killed.
+first) and is not restarted; nor is one that exits with code 2 (a bad flag or configuration). Children get PR_SET_PDEATHSIG, so they do not outlive a router that is killed.
 
 `add_replica()` / `remove_replica(name)` (drain first) are the autoscaler's handles on the local set.
 """
@@ -152,12 +152,16 @@ class Supervisor:
             code = await rp.proc.wait()
             if rp.stopping:
                 return
-            if code == 0:
-                # A clean exit is a replica that was told to stop (SIGTERM: it drained first), by an operator
-                # or an orchestrator; only crashes are restarted.
-                logger.warning("replica %s (pid %d) stopped cleanly; not restarting it", rp.name, rp.proc.pid)
+            if code in (0, 2):
+                # 0: told to stop (SIGTERM: it drained first), by an operator or an orchestrator. 2: its command
+                # line or configuration is wrong, which no restart fixes. Only crashes are restarted.
+                if code == 0:
+                    logger.warning("replica %s (pid %d) stopped cleanly; not restarting it", rp.name, rp.proc.pid)
+                else:
+                    logger.error("replica %s (pid %d) rejected its configuration (exit code 2); not restarting "
+                                 "it, see %s", rp.name, rp.proc.pid, rp.log_path)
                 self.children.pop(rp.name, None)
-                self.replicas.mark_down(rp.name, "stopped")
+                self.replicas.mark_down(rp.name, "stopped" if code == 0 else "bad configuration")
                 await self.replicas.remove(rp.name)
                 return
             ran = time.monotonic() - rp.started_at

@@ -33,7 +33,8 @@ class ServerConfig:
     max_n: int = _opt(64, "Largest `n` (completions per prompt) one request may ask for.")
     log_requests: bool = _opt(True, "Log one line per finished request.")
     mock: bool = _opt(False, "Serve a mock engine: the real API, scheduler, prefix cache and metrics, but no model "
-                             "(steps sleep for a modelled time and emit ordinary tokens; no torch). For testing "
+                             "(steps sleep for a modelled time and emit ordinary tokens; no torch; of the engine flags "
+                             "that shape the model only --dtype matters, for sizing the KV cache). For testing "
                              "routers and autoscalers at scale.")
     mock_base_ms: float = _opt(5.0, "--mock: fixed milliseconds per engine step.")
     mock_prefill_ms_per_token: float = _opt(0.1, "--mock: milliseconds per prefilled prompt token in a step.")
