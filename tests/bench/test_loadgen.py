@@ -155,3 +155,10 @@ def test_cli_reports_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "bench", "serve", "--slo", "fast=1",
                         "--num-prompts", "1"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert r.returncode == 2 and "bad SLO" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_closed_loop_helper(fake_url):
+    # Synthetic prompts: ids 1000.. -> the fake's TTFT is id % 1000 ms (< 1 s), gaps id % 100 ms.
+    r = asyncio.run(loadgen.run_load(fake_url, concurrency=2, requests=3, max_tokens=3, prompt_words=4))
+    assert r["completed"] == 3 and r["concurrency"] == 2 and r["output_tok_per_s"] > 0
+    assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]

@@ -187,3 +187,25 @@ async def wait_ready(base_url: str, timeout_s: float = 600.0, api_key: str | Non
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{base_url} not ready after {timeout_s:.0f} s")
             await asyncio.sleep(0.5)
+
+
+async def run_load(url: str, concurrency: int, requests: int, max_tokens: int, prompt_words: int = 32,
+                   api_key: str | None = None) -> dict[str, float]:
+    """Closed loop in one call: `requests` distinct prompts of `prompt_words` synthetic token ids, at most
+    `concurrency` in flight, `max_tokens` each (ignore_eos). Returns the headline figures as a flat dict
+    (the shape benchmarks/ray_overhead.py tabulates). Token-id prompts: needs a server that takes them."""
+    from tokenmill.bench.metrics import compute
+
+    # Distinct prompts, so a prefix cache does not turn the run into a cache benchmark.
+    reqs = [BenchRequest([1000 + (i * 7919 + k * 31) % 20000 for k in range(prompt_words)], "", max_tokens)
+            for i in range(requests)]
+    recs = await run(url, reqs, backend=BACKENDS["openai"], max_concurrency=concurrency, api_key=api_key)
+    m = compute(recs)
+    return {
+        "concurrency": concurrency, "requests": requests, "max_tokens": max_tokens,
+        "completed": m["completed"], "wall_s": round(m["duration_s"], 3),
+        "req_per_s": round(m["request_throughput"], 3), "output_tok_per_s": round(m["output_throughput"], 2),
+        "ttft_p50_ms": round(m["ttft_s"]["median"] * 1e3, 1), "ttft_p99_ms": round(m["ttft_s"]["p99"] * 1e3, 1),
+        "itl_p50_ms": round(m["itl_s"]["median"] * 1e3, 2), "itl_p99_ms": round(m["itl_s"]["p99"] * 1e3, 2),
+        "e2e_mean_ms": round(m["e2e_s"]["mean"] * 1e3, 1),
+    }
