@@ -1,4 +1,5 @@
-"""`tokenmill` command line: generate, serve, bench, eval. Engine flags come from EngineConfig's fields."""
+"""`tokenmill` command line: generate, serve, router, ray-serve, bench, eval. Engine flags come from
+EngineConfig's fields."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import typing
 
 from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.ray_cli import add_ray_serve_parser
+from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
 from tokenmill.errors import TokenmillError
 from tokenmill.eval.cli import add_eval_parser
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     add_serve_parser(sub, add_engine_args, engine_config)
+    add_router_parser(sub, add_engine_args, engine_config)
     add_bench_parser(sub, add_engine_args, engine_config)
+    add_ray_serve_parser(sub, add_engine_args, engine_config)
     add_eval_parser(sub, add_engine_args, engine_config)
     return parser
 
