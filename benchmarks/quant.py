@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
         bar.set_postfix_str(f"{dt} {w} kv={kv}")
         t0 = time.perf_counter()
         llm = LLM(model=args.model, dtype=dt, quantization=w, kv_cache_dtype=kv, kv_cache_memory=args.kv_cache_memory,
-                  max_model_len=args.context, max_num_seqs=max(args.batches), num_threads=args.num_threads)
+                  max_model_len=args.context, max_num_seqs=max(args.batches), num_threads=args.num_threads,
+                  quant_compute_dtype=args.quant_compute_dtype)
         load_s = time.perf_counter() - t0
         source_path = llm.replica.source.path
         runner = llm.engine.runner
@@ -212,6 +213,8 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", default="1GiB", help="the fixed KV budget every config gets")
     p.add_argument("--context", type=int, default=1024, help="max model length; KV capacity is given in these")
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--quant-compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="activation dtype inside the int8/int4 kernels (see tokenmill/quant/linear.py)")
     p.add_argument("--text", default=None, help="held-out text (default: tokenmill's heldout.txt)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the same code")

@@ -1,13 +1,10 @@
 """Linear layers over float, int8 and int4 weights, and the builders that quantize them while loading.
 
-- int8: symmetric, one scale per output channel: w[n, k] ~= q[n, k] * s[n], q in [-127, 127].
+- int8: symmetric, one scale per output channel: w[n, k] ~= q[n, k] * s[n], q in [-127, 127] (on CUDA
+  the same aten op is called; NOT tested here, these machines have no GPU).
   Runs through `torch.ops.aten._weight_int8pack_mm` (activations float32 or bfloat16, scales in the
-  activation dtype).
-
-Activation dtype: both CPU kernels accept float32 and bfloat16, but (torch 2.13, these Xeons) only the
-bfloat16 path is fast beyond one row: with float32 activations a 16-row matmul ran ~10x and a 64-row one
-~10-13x slower than bfloat16. So a float32 model computes its quantized linears in bfloat16 unless told
-otherwise (`--quant-compute-dtype`); inputs and outputs stay float32.
+  activation dtype). From INT8_DEQUANT_ROWS rows up (prefill chunks) it dequantizes the matrix and runs
+  the dense GEMM instead, which beats the weight-only kernel there.
 - int4: asymmetric, one (scale, zero) pair per group of `group` input columns of each output channel:
   w[n, k] ~= (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n], q in [0, 15]. That is the layout of
   aten's int4pack kernels (`scales_and_zeros` [K/g, N, 2]); GGUF Q4_0/Q4_1 blocks of 32 map onto it
@@ -15,6 +12,11 @@ otherwise (`--quant-compute-dtype`); inputs and outputs stay float32.
   `_weight_int4pack_mm_for_cpu` (float32 or bfloat16 activations). On CUDA: `_convert_weight_to_int4pack`
   + `_weight_int4pack_mm`, bfloat16 activations only -- written to the documented contract but NOT tested
   here (these machines have no GPU).
+
+Activation dtype: both CPU kernels accept float32 and bfloat16, but with float32 activations they were an
+order of magnitude slower than with bfloat16 beyond a single row (torch 2.13 on these Xeons; a quick check
+on a busy machine, not a benchmark). So a float32 model computes its quantized linears in bfloat16 unless
+told otherwise (`--quant-compute-dtype float32`); inputs and outputs stay float32.
 
 A `LinearBuilder` receives a fused matrix's row ranges one source tensor at a time (q, k, v into qkv;
 gate, up into gate_up) and quantizes each piece as it arrives, so no float copy of a quantized matrix
