@@ -114,6 +114,7 @@ def test_logprobs_are_those_of_the_emitted_tokens():
         for pos, (t, (lp, top_ids, top_lps)) in enumerate(zip(toks, lps, strict=True)):
             assert lp == pytest.approx(float(raw[pos, t]), abs=1e-6)
             assert top_ids == raw[pos].topk(3).indices.tolist()
+            assert top_lps == pytest.approx(raw[pos].topk(3).values.tolist(), abs=1e-6)
 
 
 def test_seeded_requests_reproduce_in_any_batch():
