@@ -94,3 +94,16 @@ def test_target_as_its_own_draft_is_exact_and_accepted(plain, gguf_path):
     _check_same(plain, outs, stats)
     # The same weights propose what the target picks: nearly every proposal is accepted.
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens > 0
+
+
+def test_seeded_sampling_with_speculation_reproduces_in_any_batch():
+    llm = LLM("default", dtype="float32", kv_cache_memory="64MiB", max_model_len=512, speculative="ngram",
+              num_speculative_tokens=4)
+    seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(PROMPTS[3], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    before = llm.engine.stats().spec_num_draft_tokens
+    batched = llm.generate([PROMPTS[0], PROMPTS[3], PROMPTS[9]],
+                           [SamplingParams(temperature=1.0, max_tokens=16), seeded,
+                            SamplingParams(temperature=0.0, max_tokens=16)], use_tqdm=False)
+    assert batched[1].outputs[0].token_ids == alone
+    assert llm.engine.stats().spec_num_draft_tokens > before > 0

@@ -57,6 +57,34 @@ def available_memory(device: torch.device) -> int:
     return 4 << 30
 
 
+# Verification chunks up to this long are attended as single-token decodes (see attention_entries).
+MAX_SPLIT_CHUNK = 17
+
+
+def attention_entries(chunks: list[tuple[int, int, list[int], bool]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """(start, length, block table, split) per sequence -> AttentionMetadata.build's starts, lengths, tables.
+
+    A short chunk marked `split` (a speculative verification: the last real token plus the proposals) is
+    handed over as one single-token decode per position, with the same block table: every layer writes
+    the whole step's K/V before it attends, so the query at position p reading the first p + 1 slots is
+    exactly causal attention. All of them then go through the one batched decode call, the same kernel a
+    plain decode step uses, instead of one masked attention call per sequence.
+    """
+    starts: list[int] = []
+    lens: list[int] = []
+    tables: list[list[int]] = []
+    for start, n, table, split in chunks:
+        if split and 1 < n <= MAX_SPLIT_CHUNK:
+            starts.extend(range(start, start + n))
+            lens.extend([1] * n)
+            tables.extend([table] * n)
+        else:
+            starts.append(start)
+            lens.append(n)
+            tables.append(table)
+    return starts, lens, tables
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: list[int]):
         if config.num_threads:
@@ -147,8 +175,8 @@ class ModelRunner:
                 logit_rows.append(row + n - 1)
             row += n
         dev = self.device
-        meta = AttentionMetadata.build([s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
-                                       [s.block_ids for s in seqs], self.block_size, self.dtype, dev)
+        meta = AttentionMetadata.build(*attention_entries([(s.start_pos, len(s.token_ids), s.block_ids, s.num_spec > 0)
+                                                           for s in seqs]), self.block_size, self.dtype, dev)
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
                                     torch.tensor(logit_rows, dtype=torch.long, device=dev))

@@ -21,6 +21,7 @@ from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import ModelSource
 from tokenmill.runner.batch import ProposeInput
+from tokenmill.runner.model_runner import attention_entries
 from tokenmill.runner.sampler import argmax_rows
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,10 @@ class DraftProposer:
             pos.extend(range(start, start + len(toks)))
             last_rows.append(len(ids) - 1)
         dev = self.device
-        meta = AttentionMetadata.build([start for _, _, start in chunks], [len(t) for _, t, _ in chunks],
-                                       [[b.block_id for b in s.blocks] for s, _, _ in chunks],
-                                       self.block_size, self.dtype, dev)
+        # Short catch-up chunks (the tokens accepted since the last proposal) attend as decodes.
+        entries = attention_entries([(start, len(toks), [b.block_id for b in s.blocks], start > 0)
+                                     for s, toks, start in chunks])
+        meta = AttentionMetadata.build(*entries, self.block_size, self.dtype, dev)
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
                                     torch.tensor(last_rows, dtype=torch.long, device=dev))
