@@ -86,7 +86,7 @@ def test_random_draft_speculation_is_exact(plain, tmp_path, gguf_path):
     g = torch.Generator().manual_seed(0)
     shapes = expected_shapes(_arch_from_config(tmp_path / "config.json", cfg, {}), include_lm_head=False)
     save_file({n: torch.randn(s, generator=g) * 0.2 for n, s in shapes.items()}, str(tmp_path / "model.safetensors"))
-    outs, stats = _run(speculative="draft", draft_model=str(tmp_path), num_speculative_tokens=3)
+    outs, stats = _run(max_tokens=12, speculative="draft", draft_model=str(tmp_path), num_speculative_tokens=3)
     _check_same(plain, outs, stats)
     assert stats.spec_num_draft_tokens > 0
 
