@@ -198,3 +198,18 @@ def test_rejected_proposals_are_never_served_from_the_prefix_cache():
     out = run_all(eng)
     ref = reference(probes[:6], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     assert out == {f"p{i}": ref[str(i)] for i in range(len(probes[:6]))}
+
+
+def test_proposals_that_do_not_fit_are_dropped_before_anyone_is_preempted():
+    ps = [[9, 8, 7, 6], [1, 2, 3, 4]]
+    params = [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)]
+    # Four blocks of 4: plain decoding never needs more at once; the long request's proposals early on
+    # would, and it is scheduled after the short one.
+    eng, _ = make_engine(k=4, num_blocks=4, caching=False)
+    for i, (p, sp) in enumerate(zip(ps, params, strict=True)):
+        eng.add_request(p, sp, request_id=str(i))
+    out = run_all(eng)
+    assert out == {"0": reference([ps[0]], params[0])["0"], "1": reference([ps[1]], params[1])["0"]}
+    assert eng.stats().num_preemptions == 0
+    assert eng.stats().spec_num_draft_tokens > 0

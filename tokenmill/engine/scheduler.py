@@ -103,6 +103,10 @@ class Scheduler:
             # Speculative tokens are just more tokens to compute; the budget may cut some off.
             n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
+                if req.spec_token_ids:  # drop the proposals before preempting anyone to make room for them
+                    req.spec_token_ids = []
+                    n = min(req.num_tokens - req.num_computed_tokens, budget)
+                    continue
                 victim = self.running[-1]  # least important; never one already scheduled (they sit before i)
                 self._preempt(victim)
                 out.preempted.append(victim)
