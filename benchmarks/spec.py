@@ -122,12 +122,20 @@ def crossover(rows: list[dict], method: str, workload: str) -> dict:
     return {"method": method, "workload": workload, "pays_up_to_batch": pays, "stops_paying_at_batch": stops}
 
 
+def suggest(cross: list[dict], method: str) -> int | None:
+    """--speculative-max-batch for `method`: the largest batch up to which it pays on every workload where
+    it pays single-stream (where it never pays, speculation costs nothing to switch off); None if it
+    pays nowhere."""
+    limits = [c["pays_up_to_batch"] for c in cross if c["method"] == method and c["pays_up_to_batch"]]
+    return min(limits) if limits else None
+
+
 def markdown(report: dict) -> str:
     rows = report["rows"]
     base = {(r["workload"], r["batch"]): r["tok_s"] for r in rows if r["method"] == "none"}
     lines = [f"# Speculative decoding, {report['machine']}, {report['threads']} threads, k = {report['k']}, "
              f"{report['dtype']}", "",
-             "| workload | method | batch | decode tok/s | vs none | acceptance | accepted by position |",
+             "| workload | method | batch | decode tok/s | vs none | acceptance | accepted per draft, by position |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["tok_s"] / base[(r["workload"], r["batch"])] if (r["workload"], r["batch"]) in base else None
@@ -138,9 +146,10 @@ def markdown(report: dict) -> str:
     lines += ["", "| method | workload | pays up to batch | stops paying at batch |", "|---|---|---|---|"]
     for c in report["crossover"]:
         lines.append(f"| {c['method']} | {c['workload']} | {c['pays_up_to_batch']} | {c['stops_paying_at_batch']} |")
-    lines += ["", f"Suggested `--speculative-max-batch`: {report['suggested_speculative_max_batch']} "
-              "(the largest batch at which every measured method still pays on the chat workload; "
-              "1 if none does).", f"Greedy outputs identical across methods: {report['outputs_identical']}."]
+    lines += ["", "Suggested `--speculative-max-batch` (largest batch up to which the method pays on every "
+              "workload where it pays single-stream): " + ", ".join(
+                  f"{m}: {v}" for m, v in report["suggested_speculative_max_batch"].items()) + ".",
+              f"Greedy outputs identical across methods: {report['outputs_identical']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +187,7 @@ def main() -> int:
     for r in rows:
         del r["tokens"]
     cross = [crossover(rows, m, w) for m in methods if m != "none" for w in workloads]
-    chat_pays = [c["pays_up_to_batch"] or 0 for c in cross if c["workload"] == "chat"]
-    suggested = max(1, min(chat_pays)) if chat_pays else None
+    suggested = {m: suggest(cross, m) for m in methods if m != "none"}
     report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "model": args.model, "draft_model": args.draft_model, "k": args.k, "dtype": args.dtype,
               "output_len": args.output_len, "rows": rows, "crossover": cross,
@@ -193,7 +201,8 @@ def main() -> int:
     for c in cross:
         print(f"crossover: {c['method']} on {c['workload']} pays up to batch {c['pays_up_to_batch']}, "
               f"stops paying at batch {c['stops_paying_at_batch']}")
-    print(f"suggested --speculative-max-batch {suggested}")
+    for m, v in suggested.items():
+        print(f"suggested --speculative-max-batch for {m}: {v}")
     return 0 if identical else 1
 
 

@@ -316,7 +316,7 @@ def distill(cfg: DistillConfig, teacher_options: dict | None = None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
 
