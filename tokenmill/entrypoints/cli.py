@@ -1,4 +1,4 @@
-"""`tokenmill` command line: generate, serve, bench, distill. Engine flags come from EngineConfig's fields."""
+"""`tokenmill` command line: generate, serve, router, bench, distill. Engine flags come from EngineConfig's fields."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typing
 
 from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
 from tokenmill.errors import TokenmillError
 
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     add_serve_parser(sub, add_engine_args, engine_config)
+    add_router_parser(sub, add_engine_args, engine_config)
     add_bench_parser(sub, add_engine_args, engine_config)
     add_distill_parser(sub)
     return parser

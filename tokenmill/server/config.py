@@ -32,6 +32,13 @@ class ServerConfig:
     max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
     max_n: int = _opt(64, "Largest `n` (completions per prompt) one request may ask for.")
     log_requests: bool = _opt(True, "Log one line per finished request.")
+    mock: bool = _opt(False, "Serve a mock engine: the real API, scheduler, prefix cache and metrics, but no model "
+                             "(steps sleep for a modelled time and emit ordinary tokens; no torch; of the engine flags "
+                             "that shape the model only --dtype matters, for sizing the KV cache). For testing "
+                             "routers and autoscalers at scale.")
+    mock_base_ms: float = _opt(5.0, "--mock: fixed milliseconds per engine step.")
+    mock_prefill_ms_per_token: float = _opt(0.1, "--mock: milliseconds per prefilled prompt token in a step.")
+    mock_decode_ms_per_seq: float = _opt(0.5, "--mock: milliseconds per decoding sequence in a step.")
 
     def __post_init__(self) -> None:
         self.max_body_bytes = parse_size(self.max_body_bytes)
@@ -45,5 +52,7 @@ class ServerConfig:
             raise ConfigError("drain_timeout must be >= 0")
         if self.max_body_bytes is None or self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be at least 1KiB")
+        if min(self.mock_base_ms, self.mock_prefill_ms_per_token, self.mock_decode_ms_per_seq) < 0:
+            raise ConfigError("mock step times must be >= 0")
         if self.max_n < 1:
             raise ConfigError("max_n must be >= 1")

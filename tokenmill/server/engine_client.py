@@ -182,12 +182,17 @@ class ThreadEngineClient(EngineClient):
             except queue.Empty:
                 return msgs
 
+    def _build(self):
+        from tokenmill.server.engine_loop import build_engine
+
+        return build_engine(self.config, self._deliver)
+
     def _run(self) -> None:
-        from tokenmill.server.engine_loop import EngineLoop, build_engine
+        from tokenmill.server.engine_loop import EngineLoop
 
         stage = "loading the model"
         try:
-            engine = build_engine(self.config, self._deliver)
+            engine = self._build()
             stage = "engine loop"
             EngineLoop(engine, self._deliver).run(self._recv)
         except BaseException as e:

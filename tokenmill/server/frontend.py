@@ -124,8 +124,7 @@ class Frontend:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
-        cls = ThreadEngineClient if self.config.inproc else ProcessEngineClient
-        self.client = cls(self.engine_config, self._on_message, self._on_death)
+        self.client = self._make_client()
         t0 = time.monotonic()
         try:
             self.client.start()
@@ -141,7 +140,18 @@ class Frontend:
             logger.info("ready in %.1fs: model %r, context %d tokens, KV cache %d tokens (%d blocks), engine %s",
                         time.monotonic() - t0, self.model_name, self.info.max_model_len,
                         self.kv_capacity_tokens, self.info.num_blocks,
-                        "in-process thread" if self.config.inproc else f"process {self.info.pid}")
+                        "mock" if self.config.mock else "in-process thread" if self.config.inproc
+                        else f"process {self.info.pid}")
+
+    def _make_client(self) -> EngineClient:
+        if self.config.mock:
+            from tokenmill.server.mock_engine import MockEngineClient, StepModel
+
+            c = self.config
+            model = StepModel(c.mock_base_ms / 1e3, c.mock_prefill_ms_per_token / 1e3, c.mock_decode_ms_per_seq / 1e3)
+            return MockEngineClient(self.engine_config, self._on_message, self._on_death, model)
+        cls = ThreadEngineClient if self.config.inproc else ProcessEngineClient
+        return cls(self.engine_config, self._on_message, self._on_death)
 
     @property
     def kv_capacity_tokens(self) -> int:

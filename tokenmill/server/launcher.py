@@ -74,7 +74,8 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
 
     frontend.on_fatal = stop
     logger.info("serving %r on http://%s:%d (engine %s)", name, server_config.host, server_config.port,
-                "in-process thread" if server_config.inproc else "in its own process")
+                "MOCK (no model)" if server_config.mock
+                else "in-process thread" if server_config.inproc else "in its own process")
     server.run()
     if frontend.exit_code:
         logger.error("exiting with code %d: %s", frontend.exit_code, frontend.death_reason)

@@ -1,0 +1,113 @@
+"""Start the real `tokenmill router` as a subprocess (spawning its replicas), wait until they are in rotation."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, labels sorted, model_name dropped."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if "{" in name:
+            base, labels = name[:-1].split("{", 1)
+            kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
+            name = base + ("{" + ",".join(kept) + "}" if kept else "")
+        out[name] = float(value)
+    return out
+
+
+class RouterProcess:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="tokenmill-router-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log_dir = tempfile.mkdtemp(prefix="tokenmill-router-replicas-")
+        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "router", "--port", str(self.port),
+               "--replica-log-dir", self.log_dir, *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    def replicas(self) -> list[dict]:
+        return httpx.get(f"{self.url}/router/replicas", timeout=10).json()["replicas"]
+
+    def wait_healthy(self, n: int, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                if r.status_code == 200 and r.json()["healthy_replicas"] >= n and \
+                        httpx.get(f"{self.url}/router/replicas", timeout=2).json()["tokenizer_loaded"]:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"router not ready with {n} healthy replicas in {timeout}s:\n{self.log_text()}")
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
+
+    def log_text(self, tail: int = 80) -> str:
+        text = Path(self.log.name).read_text(errors="replace").splitlines()[-tail:]
+        for p in sorted(Path(self.log_dir).glob("*.log")):
+            text += [f"---- {p.name}", *p.read_text(errors="replace").splitlines()[-20:]]
+        return "\n".join(text)
+
+    def own_log(self) -> str:
+        """The router's log alone (spawned replicas log to their own files)."""
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def start_router(*args: str, replicas: int) -> RouterProcess:
+    router = RouterProcess(*args)
+    try:
+        router.wait_healthy(replicas)
+    except Exception:
+        router.stop()
+        raise
+    return router
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's native library loaded."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()

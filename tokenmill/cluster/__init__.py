@@ -1,0 +1,1 @@
+"""Cluster tier: the router in front of engine replicas, its routing policies, health and supervision."""

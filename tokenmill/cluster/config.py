@@ -1,0 +1,78 @@
+"""Router options: everything `tokenmill router` adds on top of the engine flags (which it passes to the
+replicas it spawns and uses itself for the tokenizer and the prefix-cache block size)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.cluster.policy import POLICIES
+from tokenmill.config import parse_size
+from tokenmill.errors import ConfigError
+
+
+def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class RouterConfig:
+    """How the router listens, finds its replicas, routes and checks health."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on.")
+    port: int = _opt(8000, "TCP port to listen on.")
+    replicas: str | None = _opt(None, "Comma-separated base URLs of running replicas, e.g. "
+                                      "http://10.0.0.2:8000,http://10.0.0.3:8000.")
+    spawn: int = _opt(0, "Start and supervise this many local `tokenmill serve` replicas on free loopback ports "
+                         "(restarted with backoff when they crash).")
+    mock: bool = _opt(False, "Spawned replicas serve a mock engine (`tokenmill serve --mock`: no model, no torch).")
+    replica_args: str = _opt("", "Extra `tokenmill serve` flags for spawned replicas, written with '=', e.g. "
+                                 "--replica-args='--max-queued-requests 64 --mock-base-ms 20' (engine flags given "
+                                 "to the router pass through by themselves).")
+    replica_log_dir: str | None = _opt(None, "Directory for spawned replicas' logs (default: a new temporary one).")
+    routing: str = _opt("prefix-aware", "Routing policy.", choices=list(POLICIES))
+    imbalance_ratio: float = _opt(
+        2.0, "prefix-aware: route to the least-loaded replica instead of the longest prefix match when the match's "
+             "outstanding tokens exceed this times the least-loaded one's plus --imbalance-tokens.")
+    imbalance_tokens: int = _opt(512, "prefix-aware: the absolute part of that bound, in tokens.")
+    kv_pressure_tokens: int = _opt(2048, "kv-aware: cost in tokens of a full KV cache (scaled by its usage).")
+    prefix_index_blocks: int = _opt(16384, "Block hashes remembered per replica for prefix-aware routing (LRU).")
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize. "
+                                     "The header is forwarded to replicas as it came.")
+    health_interval: float = _opt(1.0, "Seconds between active health and /metrics checks of each replica.")
+    health_timeout: float = _opt(3.0, "Seconds one health check may take before it counts as failed.")
+    max_failures: int = _opt(3, "Consecutive failures (5xx, timeouts, failed health checks) that take a replica "
+                                "out of rotation; a passing health check brings it back.")
+    connect_timeout: float = _opt(5.0, "Seconds to open a connection to a replica.")
+    upstream_timeout: float = _opt(600.0, "Seconds the router waits for the next byte from a replica before "
+                                          "it counts as failed.")
+    restart_backoff_max: float = _opt(30.0, "Longest wait, in seconds, before restarting a crashed spawned "
+                                            "replica (the wait doubles from 0.5s after each quick crash).")
+    max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
+
+    def __post_init__(self) -> None:
+        self.max_body_bytes = parse_size(self.max_body_bytes)
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.spawn < 0:
+            raise ConfigError("spawn must be >= 0")
+        if bool(self.replicas) == bool(self.spawn):
+            raise ConfigError("give exactly one of --replicas URL,URL,... or --spawn N")
+        if self.routing not in POLICIES:
+            raise ConfigError(f"unknown routing policy {self.routing!r}; choose one of {', '.join(POLICIES)}")
+        if self.health_interval <= 0 or self.health_timeout <= 0:
+            raise ConfigError("health_interval and health_timeout must be > 0")
+        if self.max_failures < 1:
+            raise ConfigError("max_failures must be >= 1")
+        if self.prefix_index_blocks < 1:
+            raise ConfigError("prefix_index_blocks must be >= 1")
+        if self.imbalance_tokens < 0 or self.imbalance_ratio < 1:
+            raise ConfigError("imbalance_tokens must be >= 0 and imbalance_ratio >= 1")
+        if self.max_body_bytes is None or self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be at least 1KiB")
+        for url in self.replica_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"replica URL {url!r} must start with http:// or https://")
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in (self.replicas or "").split(",") if u.strip()]
