@@ -33,7 +33,7 @@ PROMPTS = [
     "The best way to learn programming is",
     "red green blue red green blue red",
 ]
-MAX_TOKENS = 20
+MAX_TOKENS = 16
 ENGINE = dict(dtype="float32", kv_cache_memory="10MiB", max_model_len=512, max_num_batched_tokens=256)
 
 
@@ -86,15 +86,14 @@ def test_random_draft_speculation_is_exact(plain, tmp_path, gguf_path):
     g = torch.Generator().manual_seed(0)
     shapes = expected_shapes(_arch_from_config(tmp_path / "config.json", cfg, {}), include_lm_head=False)
     save_file({n: torch.randn(s, generator=g) * 0.2 for n, s in shapes.items()}, str(tmp_path / "model.safetensors"))
-    outs, stats = _run(max_tokens=12, speculative="draft", draft_model=str(tmp_path), num_speculative_tokens=3)
+    outs, stats = _run(max_tokens=8, speculative="draft", draft_model=str(tmp_path), num_speculative_tokens=2)
     _check_same(plain, outs, stats)
     assert stats.spec_num_draft_tokens > 0
 
 
 def test_target_as_its_own_draft_is_exact_and_accepted(plain, gguf_path):
-    # Fewer tokens: the draft costs as much as the target here. A smaller cache still forces preemption.
-    outs, stats = _run(max_tokens=10, kv_cache_memory="6MiB", speculative="draft", draft_model=str(gguf_path),
-                       num_speculative_tokens=3)
+    # Fewer tokens: the draft costs as much as the target here.
+    outs, stats = _run(max_tokens=8, speculative="draft", draft_model=str(gguf_path), num_speculative_tokens=2)
     _check_same(plain, outs, stats)
     # The same weights propose what the target picks: nearly every proposal is accepted.
     assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens > 0
@@ -103,11 +102,11 @@ def test_target_as_its_own_draft_is_exact_and_accepted(plain, gguf_path):
 def test_seeded_sampling_with_speculation_reproduces_in_any_batch():
     llm = LLM("default", dtype="float32", kv_cache_memory="64MiB", max_model_len=512, speculative="ngram",
               num_speculative_tokens=4)
-    seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=10, ignore_eos=True)
     alone = llm.generate(PROMPTS[3], seeded, use_tqdm=False)[0].outputs[0].token_ids
     before = llm.engine.stats().spec_num_draft_tokens
     batched = llm.generate([PROMPTS[0], PROMPTS[3], PROMPTS[9]],
-                           [SamplingParams(temperature=1.0, max_tokens=16), seeded,
-                            SamplingParams(temperature=0.0, max_tokens=16)], use_tqdm=False)
+                           [SamplingParams(temperature=1.0, max_tokens=10), seeded,
+                            SamplingParams(temperature=0.0, max_tokens=10)], use_tqdm=False)
     assert batched[1].outputs[0].token_ids == alone
     assert llm.engine.stats().spec_num_draft_tokens > before > 0
