@@ -43,6 +43,8 @@ def _params(i: int, max_tokens: int) -> SamplingParams:
 
 
 def _run(max_tokens: int = MAX_TOKENS, **opts):
+    if "speculative" in opts:
+        opts.setdefault("speculative_max_batch", len(PROMPTS))  # speculate in every step, all 16 at once
     llm = LLM("default", **{**ENGINE, **opts})
     outs = llm.generate(PROMPTS, [_params(i, max_tokens) for i in range(len(PROMPTS))], use_tqdm=False)
     return [o.outputs[0] for o in outs], llm.engine.stats()
