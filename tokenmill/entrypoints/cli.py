@@ -1,4 +1,5 @@
-"""`tokenmill` command line: generate, serve, router, bench, distill. Engine flags come from EngineConfig's fields."""
+"""`tokenmill` command line: generate, serve, router, ray-serve, bench, distill. Engine flags come from
+EngineConfig's fields."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import typing
 
 from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.ray_cli import add_ray_serve_parser
 from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
 from tokenmill.errors import TokenmillError
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub, add_engine_args, engine_config)
     add_router_parser(sub, add_engine_args, engine_config)
     add_bench_parser(sub, add_engine_args, engine_config)
+    add_ray_serve_parser(sub, add_engine_args, engine_config)
     add_distill_parser(sub)
     return parser
 
