@@ -66,6 +66,15 @@ class EngineConfig:
     kv_cache_dtype: str = _opt(
         "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scales; ~4x the tokens "
         "of float32 in the same memory).", choices=["auto", "int8"])
+    speculative: str = _opt("none", "Speculative decoding: 'ngram' proposes tokens by prompt lookup, 'draft' runs "
+                            "--draft-model; the target verifies all proposals in its one forward pass.",
+                            choices=["none", "ngram", "draft"])
+    num_speculative_tokens: int = _opt(4, "Tokens proposed per request and step when speculating.")
+    draft_model: str | None = _opt(None, "Draft model for --speculative draft (HF directory or GGUF file) sharing "
+                                   "the target's tokenizer, e.g. one written by `tokenmill distill`.")
+    # Provisional default: replace it with the crossover `benchmarks/spec.py` prints on an idle machine.
+    speculative_max_batch: int = _opt(8, "Speculate only in steps where at most this many requests are running; "
+                                      "above it, verification costs more than it saves.")
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
@@ -91,6 +100,16 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
+        if self.speculative not in ("none", "ngram", "draft"):
+            raise ConfigError(f"speculative must be none, ngram or draft, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ConfigError("num_speculative_tokens must be >= 1")
+        if self.speculative_max_batch < 1:
+            raise ConfigError("speculative_max_batch must be >= 1")
+        if self.speculative == "draft" and not self.draft_model:
+            raise ConfigError("--speculative draft needs --draft-model DIR")
+        if self.draft_model and self.speculative != "draft":
+            raise ConfigError("--draft-model is only used with --speculative draft")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
