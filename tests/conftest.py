@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 # Test helpers (fake runner, shared fixtures) live beside the tests that use them.
-for sub in ("engine", "models", "cluster"):
+for sub in ("engine", "models", "server", "cluster"):
     sys.path.insert(0, str(Path(__file__).parent / sub))
 
 

@@ -76,3 +76,49 @@ def add_bench_parser(sub, add_engine_args, engine_config) -> None:
     tp.add_argument("--out", help="write the full report as JSON")
     add_engine_args(tp)
     tp.set_defaults(func=lambda a: _throughput(a, engine_config))
+
+    from tokenmill.bench import serve as bserve
+
+    sv = bsub.add_parser("serve", help="load an OpenAI-compatible server (any) with a dataset; TTFT/TPOT/ITL, "
+                                       "throughput, goodput",
+                         description="Async load generator: token-exact prompts, fixed output lengths (checked "
+                                     "against what the server returns), Poisson/gamma arrivals. Imports no torch.")
+    bserve.add_client_args(sv)
+    sv.set_defaults(func=bserve.cmd_serve)
+
+    sw = bsub.add_parser("sweep", help="bench serve over a list of rates (or concurrencies); goodput curve and "
+                                       "the highest rate meeting the SLO",
+                         description="Runs `bench serve` once per point, optionally against a fresh server per "
+                                     "point (--launch). The SLO defaults to ttft=2.0,tpot=0.1 (p99, MLPerf style).")
+    bserve.add_client_args(sw, sweep=True)
+    axis = sw.add_mutually_exclusive_group(required=True)
+    axis.add_argument("--rates", type=lambda s: [bserve._rate(x) for x in s.split(",")],
+                      help="comma list of request rates, e.g. 0.5,1,2,4")
+    axis.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")],
+                      help="comma list of max concurrencies (rate inf), e.g. 1,4,16,32")
+    sw.add_argument("--duration", type=float, default=None,
+                    help="rate sweeps: num prompts = rate x DURATION seconds (instead of --num-prompts)")
+    sw.add_argument("--per-concurrency", type=int, default=None,
+                    help="concurrency sweeps: num prompts = this x concurrency")
+    sw.add_argument("--min-prompts", type=int, default=4, help="floor of the per-point prompt count (default: 4)")
+    sw.add_argument("--launch", default=None,
+                    help="shell command starting a fresh server per point; {port} is replaced, e.g. "
+                         "'benchmarks/peers/tokenmill.sh serve {port}'")
+    sw.add_argument("--port", type=int, default=None, help="port for --launch (default: a free one)")
+    sw.add_argument("--server-cpus", default=None, help="taskset CPU list for the launched server, e.g. 0-1")
+    sw.add_argument("--log-dir", default="bench_results/logs", help="launched servers' logs (default: %(default)s)")
+    sw.set_defaults(func=bserve.cmd_sweep)
+
+    pl = bsub.add_parser("plot", help="PNG plots (latency CDFs, goodput vs rate, throughput vs concurrency) "
+                                      "from result JSONs, overlaid")
+    pl.add_argument("results", nargs="+", help="JSON files from bench serve / sweep (or lists of results)")
+    pl.add_argument("--out-dir", default="bench_results/plots", help="where the PNGs go (default: %(default)s)")
+    pl.set_defaults(func=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from tokenmill.bench.plot import plot
+
+    for p in plot(args.results, args.out_dir):
+        print(p)
+    return 0

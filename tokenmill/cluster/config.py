@@ -48,6 +48,15 @@ class RouterConfig:
     restart_backoff_max: float = _opt(30.0, "Longest wait, in seconds, before restarting a crashed spawned "
                                             "replica (the wait doubles from 0.5s after each quick crash).")
     max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
+    autoscale: str | None = _opt(
+        None, "With --spawn: grow and shrink the local replicas with demand, e.g. 'min=1,max=4,target=2'. Keys: "
+              "min, max, target (p90 TTFT seconds), queue (waiting requests per replica), kv (KV cache use), "
+              "up_delay / down_delay (seconds of overload / low load before acting), idle (seconds without "
+              "requests before scaling to zero, when min=0), low, tolerance. --spawn N is the starting count.")
+    autoscale_interval: float = _opt(1.0, "Seconds between autoscaler decisions.")
+    drain_timeout: float = _opt(60.0, "Seconds a replica the autoscaler removes may take to finish its requests.")
+    cold_start_timeout: float = _opt(
+        120.0, "Seconds a request waits in the router for a replica when none is ready (scale from zero).")
 
     def __post_init__(self) -> None:
         self.max_body_bytes = parse_size(self.max_body_bytes)
@@ -69,6 +78,17 @@ class RouterConfig:
             raise ConfigError("imbalance_tokens must be >= 0 and imbalance_ratio >= 1")
         if self.max_body_bytes is None or self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be at least 1KiB")
+        if self.autoscale is not None:
+            from tokenmill.cluster.autoscale_policy import AutoscaleConfig
+
+            auto = AutoscaleConfig.parse(self.autoscale)
+            if not self.spawn:
+                raise ConfigError("--autoscale needs --spawn N (it scales the replicas this router starts)")
+            if not max(1, auto.min) <= self.spawn <= auto.max:
+                raise ConfigError(f"--spawn {self.spawn} must lie within the autoscale range "
+                                  f"[{max(1, auto.min)}, {auto.max}]")
+        if self.autoscale_interval <= 0 or self.drain_timeout < 0 or self.cold_start_timeout <= 0:
+            raise ConfigError("autoscale_interval and cold_start_timeout must be > 0, drain_timeout >= 0")
         for url in self.replica_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"replica URL {url!r} must start with http:// or https://")

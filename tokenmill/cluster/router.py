@@ -117,8 +117,8 @@ class Router:
 
     # -- forwarding ----------------------------------------------------------------------------------------
     async def forward(self, http: Request, method: str, path: str, body: bytes | None, parsed: Any,
-                      stream: bool) -> Response:
-        arrival = time.monotonic()
+                      stream: bool, arrival: float | None = None) -> Response:
+        arrival = time.monotonic() if arrival is None else arrival  # (given: the request waited for a replica)
         f = await self.features(parsed)
         tried: set[str] = set()
         failed: Response | None = None
@@ -266,8 +266,15 @@ def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
             self.should_exit = True
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
-    router = Router(config, engine_config)
-    app = build_router_app(router)
+    if config.autoscale:
+        from tokenmill.cluster.autoscaler import AutoscalingRouter
+
+        router = AutoscalingRouter(config, engine_config)
+        app = build_router_app(router)
+        router.install_routes(app)
+    else:
+        router = Router(config, engine_config)
+        app = build_router_app(router)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                         timeout_graceful_shutdown=30, lifespan="on", timeout_keep_alive=30)
     logger.info("router on http://%s:%d: %s routing over %s", config.host, config.port, config.routing,

@@ -39,5 +39,7 @@ def build_replica(config: EngineConfig) -> Replica:
     policy = make_policy(config.scheduling_policy, aging_s=config.priority_aging, slo_classes=config.slo_classes)
     engine = EngineCore(runner, source.arch.vocab_size, tokenizer.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                        enable_prefix_caching=config.enable_prefix_caching, policy=policy)
+                        enable_prefix_caching=config.enable_prefix_caching, policy=policy,
+                        num_speculative_tokens=0 if config.speculative == "none" else config.num_speculative_tokens,
+                        speculative_max_batch=config.speculative_max_batch)
     return Replica(config, source, tokenizer, engine)
