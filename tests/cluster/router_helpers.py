@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,32 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
+from server_helpers import free_port, parse_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text as {'name{labels}': value}, labels sorted, model_name dropped."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        if "{" in name:
-            base, labels = name[:-1].split("{", 1)
-            kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
-            name = base + ("{" + ",".join(kept) + "}" if kept else "")
-        out[name] = float(value)
-    return out
 
 
 class RouterProcess:

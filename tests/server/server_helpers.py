@@ -24,6 +24,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, labels sorted, model_name dropped."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if "{" in name:
+            base, labels = name[:-1].split("{", 1)
+            kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
+            name = base + ("{" + ",".join(kept) + "}" if kept else "")
+        out[name] = float(value)
+    return out
+
+
 class ServerProcess:
     def __init__(self, *args: str, api_key: str | None = None):
         self.port = free_port()
@@ -74,18 +89,7 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value} (labels without model_name)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name, value = line.rsplit(" ", 1)
-            if "{" in name:
-                base, labels = name[:-1].split("{", 1)
-                kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
-                name = base + ("{" + ",".join(kept) + "}" if kept else "")
-            out[name] = float(value)
-        return out
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
