@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,11 @@ from pathlib import Path
 
 import httpx
 
+from tokenmill.bench.launch import free_port
 from tokenmill.bench.loadgen import run_load
 
 logger = logging.getLogger("ray_overhead")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Setup:

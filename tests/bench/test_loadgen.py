@@ -57,6 +57,7 @@ def test_ttft_tpot_itl_follow_the_script(fake_url):
     assert m["completed"] == 4 and m["short"] == m["errors"] == 0
     for r in recs:
         assert r.tokens_source == "usage" and r.output_tokens == out and len(r.chunks) == out
+        assert r.served_by == "fake-0"
         assert ttft <= r.ttft <= ttft + SLACK
         assert (out - 1) * gap <= r.e2e - r.ttft <= (out - 1) * gap + SLACK
         assert r.tpot == pytest.approx((r.e2e - r.ttft) / (out - 1))
