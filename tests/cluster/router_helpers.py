@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from server_helpers import free_port, parse_metrics
+from server_helpers import CliProcess, free_port, parse_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0
 
 
-class RouterProcess:
+class RouterProcess(CliProcess):
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="tokenmill-router-", suffix=".log", delete=False)  # noqa: SIM115
         self.log_dir = tempfile.mkdtemp(prefix="tokenmill-router-replicas-")
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "router", "--port", str(self.port),
-               "--replica-log-dir", self.log_dir, *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        super().__init__(["router", "--port", str(self.port), "--replica-log-dir", self.log_dir, *args],
+                         "tokenmill-router-")
 
     def replicas(self) -> list[dict]:
         return httpx.get(f"{self.url}/router/replicas", timeout=10).json()["replicas"]
@@ -60,15 +53,7 @@ class RouterProcess:
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 def start_router(*args: str, replicas: int) -> RouterProcess:
