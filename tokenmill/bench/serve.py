@@ -16,6 +16,7 @@ import math
 import platform
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -23,10 +24,13 @@ from tokenmill.bench import datasets, loadgen
 from tokenmill.bench.metrics import RequestRecord, compute, parse_slo
 from tokenmill.errors import TokenmillError
 
+if TYPE_CHECKING:
+    from tokenmill.tokenizer.tokenizer import Tokenizer
+
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> Tokenizer:
     """'default', a GGUF file or a HF directory -> our Tokenizer (torch-free)."""
     from tokenmill.models.loader import resolve_model_path
     from tokenmill.tokenizer.tokenizer import Tokenizer
@@ -34,7 +38,7 @@ def load_tokenizer(spec: str):
     return Tokenizer.from_path(resolve_model_path(spec))
 
 
-def dataset_from_args(args: argparse.Namespace, tok=None) -> list[datasets.BenchRequest]:
+def dataset_from_args(args: argparse.Namespace, tok: Tokenizer | None = None) -> list[datasets.BenchRequest]:
     tok = tok or load_tokenizer(args.tokenizer)
     vocab = (100, tok.vocab_size - 100)
     return datasets.build(args.dataset, tok, args.num_prompts, seed=args.seed,

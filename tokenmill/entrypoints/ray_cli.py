@@ -13,6 +13,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.entrypoints.config_args import add_config_args, config_from_args
 from tokenmill.entrypoints.server_cli import add_server_args, server_config
 from tokenmill.errors import ConfigError
+from tokenmill.server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def add_ray_serve_parser(subparsers, add_engine_args: Callable[[argparse.Argumen
     p.set_defaults(func=run)
 
 
-def run_ray_serve(engine_config: EngineConfig, server_config, config: RayServeConfig) -> int:
+def run_ray_serve(engine_config: EngineConfig, server_config: ServerConfig, config: RayServeConfig) -> int:
     try:
         import ray
         from ray import serve
