@@ -64,7 +64,8 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--engine-args", default="--kv-cache-memory 512MiB", help="extra engine flags for the replica")
+    p.add_argument("--engine-args", default="--kv-cache-memory 512MiB", help="extra flags for the replica, written with '=' (e.g. --engine-args='--mock' for a quick run "
+                        "without a model) (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
