@@ -51,6 +51,30 @@ class EngineConfig:
     max_num_seqs: int = _opt(128, "Most requests running at once.")
     num_threads: int | None = _opt(None, "Torch threads for model math; defaults to the cores this process may use.")
     seed: int = _opt(0, "Seed for requests that carry none.")
+    quantization: str = _opt(
+        "none", "Weight-only quantization of every linear layer: int8 (per output channel) or int4 "
+        "(group-wise; GGUF Q4_0/Q4_1 weights are repacked as shipped at group 32).",
+        choices=["none", "int8", "int4"])
+    quant_group_size: int = _opt(32, "Input columns per int4 scale/zero group.", choices=[32, 64, 128])
+    lm_head_quantization: str = _opt(
+        "auto", "LM head weights: auto is int8 whenever --quantization is set (an int4 head costs more "
+        "accuracy than it saves time; the default GGUF ships it as Q8_0 too), none keeps it in --dtype.",
+        choices=["auto", "none", "int8", "int4"])
+    quant_compute_dtype: str = _opt(
+        "auto", "Activation dtype inside int8/int4 matmuls; auto is bfloat16 (torch's CPU kernels are fast "
+        "only there), so a float32 model casts around them.", choices=["auto", "float32", "bfloat16"])
+    kv_cache_dtype: str = _opt(
+        "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scales; ~4x the tokens "
+        "of float32 in the same memory).", choices=["auto", "int8"])
+    speculative: str = _opt("none", "Speculative decoding: 'ngram' proposes tokens by prompt lookup, 'draft' runs "
+                            "--draft-model; the target verifies all proposals in its one forward pass.",
+                            choices=["none", "ngram", "draft"])
+    num_speculative_tokens: int = _opt(4, "Tokens proposed per request and step when speculating.")
+    draft_model: str | None = _opt(None, "Draft model for --speculative draft (HF directory or GGUF file) sharing "
+                                   "the target's tokenizer, e.g. one written by `tokenmill distill`.")
+    # Provisional default: replace it with the crossover `benchmarks/spec.py` prints on an idle machine.
+    speculative_max_batch: int = _opt(8, "Speculate only in steps where at most this many requests are running; "
+                                      "above it, verification costs more than it saves.")
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
@@ -64,8 +88,28 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be positive")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ConfigError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            raise ConfigError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
+        if self.lm_head_quantization not in ("auto", "none", "int8", "int4"):
+            raise ConfigError(f"lm_head_quantization must be auto, none, int8 or int4, got {self.lm_head_quantization!r}")
+        if self.quant_compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"quant_compute_dtype must be auto, float32 or bfloat16, got {self.quant_compute_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
+        if self.speculative not in ("none", "ngram", "draft"):
+            raise ConfigError(f"speculative must be none, ngram or draft, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ConfigError("num_speculative_tokens must be >= 1")
+        if self.speculative_max_batch < 1:
+            raise ConfigError("speculative_max_batch must be >= 1")
+        if self.speculative == "draft" and not self.draft_model:
+            raise ConfigError("--speculative draft needs --draft-model DIR")
+        if self.draft_model and self.speculative != "draft":
+            raise ConfigError("--draft-model is only used with --speculative draft")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

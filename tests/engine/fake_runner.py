@@ -1,13 +1,17 @@
 """A model-free runner for engine tests: 'samples' a token that depends only on the sequence so far,
-so any scheduling (batched, chunked, preempted, prefix-hit) must produce the same tokens."""
+so any scheduling (batched, chunked, preempted, prefix-hit, speculative) must produce the same tokens.
+
+With `spec_oracle` it also proposes speculative tokens: the true continuation for a varying number of
+positions, then deliberately wrong tokens, so verification accepts some and rejects the rest."""
 
 from __future__ import annotations
 
-from tokenmill.runner.batch import RunnerOutput, SeqInput
+from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, vocab: int = 50):
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, vocab: int = 50,
+                 spec_oracle: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -16,6 +20,11 @@ class FakeRunner:
         self.released: list[str] = []
         # What each KV slot holds, to check that prefix hits and shared blocks carry the right tokens.
         self.slots: dict[int, tuple[int, int]] = {}
+        self.spec_oracle = spec_oracle
+        self.proposed: list[list[tuple[str, int, int]]] = []  # (request, tokens, max proposals)
+
+    def next_token(self, history: list[int]) -> int:
+        return (sum(history) * 31 + len(history)) % self.vocab
 
     def execute(self, seqs: list[SeqInput]) -> RunnerOutput:
         self.steps.append(seqs)
@@ -32,10 +41,34 @@ class FakeRunner:
                 pos, tok = self.slots[s.block_ids[p // self.block_size] * self.block_size + p % self.block_size]
                 assert pos == p
                 history.append(tok)
-            expected = (s.prompt_token_ids + s.output_token_ids)[:end]
+            spec = s.token_ids[len(s.token_ids) - s.num_spec:] if s.num_spec else []
+            expected = (s.prompt_token_ids + s.output_token_ids + spec)[:end]
             assert history == expected, "KV cache content differs from the request's tokens"
-            if s.sample:
-                out.sampled[s.request_id] = (sum(history) * 31 + len(history)) % self.vocab
+            if s.sample and s.num_spec:  # greedy verification: the target's token at each position
+                real = history[:end - s.num_spec]
+                toks = []
+                for i in range(s.num_spec + 1):
+                    toks.append(self.next_token(real + spec[:i]))
+                    if i == s.num_spec or toks[-1] != spec[i]:
+                        break
+                out.spec_sampled[s.request_id] = toks
+            elif s.sample:
+                out.sampled[s.request_id] = self.next_token(history)
+        return out
+
+    def propose(self, inputs: list[ProposeInput]) -> dict[str, list[int]]:
+        self.proposed.append([(p.request_id, p.num_tokens, p.max_tokens) for p in inputs])
+        if not self.spec_oracle:
+            return {}
+        out = {}
+        for p in inputs:
+            history = p.prompt_token_ids + p.output_token_ids
+            good = (len(history) * 7) % (p.max_tokens + 1)  # 0..k proposals right, the rest wrong
+            toks = []
+            for i in range(p.max_tokens):
+                t = self.next_token(history + toks)
+                toks.append(t if i < good else (t + 1) % self.vocab)
+            out[p.request_id] = toks
         return out
 
     def release(self, request_ids: list[str]) -> None:

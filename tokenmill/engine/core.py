@@ -12,7 +12,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.errors import InvalidRequestError
-from tokenmill.runner.batch import Logprobs, RunnerOutput, SeqInput
+from tokenmill.runner.batch import Logprobs, ProposeInput, RunnerOutput, SeqInput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ class Runner(Protocol):
     def execute(self, seqs: list[SeqInput]) -> RunnerOutput: ...
 
     def release(self, request_ids: list[str]) -> None: ...
+
+    def propose(self, inputs: list[ProposeInput]) -> dict[str, list[int]]:
+        """Speculative proposals for decoding requests (only called when speculation is on)."""
+        ...
 
 
 @dataclass
@@ -59,11 +63,18 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_steps: int
+    # Speculative decoding (vLLM's spec_decode_* counters): verified proposal runs, proposed tokens
+    # verified, accepted tokens, and accepted tokens by position in the proposal.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 class EngineCore:
     def __init__(self, runner: Runner, vocab_size: int, eos_token_ids: list[int], *,
-                 max_num_batched_tokens: int, max_num_seqs: int, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int, max_num_seqs: int, enable_prefix_caching: bool = True,
+                 num_speculative_tokens: int = 0, speculative_max_batch: int = 1 << 30):
         self.runner = runner
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -76,6 +87,12 @@ class EngineCore:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
+        self.num_spec_tokens = num_speculative_tokens  # 0: no speculation
+        self.spec_max_batch = speculative_max_batch
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
+        self.spec_accepted_per_pos = [0] * num_speculative_tokens
 
     # -- requests in and out -----------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
@@ -120,7 +137,9 @@ class EngineCore:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), self.kv.usage, self.kv.prefix_cache_queries,
                            self.kv.prefix_cache_hits, s.num_preemptions, self.prompt_tokens,
-                           self.generation_tokens, self.num_steps)
+                           self.generation_tokens, self.num_steps, self.spec_num_drafts,
+                           self.spec_num_draft_tokens, self.spec_num_accepted_tokens,
+                           list(self.spec_accepted_per_pos))
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
@@ -137,21 +156,60 @@ class EngineCore:
                 if req.num_computed_tokens == 0:  # first chunk (or a restart after preemption)
                     self._prompt_lp[req.request_id] = [None]
                 self._prompt_lp[req.request_id].extend(lps)
-        for req in self.scheduler.update(out, result.sampled):
-            self.generation_tokens += 1
-            if len(req.output_token_ids) == 1:
+        self._count_spec(seqs, result)
+        for req, m in self.scheduler.update(out, result.sampled, result.spec_sampled):
+            self.generation_tokens += m
+            if len(req.output_token_ids) == m:
                 self.prompt_tokens += req.num_prompt_tokens
-            lp = result.logprobs.get(req.request_id)
-            updates.append(self._update(req, [req.output_token_ids[-1]], [lp] if lp else []))
+            if req.request_id in result.spec_logprobs:
+                lps = result.spec_logprobs[req.request_id][:m]
+            else:
+                lp = result.logprobs.get(req.request_id)
+                lps = [lp] if lp else []
+            updates.append(self._update(req, req.output_token_ids[-m:], lps))
             if req.status.finished:
                 self.runner.release([req.request_id])
+        if self.num_spec_tokens:
+            self._propose()
         return updates
+
+    # -- speculative decoding ----------------------------------------------------------------
+    def _propose(self) -> None:
+        """Ask the runner for proposals for the next step, for every request that is decoding."""
+        running = self.scheduler.running
+        if not running or len(running) > self.spec_max_batch:
+            return  # a big batch is compute-bound already: verification would cost more than it saves
+        inputs = []
+        for req in running:
+            # Never propose past max_tokens / the context: the last proposal's successor must still fit.
+            k = min(self.num_spec_tokens, req.max_total_tokens - req.num_tokens - 1)
+            if k > 0 and req.output_token_ids and req.num_computed_tokens == req.num_tokens - 1:
+                inputs.append(ProposeInput(req.request_id, req.prompt_token_ids, req.output_token_ids, k))
+        if not inputs:
+            return
+        proposals = self.runner.propose(inputs)
+        for p in inputs:
+            toks = proposals.get(p.request_id)
+            if toks:
+                self.scheduler.requests[p.request_id].spec_token_ids = list(toks[: p.max_tokens])
+
+    def _count_spec(self, seqs: list[SeqInput], result: RunnerOutput) -> None:
+        for s in seqs:
+            toks = result.spec_sampled.get(s.request_id)
+            if s.num_spec and toks is not None:
+                accepted = len(toks) - 1
+                self.spec_num_drafts += 1
+                self.spec_num_draft_tokens += s.num_spec
+                self.spec_num_accepted_tokens += accepted
+                for i in range(accepted):
+                    self.spec_accepted_per_pos[i] += 1
 
     def _seq_input(self, req: Request, n: int) -> SeqInput:
         start = req.num_computed_tokens
-        s = SeqInput(req.request_id, req.tokens_slice(start, start + n), start, self.kv.block_ids(req), req.params,
-                     sample=start + n == req.num_tokens, prompt_token_ids=req.prompt_token_ids,
-                     output_token_ids=req.output_token_ids)
+        num_spec = max(0, start + n - req.num_tokens)
+        s = SeqInput(req.request_id, req.tokens_slice_with_spec(start, start + n), start, self.kv.block_ids(req),
+                     req.params, sample=start + n >= req.num_tokens, prompt_token_ids=req.prompt_token_ids,
+                     output_token_ids=req.output_token_ids, num_spec=num_spec)
         if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens:
             p = req.num_prompt_tokens
             s.prompt_next_ids = [req.prompt_token_ids[i + 1] if i + 1 < p else None for i in range(start, start + n)]

@@ -79,9 +79,11 @@ class KVCacheManager:
         if self._uses_cache(req):
             # Register blocks that will be full once this step runs: the KV is written before any
             # later step can read it, and within a step every layer writes before it attends.
-            self._extend_hashes(req, total)
+            # Speculative tokens may be rejected: only blocks of real tokens are registered.
+            real = min(total, req.num_tokens)
+            self._extend_hashes(req, real)
             start = self._num_hashed.get(req.request_id, 0)
-            end = total // self.block_size
+            end = real // self.block_size
             for i in range(start, end):
                 self.pool.cache_block(blocks[i], req.block_hashes[i])
             self._num_hashed[req.request_id] = max(start, end)
@@ -89,6 +91,16 @@ class KVCacheManager:
 
     def block_ids(self, req: Request) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req.request_id, ())]
+
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Free req's blocks past those holding its first num_tokens tokens (rejected speculative
+        slots). Such blocks were never registered in the prefix cache: they held unverified tokens."""
+        blocks = self.req_blocks.get(req.request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks and len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self.pool.free(reversed(tail))
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, None)

@@ -45,6 +45,9 @@ class Request:
     num_preemptions: int = 0
     # Chained hashes of this request's full blocks, filled lazily by the KV cache manager.
     block_hashes: list[int] = field(default_factory=list)
+    # Speculative tokens proposed for the next step: computed after the last real token and verified
+    # by the target in the same forward pass; never part of the output until accepted.
+    spec_token_ids: list[int] = field(default_factory=list)
     # Engine timestamps (time.monotonic()); the frontend derives TTFT / ITL / queue time from them.
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -62,6 +65,10 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return self.num_tokens + len(self.spec_token_ids)
+
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
@@ -73,6 +80,13 @@ class Request:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def tokens_slice_with_spec(self, start: int, end: int) -> list[int]:
+        """Like tokens_slice, over prompt + output + speculative tokens."""
+        n = self.num_tokens
+        if end <= n:
+            return self.tokens_slice(start, end)
+        return self.tokens_slice(min(start, n), n)[max(0, start - n):] + self.spec_token_ids[max(0, start - n):end - n]
 
     def check_stop(self) -> RequestStatus | None:
         """After a token was appended: has the request finished, and why?"""

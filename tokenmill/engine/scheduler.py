@@ -85,6 +85,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         logger.info("preempted request %s (priority %d, %d tokens) to free KV blocks",
@@ -99,8 +100,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            # Speculative tokens are just more tokens to compute; the budget may cut some off.
+            n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
+                if req.spec_token_ids:  # drop the proposals before preempting anyone to make room for them
+                    req.spec_token_ids = []
+                    n = min(req.num_tokens - req.num_computed_tokens, budget)
+                    continue
                 victim = self.running[-1]  # least important; never one already scheduled (they sit before i)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -132,23 +138,45 @@ class Scheduler:
             budget -= n
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               spec_sampled: dict[str, list[int]] | None = None) -> list[tuple[Request, int]]:
         """Advance computed counts, append sampled tokens, finish requests that stopped. Returns the
-        requests that got a token this step (finished ones have a finished status)."""
+        requests that got tokens this step with how many (finished ones have a finished status).
+
+        spec_sampled holds, for requests that had speculative tokens verified, every token the
+        verification emitted (accepted proposals, then the target's own token). The tokens are taken
+        one at a time and stop conditions checked after each, so nothing past a stop is emitted;
+        rejected proposals roll num_computed_tokens back and free their KV slots."""
         now = time.monotonic()
         touched = []
         for req, n in out.scheduled:
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += n
-            tok = sampled.get(req.request_id)
-            if tok is None:
-                continue  # a prefill chunk that did not reach the end of the prompt
-            req.output_token_ids.append(tok)
+            num_spec = max(0, req.num_computed_tokens + n - req.num_tokens)  # proposals computed this step
+            req.spec_token_ids = []
+            toks = spec_sampled.get(req.request_id) if spec_sampled else None
+            if toks is None:
+                req.num_computed_tokens += n - num_spec
+                tok = sampled.get(req.request_id)
+                if tok is None:
+                    continue  # a prefill chunk that did not reach the end of the prompt
+                toks = [tok]
+            else:
+                # Accepted proposals (all but the last emitted token) had their KV computed correctly.
+                req.num_computed_tokens += n - num_spec + len(toks) - 1
+            emitted = 0
+            stop = None
+            for tok in toks:
+                req.output_token_ids.append(tok)
+                emitted += 1
+                stop = req.check_stop()
+                if stop is not None:
+                    break
             if req.first_token_time is None:
                 req.first_token_time = now
-            stop = req.check_stop()
             if stop is not None:
                 self._finish(req, stop)
-            touched.append(req)
+            elif num_spec:
+                self.kv.trim(req, req.num_tokens)
+            touched.append((req, emitted))
         return touched

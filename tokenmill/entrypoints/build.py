@@ -37,5 +37,7 @@ def build_replica(config: EngineConfig) -> Replica:
     runner = ModelRunner(config, source, tokenizer.eos_token_ids)
     engine = EngineCore(runner, source.arch.vocab_size, tokenizer.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                        enable_prefix_caching=config.enable_prefix_caching)
+                        enable_prefix_caching=config.enable_prefix_caching,
+                        num_speculative_tokens=0 if config.speculative == "none" else config.num_speculative_tokens,
+                        speculative_max_batch=config.speculative_max_batch)
     return Replica(config, source, tokenizer, engine)

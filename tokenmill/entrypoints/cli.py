@@ -1,5 +1,5 @@
-"""`tokenmill` command line: generate, serve, router, ray-serve, bench. Engine flags come from EngineConfig's
-fields."""
+"""`tokenmill` command line: generate, serve, router, ray-serve, bench, eval, distill. Engine flags come from
+EngineConfig's fields."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tokenmill.entrypoints.ray_cli import add_ray_serve_parser
 from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
 from tokenmill.errors import TokenmillError
+from tokenmill.eval.cli import add_eval_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,56 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from tokenmill.spec.distill import distill
+    from tokenmill.spec.distill_config import DistillConfig
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    options = {"num_threads": args.num_threads} if args.num_threads else {}
+    summary = distill(cfg, options)
+    print(json.dumps({"out": cfg.out, "loss_first": summary["losses"][0], "loss_last": summary["losses"][-1],
+                      "parameters": summary["parameters"], "seconds": round(summary["seconds"], 1)}))
+    return 0
+
+
+def add_distill_parser(sub) -> None:
+    from tokenmill.spec.distill_config import DistillConfig
+
+    d = DistillConfig()
+    p = sub.add_parser("distill", help="train a small draft model on the teacher's own outputs and logits",
+                       description="Train a small Llama student (the teacher's tokenizer) with KL to the teacher's "
+                       "top-20 distribution on answers the teacher generates from built-in seed instructions; "
+                       "writes a Hugging Face directory for --speculative draft --draft-model DIR.")
+    add = p.add_argument
+    add("--teacher", default=d.teacher, help="teacher model: GGUF, HF directory or 'default' (default: default)")
+    add("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer, loss.png)")
+    add("--layers", type=int, default=d.layers, help=f"student layers (default: {d.layers})")
+    add("--hidden", type=int, default=d.hidden, help=f"student hidden size (default: {d.hidden})")
+    add("--heads", type=int, default=None, help="attention heads (default: hidden / 64)")
+    add("--kv-heads", type=int, default=None, help="key/value heads (default: heads / 2)")
+    add("--intermediate", type=int, default=None, help="MLP size (default: ~8/3 hidden)")
+    add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    add("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
+    add("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    add("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    add("--warmup", type=int, default=d.warmup, help=f"warm-up steps (default: {d.warmup})")
+    add("--num-prompts", type=int, default=None,
+        help="use only the first N built-in seed instructions (default: all)")
+    add("--samples-per-prompt", type=int, default=d.samples_per_prompt,
+        help=f"teacher answers per seed instruction (default: {d.samples_per_prompt})")
+    add("--gen-tokens", type=int, default=d.gen_tokens, help=f"tokens per teacher answer (default: {d.gen_tokens})")
+    add("--temperature", type=float, default=d.temperature,
+        help=f"teacher sampling temperature (default: {d.temperature})")
+    add("--seed", type=int, default=d.seed, help=f"seed for data and initialisation (default: {d.seed})")
+    add("--teacher-kv-cache-memory", default=d.teacher_kv_cache_memory,
+        help=f"teacher KV cache while generating (default: {d.teacher_kv_cache_memory})")
+    add("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "float32", "bfloat16"],
+        help="teacher dtype while generating (default: auto)")
+    add("--num-threads", type=int, default=None, help="torch threads (default: all this process may use)")
+    p.set_defaults(func=_cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="Serve language models to many users at once.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
@@ -72,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_parser(sub, add_engine_args, engine_config)
     add_bench_parser(sub, add_engine_args, engine_config)
     add_ray_serve_parser(sub, add_engine_args, engine_config)
+    add_eval_parser(sub, add_engine_args, engine_config)
+    add_distill_parser(sub)
     return parser
 
 

@@ -2,6 +2,10 @@
 // Reads each KV row once (no gathered copy), online softmax in float32, OpenMP over
 // (sequence, kv head). Query heads that share a KV head are handled together, so GQA
 // costs no extra reads.
+// The cache holds either the model dtype (kv_t = scalar_t, no scales) or int8 with one float32
+// scale per token per KV head (ks/vs [blocks, bs, Hkv]): a score is scale_k * dot(q, k_int8) and a
+// token's probability is multiplied by scale_v before it weights v_int8, so nothing is dequantized
+// into a buffer.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -12,10 +16,10 @@
 template <typename T>
 static inline float to_f(T x) { return static_cast<float>(x); }
 
-template <typename scalar_t>
-static void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
-                          const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                          int64_t bs, int64_t max_blocks, float scale) {
+template <typename scalar_t, typename kv_t>
+static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
+                          const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
+                          int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), m(G), l(G), s(G * bs), kv(D);
@@ -35,14 +39,16 @@ static void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t*
         const int64_t n = std::min(bs, len - blk * bs);
         // Scores of this block's tokens for every query head of the group.
         for (int64_t t = 0; t < n; ++t) {
-          const scalar_t* kp = kc + ((block * bs + t) * Hkv + h) * D;
+          const int64_t row = (block * bs + t) * Hkv + h;
+          const kv_t* kp = kc + row * D;
+          const float kscale = ks ? ks[row] : 1.f;
           for (int64_t d = 0; d < D; ++d) kv[d] = to_f(kp[d]);
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = qf.data() + g * D;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < D; ++d) dot += qg[d] * kv[d];
-            s[g * bs + t] = dot;
+            s[g * bs + t] = dot * kscale;
           }
         }
         for (int64_t g = 0; g < G; ++g) {
@@ -60,10 +66,12 @@ static void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t*
           m[g] = bmax;
         }
         for (int64_t t = 0; t < n; ++t) {
-          const scalar_t* vp = vc + ((block * bs + t) * Hkv + h) * D;
+          const int64_t row = (block * bs + t) * Hkv + h;
+          const kv_t* vp = vc + row * D;
+          const float vscale = vs ? vs[row] : 1.f;
           for (int64_t d = 0; d < D; ++d) kv[d] = to_f(vp[d]);
           for (int64_t g = 0; g < G; ++g) {
-            const float p = s[g * bs + t];
+            const float p = s[g * bs + t] * vscale;
             float* ag = acc.data() + g * D;
             for (int64_t d = 0; d < D; ++d) ag[d] += p * kv[d];
           }
@@ -88,6 +96,11 @@ static inline __m512 load16(const c10::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+static inline __m512 load16(const int8_t* p) {
+  // 16 int8 -> sign-extended int32 -> float.
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+}
 
 // exp for 16 floats: 2^(x*log2 e) split into an integer power (scalef) and a degree-6 polynomial on
 // [-ln2/2, ln2/2]; relative error ~1e-7, well under float32 attention's own rounding. -inf gives 0.
@@ -110,10 +123,10 @@ static inline __m512 exp16(__m512 x) {
 // AVX-512 path for head sizes that are a multiple of 16 (64 and 128 cover the supported models).
 // Per block of tokens: scores for every query head of the group, one max/exp pass, then the
 // probability-weighted V rows accumulated in registers.
-template <typename scalar_t, int D>
-static void decode_avx512(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
-                          const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t bs,
-                          int64_t max_blocks, float scale) {
+template <typename scalar_t, typename kv_t, int D>
+static void decode_avx512(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
+                          const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
+                          int64_t Hkv, int64_t bs, int64_t max_blocks, float scale) {
   constexpr int V = D / 16;
   const int64_t G = H / Hkv;
   // One task per sequence reads each of its KV rows (all heads, contiguous) exactly once; with fewer
@@ -142,13 +155,15 @@ static void decode_avx512(const scalar_t* q, const scalar_t* kc, const scalar_t*
         const int64_t n = std::min(bs, len - blk * bs);
         for (int64_t t = 0; t < n; ++t) {
           for (int64_t h = h0; h < h1; ++h) {
-            const scalar_t* kp = kc + ((block * bs + t) * Hkv + h) * D;
+            const int64_t row = (block * bs + t) * Hkv + h;
+            const kv_t* kp = kc + row * D;
+            const float kscale = ks ? ks[row] : 1.f;
             __m512 k[V];
             for (int v = 0; v < V; ++v) k[v] = load16(kp + 16 * v);
             for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
               __m512 dot = _mm512_mul_ps(qv[qh * V], k[0]);
               for (int v = 1; v < V; ++v) dot = _mm512_fmadd_ps(qv[qh * V + v], k[v], dot);
-              s[qh * bs + t] = _mm512_reduce_add_ps(dot);
+              s[qh * bs + t] = _mm512_reduce_add_ps(dot) * kscale;
             }
           }
         }
@@ -173,11 +188,13 @@ static void decode_avx512(const scalar_t* q, const scalar_t* kc, const scalar_t*
         }
         for (int64_t t = 0; t < n; ++t) {
           for (int64_t h = h0; h < h1; ++h) {
-            const scalar_t* vp = vc + ((block * bs + t) * Hkv + h) * D;
+            const int64_t row = (block * bs + t) * Hkv + h;
+            const kv_t* vp = vc + row * D;
+            const float vscale = vs ? vs[row] : 1.f;
             __m512 vv[V];
             for (int v = 0; v < V; ++v) vv[v] = load16(vp + 16 * v);
             for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
-              const __m512 p = _mm512_set1_ps(s[qh * bs + t]);
+              const __m512 p = _mm512_set1_ps(s[qh * bs + t] * vscale);
               for (int v = 0; v < V; ++v) acc[qh * V + v] = _mm512_fmadd_ps(p, vv[v], acc[qh * V + v]);
             }
           }
@@ -193,53 +210,91 @@ static void decode_avx512(const scalar_t* q, const scalar_t* kc, const scalar_t*
   });
 }
 
-template <typename scalar_t>
-static bool try_fast(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
-                     const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
-                     int64_t max_blocks, float scale) {
+template <typename scalar_t, typename kv_t>
+static bool try_fast(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
+                     const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv,
+                     int64_t D, int64_t bs, int64_t max_blocks, float scale) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (D == 64) {
-      decode_avx512<scalar_t, 64>(q, kc, vc, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      decode_avx512<scalar_t, kv_t, 64>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
       return true;
     }
     if (D == 128) {
-      decode_avx512<scalar_t, 128>(q, kc, vc, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      decode_avx512<scalar_t, kv_t, 128>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
       return true;
     }
   }
   return false;
 }
 #else
-template <typename scalar_t>
-static bool try_fast(const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, const int64_t*, scalar_t*,
-                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+template <typename scalar_t, typename kv_t>
+static bool try_fast(const scalar_t*, const kv_t*, const kv_t*, const float*, const float*, const int64_t*,
+                     const int64_t*, scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
   return false;
 }
 #endif
 
+// Shared driver: kv_t is scalar_t (plain cache) or int8_t (with scales).
+template <typename scalar_t, typename kv_t>
+static void run_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                       const float* ks, const float* vs, const torch::Tensor& tables, const torch::Tensor& lens,
+                       torch::Tensor& out, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const kv_t* kp = k_cache.data_ptr<kv_t>();
+  const kv_t* vp = v_cache.data_ptr<kv_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  if (try_fast<scalar_t, kv_t>(qp, kp, vp, ks, vs, tp, lp, op, B, H, Hkv, D, bs, tables.size(1),
+                               static_cast<float>(scale)))
+    return;
+  decode_kernel<scalar_t, kv_t>(qp, kp, vp, ks, vs, tp, lp, op, B, H, Hkv, D, bs, tables.size(1),
+                                static_cast<float>(scale));
+}
+
+static void check_shapes(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,H,D], cache [blocks,bs,Hkv,D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && k_cache.size(3) == q.size(2), "head shapes do not match");
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor ctx_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,H,D], cache [blocks,bs,Hkv,D]");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  check_shapes(q, k_cache, v_cache);
   q = q.contiguous();
   auto tables = block_tables.to(torch::kLong).contiguous();
   auto lens = ctx_lens.to(torch::kLong).contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "head shapes do not match");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    if (try_fast<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                           tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H,
-                           Hkv, D, bs, tables.size(1), static_cast<float>(scale)))
-      return;
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H,
-                            Hkv, D, bs, tables.size(1), static_cast<float>(scale));
+    run_decode<scalar_t, scalar_t>(q, k_cache, v_cache, nullptr, nullptr, tables, lens, out, scale);
+  });
+  return out;
+}
+
+torch::Tensor paged_decode_int8(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scale,
+                                torch::Tensor v_scale, torch::Tensor block_tables, torch::Tensor ctx_lens,
+                                double scale) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar, "int8 caches expected");
+  TORCH_CHECK(k_scale.scalar_type() == at::kFloat && v_scale.scalar_type() == at::kFloat, "float32 scales expected");
+  TORCH_CHECK(k_scale.is_contiguous() && v_scale.is_contiguous(), "scales must be contiguous");
+  TORCH_CHECK(k_scale.numel() == k_cache.numel() / k_cache.size(3) && v_scale.numel() == k_scale.numel(),
+              "one scale per token per KV head expected");
+  check_shapes(q, k_cache, v_cache);
+  q = q.contiguous();
+  auto tables = block_tables.to(torch::kLong).contiguous();
+  auto lens = ctx_lens.to(torch::kLong).contiguous();
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_int8", [&] {
+    run_decode<scalar_t, int8_t>(q, k_cache, v_cache, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(),
+                                 tables, lens, out, scale);
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
+  m.def("paged_decode_int8", &paged_decode_int8, "decode attention over an int8 paged KV cache with scales");
 }

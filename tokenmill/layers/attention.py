@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import native
+from tokenmill.quant.kv import quantize_kv
 
 
 @dataclass
@@ -81,53 +82,79 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return g.transpose(-3, -2)
 
 
+def _gather_kv(cache: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Gathered [..., Hkv, L, D] K or V in `dtype`, dequantized when the cache is int8."""
+    g = _gather(cache, block_table)
+    if scales is None:
+        return g
+    s = _gather(scales.unsqueeze(-1), block_table)  # [..., Hkv, L, 1]
+    return (g.float() * s).to(dtype)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for this step's tokens -> [T, H*D].
 
     Writes this step's K/V into the cache first, so each query sees its own token and every token
     computed before it, including other sequences' blocks shared through the prefix cache.
+    An int8 cache (k_scale/v_scale [num_blocks, bs, Hkv] given) is quantized on write and every path,
+    prefill included, reads the quantized values back: a prefix-cache hit then equals a cold run.
     """
     t, h, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
-    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    if k_scale is not None:
+        kq, ks = quantize_kv(k)
+        vq, vs = quantize_kv(v)
+        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, kq)
+        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, vq)
+        k_scale.view(-1, hkv).index_copy_(0, meta.slot_mapping, ks)
+        v_scale.view(-1, hkv).index_copy_(0, meta.slot_mapping, vs)
+    else:
+        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    kv = (k_cache, v_cache, k_scale, v_scale)
 
     if meta.all_decode:
-        return _decode(q, k_cache, v_cache, meta, scale, group).reshape(t, h * d)
+        return _decode(q, kv, meta, scale, group).reshape(t, h * d)
 
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, group)
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], kv, meta, scale, group)
     for c in meta.prefills:
         qc = q[c.tok_start:c.tok_end].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-        kc = _gather(k_cache, c.block_ids)[:, :c.kv_len].unsqueeze(0)  # [1, Hkv, L, D]
-        vc = _gather(v_cache, c.block_ids)[:, :c.kv_len].unsqueeze(0)
+        kc = _gather_kv(k_cache, k_scale, c.block_ids, q.dtype)[:, :c.kv_len].unsqueeze(0)  # [1, Hkv, L, D]
+        vc = _gather_kv(v_cache, v_scale, c.block_ids, q.dtype)[:, :c.kv_len].unsqueeze(0)
         o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
                                            scale=scale, enable_gqa=group > 1)
         out[c.tok_start:c.tok_end] = o[0].transpose(0, 1)
     return out.reshape(t, h * d)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float, group: int) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv: tuple, meta: AttentionMetadata, scale: float, group: int) -> torch.Tensor:
     """One query token per sequence."""
+    k_cache, v_cache, k_scale, v_scale = kv
     if q.device.type == "cpu":
         kernels = native()
         if kernels is not None:  # reads the blocks in place: no gathered copy of the KV
+            if k_scale is not None:
+                return kernels.paged_decode_int8(q, k_cache, v_cache, k_scale, v_scale, meta.decode_block_table,
+                                                 meta.decode_lens, scale)
             return kernels.paged_decode(q, k_cache, v_cache, meta.decode_block_table, meta.decode_lens, scale)
-    return decode_reference(q, k_cache, v_cache, meta, scale, group)
+    return decode_reference(q, k_cache, v_cache, meta, scale, group, k_scale, v_scale)
 
 
 def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                     scale: float, group: int) -> torch.Tensor:
+                     scale: float, group: int, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch decode: gather each sequence's blocks, pad, mask. The query heads sharing a KV
     head are laid along the query axis, so grouped-query attention needs no repeated K/V."""
     b, h, d = q.shape
     hkv = h // group
-    kd = _gather(k_cache, meta.decode_block_table)  # [B, Hkv, L, D]
-    vd = _gather(v_cache, meta.decode_block_table)
+    kd = _gather_kv(k_cache, k_scale, meta.decode_block_table, q.dtype)  # [B, Hkv, L, D]
+    vd = _gather_kv(v_cache, v_scale, meta.decode_block_table, q.dtype)
     valid = torch.arange(kd.shape[2], device=q.device)[None, :] < meta.decode_lens[:, None]
     mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
     qd = q.view(b, hkv, group, d)

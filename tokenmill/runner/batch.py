@@ -24,6 +24,24 @@ class SeqInput:
     output_token_ids: list[int] = field(default_factory=list)
     # When prompt logprobs are asked for: the token each position of this chunk predicts (None past the prompt).
     prompt_next_ids: list[int] | None = None
+    # The last num_spec of token_ids are speculative proposals: the runner verifies them (logits at
+    # every position from the last real token on) instead of sampling one token.
+    num_spec: int = 0
+
+
+@dataclass
+class ProposeInput:
+    """A decoding request asking for up to max_tokens speculative proposals. The lists are the
+    request's own (not copies): read them, never change them."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    max_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 @dataclass
@@ -31,3 +49,7 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
+    # Requests whose proposals were verified: every emitted token (accepted proposals, then the
+    # target's own), in order, and their logprobs when asked for. Such requests are not in `sampled`.
+    spec_sampled: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)

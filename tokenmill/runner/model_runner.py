@@ -10,9 +10,10 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
-from tokenmill.models.llama import LlamaModel
+from tokenmill.models.llama import LlamaModel, QuantSpec
 from tokenmill.models.loader import ModelSource
-from tokenmill.runner.batch import RunnerOutput, SeqInput
+from tokenmill.quant.kv import kv_bytes_per_token_head
+from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,34 @@ def available_memory(device: torch.device) -> int:
     return 4 << 30
 
 
+# Verification chunks up to this long are attended as single-token decodes (see attention_entries).
+MAX_SPLIT_CHUNK = 17
+
+
+def attention_entries(chunks: list[tuple[int, int, list[int], bool]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """(start, length, block table, split) per sequence -> AttentionMetadata.build's starts, lengths, tables.
+
+    A short chunk marked `split` (a speculative verification: the last real token plus the proposals) is
+    handed over as one single-token decode per position, with the same block table: every layer writes
+    the whole step's K/V before it attends, so the query at position p reading the first p + 1 slots is
+    exactly causal attention. All of them then go through the one batched decode call, the same kernel a
+    plain decode step uses, instead of one masked attention call per sequence.
+    """
+    starts: list[int] = []
+    lens: list[int] = []
+    tables: list[list[int]] = []
+    for start, n, table, split in chunks:
+        if split and 1 < n <= MAX_SPLIT_CHUNK:
+            starts.extend(range(start, start + n))
+            lens.extend([1] * n)
+            tables.extend([table] * n)
+        else:
+            starts.append(start)
+            lens.append(n)
+            tables.append(table)
+    return starts, lens, tables
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: list[int]):
         if config.num_threads:
@@ -71,39 +100,75 @@ class ModelRunner:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                               f"{arch.max_position_embeddings} tokens")
         t0 = time.monotonic()
-        self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len)
-        self.model.load_weights(source.iter_tensors(), str(source.path))
-        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1f s", source.path.name, arch.architecture,
-                    arch.num_layers, str(self.dtype).removeprefix("torch."), self.device, time.monotonic() - t0)
+        act = torch.bfloat16 if config.quant_compute_dtype == "auto" else _DTYPES[config.quant_compute_dtype]
+        quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization, act)
+        self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len, quant)
+        # Quantizing: GGUF Q8_0/Q4_0/Q4_1 tensors arrive as blocks, to be repacked without a float copy.
+        self.model.load_weights(source.iter_tensors(keep_blocks=(quant.mode, quant.lm_head_mode) != ("none", "none")), str(source.path))
+        logger.info("loaded %s (%s, %d layers) as %s on %s in %.1f s, weights %s", source.path.name,
+                    arch.architecture, arch.num_layers, str(self.dtype).removeprefix("torch."), self.device,
+                    time.monotonic() - t0, self.model.weight_report())
         self.block_size = config.block_size
+        self.kv_int8 = config.kv_cache_dtype == "int8"
         self.num_blocks = self._size_kv_cache()
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(arch.num_layers)]
+        if self.kv_int8:  # (K, V, K scales, V scales): one float32 scale per token per KV head
+            z = lambda s, dt: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731
+            self.kv_caches = [(z(shape, torch.int8), z(shape, torch.int8), z(shape[:3], torch.float32),
+                               z(shape[:3], torch.float32)) for _ in range(arch.num_layers)]
+        else:
+            self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                               torch.zeros(shape, dtype=self.dtype, device=self.device))
+                              for _ in range(arch.num_layers)]
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.proposer = self._make_proposer()
+
+    def _make_proposer(self):
+        """The speculative proposer --speculative asks for (None without speculation)."""
+        kind = self.config.speculative
+        if kind == "ngram":
+            from tokenmill.spec.ngram import NgramProposer
+
+            return NgramProposer()
+        if kind == "draft":
+            from tokenmill.models.loader import open_model
+            from tokenmill.spec.draft import DraftProposer
+
+            # As many tokens as the target's cache, plus room for every running request's proposals.
+            k = self.config.num_speculative_tokens
+            extra = self.config.max_num_seqs * -(-k // self.block_size)
+            return DraftProposer(open_model(self.config.draft_model), self.arch.vocab_size, self.dtype, self.device,
+                                 self.num_blocks + extra, self.block_size, self.max_model_len)
+        return None
+
+    def propose(self, inputs: list[ProposeInput]) -> dict[str, list[int]]:
+        return self.proposer.propose(inputs) if self.proposer is not None else {}
 
     def _size_kv_cache(self) -> int:
         a = self.arch
-        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_head = kv_bytes_per_token_head(a.head_dim, self.config.kv_cache_dtype, self.dtype)
+        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * per_head
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)
         n = budget // per_block
         if n < 1:
             raise ConfigError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        kv_dtype = "int8" if self.kv_int8 else str(self.dtype).removeprefix("torch.")
         logger.info("KV cache: %d blocks of %d tokens (%.0f MiB, %s)", n, self.block_size,
-                    n * per_block / 2**20, str(self.dtype).removeprefix("torch."))
+                    n * per_block / 2**20, kv_dtype)
         return n
 
     @property
     def kv_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.generators.pop(rid, None)
+        if self.proposer is not None:
+            self.proposer.release(request_ids)
 
     @torch.no_grad()
     def execute(self, seqs: list[SeqInput]) -> RunnerOutput:
@@ -117,12 +182,14 @@ class ModelRunner:
             pos.extend(range(s.start_pos, s.start_pos + n))
             if s.prompt_next_ids is not None:
                 logit_rows.extend(range(row, row + n))
+            elif s.sample and s.num_spec:  # every position from the last real token on
+                logit_rows.extend(range(row + n - 1 - s.num_spec, row + n))
             elif s.sample:
                 logit_rows.append(row + n - 1)
             row += n
         dev = self.device
-        meta = AttentionMetadata.build([s.start_pos for s in seqs], [len(s.token_ids) for s in seqs],
-                                       [s.block_ids for s in seqs], self.block_size, self.dtype, dev)
+        meta = AttentionMetadata.build(*attention_entries([(s.start_pos, len(s.token_ids), s.block_ids, s.num_spec > 0)
+                                                           for s in seqs]), self.block_size, self.dtype, dev)
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
                                     torch.tensor(logit_rows, dtype=torch.long, device=dev))
@@ -133,8 +200,13 @@ class ModelRunner:
         rows: list[SamplingRow] = []
         sample_idx: list[int] = []
         owners: list[str] = []
+        spec: list[tuple[SeqInput, int]] = []  # (seq, first logits row) of requests with proposals
         r = 0
         for s in seqs:
+            if s.num_spec and s.sample and s.prompt_next_ids is None:
+                spec.append((s, r))
+                r += s.num_spec + 1
+                continue
             if s.prompt_next_ids is not None:
                 n = len(s.token_ids)
                 # Positions that predict a prompt token get its logprob; the last row may sample.
@@ -151,12 +223,7 @@ class ModelRunner:
             else:
                 continue
             if s.sample:
-                gen = None
-                if s.params.seed is not None:
-                    gen = self.generators.get(s.request_id)
-                    if gen is None:
-                        gen = self.generators[s.request_id] = make_generator(s.params.seed)
-                rows.append(SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, gen))
+                rows.append(SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, self._generator(s)))
                 sample_idx.append(last)
                 owners.append(s.request_id)
         if rows:
@@ -166,5 +233,25 @@ class ModelRunner:
                 out.sampled[rid] = tok
                 if lp is not None:
                     out.logprobs[rid] = (lp.token_logprob, lp.top_ids, lp.top_logprobs)
+        if spec:
+            self._verify(spec, logits, out)
         return out
 
+    def _generator(self, s: SeqInput) -> torch.Generator | None:
+        if s.params.seed is None:
+            return None
+        gen = self.generators.get(s.request_id)
+        if gen is None:
+            gen = self.generators[s.request_id] = make_generator(s.params.seed)
+        return gen
+
+    def _verify(self, spec: list[tuple[SeqInput, int]], logits: torch.Tensor, out: RunnerOutput) -> None:
+        from tokenmill.spec.rejection import SpecRow, verify
+
+        rows = torch.cat([torch.arange(r, r + s.num_spec + 1) for s, r in spec]).to(logits.device)
+        reqs = [SpecRow(s.params, s.prompt_token_ids, s.output_token_ids, s.token_ids[len(s.token_ids) - s.num_spec:],
+                        self._generator(s)) for s, _ in spec]
+        for (s, _), (toks, lps) in zip(spec, verify(self.sampler, logits.index_select(0, rows), reqs), strict=True):
+            out.spec_sampled[s.request_id] = toks
+            if lps is not None:
+                out.spec_logprobs[s.request_id] = lps

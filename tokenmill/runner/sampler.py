@@ -298,6 +298,20 @@ class Sampler:
 
     def _random_sample(self, s: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Sample one token per row of s (our own copy, modified in place); no row is greedy."""
+        return self.race(self._probs_inplace(s, rows), rows)
+
+    def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """[R, V] float32: the distribution each (non-greedy) row samples from, after logit_bias,
+        min_tokens, penalties, temperature, top-k, top-p and min-p."""
+        return self._probs_inplace(self.adjust_logits(logits, rows), rows)
+
+    def race(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """One token per row of probs (modified in place; need not sum to 1), drawn with each row's
+        generator: argmax(probs / Exp(1) noise) picks token i with probability probs[i] / sum."""
+        noise = self._draw_noise(probs.shape, rows, probs.device).clamp_min_(_MIN_NOISE)
+        return argmax_rows(probs.div_(noise))
+
+    def _probs_inplace(self, s: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         dev = s.device
         temps = [r.params.temperature for r in rows]
         if any(t != 1.0 for t in temps):
@@ -305,9 +319,7 @@ class Sampler:
         self._apply_top_k(s, rows)
         self._apply_top_p(s, rows)
         self._apply_min_p(s, rows)
-        probs = torch.softmax(s, dim=-1)
-        noise = self._draw_noise(s.shape, rows, dev).clamp_min_(_MIN_NOISE)
-        return argmax_rows(probs.div_(noise))
+        return torch.softmax(s, dim=-1)
 
     @staticmethod
     def _subset(
@@ -381,6 +393,10 @@ class Sampler:
                 else:  # a CPU generator for a row on an accelerator: draw on the CPU, then copy
                     noise[j].copy_(torch.empty(shape[1], device=g.device).uniform_(generator=g))
         return noise.neg_().log1p_().neg_()
+
+    def shared_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of rows without a seed of their own (one per device)."""
+        return self._shared_generator(device)
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         g = self._generators.get(device)

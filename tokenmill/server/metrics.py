@@ -54,6 +54,17 @@ class _EngineStatsCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("engine_steps", "Engine steps (forward passes) run.", s.num_steps)
+        # Speculative decoding, vLLM's names: acceptance rate = accepted / draft tokens.
+        yield counter("spec_decode_num_drafts", "Requests' proposal runs verified by the target.", s.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Speculative tokens proposed and verified.",
+                      s.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.", s.spec_num_accepted_tokens)
+        per_pos = CounterMetricFamily("tokenmill:spec_decode_num_accepted_tokens_per_pos",
+                                      "Speculative tokens accepted, by position in the proposal (0 = first).",
+                                      labels=[*labels, "position"])
+        for i, n in enumerate(s.spec_accepted_per_pos):
+            per_pos.add_metric([*values, str(i)], n)
+        yield per_pos
 
 
 class ServerMetrics:

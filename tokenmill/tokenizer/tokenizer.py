@@ -288,6 +288,18 @@ class Tokenizer:
             extra_template_vars={"unk_token": token_str("unk_token"), "pad_token": token_str("pad_token")},
         )
 
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json (with the chat template): a Hugging Face tokenizer
+        directory that `from_path` and transformers read back as the same tokenizer."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(d / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token, "eos_token": self.eos_token,
+               **{k: v for k, v in self._template_vars.items() if k in ("unk_token", "pad_token") and v}}
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
     # ---------------------------------------------------------------------------------------------- text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
