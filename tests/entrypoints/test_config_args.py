@@ -46,3 +46,12 @@ def test_help_shows_group_and_defaults_but_not_empty_ones():
 def test_bad_values_are_argparse_errors(argv):
     with pytest.raises(argparse.ArgumentError):
         _parser().parse_args(argv)
+
+
+def test_a_bad_log_level_is_a_cli_error_not_a_crash(capsys):
+    from tokenmill.entrypoints.cli import build_parser
+
+    assert build_parser().parse_args(["--log-level", "warning", "generate", "x"]).log_level == "WARNING"
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--log-level", "loud", "generate", "x"])
+    assert e.value.code == 2 and "is not a logging level" in capsys.readouterr().err
