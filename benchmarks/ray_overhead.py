@@ -12,76 +12,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
+import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
+from tokenmill.bench.launch import ServerProcess, free_port
 from tokenmill.bench.loadgen import run_load
 
 logger = logging.getLogger("ray_overhead")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start(name: str, cli: list[str], log_dir: Path) -> ServerProcess:
+    """`tokenmill CLI... --port P` in its own process group, ready once /health and /v1/models answer."""
+    command = shlex.join([sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", *cli,
+                          "--port", "{port}"])
+    logger.info("%s: %s", name, command)
+    # This checkout's tokenmill, in the server and in every process it starts (Ray workers included).
+    pythonpath = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
+    return ServerProcess(command, free_port(), log_dir / f"{name}.log", ready_timeout_s=600,
+                         env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}).start()
 
 
-class Setup:
-    def __init__(self, name: str, args: list[str], ready_path: str):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", *args,
-               "--port", str(self.port)]
-        logger.info("%s: %s", name, " ".join(cmd))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                     start_new_session=True)  # its group holds everything it starts
-        self.ready_path = ready_path
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{Path(self.log.name).read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready in {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        Path(self.log.name).unlink(missing_ok=True)
-
-
-def setups(threads: int, engine: list[str]) -> dict[str, tuple[list[str], str]]:
+def setups(threads: int, engine: list[str]) -> dict[str, list[str]]:
     eng = ["--num-threads", str(threads), *engine]
     return {
-        "direct": (["serve", *eng], "/health"),
-        "router": (["router", "--spawn", "1", "--routing", "least-load", *eng], "/health"),
-        "ray": (["ray-serve", "--replicas", "1", "--replica-cpus", str(threads), "--num-cpus",
-                 str(max(2, threads + 1)), "--object-store-memory", "128MiB", *eng], "/health"),
+        "direct": ["serve", *eng],
+        "router": ["router", "--spawn", "1", "--routing", "least-load", *eng],
+        "ray": ["ray-serve", "--replicas", "1", "--replica-cpus", str(threads), "--num-cpus",
+                str(max(2, threads + 1)), "--object-store-memory", "128MiB", *eng],
     }
 
 
@@ -99,25 +64,29 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--engine-args", default="--kv-cache-memory 512MiB", help="extra engine flags for the replica")
+    p.add_argument("--engine-args", default="--kv-cache-memory 512MiB", help="extra flags for the replica, written with '=' (e.g. --engine-args='--mock' for a quick run "
+                        "without a model) (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     table = setups(args.threads, args.engine_args.split())
     results = []
+    log_dir = Path(tempfile.mkdtemp(prefix="tokenmill-ray-overhead-"))
+    logger.info("logs in %s", log_dir)
     for name in args.setups.split(","):
-        cli, ready = table[name]
-        s = Setup(name, cli, ready)
+        server = start(name, table[name], log_dir)
         try:
-            s.wait_ready()
-            asyncio.run(warm(s.url))
+            asyncio.run(warm(server.base_url))
             for c in map(int, args.concurrency.split(",")):
-                r = asyncio.run(run_load(s.url, c, args.requests, args.max_tokens))
+                r = asyncio.run(run_load(server.base_url, c, args.requests, args.max_tokens))
+                if r["completed"] != args.requests:  # figures over part of the load would mislead
+                    raise RuntimeError(f"{name}: only {r['completed']} of {args.requests} requests completed; "
+                                       f"see {server.log_path}")
                 r["setup"] = name
                 results.append(r)
                 logger.info("%s", json.dumps(r))
         finally:
-            s.stop()
+            server.stop(grace_s=90)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens,

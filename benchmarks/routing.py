@@ -25,7 +25,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,11 @@ from pathlib import Path
 
 import httpx
 from tqdm import tqdm
+
+from tokenmill.bench import loadgen
+from tokenmill.bench.datasets import BenchRequest
+from tokenmill.bench.launch import free_port
+from tokenmill.bench.metrics import compute
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("routing-bench")
@@ -65,12 +69,6 @@ def shared_prefix_workload(groups: int, requests: int, system_words: int, questi
 
 
 # -- processes ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -125,58 +123,26 @@ def cache_counters(urls: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
-# -- load -----------------------------------------------------------------------------------------------------
+def bench_requests(tok, work: list[tuple[int, str]], max_tokens: int) -> list[BenchRequest]:
+    """The workload as the load generator's requests: sent as text (what the router hashes), each with its
+    token count as the replicas' frontend will count it."""
+    return [BenchRequest(tok.encode(prompt), prompt, max_tokens, group=g) for g, prompt in work]
 
 
-async def drive(url: str, work: list[tuple[int, str]], concurrency: int, max_tokens: int) -> list[dict]:
-    """Closed loop: `concurrency` clients send streaming completions back to back; per-request records."""
-    records: list[dict] = []
-    queue = list(enumerate(work))
-    bar = tqdm(total=len(work), desc="requests", unit="req", leave=False)
-
-    async def one(client: httpx.AsyncClient, i: int, group: int, prompt: str) -> None:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
-                "stream": True}
-        t0 = time.perf_counter()
-        ttft = None
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"request {i} failed: {r.status_code} {(await r.aread())[:300]!r}")
-            replica = r.headers.get("x-tokenmill-replica", "?")
-            async for line in r.aiter_lines():
-                if ttft is None and line.startswith("data: {"):
-                    obj = json.loads(line[6:])
-                    if obj.get("error"):
-                        raise RuntimeError(f"request {i}: {obj['error']}")
-                    if obj["choices"] and obj["choices"][0].get("text"):
-                        ttft = time.perf_counter() - t0
-        records.append({"i": i, "group": group, "replica": replica, "ttft_s": ttft,
-                        "e2e_s": time.perf_counter() - t0})
-        bar.update()
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while queue:
-            i, (g, p) = queue.pop(0)
-            await one(client, i, g, p)
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    bar.close()
+def drive(url: str, requests: list[BenchRequest], concurrency: int) -> list:
+    """Closed loop: at most `concurrency` streaming completions in flight; any failed request ends the run."""
+    with tqdm(total=len(requests), desc="requests", unit="req", leave=False) as bar:
+        records = asyncio.run(loadgen.run(url, requests, backend=loadgen.BACKENDS["openai-text"],
+                                          max_concurrency=concurrency, timeout_s=900, progress=bar.update))
+    bad = [r for r in records if r.status != "ok"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(records)} requests failed; first: request {bad[0].index} "
+                           f"{bad[0].status} {bad[0].error}")
     return records
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def run_policy(policy: str, replica_urls: list[str], args: argparse.Namespace, log_dir: Path, seed: int) -> dict:
+def run_policy(policy: str, replica_urls: list[str], args: argparse.Namespace, log_dir: Path, seed: int,
+               tok) -> dict:
     port = free_port()
     router = Proc(f"router-{policy}", ["router", "--port", str(port), "--replicas", ",".join(replica_urls),
                                        "--routing", policy, "--model", args.model, "--block-size",
@@ -191,9 +157,10 @@ def run_policy(policy: str, replica_urls: list[str], args: argparse.Namespace, l
                 raise RuntimeError(f"the router's tokenizer did not load; see {router.log_path}")
             time.sleep(0.5)
         work = shared_prefix_workload(args.groups, args.requests, args.system_words, args.question_words, seed)
+        requests = bench_requests(tok, work, args.max_tokens)
         hits0, queries0 = cache_counters(replica_urls)
         t0 = time.perf_counter()
-        records = asyncio.run(drive(url, work, args.concurrency, args.max_tokens))
+        records = drive(url, requests, args.concurrency)
         wall = time.perf_counter() - t0
         hits1, queries1 = cache_counters(replica_urls)
         rm = prometheus(url)
@@ -201,19 +168,20 @@ def run_policy(policy: str, replica_urls: list[str], args: argparse.Namespace, l
         router.stop()
     per_replica: dict[str, int] = {}
     for r in records:
-        per_replica[r["replica"]] = per_replica.get(r["replica"], 0) + 1
+        name = r.served_by or "?"
+        per_replica[name] = per_replica.get(name, 0) + 1
     decisions = {k.split('reason="')[1].rstrip('"}'): v for k, v in rm.items()
                  if k.startswith("tokenmill:router_routing_decisions_total") and v}
-    ttft = [r["ttft_s"] for r in records]
-    e2e = [r["e2e_s"] for r in records]
+    m = compute(records)
+    ttft, e2e = m["ttft_s"], m["e2e_s"]
     return {
         "policy": policy, "requests": len(records), "wall_s": round(wall, 2),
         "req_per_s": round(len(records) / wall, 3),
         "prefix_cache_hit_rate": round((hits1 - hits0) / max(1.0, queries1 - queries0), 4),
         "prefix_cache_hit_tokens": hits1 - hits0, "prefix_cache_query_tokens": queries1 - queries0,
-        "ttft_p50_s": round(pct(ttft, 50), 4), "ttft_p90_s": round(pct(ttft, 90), 4),
-        "ttft_p99_s": round(pct(ttft, 99), 4), "e2e_p50_s": round(pct(e2e, 50), 4),
-        "e2e_p99_s": round(pct(e2e, 99), 4), "requests_per_replica": dict(sorted(per_replica.items())),
+        "ttft_p50_s": round(ttft["median"], 4), "ttft_p90_s": round(ttft["p90"], 4),
+        "ttft_p99_s": round(ttft["p99"], 4), "e2e_p50_s": round(e2e["median"], 4),
+        "e2e_p99_s": round(e2e["p99"], 4), "requests_per_replica": dict(sorted(per_replica.items())),
         "router_decisions": decisions,
     }
 
@@ -226,12 +194,11 @@ def kv_bytes_for_blocks(model: str, dtype: str, block_size: int, blocks: int) ->
     return blocks * 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * itemsize
 
 
-def prompt_tokens(model: str, work: list[tuple[int, str]]) -> float:
+def load_tokenizer(model: str):
     from tokenmill.models.loader import open_model
     from tokenmill.tokenizer.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_source(open_model(model))
-    return sum(len(tok.encode(p)) for _, p in work) / len(work)
+    return Tokenizer.from_source(open_model(model))
 
 
 def markdown(result: dict) -> str:
@@ -280,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     kv = kv_bytes_for_blocks(args.model, args.dtype, args.block_size, args.kv_blocks)
+    tok = load_tokenizer(args.model)
     log_dir = Path(tempfile.mkdtemp(prefix="tokenmill-routing-bench-"))
     logger.info("logs in %s", log_dir)
     replicas: list[Proc] = []
@@ -302,14 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for k, policy in enumerate(policies):
             logger.info("policy %s", policy)
-            results.append(run_policy(policy, urls, args, log_dir, seed=args.seed * 1000 + k + 1))
+            results.append(run_policy(policy, urls, args, log_dir, seed=args.seed * 1000 + k + 1, tok=tok))
             logger.info("%s", json.dumps(results[-1]))
     finally:
         for rp in replicas:
             rp.stop()
     config = {**{k: v for k, v in vars(args).items() if k not in ("out",)},
-              "mean_prompt_tokens": prompt_tokens(args.model, shared_prefix_workload(
-                  args.groups, args.requests, args.system_words, args.question_words, args.seed * 1000 + 1)),
+              "mean_prompt_tokens": sum(r.prompt_len for r in bench_requests(tok, shared_prefix_workload(
+                  args.groups, args.requests, args.system_words, args.question_words, args.seed * 1000 + 1),
+                  args.max_tokens)) / args.requests,
               "kv_cache_bytes": kv, "total_s": round(time.perf_counter() - t_start, 1)}
     result = {"benchmark": "routing", "config": config, "results": results}
     out = Path(args.out)

@@ -56,7 +56,8 @@ def completions(mode: str):
                                       "total_tokens": len(prompt) + n}})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # As `tokenmill router` names the replica that answered.
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"x-tokenmill-replica": "fake-0"})
 
     return handler
 

@@ -7,6 +7,7 @@ other processes share the CPU.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.bench import loadgen
+from tokenmill.bench import loadgen, serve
 from tokenmill.bench.datasets import BenchRequest
 from tokenmill.bench.launch import free_port
 from tokenmill.bench.metrics import compute
@@ -57,6 +58,7 @@ def test_ttft_tpot_itl_follow_the_script(fake_url):
     assert m["completed"] == 4 and m["short"] == m["errors"] == 0
     for r in recs:
         assert r.tokens_source == "usage" and r.output_tokens == out and len(r.chunks) == out
+        assert r.served_by == "fake-0"
         assert ttft <= r.ttft <= ttft + SLACK
         assert (out - 1) * gap <= r.e2e - r.ttft <= (out - 1) * gap + SLACK
         assert r.tpot == pytest.approx((r.e2e - r.ttft) / (out - 1))
@@ -162,3 +164,14 @@ def test_closed_loop_helper(fake_url):
     r = asyncio.run(loadgen.run_load(fake_url, concurrency=2, requests=3, max_tokens=3, prompt_words=4))
     assert r["completed"] == 3 and r["concurrency"] == 2 and r["output_tok_per_s"] > 0
     assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+
+
+def test_rate_and_concurrency_lists_reject_bad_input_clearly():
+    assert serve.rate_list("0.5,2,inf") == [0.5, 2.0, float("inf")]
+    assert serve.concurrency_list("1,4,16") == [1, 4, 16]
+    for bad, parse, says in (("1,x", serve.rate_list, "is not a request rate"),
+                             ("0", serve.rate_list, "must be positive"),
+                             ("1,a", serve.concurrency_list, "whole numbers"),
+                             ("4,0", serve.concurrency_list, "at least 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            parse(bad)

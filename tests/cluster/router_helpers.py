@@ -2,54 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from server_helpers import CliProcess, free_port, parse_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text as {'name{labels}': value}, labels sorted, model_name dropped."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        if "{" in name:
-            base, labels = name[:-1].split("{", 1)
-            kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
-            name = base + ("{" + ",".join(kept) + "}" if kept else "")
-        out[name] = float(value)
-    return out
-
-
-class RouterProcess:
+class RouterProcess(CliProcess):
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="tokenmill-router-", suffix=".log", delete=False)  # noqa: SIM115
         self.log_dir = tempfile.mkdtemp(prefix="tokenmill-router-replicas-")
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "router", "--port", str(self.port),
-               "--replica-log-dir", self.log_dir, *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        super().__init__(["router", "--port", str(self.port), "--replica-log-dir", self.log_dir, *args],
+                         "tokenmill-router-")
 
     def replicas(self) -> list[dict]:
         return httpx.get(f"{self.url}/router/replicas", timeout=10).json()["replicas"]
@@ -83,15 +53,7 @@ class RouterProcess:
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 def start_router(*args: str, replicas: int) -> RouterProcess:

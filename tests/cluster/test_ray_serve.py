@@ -12,15 +12,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from server_helpers import REPO, free_port
+from server_helpers import REPO, CliProcess, free_port
 
 from tokenmill import LLM, SamplingParams
 
@@ -31,21 +29,18 @@ CHAT = [{"role": "user", "content": "Name three colors."}]
 STARTUP_TIMEOUT_S = 300.0
 
 
-class RayServeProcess:
+class RayServeProcess(CliProcess):
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="tokenmill-ray-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "ray-serve", "--port", str(self.port),
-               "--num-cpus", "2", "--object-store-memory", "100MiB", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0",
+        env = {"RAY_DEDUP_LOGS": "0",
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         # Its own session: raylet, GCS, the Serve actors and the engine processes all share its process group.
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                     start_new_session=True)
+        super().__init__(["ray-serve", "--port", str(self.port), "--num-cpus", "2", "--object-store-memory",
+                          "100MiB", *args], "tokenmill-ray-", env=env, new_session=True)
 
     def log_text(self, tail: int = 80) -> str:
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-tail:])
+        return super().log_text(tail)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -24,18 +24,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, labels sorted, model_name dropped."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if "{" in name:
+            base, labels = name[:-1].split("{", 1)
+            kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
+            name = base + ("{" + ",".join(kept) + "}" if kept else "")
+        out[name] = float(value)
+    return out
+
+
+class CliProcess:
+    """`python -m tokenmill.entrypoints.cli ARGS` as a subprocess of this checkout, its output in a temporary log."""
+
+    def __init__(self, args: list[str], log_prefix: str, env: dict[str, str] | None = None,
+                 new_session: bool = False):
+        self.log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "tokenmill.entrypoints.cli", *args], stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     start_new_session=new_session)
+
+    def log_text(self, tail: int = 60) -> str:
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-tail:])
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout` seconds; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+class ServerProcess(CliProcess):
     def __init__(self, *args: str, api_key: str | None = None):
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="tokenmill-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", str(self.port),
-               "--kv-cache-memory", "256MiB", *args]
+        cmd = ["serve", "--port", str(self.port), "--kv-cache-memory", "256MiB", *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        super().__init__(cmd, "tokenmill-serve-")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
@@ -50,9 +89,6 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_text()}")
-
-    def log_text(self, tail: int = 60) -> str:
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-tail:])
 
     def assert_clean_log(self) -> None:
         """No unexpected exception made it into the server's log."""
@@ -74,29 +110,8 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value} (labels without model_name)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name, value = line.rsplit(" ", 1)
-            if "{" in name:
-                base, labels = name[:-1].split("{", 1)
-                kept = sorted(lb for lb in re.findall(r'\w+="[^"]*"', labels) if not lb.startswith("model_name="))
-                name = base + ("{" + ",".join(kept) + "}" if kept else "")
-            out[name] = float(value)
-        return out
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 def start_server(*args: str, api_key: str | None = None) -> ServerProcess:

@@ -64,13 +64,19 @@ def add_bench_parser(sub, add_engine_args, engine_config) -> None:
     bench = sub.add_parser("bench", help="measure tokenmill against peers")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     tp = bsub.add_parser("throughput", help="offline output tokens/s over a seeded random workload")
-    tp.add_argument("--num-prompts", type=int, default=200)
-    tp.add_argument("--input-len", type=int, nargs=2, default=[64, 1024], metavar=("MIN", "MAX"))
-    tp.add_argument("--output-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
-    tp.add_argument("--workload-seed", type=int, default=0, help="seed of the prompt and output lengths")
-    tp.add_argument("--peers", default="hf", help="comma list of peers to time after tokenmill: hf, or none")
+    tp.add_argument("--num-prompts", type=int, default=200, help="requests in the workload (default: %(default)s)")
+    tp.add_argument("--input-len", type=int, nargs=2, default=[64, 1024], metavar=("MIN", "MAX"),
+                    help="prompt lengths in tokens, uniform in [MIN, MAX] (default: 64 1024)")
+    tp.add_argument("--output-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"),
+                    help="output lengths in tokens, uniform in [MIN, MAX], EOS ignored (default: 32 512)")
+    tp.add_argument("--workload-seed", type=int, default=0,
+                    help="seed of the prompt and output lengths (default: %(default)s)")
+    tp.add_argument("--peers", default="hf",
+                    help="comma list of peers to time after tokenmill: hf (transformers), or none "
+                         "(default: %(default)s)")
     tp.add_argument("--peer-requests", type=int, default=16,
-                    help="requests (from the same workload) transformers one-at-a-time runs; it is slow")
+                    help="requests (from the same workload) transformers one-at-a-time runs; it is slow "
+                         "(default: %(default)s)")
     tp.add_argument("--latency", action="store_true",
                     help="also single-stream TTFT (512-token prompt), decode tok/s, and step overhead")
     tp.add_argument("--out", help="write the full report as JSON")
@@ -92,9 +98,9 @@ def add_bench_parser(sub, add_engine_args, engine_config) -> None:
                                      "point (--launch). The SLO defaults to ttft=2.0,tpot=0.1 (p99, MLPerf style).")
     bserve.add_client_args(sw, sweep=True)
     axis = sw.add_mutually_exclusive_group(required=True)
-    axis.add_argument("--rates", type=lambda s: [bserve._rate(x) for x in s.split(",")],
+    axis.add_argument("--rates", type=bserve.rate_list,
                       help="comma list of request rates, e.g. 0.5,1,2,4")
-    axis.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")],
+    axis.add_argument("--concurrencies", type=bserve.concurrency_list,
                       help="comma list of max concurrencies (rate inf), e.g. 1,4,16,32")
     sw.add_argument("--duration", type=float, default=None,
                     help="rate sweeps: num prompts = rate x DURATION seconds (instead of --num-prompts)")

@@ -47,6 +47,7 @@ _INSTRUCTIONS = (
 class TokenizerLike(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str: ...
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _join_exact(tok: TokenizerLike, head: list[int], body: list[int]) -> tuple[l
     return ids, text
 
 
-def _framed(tok, corpus: _Corpus, rng: random.Random, head: list[int], n: int, tail: list[int],
+def _framed(tok: TokenizerLike, corpus: _Corpus, rng: random.Random, head: list[int], n: int, tail: list[int],
             start: int | None = None) -> tuple[list[int], str]:
     """head + a passage of n real-text tokens + tail, token-exact; passages whose edges merge with the
     frame when re-encoded (a space or newline joining its neighbour) are skipped for another."""
@@ -150,7 +151,7 @@ def _lognormal_len(rng: random.Random, mean: float, lo: int, hi: int) -> int:
     return max(lo, min(hi, round(rng.lognormvariate(mu, CHAT_SIGMA))))
 
 
-def _template_pieces(tok, system: str | None = None) -> tuple[list[int], list[int]]:
+def _template_pieces(tok: TokenizerLike, system: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids before and after the user's text in the model's chat template (empty if it has none)."""
     marker = "\u2063MARK\u2063"
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": marker}]
@@ -162,7 +163,7 @@ def _template_pieces(tok, system: str | None = None) -> tuple[list[int], list[in
     return tok.encode(before, add_special_tokens=False), tok.encode(after, add_special_tokens=False)
 
 
-def chat_dataset(tok, num: int, input_range: tuple[int, int] = (16, 1024), output_range: tuple[int, int] = (4, 512),
+def chat_dataset(tok: TokenizerLike, num: int, input_range: tuple[int, int] = (16, 1024), output_range: tuple[int, int] = (4, 512),
                  seed: int = 0, text: str | None = None) -> list[BenchRequest]:
     rng = random.Random(seed)
     corpus = _Corpus(tok, text or corpus_text())
@@ -175,7 +176,7 @@ def chat_dataset(tok, num: int, input_range: tuple[int, int] = (16, 1024), outpu
     return out
 
 
-def shared_prefix_dataset(tok, num: int, groups: int, prefix_len: int, suffix_len: int, output_len: int,
+def shared_prefix_dataset(tok: TokenizerLike, num: int, groups: int, prefix_len: int, suffix_len: int, output_len: int,
                           seed: int = 0, text: str | None = None) -> list[BenchRequest]:
     """`groups` system prompts of prefix_len tokens, each followed by distinct questions of suffix_len tokens.
 
@@ -202,7 +203,7 @@ def shared_prefix_dataset(tok, num: int, groups: int, prefix_len: int, suffix_le
     return out
 
 
-def long_input_dataset(tok, num: int, doc_len: int, output_len: int, seed: int = 0,
+def long_input_dataset(tok: TokenizerLike, num: int, doc_len: int, output_len: int, seed: int = 0,
                        text: str | None = None) -> list[BenchRequest]:
     rng = random.Random(seed)
     corpus = _Corpus(tok, text or corpus_text())
@@ -214,7 +215,7 @@ def long_input_dataset(tok, num: int, doc_len: int, output_len: int, seed: int =
     return out
 
 
-def build(name: str, tok, num: int, *, seed: int = 0, input_len: tuple[int, int] | None = None,
+def build(name: str, tok: TokenizerLike, num: int, *, seed: int = 0, input_len: tuple[int, int] | None = None,
           output_len: tuple[int, int] | None = None, vocab: tuple[int, int] | None = None, groups: int = 4,
           prefix_len: int = 1024, suffix_len: int = 32, doc_len: int = 2048) -> list[BenchRequest]:
     """One dataset by name. Ranges left None take the dataset's defaults: random 128/128; chat clips its

@@ -43,12 +43,18 @@ BACKENDS = {
     "openai": Backend("openai", True, "ignore_eos", True),
     # llama.cpp's llama-server: the same wire format (it takes ignore_eos and token-id prompts).
     "llama.cpp": Backend("llama.cpp", True, "ignore_eos", True),
+    # The same, with text prompts (the server tokenizes them; what a prefix-aware router hashes).
+    "openai-text": Backend("openai-text", False, "ignore_eos", True),
     # A server that knows min_tokens but not ignore_eos.
     "min-tokens": Backend("min-tokens", True, "min_tokens", True),
     # `transformers serve`: text prompts only, no extra fields (422), generation settings as a JSON string;
     # it sends usage in its last chunk unasked.
     "transformers": Backend("transformers", False, "generation_config", False),
 }
+
+
+# Which replica answered, as `tokenmill router` says in each response (absent from a single server).
+SERVED_BY_HEADER = "x-tokenmill-replica"
 
 
 def request_body(req: BenchRequest, backend: Backend, model: str | None) -> dict:
@@ -106,6 +112,7 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, rec: RequestRec
                 text = (await r.aread()).decode(errors="replace")
                 rec.error = f"HTTP {r.status_code}: {text[:300]}"
                 return
+            rec.served_by = r.headers.get(SERVED_BY_HEADER, "")
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue

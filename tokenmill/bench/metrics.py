@@ -38,6 +38,7 @@ class RequestRecord:
     tokens_source: str = ""  # "usage" or "chunks"
     prompt_tokens: int | None = None  # as the server reported it
     error: str = ""
+    served_by: str = ""  # the replica that answered, where a router says so (loadgen.SERVED_BY_HEADER)
 
     @property
     def status(self) -> str:

@@ -30,6 +30,15 @@ def _records(result: dict) -> list[RequestRecord]:
     return [RequestRecord(**r) for r in result["requests"]]
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     import matplotlib
 
@@ -80,10 +89,7 @@ def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
             ax.set_ylabel("fraction of requests" if key != "itl" else "fraction of chunks")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "latency_cdf.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "latency_cdf.png"))
 
     if rate_sweeps:
         fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
@@ -104,10 +110,7 @@ def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
             ax.set_title(t)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "goodput_vs_rate.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "goodput_vs_rate.png"))
 
     if conc:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -122,10 +125,7 @@ def plot(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
             ax.set_title(t)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "throughput_vs_concurrency.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
     if not written:
         logger.warning("nothing to plot: no serve or sweep results among %s", [str(p) for p in paths])
     return written

@@ -16,6 +16,7 @@ import math
 import platform
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -23,10 +24,13 @@ from tokenmill.bench import datasets, loadgen
 from tokenmill.bench.metrics import RequestRecord, compute, parse_slo
 from tokenmill.errors import TokenmillError
 
+if TYPE_CHECKING:
+    from tokenmill.tokenizer.tokenizer import Tokenizer
+
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> Tokenizer:
     """'default', a GGUF file or a HF directory -> our Tokenizer (torch-free)."""
     from tokenmill.models.loader import resolve_model_path
     from tokenmill.tokenizer.tokenizer import Tokenizer
@@ -34,7 +38,7 @@ def load_tokenizer(spec: str):
     return Tokenizer.from_path(resolve_model_path(spec))
 
 
-def dataset_from_args(args: argparse.Namespace, tok=None) -> list[datasets.BenchRequest]:
+def dataset_from_args(args: argparse.Namespace, tok: Tokenizer | None = None) -> list[datasets.BenchRequest]:
     tok = tok or load_tokenizer(args.tokenizer)
     vocab = (100, tok.vocab_size - 100)
     return datasets.build(args.dataset, tok, args.num_prompts, seed=args.seed,
@@ -45,10 +49,30 @@ def dataset_from_args(args: argparse.Namespace, tok=None) -> list[datasets.Bench
 
 
 def _rate(text: str) -> float:
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a request rate: give requests per second, "
+                                         "e.g. 2 or 0.5, or inf") from None
     if not v > 0:
         raise argparse.ArgumentTypeError("a request rate must be positive (or inf)")
     return v
+
+
+def rate_list(text: str) -> list[float]:
+    """'0.5,1,inf' -> [0.5, 1.0, inf]"""
+    return [_rate(x) for x in text.split(",")]
+
+
+def concurrency_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]"""
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of whole numbers, e.g. 1,4,16") from None
+    if any(c < 1 for c in out):
+        raise argparse.ArgumentTypeError("each concurrency must be at least 1")
+    return out
 
 
 def run_point(base_url: str, requests: list[datasets.BenchRequest], *, backend: str, model: str | None,
@@ -239,12 +263,15 @@ def add_client_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--model", default=None, help="model name to send (default: none, the server's own)")
     p.add_argument("--backend", default="openai", choices=sorted(loadgen.BACKENDS),
                    help="how to ask this server for fixed-length, token-exact output: openai (tokenmill, vLLM: "
-                        "token ids + ignore_eos), llama.cpp (same), min-tokens, transformers (text prompt + "
+                        "token ids + ignore_eos), openai-text (the same with text prompts), llama.cpp (same as openai), "
+                        "min-tokens (min_tokens instead of ignore_eos), transformers (text prompt + "
                         "generation_config) (default: %(default)s)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: none)")
     d = p.add_argument_group("dataset (built and tokenized before the run)")
-    d.add_argument("--dataset", default="random", choices=datasets.DATASETS)
-    d.add_argument("--num-prompts", type=int, default=100)
+    d.add_argument("--dataset", default="random", choices=datasets.DATASETS,
+                   help="random token ids, chat turns over real text, shared-prefix groups, or one long "
+                        "document per request (default: %(default)s)")
+    d.add_argument("--num-prompts", type=int, default=100, help="requests in the run (default: %(default)s)")
     d.add_argument("--input-len", type=int, nargs=2, metavar=("MIN", "MAX"),
                    help="prompt length range (random: default 128 128; chat: clip range, default 16 1024)")
     d.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"),
@@ -260,10 +287,11 @@ def add_client_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     lg = p.add_argument_group("load")
     if not sweep:
         lg.add_argument("--request-rate", type=_rate, default=float("inf"),
-                        help="requests per second, Poisson (gamma with --burstiness); inf sends all at once")
+                        help="requests per second, Poisson (gamma with --burstiness); inf sends all at once "
+                             "(default: inf)")
     lg.add_argument("--burstiness", type=float, default=1.0,
                     help="gamma shape of the inter-arrival gaps: 1 Poisson, <1 burstier (default: 1)")
-    lg.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    lg.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default: no cap)")
     lg.add_argument("--slo", default=None, help="goodput limits in seconds, e.g. ttft=2.0,tpot=0.1 (also e2e=)")
     lg.add_argument("--warmup", type=int, default=2, help="short untimed requests first (default: 2)")
     p.add_argument("--label", default="", help="name of this system in reports and plots")

@@ -129,11 +129,12 @@ def _first_event_state(buf: bytes) -> str:
 
 
 class Forwarder:
-    def __init__(self, replicas: ReplicaSet, on_failure, on_first_token, on_stream_error):
+    def __init__(self, replicas: ReplicaSet, on_failure: Callable[[Replica, str], None],
+                 on_first_token: Callable[[float], None], on_stream_error: Callable[[Replica], None]):
         self.replicas = replicas
-        self.on_failure = on_failure  # (replica, kind) -> None: metrics
-        self.on_first_token = on_first_token  # (seconds since arrival) -> None
-        self.on_stream_error = on_stream_error  # (replica) -> None
+        self.on_failure = on_failure  # (replica, failure kind): metrics
+        self.on_first_token = on_first_token  # (seconds since arrival)
+        self.on_stream_error = on_stream_error  # (replica)
 
     def _failed(self, r: Replica, kind: str, detail: str, fatal: bool = False) -> None:
         self.replicas.record_failure(r, kind, detail, fatal)

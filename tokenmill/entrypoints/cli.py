@@ -8,11 +8,10 @@ import dataclasses
 import json
 import logging
 import sys
-import types
-import typing
 
 from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.config_args import add_config_args, config_from_args
 from tokenmill.entrypoints.ray_cli import add_ray_serve_parser
 from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
@@ -21,25 +20,11 @@ from tokenmill.eval.cli import add_eval_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine", "how the replica loads its model and schedules requests")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        default = f.default
-        if hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
-            continue
-        typ = hints[f.name]
-        if isinstance(typ, types.UnionType):
-            args = [a for a in typing.get_args(typ) if a is not type(None)]
-            typ = str if str in args else args[0]
-        group.add_argument(flag, type=typ, default=default, choices=meta.get("choices"), help=meta["help"]
-                           + ("" if default is None else f" (default: {default})"))
+    add_config_args(parser, EngineConfig, "engine", "how the replica loads its model and schedules requests")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    return config_from_args(EngineConfig, args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -116,9 +101,19 @@ def add_distill_parser(sub) -> None:
     p.set_defaults(func=_cmd_distill)
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a logging level; use one of {', '.join(_LOG_LEVELS)}")
+    return text.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="Serve language models to many users at once.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default="INFO", type=_log_level,
+                        help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline for one or many prompts")

@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import threading
-import typing
 from collections.abc import Callable
 
 from tokenmill.cluster.ray_config import RayServeConfig
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.config_args import add_config_args, config_from_args
 from tokenmill.entrypoints.server_cli import add_server_args, server_config
 from tokenmill.errors import ConfigError
+from tokenmill.server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ray", "where the Ray cluster is and how replicas are placed and scaled")
-    hints = typing.get_type_hints(RayServeConfig)
-    for f in dataclasses.fields(RayServeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint, default, meta = hints[f.name], f.default, f.metadata
-        if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
-            continue
-        typ = {int: int, float: float, int | None: int}.get(hint, str)
-        group.add_argument(flag, type=typ, default=default, choices=meta.get("choices"),
-                           help=meta["help"] + ("" if default is None else f" (default: {default})"))
+    add_config_args(parser, RayServeConfig, "ray", "where the Ray cluster is and how replicas are placed and scaled")
 
 
 def ray_config(args: argparse.Namespace) -> RayServeConfig:
-    return RayServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RayServeConfig)})
+    return config_from_args(RayServeConfig, args)
 
 
 def add_ray_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentParser], None],
@@ -55,7 +45,7 @@ def add_ray_serve_parser(subparsers, add_engine_args: Callable[[argparse.Argumen
     p.set_defaults(func=run)
 
 
-def run_ray_serve(engine_config: EngineConfig, server_config, config: RayServeConfig) -> int:
+def run_ray_serve(engine_config: EngineConfig, server_config: ServerConfig, config: RayServeConfig) -> int:
     try:
         import ray
         from ray import serve

@@ -4,30 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 from collections.abc import Callable
 
 from tokenmill.cluster.config import RouterConfig
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.config_args import add_config_args, config_from_args
 
 
 def add_router_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("router", "where the replicas are, how requests are routed, health checks")
-    hints = typing.get_type_hints(RouterConfig)
-    for f in dataclasses.fields(RouterConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint, default, doc = hints[f.name], f.default, f.metadata["help"]
-        if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
-            continue
-        typ = {int: int, float: float}.get(hint, str)
-        group.add_argument(flag, type=typ, default=default, choices=f.metadata.get("choices"),
-                           help=doc + ("" if default in (None, "") else f" (default: {default})"))
+    add_config_args(parser, RouterConfig, "router", "where the replicas are, how requests are routed, health checks")
 
 
 def router_config(args: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)})
+    return config_from_args(RouterConfig, args)
 
 
 def add_router_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentParser], None],

@@ -20,7 +20,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.policy import make_policy
 from tokenmill.runner.batch import RunnerOutput, SeqInput
-from tokenmill.server.engine_client import ThreadEngineClient
+from tokenmill.server.engine_client import OnDeath, OnMessage, ThreadEngineClient
 from tokenmill.server.protocol import FromEngine, Ready
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
 class MockEngineClient(ThreadEngineClient):
     """The --inproc engine thread, running the mock engine."""
 
-    def __init__(self, config: EngineConfig, on_message, on_death, model: StepModel):
+    def __init__(self, config: EngineConfig, on_message: OnMessage, on_death: OnDeath, model: StepModel):
         super().__init__(config, on_message, on_death)
         self.model = model
 
