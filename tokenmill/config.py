@@ -85,8 +85,8 @@ class EngineConfig:
     num_speculative_tokens: int = _opt(4, "Tokens proposed per request and step when speculating.")
     draft_model: str | None = _opt(None, "Draft model for --speculative draft (HF directory or GGUF file) sharing "
                                    "the target's tokenizer, e.g. one written by `tokenmill distill`.")
-    # Provisional default: replace it with the crossover `benchmarks/spec.py` prints on an idle machine.
-    speculative_max_batch: int = _opt(8, "Speculate only in steps where at most this many requests are running; "
+    # From `benchmarks/spec.py` (BENCHMARKS.md): ngram pays up to batch 4 on long inputs but only at batch 1 on chat.
+    speculative_max_batch: int = _opt(1, "Speculate only in steps where at most this many requests are running; "
                                       "above it, verification costs more than it saves.")
 
     def __post_init__(self) -> None:
