@@ -103,7 +103,7 @@ def test_target_as_its_own_draft_is_exact_and_accepted(plain, gguf_path):
 
 def test_seeded_sampling_with_speculation_reproduces_in_any_batch():
     llm = LLM("default", dtype="float32", kv_cache_memory="64MiB", max_model_len=512, speculative="ngram",
-              num_speculative_tokens=4)
+              num_speculative_tokens=4, speculative_max_batch=4)  # speculate in the batch of 3 too
     seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=10, ignore_eos=True)
     alone = llm.generate(PROMPTS[3], seeded, use_tqdm=False)[0].outputs[0].token_ids
     before = llm.engine.stats().spec_num_draft_tokens
