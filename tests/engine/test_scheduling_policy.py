@@ -115,6 +115,41 @@ def test_priority_preempts_least_important_newest_running():
     drain(eng2)
 
 
+def test_a_burst_of_urgent_requests_is_seated_in_one_step():
+    """Three priority-0 arrivals while every slot runs low priority: all three preempt (the newest low
+    ones) in the same step, not one per step; the two oldest low ones keep running."""
+    clock = Clock()
+    eng, runner = make_engine(PriorityPolicy(aging_s=0), clock, max_seqs=5, budget=64)
+    for i in range(5):
+        eng.add_request([1, 2, 3 + i], params(30), request_id=f"low{i}", priority=5)
+        clock.t += 0.01
+    eng.step()
+    for i in range(3):
+        eng.add_request([4, 5, 6 + i], params(2), request_id=f"urgent{i}", priority=0)
+    eng.step()
+    assert {s.request_id for s in runner.steps[-1]} == {"urgent0", "urgent1", "urgent2", "low0", "low1"}
+    assert [eng.scheduler.requests[f"low{i}"].num_preemptions for i in range(5)] == [0, 0, 1, 1, 1]
+    drain(eng)
+
+
+def test_a_request_seated_by_preemption_runs_in_that_step():
+    """The freed slot is used at once: a running prefill chunk leaves the seated request's first chunk in
+    the step's budget instead of taking all of it (the urgent request would then wait a step for nothing)."""
+    clock = Clock()
+    eng, runner = make_engine(PriorityPolicy(aging_s=0), clock, max_seqs=2, budget=16, num_blocks=64)
+    eng.add_request([1, 2, 3], params(30), request_id="low", priority=5)
+    eng.step()
+    eng.add_request([1 + k % 40 for k in range(100)], params(2), request_id="long", priority=1)
+    eng.step()
+    assert {r.request_id for r in eng.scheduler.running} == {"low", "long"}
+    eng.add_request([4, 5, 6], params(2), request_id="urgent", priority=0)
+    eng.step()
+    chunks = {s.request_id: len(s.token_ids) for s in runner.steps[-1]}
+    assert chunks == {"urgent": 3, "long": 13}
+    assert eng.scheduler.requests["low"].num_preemptions == 1
+    drain(eng)
+
+
 def test_kv_pressure_victim_is_lowest_priority():
     clock = Clock()
     # 10 blocks of 4 tokens: three requests growing to 3 + 12 tokens each cannot all fit.
@@ -153,8 +188,9 @@ def test_aging_ends_starvation(aging):
         assert low.first_scheduled_time is None
     else:
         assert low.first_scheduled_time is not None
-        # Effective priority 5 - floor(wait / 1 s) reaches 0 after 5 s; older arrival then wins the tie.
-        assert 5.0 <= low.first_scheduled_time - t0 <= 5.3
+        # Effective priority 5 - floor(wait / 1 s) reaches 0 after 5 s, where the native priority 0 of the
+        # fresh requests wins the tie; at 6 s it is -1 and runs.
+        assert 6.0 <= low.first_scheduled_time - t0 <= 6.3
     drain(eng)
 
 
@@ -328,7 +364,7 @@ def test_policy_keys_see_one_clock_per_step():
 @settings(max_examples=40, deadline=None)
 @given(
     policy=st.sampled_from(["fcfs", "priority", "deadline", "fair"]),
-    num_blocks=st.integers(10, 30),
+    num_blocks=st.integers(11, 30),  # the longest request (30 + 12 tokens) fits
     budget=st.integers(1, 24),
     max_seqs=st.integers(1, 4),
     ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort", "tick"]),
@@ -396,4 +432,31 @@ def test_vtc_newly_active_tenant_gets_a_slot_at_once():
     eng.step()
     assert "L0" in [s.request_id for s in runner.steps[-1]]
     assert eng.scheduler.requests["H1"].num_preemptions == 1  # the newest of the flood
+    drain(eng)
+
+
+def test_vtc_tenant_with_few_slots_takes_one_from_the_flood_and_nothing_bounces():
+    """A light tenant already running one request sends another while a flood holds the other slots: it
+    preempts the flood's newest at the next step (1 + 1 < 3 slots). Two tenants holding equal slot counts
+    never preempt each other."""
+    clock = Clock()
+    eng, runner = make_engine(FairPolicy(), clock, max_seqs=4, budget=64)
+    eng.add_request([9, 9, 9], params(40), request_id="L0", tenant="light")
+    for i in range(8):
+        eng.add_request([1, 2, 3, 4 + i], params(30), request_id=f"H{i}", tenant="heavy")
+    eng.step()
+    assert {r.request_id for r in eng.scheduler.running} == {"L0", "H0", "H1", "H2"}
+    eng.add_request([9, 9, 8], params(2), request_id="L1", tenant="light")
+    eng.step()
+    assert "L1" in [s.request_id for s in runner.steps[-1]]
+    assert eng.scheduler.requests["H2"].num_preemptions == 1
+    drain(eng)
+
+    eng, _ = make_engine(FairPolicy(), Clock(), max_seqs=4, budget=64)
+    for i in range(6):
+        eng.add_request([1, 2, 3, 4 + i], params(30), request_id=f"A{i}", tenant="A")
+        eng.add_request([5, 6, 7, 4 + i], params(30), request_id=f"B{i}", tenant="B")
+    for _ in range(25):
+        eng.step()
+    assert eng.scheduler.num_preemptions == 0
     drain(eng)

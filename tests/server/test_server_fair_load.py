@@ -1,8 +1,13 @@
 """The real server with --scheduling-policy fair: three light tenants (`user` field) are measured alone, then
 again with a fourth tenant sending 10x each one's rate, at about twice the measured capacity in total. The
-light tenants' p99 TTFT stays within 2.5x of alone (issue 6 asks 1.5x; see the assertion); service over tenants, against their max-min fair
-share, has Jain index >= 0.9; nothing is lost (the flood's requests carry a timeout: some time out, with a
-clear error)."""
+light tenants' p99 TTFT stays within 1.5x of alone; service over tenants, against their max-min fair share,
+has Jain index >= 0.9; nothing is lost (the flood's requests carry a timeout: some time out, with a clear
+error).
+
+The server runs the latency-oriented configuration a multi-tenant deployment would pick: a 64-token step
+budget. With the default 1024, the flood's requests admitted together finish together and the next step
+prefills a cohort of them; a light request that arrives during that step waits for it. Measured on an idle
+2-core machine: contended/alone p99 1.0-1.1x with 64, 1.4-2.2x with 1024 (p50 about equal with both)."""
 
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ PER_LIGHT = 12
 
 @pytest.fixture(scope="module")
 def server() -> ServerProcess:
-    s = start_server("--scheduling-policy", "fair", "--max-num-seqs", str(MAX_SEQS), "--dtype", "bfloat16")
+    s = start_server("--scheduling-policy", "fair", "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
+                     "64", "--dtype", "bfloat16")
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()
@@ -86,10 +92,7 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
                "jain": jain, "service": service, "demand": demand,
                "heavy_timeouts": sum(o.status == "timeout" for o in t0_outcomes)}
     assert len(heavy_times) >= 5 * len(light) / len(LIGHT), summary
-    # Issue 6 asks for 1.5x; on an idle 2-core machine we measure about 2x (0.19 s alone, 0.40 s with the
-    # flood): a light request still waits for the step in flight and shares its prefill step with a full
-    # batch of the heavy tenant's decodes. This bound pins what the fair policy delivers today.
-    assert contended_p99 <= 2.5 * alone_p99, summary
+    assert contended_p99 <= 1.5 * alone_p99, summary
     assert jain >= 0.9, summary
 
     m = server.metrics()

@@ -8,8 +8,10 @@ frozen for that step so every key in the list is computed against the same clock
 - fcfs: (priority, arrival). Exactly the scheduler's historical order: priority levels are strict classes,
   first come first served within one; no aging, no preemption to admit.
 - priority: the same order, but a waiting request's priority improves by one level for every
-  `aging_s` seconds it has waited (the starvation guard), its effective priority is frozen when it is
-  admitted, and a waiting request that outranks the least important running one may preempt it.
+  `aging_s` seconds it has waited (the starvation guard; on a tie the native priority wins, so a request
+  overtakes the fresh requests of a better class only once it has aged strictly past it), its effective
+  priority is frozen when it is admitted, and a waiting request that outranks the least important running
+  one may preempt it.
 - deadline: earliest deadline first. Deadline = arrival + TTFT target (the request's own, else its
   priority class's from --slo-classes; none = best effort, after every request that has one). Running
   requests that are decoding come before running prefills, so a burst of new prompts cannot stretch the
@@ -20,8 +22,10 @@ frozen for that step so every key in the list is computed against the same clock
   becomes active again is lifted to the smallest counter of the tenants waiting (or to that of the last
   tenant to leave the queue), so idling earns no credit to flood with later. Beyond the paper: when every
   slot is taken, a waiting request may preempt the running request of the most-served tenant if their
-  counters differ by more than the work the preemption throws away, or if its tenant has nothing running
-  at all (a tenant that sends a request now and then gets a slot at once, not after the flood's).
+  counters differ by more than the work the preemption throws away, or if its tenant (no more served)
+  holds at least two slots fewer than the victim's (a tenant that sends a request now and then gets a
+  slot at once, not after the flood's; moving one slot can never be undone by the reverse move, so
+  nothing bounces).
 
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
@@ -155,11 +159,13 @@ class PriorityPolicy(SchedulingPolicy):
         self._frozen[req.request_id] = self.effective_priority(req)
 
     def waiting_key(self, req: Request) -> tuple:
-        return (self.effective_priority(req), req.arrival_time, self._seq[req.request_id])
+        # An aged request that has only caught up with a better class ties with it and the native priority
+        # breaks the tie: it overtakes that class's fresh requests once it has aged strictly past them.
+        return (self.effective_priority(req), req.priority, req.arrival_time, self._seq[req.request_id])
 
     def running_key(self, req: Request) -> tuple:
         p = self._frozen.get(req.request_id, req.priority)
-        return (p, req.arrival_time, self._seq[req.request_id])
+        return (p, req.priority, req.arrival_time, self._seq[req.request_id])
 
     def should_preempt(self, waiting: Request, victim: Request) -> bool:
         return self.waiting_key(waiting)[0] < self.running_key(victim)[0]
@@ -276,10 +282,11 @@ class FairPolicy(SchedulingPolicy):
         if t == v:
             return False
         gap = self.counters[v] - self.counters[t]
-        if self._num_running(t) == 0:
-            # The tenant has nothing running: it has just become active (the lift made it level with the
-            # least-served waiting tenant), and it should not queue for a slot behind a flooding tenant.
-            return gap >= 0
+        if gap >= 0 and self._num_running(t) + 1 < self._num_running(v):
+            # A tenant that has just become active (the lift made it level with the least-served waiting
+            # tenant) or runs few requests should not queue for a slot behind a flooding tenant. After the
+            # move it still holds no more slots than the victim's tenant, so the move is never reversed.
+            return True
         # Otherwise only when the unfairness exceeds the work the preemption throws away (the victim
         # recomputes), so two backlogged tenants never bounce a slot back and forth.
         return gap > self.wp * victim.num_computed_tokens

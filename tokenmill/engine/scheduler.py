@@ -21,6 +21,7 @@ from tokenmill.engine.policy import SchedulingPolicy
 from tokenmill.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+MAX_PREEMPT_TO_ADMIT = 4  # per step: enough to seat a burst of urgent arrivals quickly, few enough not to thrash
 
 
 @dataclass
@@ -95,21 +96,37 @@ class Scheduler:
         self.policy.preempted(req)
         self._insert(self.waiting, req)
 
-    def _preempt_to_admit(self) -> Request | None:
-        """Before anything is scheduled: if the next waiting request has no room (every slot taken, or too
-        few free blocks for its first chunk) and the policy ranks it above the least important running
-        request, preempt that one. At most one per step, so nothing thrashes."""
+    def _preempt_to_admit(self) -> tuple[list[Request], int]:
+        """Before anything is scheduled: while the next waiting requests have no room (every slot taken, or
+        too few free blocks for their first chunk) and the policy ranks each above the least important
+        running request, preempt that one. Each victim makes room for one distinct waiting request, and at
+        most MAX_PREEMPT_TO_ADMIT go per step, so a burst is seated within a step or two and nothing thrashes.
+        Returns the victims and the tokens of the seated requests' first chunks, which running prefill chunks
+        must leave in this step's budget (a slot freed for a request it then cannot use would be wasted)."""
+        victims: list[Request] = []
+        reserve = 0
         if not (self.policy.preempt_to_admit and self.waiting and self.running):
-            return None
-        req = self.policy.pick(self.waiting)
-        victim = self.running[-1]
-        first_chunk = min(req.num_tokens, self.max_num_batched_tokens)
-        full = (len(self.running) >= self.max_num_seqs
-                or self.kv.pool.num_free_blocks * self.kv.block_size < first_chunk)
-        if not full or not self.policy.should_preempt(req, victim):
-            return None
-        self._preempt(victim)
-        return victim
+            return victims, reserve
+        seated: set[str] = set()  # waiting requests a slot was already freed for
+        free_slots = self.max_num_seqs - len(self.running)
+        free_tokens = self.kv.pool.num_free_blocks * self.kv.block_size
+        while self.running and len(victims) < MAX_PREEMPT_TO_ADMIT:
+            candidates = [r for r in self.waiting if r.request_id not in seated and r not in victims]
+            if not candidates:
+                break
+            req = self.policy.pick(candidates)
+            first_chunk = min(req.num_tokens, self.max_num_batched_tokens)
+            if free_slots > 0 and free_tokens >= first_chunk:
+                break  # it has room already; the admission loop takes it from here
+            victim = self.running[-1]
+            if not self.policy.should_preempt(req, victim):
+                break
+            free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
+            self._preempt(victim)
+            victims.append(victim)
+            seated.add(req.request_id)
+            reserve += first_chunk
+        return victims, min(reserve, self.max_num_batched_tokens)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -120,19 +137,24 @@ class Scheduler:
         if policy.resort:  # keys moved with time or service since the last step
             self.waiting.sort(key=policy.waiting_key)
             self.running.sort(key=policy.running_key)
-        admit_victim = self._preempt_to_admit()
+        admit_victims, reserve = self._preempt_to_admit()
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            # Decodes always go; a prefill chunk leaves the reserve to the requests seated by preemption.
+            cap = budget if req.num_tokens - req.num_computed_tokens <= 1 else budget - reserve
+            if cap <= 0:
+                i += 1  # this chunk waits a step; the request stays running and unscheduled
+                continue
             # Speculative tokens are just more tokens to compute; the budget may cut some off.
-            n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
+            n = min(req.num_tokens_with_spec - req.num_computed_tokens, cap)
             while not self.kv.allocate_slots(req, n):
                 if req.spec_token_ids:  # drop the proposals before preempting anyone to make room for them
                     req.spec_token_ids = []
-                    n = min(req.num_tokens - req.num_computed_tokens, budget)
+                    n = min(req.num_tokens - req.num_computed_tokens, cap)
                     continue
-                victim = self.running[-1]  # least important; never one already scheduled (they sit before i)
+                victim = self.running[-1]  # least important: req itself or after it, never one already scheduled
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -148,8 +170,7 @@ class Scheduler:
 
         # Admit waiting requests only when nothing had to be preempted for lack of blocks (it would thrash).
         thrashing = bool(out.preempted)
-        if admit_victim is not None:
-            out.preempted.append(admit_victim)
+        out.preempted.extend(admit_victims)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not thrashing:
             req = policy.pick(self.waiting)
             computed, num_cached = self.kv.get_computed_blocks(req)

@@ -429,10 +429,12 @@ class Frontend:
                 m.decode_time.observe(max(0.0, finished - first))
         if self.config.log_requests:
             ttft = f"{first - u.arrival_time:.3f}" if first is not None else "-"
+            queued = f"{sched - u.arrival_time:.3f}" if sched is not None else "-"
             request_logger.info(
-                "request finished id=%s prompt_tokens=%d output_tokens=%d cached_tokens=%d ttft_s=%s e2e_s=%.3f "
-                "finish_reason=%s preemptions=%d", seq.request_id, seq.prompt_len, len(out.token_ids),
-                u.num_cached_tokens, ttft, now - seq.handle.arrival, reason, u.num_preemptions)
+                "request finished id=%s prompt_tokens=%d output_tokens=%d cached_tokens=%d queue_s=%s ttft_s=%s "
+                "e2e_s=%.3f finish_reason=%s preemptions=%d priority_class=%s tenant=%s", seq.request_id, seq.prompt_len,
+                len(out.token_ids), u.num_cached_tokens, queued, ttft, now - seq.handle.arrival, reason,
+                u.num_preemptions, *seq.labels)
         h = seq.handle
         if reason == "timeout":
             h.timed_out = True
