@@ -143,3 +143,42 @@ def test_round_robin_visits_each_replica_in_turn():
     reps = [_replica(n) for n in "abc"]
     firsts = [_ranked(router, reps, None)[0] for _ in range(6)]
     assert firsts == firsts[:3] * 2 and sorted(firsts[:3]) == ["a", "b", "c"]
+
+
+class _Upstream:
+    """A replica's response generator: yields its chunks, then stalls for ever if told to."""
+
+    def __init__(self, chunks: list[bytes], stall: bool):
+        self.chunks, self.stall, self.cancelled = list(chunks), stall, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.stall:
+            await asyncio.sleep(3600)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_stream_whose_replica_stalls_ends_with_an_error_event_and_is_cancelled():
+    async def relay(up: _Upstream) -> list[bytes]:
+        return [c async for c in ray_serve._relay(up, b"data: {}\n\n", True, 0.2)]
+
+    stalled = _Upstream([b"data: {\"a\": 1}\n\n"], stall=True)
+    out = asyncio.run(asyncio.wait_for(relay(stalled), 10))
+    assert out[:2] == [b"data: {}\n\n", b"data: {\"a\": 1}\n\n"]
+    assert b"sent nothing for 0.2s" in out[2] and b'"error"' in out[2] and out[3] == b"data: [DONE]\n\n"
+    assert stalled.cancelled
+    healthy = _Upstream([b"data: [DONE]\n\n"], stall=False)
+    assert asyncio.run(relay(healthy)) == [b"data: {}\n\n", b"data: [DONE]\n\n"] and not healthy.cancelled
+
+
+def test_upstream_timeout_option_is_checked():
+    assert RayServeConfig().upstream_timeout == 600.0
+    with pytest.raises(ConfigError, match="upstream_timeout"):
+        RayServeConfig(upstream_timeout=0)

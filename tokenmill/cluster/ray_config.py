@@ -45,6 +45,9 @@ class RayServeConfig:
     max_waiting_requests: int = _opt(
         1024, "Most requests waiting in the router for a free replica; beyond it clients get 429.")
     routing_stats_period: float = _opt(1.0, "Seconds between engine replicas' load reports to the router.")
+    upstream_timeout: float = _opt(
+        600.0, "Seconds the router waits for the next part of a replica's answer: before the first byte the "
+               "request is retried once elsewhere (then 504), after it a stream ends with an error event.")
     app_name: str = _opt("tokenmill", "Name of the Ray Serve application.")
     detach: bool = _opt(
         False, "Deploy and exit, leaving the application running on the cluster (needs --address).")
@@ -67,8 +70,8 @@ class RayServeConfig:
             raise ConfigError("router_replicas, max_ongoing_requests and max_waiting_requests must be >= 1")
         if self.routing not in POLICIES:
             raise ConfigError(f"unknown routing policy {self.routing!r}; choose one of {', '.join(POLICIES)}")
-        if self.routing_stats_period <= 0:
-            raise ConfigError("routing_stats_period must be > 0")
+        if self.routing_stats_period <= 0 or self.upstream_timeout <= 0:
+            raise ConfigError("routing_stats_period and upstream_timeout must be > 0")
         if self.address is not None and (self.num_cpus is not None or self.object_store_memory is not None):
             raise ConfigError("--num-cpus and --object-store-memory size a private Ray instance; with --address "
                               "the cluster's own `ray start` settings apply")

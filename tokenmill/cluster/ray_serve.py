@@ -198,23 +198,32 @@ def _log_to_stderr() -> None:
 
 
 # -- the router (HTTP ingress) -----------------------------------------------------------------------------------
-async def _relay(gen, first: bytes | None, stream: bool, on_first=None) -> AsyncIterator[bytes]:
+_END = object()
+
+
+async def _next(gen, timeout: float):
+    """The replica's next chunk, _END when it is done; asyncio.TimeoutError when it stalls past timeout."""
+    return await asyncio.wait_for(anext(gen, _END), timeout)
+
+
+async def _relay(gen, first: bytes | None, stream: bool, timeout: float, on_first=None) -> AsyncIterator[bytes]:
     """Body chunks from the replica to the client. If the client leaves, cancel the replica's stream; if the
-    replica fails mid-stream, end an SSE stream with an OpenAI-style error event (the status is sent)."""
+    replica fails or stalls past `timeout` mid-stream, cancel it and end an SSE stream with an OpenAI-style
+    error event (the status is sent)."""
     done = False
     try:
         if first is not None:
             if on_first is not None:
                 on_first()
             yield first
-        async for chunk in gen:
+        while (chunk := await _next(gen, timeout)) is not _END:
             yield chunk
         done = True
-    except Exception as e:  # noqa: BLE001 - the replica (or its actor) failed after the response started
-        done = True
-        logger.warning("engine replica failed mid-response: %s: %s", type(e).__name__, e)
+    except Exception as e:  # noqa: BLE001 - the replica (or its actor) failed or stalled after the response started
+        reason = f"sent nothing for {timeout:g}s" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
+        logger.warning("engine replica failed mid-response: %s: %s", reason, e)
         if stream:
-            yield sse_error(f"the engine replica failed mid-stream ({type(e).__name__})")
+            yield sse_error(f"the engine replica failed mid-stream ({reason})")
             yield b"data: [DONE]\n\n"
     finally:
         if not done:
@@ -251,11 +260,12 @@ _GENERATE = ("/v1/completions", "/v1/chat/completions")
 @serve.ingress(router_app)
 class Router:
     async def __init__(self, engine: DeploymentHandle, engine_config: EngineConfig, routing: str,
-                       max_body_bytes: int):
+                       max_body_bytes: int, upstream_timeout: float = 600.0):
         global _metrics
         _log_to_stderr()
         self.engine = engine
         self.max_body = max_body_bytes
+        self.upstream_timeout = upstream_timeout
         self.metrics = _metrics = RouterMetrics(routing)
         # Block hashes only for the policies that read them (as `tokenmill router`).
         self.featurizer = Featurizer(engine_config.block_size, hash_prompts=routing in ("prefix-aware", "kv-aware"))
@@ -293,27 +303,35 @@ class Router:
         for attempt in range(2):  # a replica that fails before the client got a byte: once more, elsewhere
             gen = self.engine.options(stream=True).handle.remote(call)
             try:
-                head = await gen.__anext__()
+                head = await _next(gen, self.upstream_timeout)
+                if head is _END:
+                    raise RuntimeError("the engine replica ended the call without a response")
                 # Wait for the first body chunk too (a stream's first event): until then nothing was sent.
-                first = await anext(gen, None)
+                first = await _next(gen, self.upstream_timeout)
+                first = None if first is _END else first
             except asyncio.CancelledError:
                 gen.cancel()
                 raise
             except Exception as e:  # noqa: BLE001 - Ray raises many kinds (actor died, unavailable, ...)
                 gen.cancel()
                 last_error = e
-                logger.warning("engine replica failed before answering (attempt %d): %s", attempt + 1, e)
+                timed_out = isinstance(e, asyncio.TimeoutError)
+                logger.warning("engine replica failed before answering (attempt %d): %s", attempt + 1,
+                               f"sent nothing for {self.upstream_timeout:g}s" if timed_out else e)
                 if attempt == 0:
-                    self.metrics.retries.labels("reset").inc()
+                    self.metrics.retries.labels("timeout" if timed_out else "reset").inc()
                 continue
             assert isinstance(head, ResponseHead)
             replica = dict(head.headers).get(REPLICA_HEADER, b"?").decode()
             self.metrics.requests.labels(replica).inc()
             on_first = (lambda: self.metrics.ttft.observe(time.monotonic() - arrival)) if stream else None
-            resp = StreamingResponse(_relay(gen, first, bool(stream), on_first), status_code=head.status)
+            resp = StreamingResponse(_relay(gen, first, bool(stream), self.upstream_timeout, on_first),
+                                     status_code=head.status)
             resp.raw_headers = head.headers
             return resp
         self.metrics.unrouted.labels("no_replica").inc()
+        if isinstance(last_error, asyncio.TimeoutError):
+            return _error(504, f"no engine replica answered within {self.upstream_timeout:g}s", "timeout")
         msg = f"no engine replica could take the request: {type(last_error).__name__}: {last_error}"
         return _error(503, msg, "service_unavailable", headers={"Retry-After": "5"})
 
@@ -344,7 +362,7 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
         max_ongoing_requests=ray_config.max_ongoing_requests * 4,
         max_queued_requests=ray_config.max_waiting_requests)
     return router.bind(engine.bind(engine_config, server_config, model_name), engine_config, ray_config.routing,
-                       int(server_config.max_body_bytes))
+                       int(server_config.max_body_bytes), ray_config.upstream_timeout)
 
 
 # Options `tokenmill ray-serve` uses to start or reach Ray and Serve, not to build the application.
