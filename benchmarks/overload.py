@@ -64,6 +64,8 @@ class Server:
                "--port", str(self.port), "--model", args.model, "--dtype", args.dtype,
                "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
                "--max-queued-requests", "4096", "--no-log-requests", *extra]
+        if args.max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 300
@@ -135,8 +137,9 @@ def summarize(outcomes: list[Outcome], targets: dict[str, float], span: float) -
 
 def markdown(report: dict) -> str:
     c = report["calibration"]
+    budget = report.get("max_num_batched_tokens")
     lines = [f"Overload at {report['load']}x measured capacity ({c['req_per_s']:.2f} req/s at {report['max_num_seqs']} "
-             f"running), {report['num_requests']} requests, output {report['output_len']} tokens; TTFT targets: "
+             f"running{f', step budget {budget} tokens' if budget else ''}), {report['num_requests']} requests, output {report['output_len']} tokens; TTFT targets: "
              f"high {report['targets']['high']:.2f} s, low {report['targets']['low']:.2f} s.", "",
              "| policy | goodput (req/s) | high p50 / p99 TTFT (s) | low p50 / p99 TTFT (s) | high rejected | "
              "low rejected | timeouts | light tenants p99 TTFT (s) | Jain |",
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kv-cache-memory", default="512MiB")
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="step budget of every server (default: the server's own default)")
     p.add_argument("--num-requests", type=int, default=400)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--prompt-words", type=int, default=24)
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("capacity %.2f req/s, E %.2fs; offering %.2f req/s for %.0fs; --slo-classes %s",
                 cal["req_per_s"], e, rate, span, slo)
     report = {"calibration": cal, "load": args.load, "num_requests": args.num_requests,
-              "output_len": args.output_len, "max_num_seqs": args.max_num_seqs, "targets": targets,
+              "output_len": args.output_len, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "targets": targets,
               "slo_classes": slo, "span_s": span, "policies": {}}
     for policy in tqdm(args.policies, desc="policies"):
         server = Server(args, "--scheduling-policy", policy, "--slo-classes", slo)

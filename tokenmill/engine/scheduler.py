@@ -107,24 +107,27 @@ class Scheduler:
         reserve = 0
         if not (self.policy.preempt_to_admit and self.waiting and self.running):
             return victims, reserve
-        seated: set[str] = set()  # waiting requests a slot was already freed for
+        seen: set[str] = set()  # waiting requests that have a slot (free or freed), and the victims
         free_slots = self.max_num_seqs - len(self.running)
         free_tokens = self.kv.pool.num_free_blocks * self.kv.block_size
         while self.running and len(victims) < MAX_PREEMPT_TO_ADMIT:
-            candidates = [r for r in self.waiting if r.request_id not in seated and r not in victims]
+            candidates = [r for r in self.waiting if r.request_id not in seen]
             if not candidates:
                 break
             req = self.policy.pick(candidates)
+            seen.add(req.request_id)
             first_chunk = min(req.num_tokens, self.max_num_batched_tokens)
             if free_slots > 0 and free_tokens >= first_chunk:
-                break  # it has room already; the admission loop takes it from here
+                free_slots -= 1  # it has room already; the admission loop takes it
+                free_tokens -= first_chunk
+                continue
             victim = self.running[-1]
             if not self.policy.should_preempt(req, victim):
                 break
             free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
             self._preempt(victim)
             victims.append(victim)
-            seated.add(req.request_id)
+            seen.add(victim.request_id)
             reserve += first_chunk
         return victims, min(reserve, self.max_num_batched_tokens)
 
