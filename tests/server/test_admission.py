@@ -8,7 +8,9 @@ import math
 import pytest
 
 from tokenmill.server.admission import (
+    MIN_DRAIN_SHARE,
     RETRY_AFTER_MAX_S,
+    ArrivalMeter,
     DrainMeter,
     LabelLimiter,
     QueuedWork,
@@ -42,6 +44,22 @@ def test_predict_wait():
     assert predict_wait(500, 250.0) == 2.0
     assert predict_wait(500, None) is None
     assert predict_wait(500, 0.0) is None
+    # Better work arriving at 150 tokens/s leaves 100 of the 250 drained per second.
+    assert predict_wait(500, 250.0, overtaking_rate=150.0) == 5.0
+    # More better work than the drain: the request still gets its floor share, not an infinite wait.
+    assert predict_wait(500, 250.0, overtaking_rate=400.0) == pytest.approx(500 / (MIN_DRAIN_SHARE * 250.0))
+
+
+def test_arrival_meter_rate_of_more_important_work():
+    m = ArrivalMeter(window_s=10.0)
+    assert m.rate_above(0.0, 5) == 0.0
+    m.observe(1.0, 0, 300)
+    m.observe(2.0, 1, 200)
+    m.observe(3.0, 5, 1000)
+    assert m.rate_above(3.0, 5) == pytest.approx(50.0)  # 300 + 200 tokens of priority < 5 in 10 s
+    assert m.rate_above(3.0, 1) == pytest.approx(30.0)
+    assert m.rate_above(3.0, 0) == 0.0  # nothing outranks priority 0
+    assert m.rate_above(11.5, 5) == pytest.approx(20.0)  # the priority-0 arrival slid out of the window
 
 
 @pytest.mark.parametrize("predicted", [0.5, 0.999, 1.0, 1.001, 1.5, 7.2, 1000.0])

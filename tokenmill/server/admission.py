@@ -7,7 +7,10 @@ The prediction is queueing arithmetic on two live quantities:
   intervals when the queue was not empty (so it is the engine's service rate under backlog, whichever
   resource binds: compute, KV blocks or --max-num-seqs; not the arrival rate of a quiet server).
 
-predicted wait = work ahead / drain rate. If that exceeds the request's TTFT target (its own, its priority
+predicted wait = work ahead / (drain rate − the rate at which strictly more important work arrives). The
+subtraction matters under priority order (fcfs and priority): requests of a better class that arrive while
+this one waits go before it, so it gets only what they leave of the drain; it is left out under deadline
+and fair order, where later arrivals overtake by deadline or by tenant service. If that exceeds the request's TTFT target (its own, its priority
 class's, or --max-queue-delay), the request gets 429 with Retry-After = the excess: the time after which the
 same work ahead would have drained enough for it to make its target. No rate measured yet, or nothing
 ahead of the request: admit (retrying could not do better). Everything here is pure and unit-tested.
@@ -51,12 +54,18 @@ def work_ahead(policy: str, queued: Iterable[QueuedWork], new: QueuedWork) -> in
     raise ValueError(f"unknown scheduling policy {policy!r}")
 
 
-def predict_wait(work_tokens: int, drain_rate: float | None) -> float | None:
-    """Seconds until the first token of a request with `work_tokens` of prefill ahead (its own included);
-    None when no rate is known yet."""
+# Least share of the drain a request is predicted to get however much better work arrives (aging, or the
+# better classes' bursts ending, leave it something).
+MIN_DRAIN_SHARE = 0.05
+PRIORITY_ORDERED = ("fcfs", "priority")  # policies where a better class's later arrivals overtake
+
+
+def predict_wait(work_tokens: int, drain_rate: float | None, overtaking_rate: float = 0.0) -> float | None:
+    """Seconds until the first token of a request with `work_tokens` of prefill ahead (its own included),
+    while better work arrives at `overtaking_rate` prompt tokens/s; None when no rate is known yet."""
     if drain_rate is None or drain_rate <= 0:
         return None
-    return work_tokens / drain_rate
+    return work_tokens / max(drain_rate - overtaking_rate, MIN_DRAIN_SHARE * drain_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,24 @@ class DrainMeter:
         if self._dt < self.min_backlog_s or self._tokens <= 0:
             return None
         return self._tokens / self._dt
+
+
+class ArrivalMeter:
+    """Prompt tokens admitted per second, by priority, over a sliding window."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int, int]] = deque()  # (time, priority, tokens)
+
+    def observe(self, now: float, priority: int, tokens: int) -> None:
+        self._samples.append((now, priority, tokens))
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
+
+    def rate_above(self, now: float, priority: int) -> float:
+        """Tokens/s admitted in the last window by requests strictly more important than `priority`."""
+        start = now - self.window_s
+        return sum(k for t, p, k in self._samples if t >= start and p < priority) / self.window_s
 
 
 class LabelLimiter:

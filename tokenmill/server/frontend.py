@@ -28,7 +28,15 @@ from tokenmill.errors import (
     TokenmillError,
 )
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.admission import DrainMeter, QueuedWork, decide, predict_wait, work_ahead
+from tokenmill.server.admission import (
+    PRIORITY_ORDERED,
+    ArrivalMeter,
+    DrainMeter,
+    QueuedWork,
+    decide,
+    predict_wait,
+    work_ahead,
+)
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.engine_client import EngineClient, ProcessEngineClient, ThreadEngineClient
 from tokenmill.server.metrics import ServerMetrics
@@ -126,6 +134,7 @@ class Frontend:
         self.policy_name = engine_config.scheduling_policy
         self.slo_classes = parse_slo_classes(engine_config.slo_classes)
         self.drain_meter = DrainMeter()
+        self.arrival_meter = ArrivalMeter()
         self._queued_work: dict[str, QueuedWork] = {}
         self._queue_time_ewma = 0.0
         self._token_text: dict[int, str] = {}
@@ -266,16 +275,20 @@ class Frontend:
                              self.retry_after(), "queue_tokens")
         target = ttft_target if ttft_target is not None else class_ttft(self.slo_classes, priority)
         work = QueuedWork(priority, math.inf if target is None else arrival + target, tenant, n_tokens)
+        now = time.monotonic()
         if target is not None or self.config.max_queue_delay is not None:
             ahead = work_ahead(self.policy_name, self._queued_work.values(), work)
-            rej = decide(predict_wait(ahead, self.drain_meter.rate), target, self.config.max_queue_delay,
-                         nothing_ahead=ahead <= n_tokens)
+            overtaking = self.arrival_meter.rate_above(now, priority) if self.policy_name in PRIORITY_ORDERED else 0.0
+            rej = decide(predict_wait(ahead, self.drain_meter.rate, overtaking), target,
+                         self.config.max_queue_delay, nothing_ahead=ahead <= n_tokens)
             if rej is not None:
                 what = "its TTFT target" if rej.reason == "ttft_target" else "the server's --max-queue-delay"
+                better = f", {overtaking:.0f} of them taken by more important arrivals" if overtaking else ""
                 raise reject(f"server busy: the predicted wait for a first token is {rej.predicted_s:.1f}s "
-                             f"({ahead} prompt tokens ahead at {self.drain_meter.rate:.0f} tokens/s), beyond "
-                             f"{what} of {rej.limit_s:g}s; retry after {rej.retry_after_s}s",
+                             f"({ahead} prompt tokens ahead at {self.drain_meter.rate:.0f} tokens/s{better}), "
+                             f"beyond {what} of {rej.limit_s:g}s; retry after {rej.retry_after_s}s",
                              rej.retry_after_s, rej.reason)
+        self.arrival_meter.observe(now, priority, n_tokens)
         if timeout is None:
             timeout = self.config.request_timeout
         expires_at = None if timeout is None else arrival + timeout
