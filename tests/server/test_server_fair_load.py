@@ -7,7 +7,7 @@ error).
 The server runs the latency-oriented configuration a multi-tenant deployment would pick: a 64-token step
 budget. With the default 1024, the flood's requests admitted together finish together and the next step
 prefills a cohort of them; a light request that arrives during that step waits for it. Measured on an idle
-2-core machine: contended/alone p99 1.0-1.1x with 64, 1.4-2.2x with 1024 (p50 about equal with both)."""
+2-core machine: contended/alone p99 1.0-1.3x with 64, 1.4-2.2x with 1024 (p50 about equal with both)."""
 
 from __future__ import annotations
 
