@@ -11,8 +11,9 @@ predicted wait = work ahead / (drain rate − the rate at which strictly more im
 subtraction matters under priority order (fcfs and priority): requests of a better class that arrive while
 this one waits go before it, so it gets only what they leave of the drain; it is left out under deadline
 and fair order, where later arrivals overtake by deadline or by tenant service. If the prediction exceeds
-the request's TTFT target (its own, its priority class's, or --max-queue-delay), the request gets 429 with Retry-After = the excess: the time after which the
-same work ahead would have drained enough for it to make its target. No rate measured yet, or nothing
+the request's TTFT target (its own, its priority class's, or --max-queue-delay), the request gets 429 with
+Retry-After = the excess: the time after which the same work ahead would have drained enough for it to
+make its target. No rate measured yet, or nothing
 ahead of the request: admit (retrying could not do better). Everything here is pure and unit-tested.
 """
 
