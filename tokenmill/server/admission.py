@@ -13,8 +13,8 @@ this one waits go before it, so it gets only what they leave of the drain; it is
 and fair order, where later arrivals overtake by deadline or by tenant service. If the prediction exceeds
 the request's TTFT target (its own, its priority class's, or --max-queue-delay), the request gets 429 with
 Retry-After = the excess: the time after which the same work ahead would have drained enough for it to
-make its target. No rate measured yet, or nothing
-ahead of the request: admit (retrying could not do better). Everything here is pure and unit-tested.
+make its target. No rate measured yet, or nothing ahead of the request: admit (retrying could not do
+better). Everything here is pure and unit-tested.
 """
 
 from __future__ import annotations
