@@ -94,7 +94,7 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     assert len(heavy_times) >= 5 * len(light) / len(LIGHT), summary
     # Issue 6 asks for 1.5x. Over 11 runs of this test on an idle 2-core machine the ratio was 1.04-1.63
     # (median 1.30; above 1.5 twice): p99 of 36 requests is nearly their maximum, and single slow steps move
-    # it. 2x keeps the check meaningful (fcfs, or fair before this session's fixes, goes well past it)
+    # it. 2x keeps the check meaningful (under fcfs the light requests queue behind the flood: seconds)
     # without failing CI on noise.
     assert contended_p99 <= 2.0 * alone_p99, summary
     assert jain >= 0.9, summary
