@@ -21,18 +21,14 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
-import socket
-import subprocess
+import shlex
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from tqdm import tqdm
 
+from tokenmill.bench.launch import ServerProcess, free_port
 from tokenmill.bench.overload import (
     Arrival,
     Outcome,
@@ -49,48 +45,17 @@ POLICIES = ["fcfs", "priority", "deadline", "fair"]
 CLASSES = {"high": 0, "low": 1}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args: argparse.Namespace, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="overload-serve-", suffix=".log", delete=False)  # noqa: SIM115
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve",
-               "--port", str(self.port), "--model", args.model, "--dtype", args.dtype,
-               "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
-               "--max-queued-requests", "4096", "--no-log-requests", *extra]
-        if args.max_num_batched_tokens:
-            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server not ready in 300 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+def serve_process(args: argparse.Namespace, name: str, *extra: str) -> ServerProcess:
+    """A fresh `tokenmill serve`, started on entering a with block (the harness's launcher: waits for
+    /health, stops the process group)."""
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve",
+           "--port", "{port}", "--model", args.model, "--dtype", args.dtype,
+           "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
+           "--max-queued-requests", "4096", "--no-log-requests", *extra]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    log = Path(args.out) / "logs" / f"{name}.log"
+    return ServerProcess(shlex.join(cmd), free_port(), log, ready_timeout_s=300)
 
 
 def build_workload(args: argparse.Namespace, rate: float, high_target: float, low_target: float) -> list[Arrival]:
@@ -208,13 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     logger.info("calibrating capacity")
-    server = Server(args)
-    try:
+    with serve_process(args, "calibration") as server:
         conc = args.max_num_seqs
-        asyncio.run(measure_capacity(server.url, conc, conc, args.output_len, args.prompt_words))  # warm-up
-        cal = asyncio.run(measure_capacity(server.url, conc, 4 * conc, args.output_len, args.prompt_words))
-    finally:
-        server.stop()
+        asyncio.run(measure_capacity(server.base_url, conc, conc, args.output_len, args.prompt_words))  # warm-up
+        cal = asyncio.run(measure_capacity(server.base_url, conc, 4 * conc, args.output_len, args.prompt_words))
     e = cal["e2e_p50_s"]
     targets = {"high": 1.5 * e, "low": args.low_target_factor * e}
     rate = args.load * cal["req_per_s"]
@@ -228,11 +190,8 @@ def main(argv: list[str] | None = None) -> int:
               "max_num_batched_tokens": args.max_num_batched_tokens, "targets": targets,
               "slo_classes": slo, "span_s": span, "policies": {}}
     for policy in tqdm(args.policies, desc="policies"):
-        server = Server(args, "--scheduling-policy", policy, "--slo-classes", slo)
-        try:
-            outcomes = asyncio.run(run_open_loop(server.url, arrivals))
-        finally:
-            server.stop()
+        with serve_process(args, policy, "--scheduling-policy", policy, "--slo-classes", slo) as server:
+            outcomes = asyncio.run(run_open_loop(server.base_url, arrivals))
         report["policies"][policy] = summarize(outcomes, targets, span)
         logger.info("%s: %s", policy, json.dumps(report["policies"][policy]))
     (out / "overload.json").write_text(json.dumps(report, indent=2))

@@ -127,21 +127,32 @@ class DrainMeter:
 
 
 class ArrivalMeter:
-    """Prompt tokens admitted per second, by priority, over a sliding window."""
+    """Prompt tokens admitted per second, by priority, over a sliding window. Per-priority sums are kept
+    as samples enter and leave, so a query costs one pass over the priority levels, not the samples."""
 
     def __init__(self, window_s: float = 10.0):
         self.window_s = window_s
         self._samples: deque[tuple[float, int, int]] = deque()  # (time, priority, tokens)
+        self._sums: dict[int, int] = {}
+
+    def _expire(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            _, p, k = self._samples.popleft()
+            left = self._sums.get(p, 0) - k
+            if left:
+                self._sums[p] = left
+            else:  # no entry per priority value once its window is empty (clients choose the values)
+                self._sums.pop(p, None)
 
     def observe(self, now: float, priority: int, tokens: int) -> None:
+        self._expire(now)
         self._samples.append((now, priority, tokens))
-        while self._samples and self._samples[0][0] < now - self.window_s:
-            self._samples.popleft()
+        self._sums[priority] = self._sums.get(priority, 0) + tokens
 
     def rate_above(self, now: float, priority: int) -> float:
         """Tokens/s admitted in the last window by requests strictly more important than `priority`."""
-        start = now - self.window_s
-        return sum(k for t, p, k in self._samples if t >= start and p < priority) / self.window_s
+        self._expire(now)
+        return sum(k for p, k in self._sums.items() if p < priority) / self.window_s
 
 
 class LabelLimiter:
