@@ -5,6 +5,7 @@ Every field is also a keyword argument of `tokenmill.LLM` (`--kv-cache-memory` -
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 
@@ -64,6 +65,10 @@ class EngineConfig:
         None, "TTFT target per priority value, e.g. '0:ttft=0.5,1:ttft=5,*:ttft=30' ('*': every other "
         "priority). The deadline policy orders by them; the server's admission control rejects (429) "
         "requests predicted to miss theirs.")
+    fair_burst: float = _opt(
+        1024.0, "fair policy: most credit, in service units (prompt tokens + 2 x output tokens), a tenant "
+        "served below the fair pace while active keeps, so its next burst of requests is served at once "
+        "instead of at the flood's pace. Idling earns none. 0 is the VTC paper's counter lift.")
     quantization: str = _opt(
         "none", "Weight-only quantization of every linear layer: int8 (per output channel) or int4 "
         "(group-wise; GGUF Q4_0/Q4_1 weights are repacked as shipped at group 32).",
@@ -119,6 +124,8 @@ class EngineConfig:
             raise ConfigError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.scheduling_policy!r}")
         if not self.priority_aging >= 0:
             raise ConfigError("priority_aging must be >= 0 seconds")
+        if not 0 <= self.fair_burst < math.inf:
+            raise ConfigError("fair_burst must be a finite number >= 0")
         parse_slo_classes(self.slo_classes)  # raises ConfigError naming the bad item
         if self.speculative not in ("none", "ngram", "draft"):
             raise ConfigError(f"speculative must be none, ngram or draft, got {self.speculative!r}")

@@ -45,11 +45,12 @@ def server() -> ServerProcess:
     s.remove_log()
 
 
-def _light_arrivals(rate: float, seed: int) -> list[Arrival]:
+def _light_arrivals(rate: float, seed: int, first_prompt: int) -> list[Arrival]:
     out = []
     for k, tenant in enumerate(LIGHT):
         for j, t in enumerate(poisson_times(rate, PER_LIGHT, random.Random(seed + k))):
-            out.append(Arrival(t, "light", tenant, completion_body(k * 1000 + j, max_tokens=OUT, user=tenant)))
+            body = completion_body(first_prompt + k * 1000 + j, max_tokens=OUT, user=tenant)
+            out.append(Arrival(t, "light", tenant, body))
     return out
 
 
@@ -58,11 +59,13 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     r = 2 * cap / (len(LIGHT) + 10)  # light tenants at r each, the heavy one at 10 r: twice capacity in all
     span = PER_LIGHT / r
 
-    alone = asyncio.run(run_open_loop(server.url, _light_arrivals(r, seed=10)))
+    alone = asyncio.run(run_open_loop(server.url, _light_arrivals(r, seed=10, first_prompt=0)))
     assert all(o.status == "ok" and o.tokens == OUT for o in alone), [(o.status, o.message) for o in alone]
     alone_p99 = percentile([o.ttft for o in alone], 99)
 
-    arrivals = _light_arrivals(r, seed=10)  # the same arrival pattern as alone
+    # The same arrival pattern as alone, and prompts of the same shape but new text: repeating the alone
+    # run's prompts would let the prefix cache serve them and flatter the contended run.
+    arrivals = _light_arrivals(r, seed=10, first_prompt=10_000)
     heavy_times = [t for t in poisson_times(10 * r, 12 * PER_LIGHT, random.Random(99)) if t <= span]
     for j, t in enumerate(heavy_times):
         body = completion_body(50_000 + j, max_tokens=OUT, user="heavy", timeout=max(2.0, span / 2))

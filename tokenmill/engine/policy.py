@@ -20,7 +20,11 @@ frozen for that step so every key in the list is computed against the same clock
   tenant has a counter of the service it received (w_p per prompt token computed, w_q per token
   generated); the waiting request of the tenant with the smallest counter goes next. A tenant that
   becomes active again is lifted to the smallest counter of the tenants waiting (or to that of the last
-  tenant to leave the queue), so idling earns no credit to flood with later. Beyond the paper: when every
+  tenant to leave the queue) less its credit: how far it had fallen behind that floor while it was active
+  (served below the fair pace), at most `--fair-burst` units; idling earns nothing, and a tenant never
+  seen starts level. The paper lifts with no credit, which serves a light tenant's burst of a few
+  requests at the flood's pace, one request each time the flood's counter catches up; with it, the burst
+  is served at once, and no tenant gets more than its fair share plus one burst. Beyond the paper: when every
   slot is taken, a waiting request may preempt the running request of the most-served tenant if their
   counters differ by more than the work the preemption throws away, or if its tenant (no more served)
   holds at least two slots fewer than the victim's (a tenant that sends a request now and then gets a
@@ -44,6 +48,9 @@ POLICIES = ("fcfs", "priority", "deadline", "fair")
 # VTC weights of the paper: an output token costs twice an input token.
 FAIR_PROMPT_WEIGHT = 1.0
 FAIR_OUTPUT_WEIGHT = 2.0
+# Credit (in counter units: prompt tokens + 2 x output tokens) a returning tenant may run ahead of the
+# backlogged ones: a few chat requests' worth.
+DEFAULT_FAIR_BURST = 1024.0
 DEFAULT_TENANT = "default"
 MAX_IDLE_TENANTS = 4096  # counters kept for tenants with nothing in flight
 
@@ -203,29 +210,41 @@ class FairPolicy(SchedulingPolicy):
     resort = True
     preempt_to_admit = True
 
-    def __init__(self, prompt_weight: float = FAIR_PROMPT_WEIGHT, output_weight: float = FAIR_OUTPUT_WEIGHT) -> None:
+    def __init__(self, prompt_weight: float = FAIR_PROMPT_WEIGHT, output_weight: float = FAIR_OUTPUT_WEIGHT,
+                 burst: float = DEFAULT_FAIR_BURST) -> None:
         super().__init__()
         self.wp = prompt_weight
         self.wq = output_weight
+        self.burst = burst
         self.counters: dict[str, float] = {}
         self._waiting: dict[str, int] = {}  # tenant -> its requests in the waiting list
         self._live: dict[str, int] = {}  # tenant -> its unfinished requests
         self._charged: dict[str, int] = {}  # request -> prompt positions already charged
         self._last_left = 0.0  # counter of the last tenant whose queue emptied
+        self._floor = 0.0  # where a joining tenant's lift starts: see _lift_floor
+        self._credit: dict[str, float] = {}  # idle tenant -> the credit it held when it went idle
 
     @staticmethod
     def tenant(req: Request) -> str:
         return req.tenant or DEFAULT_TENANT
 
+    def _lift_floor(self) -> float:
+        """The least-served waiting tenant's counter (the last tenant to leave the queue's when nobody
+        waits), never moving back: a tenant spending its credit sits below it and must not pull it down
+        (each joiner would start further ahead than the last)."""
+        backlogged = [self.counters[u] for u, n in self._waiting.items() if n]
+        self._floor = max(self._floor, min(backlogged) if backlogged else self._last_left)
+        return self._floor
+
     def add(self, req: Request, now: float) -> None:
         super().add(req, now)
         t = self.tenant(req)
         if not self._waiting.get(t):
-            # Counter lift (VTC): a tenant joining the queue starts no lower than the least-served tenant
-            # already waiting, or than the last tenant to leave when nobody waits.
-            backlogged = [self.counters[u] for u, n in self._waiting.items() if n]
-            floor = min(backlogged) if backlogged else self._last_left
-            self.counters[t] = max(self.counters.get(t, 0.0), floor)
+            # Counter lift (VTC): a tenant joining the queue starts no lower than the floor less its credit.
+            # A tenant with requests running is active and may be up to `burst` behind; one back from idle
+            # gets the credit it had when it went idle (none if unknown): idling earns nothing.
+            credit = self.burst if self._live.get(t) else self._credit.pop(t, 0.0)
+            self.counters[t] = max(self.counters.get(t, -math.inf), self._lift_floor() - credit)
         self._waiting[t] = self._waiting.get(t, 0) + 1
         self._live[t] = self._live.get(t, 0) + 1
 
@@ -251,10 +270,15 @@ class FairPolicy(SchedulingPolicy):
         self._live[t] -= 1
         if not self._live[t]:
             del self._live[t]
+            # Credit earned while active (served below the fair pace), kept for the tenant's return.
+            credit = min(self.burst, self._lift_floor() - self.counters[t])
+            if credit > 0:
+                self._credit[t] = credit
             if len(self.counters) > MAX_IDLE_TENANTS:
                 # Bounded memory under tenant churn: an idle tenant's counter is dropped (the lift on its
-                # return puts it level with the least-served waiting tenant).
+                # return puts it level with the least-served waiting tenant, with no credit).
                 del self.counters[t]
+                self._credit.pop(t, None)
 
     def scheduled(self, req: Request, num_tokens: int) -> None:
         start = max(req.num_computed_tokens, self._charged.get(req.request_id, 0))
@@ -296,7 +320,8 @@ class FairPolicy(SchedulingPolicy):
         return min(waiting, key=self.waiting_key)
 
 
-def make_policy(name: str, *, aging_s: float = 0.0, slo_classes: str | None = None) -> SchedulingPolicy:
+def make_policy(name: str, *, aging_s: float = 0.0, slo_classes: str | None = None,
+                fair_burst: float = DEFAULT_FAIR_BURST) -> SchedulingPolicy:
     if name == "fcfs":
         return SchedulingPolicy()
     if name == "priority":
@@ -304,5 +329,5 @@ def make_policy(name: str, *, aging_s: float = 0.0, slo_classes: str | None = No
     if name == "deadline":
         return DeadlinePolicy(parse_slo_classes(slo_classes))
     if name == "fair":
-        return FairPolicy()
+        return FairPolicy(burst=fair_burst)
     raise ConfigError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -1,7 +1,9 @@
 """The token-budget scheduler: one rule covers prefill chunks, decodes, prefix hits and resumes.
 
 Each step hands `max_num_batched_tokens` to running requests first (most important first), then to
-waiting ones. A request is handed `min(tokens it still has to compute, budget left)`, so long prompts are
+waiting ones; decodes always go, and a running prefill chunk leaves room for the first chunks of the
+waiting requests that this step admits and the policy ranks above it, so prefill tokens go in policy
+order. A request is handed `min(tokens it still has to compute, budget left)`, so long prompts are
 prefilled in chunks and decodes ride in the same forward pass. When KV blocks run out, the least
 important running request is preempted: its blocks are freed and it recomputes later. What
 "important" means is the scheduling policy's business (tokenmill/engine/policy.py): it orders both lists,
@@ -96,60 +98,70 @@ class Scheduler:
         self.policy.preempted(req)
         self._insert(self.waiting, req)
 
-    def _preempt_to_admit(self) -> tuple[list[Request], int]:
-        """Before anything is scheduled: while the next waiting requests have no room (every slot taken, or
-        too few free blocks for their first chunk) and the policy ranks each above the least important
-        running request, preempt that one. Each victim makes room for one distinct waiting request, and at
-        most MAX_PREEMPT_TO_ADMIT go per step, so a burst is seated within a step or two and nothing thrashes.
-        Returns the victims and the tokens of the seated requests' first chunks, which running prefill chunks
-        must leave in this step's budget (a slot freed for a request it then cannot use would be wasted)."""
+    def _seat_waiting(self) -> tuple[list[Request], list[tuple[tuple, int]]]:
+        """Before anything is scheduled: find the waiting requests this step will admit, in the policy's
+        order: those that fit in a free slot and free blocks, then, while the next ones have no room and
+        the policy ranks each above the least important running request, preempt that one (a victim per
+        seated request, at most MAX_PREEMPT_TO_ADMIT per step, so a burst is seated within a step or two
+        and nothing thrashes).
+
+        Returns the victims, and each seated request's waiting key with its first chunk: a running
+        prefill chunk the policy ranks below a seated request leaves that chunk in the budget, so the step's
+        prefill tokens go in policy order (a light tenant's prompt is not starved by the flood's chunks
+        that happened to be admitted a step earlier, and a slot freed by preemption is used at once)."""
         victims: list[Request] = []
-        reserve = 0
-        if not (self.policy.preempt_to_admit and self.waiting and self.running):
-            return victims, reserve
+        seated: list[tuple[tuple, int]] = []
+        if not self.waiting:
+            return victims, seated
+        policy = self.policy
         seen: set[str] = set()  # waiting requests that have a slot (free or freed), and the victims
         free_slots = self.max_num_seqs - len(self.running)
         free_tokens = self.kv.pool.num_free_blocks * self.kv.block_size
-        while self.running and len(victims) < MAX_PREEMPT_TO_ADMIT:
+        while len(victims) < MAX_PREEMPT_TO_ADMIT:
             candidates = [r for r in self.waiting if r.request_id not in seen]
             if not candidates:
                 break
-            req = self.policy.pick(candidates)
+            req = policy.pick(candidates)
             seen.add(req.request_id)
             first_chunk = min(req.num_tokens, self.max_num_batched_tokens)
             if free_slots > 0 and free_tokens >= first_chunk:
                 free_slots -= 1  # it has room already; the admission loop takes it
                 free_tokens -= first_chunk
+                seated.append((policy.waiting_key(req), first_chunk))
                 continue
+            if not (policy.preempt_to_admit and self.running):
+                break
             victim = self.running[-1]
-            if not self.policy.should_preempt(req, victim):
+            if not policy.should_preempt(req, victim):
                 break
             free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
             self._preempt(victim)
             victims.append(victim)
             seen.add(victim.request_id)
-            reserve += first_chunk
-        return victims, min(reserve, self.max_num_batched_tokens)
+            seated.append((policy.waiting_key(req), first_chunk))
+        return victims, seated
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
         policy = self.policy
         policy.begin_step(self.clock())
         if policy.resort:  # keys moved with time or service since the last step
             self.waiting.sort(key=policy.waiting_key)
             self.running.sort(key=policy.running_key)
-        admit_victims, reserve = self._preempt_to_admit()
+        admit_victims, seated = self._seat_waiting()
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            # Decodes always go; a prefill chunk leaves the reserve to the requests seated by preemption.
-            cap = budget if req.num_tokens - req.num_computed_tokens <= 1 else budget - reserve
-            if cap <= 0:
-                i += 1  # this chunk waits a step; the request stays running and unscheduled
-                continue
+            cap = budget
+            if req.num_tokens - req.num_computed_tokens > 1 and seated:
+                # Decodes always go; a prefill chunk leaves room for the seated requests ranked above it.
+                key = policy.waiting_key(req)
+                cap -= sum(chunk for k, chunk in seated if k < key)
+                if cap <= 0:
+                    i += 1  # this chunk waits a step; the request stays running and unscheduled
+                    continue
             # Speculative tokens are just more tokens to compute; the budget may cut some off.
             n = min(req.num_tokens_with_spec - req.num_computed_tokens, cap)
             while not self.kv.allocate_slots(req, n):
@@ -165,7 +177,6 @@ class Scheduler:
             else:
                 out.scheduled.append((req, n))
                 policy.scheduled(req, n)
-                scheduled_ids.add(req.request_id)
                 budget -= n
                 i += 1
                 continue

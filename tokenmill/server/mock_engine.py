@@ -103,7 +103,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                         enable_prefix_caching=config.enable_prefix_caching,
                         policy=make_policy(config.scheduling_policy, aging_s=config.priority_aging,
-                                           slo_classes=config.slo_classes))
+                                           slo_classes=config.slo_classes, fair_burst=config.fair_burst))
     logger.info("mock engine: %d KV blocks of %d tokens, step = %.2f ms + %.3f ms/prefill token + "
                 "%.3f ms/decoding sequence", num_blocks, config.block_size, model.base_s * 1e3,
                 model.prefill_per_token_s * 1e3, model.decode_per_seq_s * 1e3)
