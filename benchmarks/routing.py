@@ -189,9 +189,7 @@ def run_policy(policy: str, replica_urls: list[str], args: argparse.Namespace, l
 def kv_bytes_for_blocks(model: str, dtype: str, block_size: int, blocks: int) -> int:
     from tokenmill.models.loader import open_model
 
-    a = open_model(model).arch
-    itemsize = 4 if dtype == "float32" else 2
-    return blocks * 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * itemsize
+    return blocks * open_model(model).arch.kv_block_bytes(block_size, "auto", 4 if dtype == "float32" else 2)
 
 
 def load_tokenizer(model: str):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import native
 from tokenmill.layers.attention import AttentionMetadata, decode_reference, paged_attention
-from tokenmill.quant.kv import dequantize_kv, kv_bytes_per_token_head, quantize_kv
+from tokenmill.models.arch import ModelArchConfig
+from tokenmill.quant.kv import dequantize_kv, quantize_kv
 
 
 def test_quantize_kv_bound():
@@ -21,10 +22,13 @@ def test_quantize_kv_bound():
 
 
 def test_int8_block_holds_about_4x_float32_tokens():
-    # SmolLM2: head_dim 64 -> 68 bytes per token-head for int8 against 256 for float32 and 128 for bfloat16
-    f32 = kv_bytes_per_token_head(64, "auto", torch.float32)
-    assert f32 / kv_bytes_per_token_head(64, "int8", torch.float32) > 3.7
-    assert kv_bytes_per_token_head(128, "auto", torch.bfloat16) / kv_bytes_per_token_head(128, "int8", torch.bfloat16) > 1.9
+    # head_dim 64 -> 68 bytes per token-head for int8 against 256 for float32; 128 -> 132 against 256 (bf16)
+    def arch(head_dim):
+        return ModelArchConfig("llama", 100, head_dim * 4, 256, num_layers=2, num_heads=4, num_kv_heads=2,
+                               head_dim=head_dim)
+    assert arch(64).kv_block_bytes(16, "auto", 4) == 2 * 2 * 16 * 2 * 256
+    assert arch(64).kv_block_bytes(16, "auto", 4) / arch(64).kv_block_bytes(16, "int8", 4) > 3.7
+    assert arch(128).kv_block_bytes(16, "auto", 2) / arch(128).kv_block_bytes(16, "int8", 2) > 1.9
 
 
 def dense(q, ks, vs, starts, lens, scale, group):

@@ -29,3 +29,10 @@ class ModelArchConfig:
     sliding_window: int | None = None  # None: full attention
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+    def kv_block_bytes(self, block_size: int, cache_dtype: str, itemsize: int) -> int:
+        """Bytes one KV cache block takes: K and V, every layer and KV head. An int8 cache stores a float32
+        scale per token and head beside the values (tokenmill/quant/kv.py); otherwise the model dtype's
+        `itemsize` bytes per value."""
+        per_token_head = self.head_dim + 4 if cache_dtype == "int8" else self.head_dim * itemsize
+        return 2 * self.num_layers * block_size * self.num_kv_heads * per_token_head

@@ -20,10 +20,3 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_kv(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 [..., D] and scales [...] -> dtype [..., D] (the product taken in float32)."""
     return (q.float() * s.unsqueeze(-1)).to(dtype)
-
-
-def kv_bytes_per_token_head(head_dim: int, cache_dtype: str, dtype: torch.dtype) -> int:
-    """Bytes one token takes in one KV head for K or V."""
-    if cache_dtype == "int8":
-        return head_dim + 4  # int8 values + a float32 scale
-    return head_dim * dtype.itemsize

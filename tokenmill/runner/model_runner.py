@@ -12,7 +12,6 @@ from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.llama import LlamaModel, QuantSpec
 from tokenmill.models.loader import ModelSource
-from tokenmill.quant.kv import kv_bytes_per_token_head
 from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 
@@ -146,9 +145,7 @@ class ModelRunner:
         return self.proposer.propose(inputs) if self.proposer is not None else {}
 
     def _size_kv_cache(self) -> int:
-        a = self.arch
-        per_head = kv_bytes_per_token_head(a.head_dim, self.config.kv_cache_dtype, self.dtype)
-        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * per_head
+        per_block = self.arch.kv_block_bytes(self.block_size, self.config.kv_cache_dtype, self.dtype.itemsize)
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)

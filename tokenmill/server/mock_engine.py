@@ -94,9 +94,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
     max_model_len = config.max_model_len or arch.max_position_embeddings
     # Size the block pool as the real runner would for this model (float32 only when asked for).
     itemsize = 4 if config.dtype == "float32" else 2
-    # int8 KV: int8 values plus one float32 scale per token-head (tokenmill/quant/kv.py, which imports torch)
-    per_head = arch.head_dim + 4 if config.kv_cache_dtype == "int8" else arch.head_dim * itemsize
-    per_block = 2 * arch.num_layers * config.block_size * arch.num_kv_heads * per_head
+    per_block = arch.kv_block_bytes(config.block_size, config.kv_cache_dtype, itemsize)
     num_blocks = max(1, int(config.kv_cache_memory or _DEFAULT_KV_BYTES) // per_block)
     runner = MockRunner(num_blocks, config.block_size, max_model_len, arch.vocab_size, arch.eos_token_ids, model)
     engine = EngineCore(runner, arch.vocab_size, arch.eos_token_ids,
