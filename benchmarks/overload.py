@@ -1,6 +1,8 @@
 """The overload scenario under each scheduling policy, side by side.
 
     python benchmarks/overload.py --out bench_results/overload      # ~5-8 minutes on an idle 2-core machine
+    python benchmarks/overload.py --policies fair --calibration-from bench_results/overload/overload.json \
+        --out bench_results/overload_fair_again                     # the same workload again, no calibration
 
 1. Calibrate: start `tokenmill serve` (fcfs), measure capacity with a closed loop at --max-num-seqs
    concurrency, and the end-to-end time of one request at full load (E).
@@ -166,17 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--low-target-factor", type=float, default=8.0)
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-from", type=Path, default=None, metavar="OVERLOAD_JSON",
+                   help="reuse the capacity and targets of an earlier report instead of calibrating, so two "
+                        "code versions (or budgets) face the identical workload")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    logger.info("calibrating capacity")
-    with serve_process(args, "calibration") as server:
-        conc = args.max_num_seqs
-        asyncio.run(measure_capacity(server.base_url, conc, conc, args.output_len, args.prompt_words))  # warm-up
-        cal = asyncio.run(measure_capacity(server.base_url, conc, 4 * conc, args.output_len, args.prompt_words))
+    if args.calibration_from:
+        cal = json.loads(args.calibration_from.read_text())["calibration"]
+        logger.info("calibration from %s", args.calibration_from)
+    else:
+        logger.info("calibrating capacity")
+        with serve_process(args, "calibration") as server:
+            conc = args.max_num_seqs
+            asyncio.run(measure_capacity(server.base_url, conc, conc, args.output_len, args.prompt_words))  # warm-up
+            cal = asyncio.run(measure_capacity(server.base_url, conc, 4 * conc, args.output_len, args.prompt_words))
     e = cal["e2e_p50_s"]
     targets = {"high": 1.5 * e, "low": args.low_target_factor * e}
     rate = args.load * cal["req_per_s"]

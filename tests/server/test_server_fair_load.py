@@ -1,13 +1,12 @@
 """The real server with --scheduling-policy fair: three light tenants (`user` field) are measured alone, then
 again with a fourth tenant sending 10x each one's rate, at about twice the measured capacity in total. The
-light tenants' p99 TTFT stays within 2x of alone (issue 6 asks 1.5x: see the assertion); service over tenants, against their max-min fair share,
-has Jain index >= 0.9; nothing is lost (the flood's requests carry a timeout: some time out, with a clear
-error).
+light tenants' p99 TTFT stays within 2x of alone (issue 6 asks 1.5x: see the assertion); service over
+tenants, against their max-min fair share, has Jain index >= 0.9; nothing is lost (the flood's requests
+carry a timeout: some time out, with a clear error).
 
 The server runs the latency-oriented configuration a multi-tenant deployment would pick: a 64-token step
-budget. With the default 1024, the flood's requests admitted together finish together and the next step
-prefills a cohort of them; a light request that arrives during that step waits for it. Measured on an idle
-2-core machine: contended/alone p99 1.0-1.6x with 64, 1.4-2.2x with 1024 (p50 about equal with both)."""
+budget. With the default 1024 the flood's prefills fill long steps, and a light request that arrives
+during one waits for it."""
 
 from __future__ import annotations
 
@@ -95,10 +94,10 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
                "jain": jain, "service": service, "demand": demand,
                "heavy_timeouts": sum(o.status == "timeout" for o in t0_outcomes)}
     assert len(heavy_times) >= 5 * len(light) / len(LIGHT), summary
-    # Issue 6 asks for 1.5x. Over 11 runs of this test on an idle 2-core machine the ratio was 1.04-1.63
-    # (median 1.30; above 1.5 twice): p99 of 36 requests is nearly their maximum, and single slow steps move
-    # it. 2x keeps the check meaningful (under fcfs the light requests queue behind the flood: seconds)
-    # without failing CI on noise.
+    # Issue 6 asks for 1.5x. Over 12 runs of this test on an idle 2-core machine the ratio was 1.16-1.57
+    # (median 1.40; above 1.5 twice): p99 of 36 requests is nearly their maximum, and one slow step moves
+    # it. 2x keeps the check meaningful (under fcfs it is 18.7x: the light requests queue behind the
+    # flood) without failing CI on noise.
     assert contended_p99 <= 2.0 * alone_p99, summary
     assert jain >= 0.9, summary
 
