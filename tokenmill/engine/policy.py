@@ -48,8 +48,8 @@ POLICIES = ("fcfs", "priority", "deadline", "fair")
 # VTC weights of the paper: an output token costs twice an input token.
 FAIR_PROMPT_WEIGHT = 1.0
 FAIR_OUTPUT_WEIGHT = 2.0
-# Credit (in counter units: prompt tokens + 2 x output tokens) a returning tenant may run ahead of the
-# backlogged ones: a few chat requests' worth.
+# Most credit (counter units: prompt tokens + 2 x output tokens) a tenant served below the fair pace
+# keeps: a few chat requests' worth.
 DEFAULT_FAIR_BURST = 1024.0
 DEFAULT_TENANT = "default"
 MAX_IDLE_TENANTS = 4096  # counters kept for tenants with nothing in flight

@@ -13,6 +13,7 @@ picks the next request to admit and may let a waiting request preempt a running 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -111,18 +112,14 @@ class Scheduler:
         that happened to be admitted a step earlier, and a slot freed by preemption is used at once)."""
         victims: list[Request] = []
         seated: list[tuple[tuple, int]] = []
-        if not self.waiting:
-            return victims, seated
         policy = self.policy
-        seen: set[str] = set()  # waiting requests that have a slot (free or freed), and the victims
         free_slots = self.max_num_seqs - len(self.running)
         free_tokens = self.kv.pool.num_free_blocks * self.kv.block_size
-        while len(victims) < MAX_PREEMPT_TO_ADMIT:
-            candidates = [r for r in self.waiting if r.request_id not in seen]
-            if not candidates:
+        # The waiting list is sorted by waiting_key (re-sorted at this step's start where keys move), and
+        # nothing has been charged yet this step: its order is the policy's. A copy, as victims join it.
+        for req in list(self.waiting):
+            if len(victims) >= MAX_PREEMPT_TO_ADMIT:
                 break
-            req = policy.pick(candidates)
-            seen.add(req.request_id)
             first_chunk = min(req.num_tokens, self.max_num_batched_tokens)
             if free_slots > 0 and free_tokens >= first_chunk:
                 free_slots -= 1  # it has room already; the admission loop takes it
@@ -137,7 +134,6 @@ class Scheduler:
             free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
             self._preempt(victim)
             victims.append(victim)
-            seen.add(victim.request_id)
             seated.append((policy.waiting_key(req), first_chunk))
         return victims, seated
 
@@ -150,6 +146,9 @@ class Scheduler:
             self.waiting.sort(key=policy.waiting_key)
             self.running.sort(key=policy.running_key)
         admit_victims, seated = self._seat_waiting()
+        seated.sort(key=lambda s: s[0])  # already in the policy's order, bar ties a preemption reordered
+        seated_keys = [k for k, _ in seated]
+        seated_tokens = list(itertools.accumulate((n for _, n in seated), initial=0))  # [j]: first j's chunks
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -157,8 +156,7 @@ class Scheduler:
             cap = budget
             if req.num_tokens - req.num_computed_tokens > 1 and seated:
                 # Decodes always go; a prefill chunk leaves room for the seated requests ranked above it.
-                key = policy.waiting_key(req)
-                cap -= sum(chunk for k, chunk in seated if k < key)
+                cap -= seated_tokens[bisect.bisect_left(seated_keys, policy.waiting_key(req))]
                 if cap <= 0:
                     i += 1  # this chunk waits a step; the request stays running and unscheduled
                     continue
