@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.calibration_from:
-        cal = json.loads(args.calibration_from.read_text())["calibration"]
+        try:
+            cal = json.loads(args.calibration_from.read_text())["calibration"]
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--calibration-from {args.calibration_from}: not a readable overload report ({e!r})")
         logger.info("calibration from %s", args.calibration_from)
     else:
         logger.info("calibrating capacity")

@@ -93,11 +93,13 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     summary = {"capacity": cap, "span": span, "alone_p99": alone_p99, "contended_p99": contended_p99,
                "jain": jain, "service": service, "demand": demand,
                "heavy_timeouts": sum(o.status == "timeout" for o in t0_outcomes)}
+    print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
+          f"{contended_p99:.3f} s), Jain {jain:.3f}, capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
     assert len(heavy_times) >= 5 * len(light) / len(LIGHT), summary
-    # Issue 6 asks for 1.5x. Over 12 runs of this test on an idle 2-core machine the ratio was 1.16-1.57
-    # (median 1.40; above 1.5 twice): p99 of 36 requests is nearly their maximum, and one slow step moves
-    # it. 2x keeps the check meaningful (under fcfs it is 18.7x: the light requests queue behind the
-    # flood) without failing CI on noise.
+    # Issue 6 asks for 1.5x. Over 16 runs of this test on a 2-core machine the ratio was 1.09-2.02
+    # (median 1.40; above 1.5 four times, above 2 once): p99 of 36 requests is nearly their maximum, and one
+    # slow step moves it. 2x keeps the check meaningful (under fcfs it is 18.7x: the light requests queue
+    # behind the flood) and rarely fails on noise (once in those 16 runs, on a slowed machine).
     assert contended_p99 <= 2.0 * alone_p99, summary
     assert jain >= 0.9, summary
 

@@ -40,9 +40,13 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.request import Request
 from tokenmill.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokenmill.config import EngineConfig
 
 POLICIES = ("fcfs", "priority", "deadline", "fair")
 # VTC weights of the paper: an output token costs twice an input token.
@@ -331,3 +335,9 @@ def make_policy(name: str, *, aging_s: float = 0.0, slo_classes: str | None = No
     if name == "fair":
         return FairPolicy(burst=fair_burst)
     raise ConfigError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+def policy_from_config(config: EngineConfig) -> SchedulingPolicy:
+    """The policy an engine built from `config` schedules with (the real engine and the mock alike)."""
+    return make_policy(config.scheduling_policy, aging_s=config.priority_aging, slo_classes=config.slo_classes,
+                       fair_burst=config.fair_burst)

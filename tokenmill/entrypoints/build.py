@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
-from tokenmill.engine.policy import make_policy
+from tokenmill.engine.policy import policy_from_config
 from tokenmill.models.loader import ModelSource, open_model
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -36,8 +36,7 @@ def build_replica(config: EngineConfig) -> Replica:
 
     source, tokenizer = load_tokenizer(config)
     runner = ModelRunner(config, source, tokenizer.eos_token_ids)
-    policy = make_policy(config.scheduling_policy, aging_s=config.priority_aging, slo_classes=config.slo_classes,
-                         fair_burst=config.fair_burst)
+    policy = policy_from_config(config)
     engine = EngineCore(runner, source.arch.vocab_size, tokenizer.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                         enable_prefix_caching=config.enable_prefix_caching, policy=policy,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
-from tokenmill.engine.policy import make_policy
+from tokenmill.engine.policy import policy_from_config
 from tokenmill.runner.batch import RunnerOutput, SeqInput
 from tokenmill.server.engine_client import OnDeath, OnMessage, ThreadEngineClient
 from tokenmill.server.protocol import FromEngine, Ready
@@ -100,8 +100,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
     engine = EngineCore(runner, arch.vocab_size, arch.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                         enable_prefix_caching=config.enable_prefix_caching,
-                        policy=make_policy(config.scheduling_policy, aging_s=config.priority_aging,
-                                           slo_classes=config.slo_classes, fair_burst=config.fair_burst))
+                        policy=policy_from_config(config))
     logger.info("mock engine: %d KV blocks of %d tokens, step = %.2f ms + %.3f ms/prefill token + "
                 "%.3f ms/decoding sequence", num_blocks, config.block_size, model.base_s * 1e3,
                 model.prefill_per_token_s * 1e3, model.decode_per_seq_s * 1e3)
