@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.policy import make_policy
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 
@@ -55,6 +56,22 @@ def test_token_budget_and_chunked_prefill():
     assert len(first) == 1 and len(first[0].token_ids) == 16 and not first[0].sample  # a prefill chunk
     # The short request joined a step that also held the long prompt's chunk: mixed batches.
     assert any(len(step) == 2 for step in runner.steps)
+
+
+def test_decodes_go_when_a_prefill_chunk_ranks_above_them():
+    # A small budget and a long prompt ranked first: its chunk leaves a token for each decode behind it,
+    # so running requests' output does not stall for a prompt (it did: the chunk took the budget whole).
+    runner = FakeRunner(64, 4, 256)
+    eng = EngineCore(runner, 50, [0], max_num_batched_tokens=16, max_num_seqs=8, policy=make_policy("priority"))
+    eng.add_request([1, 2, 3], greedy(20), request_id="c", priority=1)
+    eng.add_request([4, 5, 6], greedy(20), request_id="d", priority=1)
+    eng.step()
+    eng.add_request(list(range(1, 49)), greedy(2), request_id="long", priority=0)
+    for _ in range(3):
+        eng.step()
+        assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"long": 14, "c": 1, "d": 1}
+    eng.step()
+    assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"long": 6, "c": 1, "d": 1}
 
 
 def test_batched_equals_one_by_one_and_no_leaks():

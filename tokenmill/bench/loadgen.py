@@ -24,6 +24,7 @@ import httpx
 
 from tokenmill.bench.datasets import BenchRequest
 from tokenmill.bench.metrics import RequestRecord
+from tokenmill.gc_control import collector_paused
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ async def run(base_url: str, requests: list[BenchRequest], *, backend: Backend, 
             if progress:
                 progress()
 
-        await asyncio.gather(*(launch(i) for i in range(len(requests))))
+        with collector_paused():  # this process's collections would land inside the latencies it measures
+            await asyncio.gather(*(launch(i) for i in range(len(requests))))
     return records
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from tokenmill.gc_control import collector_paused
+
 
 @dataclass
 class Arrival:
@@ -109,7 +111,8 @@ async def run_open_loop(url: str, arrivals: Sequence[Arrival], headers: dict[str
             await asyncio.sleep(max(0.0, t0 + a.at - time.monotonic()))
             return await send(client, a)
 
-        return list(await asyncio.gather(*(at(a) for a in arrivals)))
+        with collector_paused():  # this process's collections would land inside the TTFTs it measures
+            return list(await asyncio.gather(*(at(a) for a in arrivals)))
 
 
 async def measure_capacity(url: str, concurrency: int, num: int, max_tokens: int, words: int = 12,
@@ -127,7 +130,8 @@ async def measure_capacity(url: str, concurrency: int, num: int, max_tokens: int
             while queue:
                 outcomes.append(await send(client, queue.pop()))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        with collector_paused():
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.monotonic() - t0
     bad = [o for o in outcomes if o.status != "ok"]
     if bad:

@@ -30,6 +30,7 @@ from tokenmill.cluster.policy import Decision, PolicyParams, RequestFeatures, ro
 from tokenmill.cluster.proxy import Forwarder, Retry, error_response
 from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
 from tokenmill.config import EngineConfig
+from tokenmill.gc_control import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def build_router_app(router: Router) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await router.start()
+        freeze_startup_heap()  # the app and the tokenizer: never walked by a collection again
         try:
             yield
         finally:

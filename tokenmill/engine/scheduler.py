@@ -1,13 +1,14 @@
 """The token-budget scheduler: one rule covers prefill chunks, decodes, prefix hits and resumes.
 
 Each step hands `max_num_batched_tokens` to running requests first (most important first), then to
-waiting ones; decodes always go, and a running prefill chunk leaves room for the first chunks of the
-waiting requests that this step admits and the policy ranks above it, so prefill tokens go in policy
-order. A request is handed `min(tokens it still has to compute, budget left)`, so long prompts are
-prefilled in chunks and decodes ride in the same forward pass. When KV blocks run out, the least
-important running request is preempted: its blocks are freed and it recomputes later. What
-"important" means is the scheduling policy's business (tokenmill/engine/policy.py): it orders both lists,
-picks the next request to admit and may let a waiting request preempt a running one. Pure Python: no torch.
+waiting ones. Decodes always go: a running prefill chunk leaves a token for each decode ranked below it,
+and room for the first chunks of the waiting requests that this step admits and the policy ranks above
+it, so prefill tokens go in policy order. A request is handed `min(tokens it still has to compute,
+budget left)`, so long prompts are prefilled in chunks and decodes ride in the same forward pass. When
+KV blocks run out, the least important running request is preempted: its blocks are freed and it
+recomputes later. What "important" means is the scheduling policy's business
+(tokenmill/engine/policy.py): it orders both lists, picks the next request to admit and may let a waiting
+request preempt a running one. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- one step ----------------------------------------------------------------------------
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, reason: str) -> None:
         self.running.remove(req)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
@@ -94,8 +95,8 @@ class Scheduler:
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
-        logger.info("preempted request %s (priority %d, %d tokens) to free KV blocks",
-                    req.request_id, req.priority, req.num_tokens)
+        logger.info("preempted request %s (priority %d, %d tokens) %s", req.request_id, req.priority, req.num_tokens,
+                    reason)
         self.policy.preempted(req)
         self._insert(self.waiting, req)
 
@@ -132,7 +133,7 @@ class Scheduler:
             if not policy.should_preempt(req, victim):
                 break
             free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
-            self._preempt(victim)
+            self._preempt(victim, f"to seat {req.request_id}, which the policy ranks above it")
             victims.append(victim)
             seated.append((policy.waiting_key(req), first_chunk))
         return victims, seated
@@ -150,13 +151,21 @@ class Scheduler:
         seated_keys = [k for k, _ in seated]
         seated_tokens = list(itertools.accumulate((n for _, n in seated), initial=0))  # [j]: first j's chunks
 
+        # Decodes always go: a prefill chunk leaves a token for each decode ranked below it (without, a chunk
+        # can take a small budget whole and stall every decode behind it), and room for the first chunks
+        # of the seated requests ranked above it. Preemption only shortens the list: the room stays spare.
+        decodes_after = [0] * (len(self.running) + 1)
+        for j in range(len(self.running) - 1, -1, -1):
+            r = self.running[j]
+            decodes_after[j] = decodes_after[j + 1] + (r.num_tokens - r.num_computed_tokens <= 1)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             cap = budget
-            if req.num_tokens - req.num_computed_tokens > 1 and seated:
-                # Decodes always go; a prefill chunk leaves room for the seated requests ranked above it.
-                cap -= seated_tokens[bisect.bisect_left(seated_keys, policy.waiting_key(req))]
+            if req.num_tokens - req.num_computed_tokens > 1:
+                cap -= decodes_after[i + 1]
+                if seated:
+                    cap -= seated_tokens[bisect.bisect_left(seated_keys, policy.waiting_key(req))]
                 if cap <= 0:
                     i += 1  # this chunk waits a step; the request stays running and unscheduled
                     continue
@@ -168,7 +177,7 @@ class Scheduler:
                     n = min(req.num_tokens - req.num_computed_tokens, cap)
                     continue
                 victim = self.running[-1]  # least important: req itself or after it, never one already scheduled
-                self._preempt(victim)
+                self._preempt(victim, "to free KV blocks")
                 out.preempted.append(victim)
                 if victim is req:
                     break

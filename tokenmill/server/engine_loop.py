@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.gc_control import freeze_startup_heap
 from tokenmill.server.protocol import (
     AbortRequests,
     AddRejected,
@@ -145,6 +146,7 @@ def run_engine_process(config: EngineConfig, in_addr: str, out_addr: str, parent
     stage = "loading the model"
     try:
         engine = build_engine(config, send)
+        freeze_startup_heap()  # the model and torch's objects: no collection should walk them again
         logger.info("engine ready (pid %d, %d torch threads)", os.getpid(), default_num_threads(config))
         stage = "engine loop"
         EngineLoop(engine, send).run(recv)

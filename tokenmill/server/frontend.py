@@ -27,6 +27,7 @@ from tokenmill.errors import (
     RequestTimeoutError,
     TokenmillError,
 )
+from tokenmill.gc_control import freeze_startup_heap
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import (
     PRIORITY_ORDERED,
@@ -161,6 +162,7 @@ class Frontend:
                 self._on_death(f"startup failed: {type(e).__name__}: {e}")
             return
         if self.state is State.STARTING:
+            freeze_startup_heap()  # the app, the tokenizer (and an in-process engine): never walked again
             self.state = State.READY
             logger.info("ready in %.1fs: model %r, context %d tokens, KV cache %d tokens (%d blocks), engine %s",
                         time.monotonic() - t0, self.model_name, self.info.max_model_len,
