@@ -58,11 +58,15 @@ def _light_arrivals(rate: float, seed: int, first_prompt: int) -> list[Arrival]:
 
 
 def _jain_in_window(outcomes: list[Outcome], span: float) -> float:
-    """Service inside the arrival window, against each tenant's max-min fair share of what was served."""
+    """Service inside the arrival window, against each tenant's max-min fair share of what was served.
+    Demand is what was asked for inside the window too: a light tenant's Poisson arrivals can run past
+    the span, and counting those asked-for tokens that could not be served by its end read as unfairness."""
     end = min(o.sent for o in outcomes) + span
     service: dict[str, float] = {}
     demand: dict[str, float] = {}
     for o in outcomes:
+        if o.sent > end:
+            continue
         demand[o.tenant] = demand.get(o.tenant, 0.0) + OUT
         service[o.tenant] = service.get(o.tenant, 0.0) + sum(1 for t in o.token_times if t <= end)
     return fairness(service, demand)
@@ -117,8 +121,9 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     summary = {"capacity": cap, "span": span, "alone_p99": alone_p99, "contended_p99": contended_p99,
                "jains": jains, "heavy_timeouts": sum(o.status == "timeout" for o in t0_outcomes)}
     print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
-          f"{contended_p99:.3f} s), Jain {jain:.3f}, capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
-    # Issue 6 asks for 1.5x; BENCHMARKS.md lists every run of this test (0.97-1.48 at this setting). Steps
+          f"{contended_p99:.3f} s), Jain {jain:.3f} (rounds: {', '.join(f'{j:.3f}' for j in jains)}), "
+          f"capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
+    # Issue 6 asks for 1.5x; BENCHMARKS.md lists every run of this test (0.97-1.80 at this setting, median 1.39). Steps
     # do not stop midway, so a light request that arrives during one of the flood's waits for it: about
     # one step on top of an alone p99 of two or three, close to 1.5x by construction on this machine. 2x
     # keeps the check meaningful (under fcfs it is 18.7x: the light requests queue behind the flood)
