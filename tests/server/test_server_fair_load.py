@@ -107,9 +107,9 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
         contended += [o for o in outcomes if o.cls == "light"]
         heavy += [o for o in outcomes if o.cls == "heavy"]
     alone_p99 = percentile([o.ttft for o in alone], 99)
-    t0_outcomes = contended + heavy
+    contended_phase = contended + heavy
 
-    for o in t0_outcomes:  # nothing lost
+    for o in contended_phase:  # nothing lost
         assert o.status in ("ok", "timeout"), (o.tenant, o.status, o.http_status, o.message)
         if o.status == "ok":
             assert o.tokens == OUT
@@ -119,7 +119,7 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     contended_p99 = percentile([o.ttft for o in contended], 99)
     jain = min(jains)
     summary = {"capacity": cap, "span": span, "alone_p99": alone_p99, "contended_p99": contended_p99,
-               "jains": jains, "heavy_timeouts": sum(o.status == "timeout" for o in t0_outcomes)}
+               "jains": jains, "heavy_timeouts": sum(o.status == "timeout" for o in contended_phase)}
     print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
           f"{contended_p99:.3f} s), Jain {jain:.3f} (rounds: {', '.join(f'{j:.3f}' for j in jains)}), "
           f"capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line

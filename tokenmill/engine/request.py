@@ -74,6 +74,11 @@ class Request:
     def num_tokens_with_spec(self) -> int:
         return self.num_tokens + len(self.spec_token_ids)
 
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the one token a decode computes is still to compute: a prompt, or a recompute."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]

@@ -156,13 +156,12 @@ class Scheduler:
         # of the seated requests ranked above it. Preemption only shortens the list: the room stays spare.
         decodes_after = [0] * (len(self.running) + 1)
         for j in range(len(self.running) - 1, -1, -1):
-            r = self.running[j]
-            decodes_after[j] = decodes_after[j + 1] + (r.num_tokens - r.num_computed_tokens <= 1)
+            decodes_after[j] = decodes_after[j + 1] + (not self.running[j].is_prefilling)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             cap = budget
-            if req.num_tokens - req.num_computed_tokens > 1:
+            if req.is_prefilling:
                 cap -= decodes_after[i + 1]
                 if seated:
                     cap -= seated_tokens[bisect.bisect_left(seated_keys, policy.waiting_key(req))]
