@@ -56,8 +56,24 @@ def serve_process(args: argparse.Namespace, name: str, *extra: str) -> ServerPro
            "--max-queued-requests", "4096", "--no-log-requests", *extra]
     if args.max_num_batched_tokens:
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if not args.interruptible_steps:
+        cmd.append("--no-interruptible-steps")
     log = Path(args.out) / "logs" / f"{name}.log"
     return ServerProcess(shlex.join(cmd), free_port(), log, ready_timeout_s=300)
+
+
+def engine_steps(base_url: str) -> dict[str, int]:
+    """The server's step counters: steps run, and steps abandoned for an arrival that outranked them."""
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    got = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.split("{")[0]  # labels (the model name) dropped
+        if name in ("tokenmill:engine_steps_total", "tokenmill:engine_steps_interrupted_total"):
+            got[name.removeprefix("tokenmill:").removesuffix("_total")] = int(float(value))
+    return got
 
 
 def build_workload(args: argparse.Namespace, rate: float, high_target: float, low_target: float) -> list[Arrival]:
@@ -105,18 +121,21 @@ def summarize(outcomes: list[Outcome], targets: dict[str, float], span: float) -
 def markdown(report: dict) -> str:
     c = report["calibration"]
     budget = report.get("max_num_batched_tokens")
+    steps = "" if report.get("interruptible_steps", True) else ", steps not interruptible"
     lines = [f"Overload at {report['load']}x measured capacity ({c['req_per_s']:.2f} req/s at {report['max_num_seqs']} "
-             f"running{f', step budget {budget} tokens' if budget else ''}), {report['num_requests']} requests, output {report['output_len']} tokens; TTFT targets: "
+             f"running{f', step budget {budget} tokens' if budget else ''}{steps}), {report['num_requests']} requests, "
+             f"output {report['output_len']} tokens; TTFT targets: "
              f"high {report['targets']['high']:.2f} s, low {report['targets']['low']:.2f} s.", "",
              "| policy | goodput (req/s) | high p50 / p99 TTFT (s) | low p50 / p99 TTFT (s) | high rejected | "
-             "low rejected | timeouts | light tenants p99 TTFT (s) | Jain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "low rejected | timeouts | light tenants p99 TTFT (s) | Jain | steps abandoned / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p, r in report["policies"].items():
         h, lo = r["classes"]["high"], r["classes"]["low"]
+        abandoned = f"{r['engine_steps_interrupted']} / {r['engine_steps']}" if "engine_steps" in r else "n/a"
         lines.append(f"| {p} | {r['goodput_req_s']:.2f} | {h['ttft_p50_s']:.2f} / {h['ttft_p99_s']:.2f} | "
                      f"{lo['ttft_p50_s']:.2f} / {lo['ttft_p99_s']:.2f} | {h['rejected']} | {lo['rejected']} | "
                      f"{h['timeouts'] + lo['timeouts']} | {r['light_tenants_ttft_p99_s']:.2f} | "
-                     f"{r['jain_fairness']:.3f} |")
+                     f"{r['jain_fairness']:.3f} | {abandoned} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", type=float, default=2.0, help="offered load as a multiple of measured capacity")
     p.add_argument("--low-target-factor", type=float, default=8.0)
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
+    p.add_argument("--interruptible-steps", action=argparse.BooleanOptionalAction, default=True,
+                   help="the servers' --interruptible-steps (abandon a step for an arrival that outranks it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-from", type=Path, default=None, metavar="OVERLOAD_JSON",
                    help="reuse the capacity and targets of an earlier report instead of calibrating, so two "
@@ -199,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                 cal["req_per_s"], e, rate, span, slo)
     report = {"calibration": cal, "load": args.load, "num_requests": args.num_requests,
               "output_len": args.output_len, "max_num_seqs": args.max_num_seqs,
-              "max_num_batched_tokens": args.max_num_batched_tokens, "targets": targets,
+              "max_num_batched_tokens": args.max_num_batched_tokens,
+              "interruptible_steps": args.interruptible_steps, "targets": targets,
               "slo_classes": slo, "span_s": span, "policies": {}}
     for policy in tqdm(args.policies, desc="policies"):
         with serve_process(args, policy, "--scheduling-policy", policy, "--slo-classes", slo) as server:
             outcomes = asyncio.run(run_open_loop(server.base_url, arrivals))
-        report["policies"][policy] = summarize(outcomes, targets, span)
+            steps = engine_steps(server.base_url)
+        report["policies"][policy] = summarize(outcomes, targets, span) | steps
         logger.info("%s: %s", policy, json.dumps(report["policies"][policy]))
     (out / "overload.json").write_text(json.dumps(report, indent=2))
     (out / "overload.md").write_text(markdown(report))

@@ -69,6 +69,11 @@ class EngineConfig:
         1024.0, "fair policy: most credit, in service units (prompt tokens + 2 x output tokens), a tenant "
         "served below the fair pace while active keeps, so its next burst of requests is served at once "
         "instead of at the flood's pace. Idling earns none. 0 is the VTC paper's counter lift.")
+    interruptible_steps: bool = _opt(
+        True, "Abandon an engine step in its first half when a request arrives that the scheduling policy "
+        "ranks above one in the step (a better priority level, an earlier deadline, a tenant well behind) "
+        "and can seat at once; the step is redone with it, so it does not wait out the step in flight. "
+        "The step after an abandoned one always completes. fcfs among equal priorities never abandons.")
     quantization: str = _opt(
         "none", "Weight-only quantization of every linear layer: int8 (per output channel) or int4 "
         "(group-wise; GGUF Q4_0/Q4_1 weights are repacked as shipped at group 32).",

@@ -69,3 +69,8 @@ class QueueFullError(TokenmillError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.reason = reason
+
+
+class StepInterrupted(Exception):
+    """Not an error: a runner abandoned a step part-way because the engine asked it to (EngineCore.step
+    catches it and plans the next step). It never reaches a caller."""

@@ -1,11 +1,15 @@
 """A model-free runner for engine tests: 'samples' a token that depends only on the sequence so far,
-so any scheduling (batched, chunked, preempted, prefix-hit, speculative) must produce the same tokens.
+so any scheduling (batched, chunked, preempted, prefix-hit, speculative, abandoned steps) must produce the
+same tokens.
 
 With `spec_oracle` it also proposes speculative tokens: the true continuation for a varying number of
 positions, then deliberately wrong tokens, so verification accepts some and rejects the rest."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from tokenmill.errors import StepInterrupted
 from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 
 
@@ -16,7 +20,8 @@ class FakeRunner:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.vocab = vocab
-        self.steps: list[list[SeqInput]] = []
+        self.steps: list[list[SeqInput]] = []  # completed steps
+        self.interrupted: list[list[SeqInput]] = []  # abandoned ones
         self.released: list[str] = []
         # What each KV slot holds, to check that prefix hits and shared blocks carry the right tokens.
         self.slots: dict[int, tuple[int, int]] = {}
@@ -26,7 +31,16 @@ class FakeRunner:
     def next_token(self, history: list[int]) -> int:
         return (sum(history) * 31 + len(history)) % self.vocab
 
-    def execute(self, seqs: list[SeqInput]) -> RunnerOutput:
+    def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
+        if interrupt is not None and interrupt():
+            # What an abandoned forward pass leaves: this step's slots hold K/V of some layers only. Poisoned,
+            # so a later step that reads one before recomputing it fails the content check below.
+            for s in seqs:
+                for i in range(len(s.token_ids)):
+                    p = s.start_pos + i
+                    self.slots[s.block_ids[p // self.block_size] * self.block_size + p % self.block_size] = (p, -1)
+            self.interrupted.append(seqs)
+            raise StepInterrupted
         self.steps.append(seqs)
         out = RunnerOutput()
         for s in seqs:

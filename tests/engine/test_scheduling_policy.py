@@ -173,6 +173,35 @@ def test_prefill_budget_goes_in_policy_order_when_a_slot_is_free(make_policy_):
     drain(eng)
 
 
+def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_starts_in():
+    """Under fair, the flood has more queued: its running long prompt computes nothing in the step where the
+    light tenant's prompt starts, so that step is short and the light request's first token comes sooner.
+    The flood's next chunk runs in the step after."""
+    eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=2, budget=16, num_blocks=64)
+    eng.add_request([1 + k % 40 for k in range(100)], params(2), request_id="long", tenant="flood")
+    eng.add_request([2 + k % 40 for k in range(100)], params(2), request_id="queued", tenant="flood")
+    eng.step()
+    eng.step()
+    eng.add_request([4, 5, 6], params(2), request_id="new", tenant="light")
+    eng.step()
+    assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3}
+    eng.step()
+    assert "long" in {s.request_id for s in runner.steps[-1]}
+    drain(eng)
+
+    # Two backlogged tenants keep sharing steps: the flood's chunk takes what the other's prompt leaves.
+    eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=2, budget=16, num_blocks=64)
+    eng.add_request([1 + k % 40 for k in range(100)], params(2), request_id="long", tenant="flood")
+    eng.add_request([2 + k % 40 for k in range(100)], params(2), request_id="queued", tenant="flood")
+    eng.step()
+    eng.step()
+    eng.add_request([4, 5, 6], params(2), request_id="new", tenant="other")
+    eng.add_request([4, 5, 7], params(2), request_id="new2", tenant="other")
+    eng.step()
+    assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3, "long": 13}
+    drain(eng)
+
+
 def test_kv_pressure_victim_is_lowest_priority():
     clock = Clock()
     # 10 blocks of 4 tokens: three requests growing to 3 + 12 tokens each cannot all fit.
@@ -452,12 +481,13 @@ def test_policy_keys_see_one_clock_per_step():
     num_blocks=st.integers(11, 30),  # the longest request (30 + 12 tokens) fits
     budget=st.integers(1, 24),
     max_seqs=st.integers(1, 4),
-    ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort", "tick"]),
-                           st.integers(0, 10**6)), max_size=80),
+    ops=st.lists(st.tuples(st.sampled_from(["add", "add_mid_step", "step", "step", "step", "abort", "tick"]),
+                           st.integers(0, 10**6)), min_size=10, max_size=80),
 )
 def test_property_every_policy_no_leaks_and_correct_kv(policy, num_blocks, budget, max_seqs, ops):
     """The fake runner checks every step that the KV blocks hold exactly each request's tokens; preemption
-    to admit, re-sorting and timeouts must never break that, leak a block or lose a request."""
+    to admit, re-sorting, timeouts and steps abandoned for a request arriving mid-step (whose K/V slots the
+    fake runner poisons) must never break that, leak a block or lose a request."""
     clock = Clock()
     pol = make_policy(policy, aging_s=0.5, slo_classes="0:ttft=0.2,1:ttft=2")
     eng, runner = make_engine(pol, clock, num_blocks=num_blocks, budget=budget, max_seqs=max_seqs)
@@ -472,16 +502,31 @@ def test_property_every_policy_no_leaks_and_correct_kv(policy, num_blocks, budge
                 ended[u.request_id] = u.finish_reason
                 live.discard(u.request_id)
 
+    mid_step: list[int] = []  # requests the next step's poll adds
+
+    def add(k: int, urgent: bool = False) -> None:
+        nonlocal added
+        rid = f"r{added}"
+        added += 1
+        prompt = [1 + (k >> i) % 7 for i in range(1 + k % 30)]
+        eng.add_request(prompt, SamplingParams(max_tokens=1 + k % 12, temperature=0, ignore_eos=True),
+                        request_id=rid, priority=-1 if urgent else k % 3, tenant=f"t{k % 3}",
+                        ttft_target=0.05 if urgent else None if k % 4 else 0.5,
+                        expires_at=clock.t + 1.0 if k % 5 == 0 else None)
+        live.add(rid)
+
+    def poll() -> bool:  # mid-step arrivals are urgent, so that most of them abandon the step
+        for k in mid_step:
+            add(k, urgent=True)
+        n = len(mid_step)
+        mid_step.clear()
+        return n > 0
+
     for op, k in ops:
         if op == "add":
-            rid = f"r{added}"
-            added += 1
-            prompt = [1 + (k >> i) % 7 for i in range(1 + k % 30)]
-            eng.add_request(prompt, SamplingParams(max_tokens=1 + k % 12, temperature=0, ignore_eos=True),
-                            request_id=rid, priority=k % 3, tenant=f"t{k % 3}",
-                            ttft_target=None if k % 4 else 0.5,
-                            expires_at=clock.t + 1.0 if k % 5 == 0 else None)
-            live.add(rid)
+            add(k)
+        elif op == "add_mid_step":
+            mid_step.append(k)
         elif op == "abort" and live:
             rid = sorted(live)[k % len(live)]
             assert eng.abort_request(rid)
@@ -489,7 +534,8 @@ def test_property_every_policy_no_leaks_and_correct_kv(policy, num_blocks, budge
         elif op == "tick":
             clock.t += (k % 100) / 100
         else:
-            consume(eng.step())
+            consume(eng.step(poll))
+            poll()  # not asked for (the step was a redo, or empty): they arrive as it ends
         if runner.steps:
             assert sum(len(s.token_ids) for s in runner.steps[-1]) <= budget
             assert len(runner.steps[-1]) <= max_seqs

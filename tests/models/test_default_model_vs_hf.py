@@ -96,6 +96,34 @@ def test_preemption_keeps_greedy_output(llm, gguf_path, prompt_ids):
     assert tight.engine.stats().num_preemptions >= 3
 
 
+def test_abandoned_steps_keep_greedy_output(llm, prompt_ids):
+    """Steps abandoned part-way through the real model (its first layers had written this step's K/V) and
+    redone: the same greedy tokens as without. Each arrival has a better priority level than the running
+    requests, so fcfs abandons the step for it."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [p[:80] for p in prompt_ids[:6]]
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    eng = llm.engine
+    interrupted = eng.num_interrupted_steps
+    for i in range(3):
+        eng.add_request(prompts[i], params, request_id=f"run{i}", priority=1)
+    arrivals = list(range(3, 6))
+
+    def poll() -> bool:  # one arrival per step, while the step runs
+        if not arrivals:
+            return False
+        i = arrivals.pop(0)
+        eng.add_request(prompts[i], params, request_id=f"run{i}", priority=0)
+        return True
+
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for u in eng.step(poll):
+            got.setdefault(u.request_id, []).extend(u.new_token_ids)
+    assert eng.num_interrupted_steps - interrupted >= 2  # the redo after each is not offered to stop
+    assert [got[f"run{i}"] for i in range(6)] == ref
+
+
 def test_n_and_seed_reproduce(llm):
     p = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20, n=3, seed=1234)
     a = llm.generate("Write a haiku about flour.", p, use_tqdm=False)[0]

@@ -6,9 +6,10 @@ index >= 0.9 in every round; nothing is lost (the flood's requests carry a timeo
 clear error).
 
 The server runs the latency-oriented configuration a multi-tenant deployment would pick: a small step
-budget, 72 tokens: one of this test's prompts (52-58 tokens) beside a decode for each of the 8 slots.
-With the default 1024 the flood's prefills fill long steps, and a light request that arrives during one
-waits for it."""
+budget, 128 tokens: two of this test's prompts (52-58 tokens) beside a decode for each of the 8 slots.
+With the default 1024 the flood's prefills fill long steps. Steps are interruptible (the default): a light
+request that arrives in the first half of one of the flood's steps has it abandoned and redone with it,
+and the flood's prefill chunks sit out the step its prompt runs in."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ ROUNDS = 4
 @pytest.fixture(scope="module")
 def server() -> ServerProcess:
     s = start_server("--scheduling-policy", "fair", "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
-                     "72", "--dtype", "bfloat16")
+                     "128", "--dtype", "bfloat16")
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()
@@ -123,15 +124,17 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
           f"{contended_p99:.3f} s), Jain {jain:.3f} (rounds: {', '.join(f'{j:.3f}' for j in jains)}), "
           f"capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
-    # Issue 6 asks for 1.5x; BENCHMARKS.md lists every run of this test (0.97-1.80 at this setting, median 1.39). Steps
-    # do not stop midway, so a light request that arrives during one of the flood's waits for it: about
-    # one step on top of an alone p99 of two or three, close to 1.5x by construction on this machine. 2x
-    # keeps the check meaningful (under fcfs it is 18.7x: the light requests queue behind the flood)
-    # without failing CI when a neighbour slows the machine between rounds.
+    # Issue 6 asks for 1.5x; BENCHMARKS.md lists every run of this test (1.08-1.58 at this setting, median
+    # 1.20). A light request arriving in the second half of one of the flood's steps still waits out the
+    # rest of it, and under the flood the frontend hands requests to the engine later (it shares the 2
+    # cores with the engine), so a neighbour slowing the machine between rounds can push one run over 1.5x.
+    # 2x keeps the check meaningful (under fcfs it is 18.7x: the light requests queue behind the flood)
+    # without failing CI on that noise.
     assert contended_p99 <= 2.0 * alone_p99, summary
     assert jain >= 0.9, summary
 
     m = server.metrics()
+    assert m["tokenmill:engine_steps_interrupted_total"] > 0  # light arrivals abandoned some of the flood's steps
     for tenant in LIGHT:
         assert m[f'tokenmill:tenant_time_to_first_token_seconds_count{{tenant="user:{tenant}"}}'] == 2 * ROUNDS * PER_LIGHT
     # A labelled counter appears with its first increment: no series means no timeout.

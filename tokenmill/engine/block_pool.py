@@ -100,7 +100,7 @@ class BlockPool:
         out = []
         for _ in range(n):
             b = self.free_queue.popleft()
-            self._evict(b)
+            self.uncache(b)
             b.ref_count = 1
             out.append(b)
         return out
@@ -130,7 +130,8 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached[block_hash] = block
 
-    def _evict(self, block: Block) -> None:
+    def uncache(self, block: Block) -> None:
+        """Take the block out of the prefix cache (reused for other tokens, or its KV never computed)."""
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
@@ -139,4 +140,4 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         for b in self.blocks:
             if b.ref_count == 0:
-                self._evict(b)
+                self.uncache(b)

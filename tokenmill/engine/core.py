@@ -15,7 +15,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.policy import SchedulingPolicy
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, StepInterrupted
 from tokenmill.runner.batch import Logprobs, ProposeInput, RunnerOutput, SeqInput
 from tokenmill.sampling_params import SamplingParams
 
@@ -29,7 +29,10 @@ class Runner(Protocol):
     block_size: int
     max_model_len: int
 
-    def execute(self, seqs: list[SeqInput]) -> RunnerOutput: ...
+    def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
+        """Compute one step. A runner that can stop part-way calls interrupt() at points where stopping still
+        saves time, and raises StepInterrupted (having changed nothing the engine reads) when it says so."""
+        ...
 
     def release(self, request_ids: list[str]) -> None: ...
 
@@ -67,6 +70,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_steps: int
+    num_interrupted_steps: int = 0  # abandoned part-way for a request that outranked them (and redone)
     # Speculative decoding (vLLM's spec_decode_* counters): verified proposal runs, proposed tokens
     # verified, accepted tokens, and accepted tokens by position in the proposal.
     spec_num_drafts: int = 0
@@ -79,7 +83,8 @@ class EngineCore:
     def __init__(self, runner: Runner, vocab_size: int, eos_token_ids: list[int], *,
                  max_num_batched_tokens: int, max_num_seqs: int, enable_prefix_caching: bool = True,
                  policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic,
-                 num_speculative_tokens: int = 0, speculative_max_batch: int = 1 << 30):
+                 num_speculative_tokens: int = 0, speculative_max_batch: int = 1 << 30,
+                 interruptible_steps: bool = True):
         self.runner = runner
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -94,6 +99,9 @@ class EngineCore:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
+        self.interruptible_steps = interruptible_steps
+        self.num_interrupted_steps = 0
+        self._redo = False  # the last step was abandoned: this one runs to the end, so nothing starves
         self.num_spec_tokens = num_speculative_tokens  # 0: no speculation
         self.spec_max_batch = speculative_max_batch
         self.spec_num_drafts = 0
@@ -152,7 +160,7 @@ class EngineCore:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), self.kv.usage, self.kv.prefix_cache_queries,
                            self.kv.prefix_cache_hits, s.num_preemptions, self.prompt_tokens,
-                           self.generation_tokens, self.num_steps, self.spec_num_drafts,
+                           self.generation_tokens, self.num_steps, self.num_interrupted_steps, self.spec_num_drafts,
                            self.spec_num_draft_tokens, self.spec_num_accepted_tokens,
                            list(self.spec_accepted_per_pos))
 
@@ -166,16 +174,32 @@ class EngineCore:
             if self.abort_request(rid, RequestStatus.FINISHED_TIMEOUT):
                 logger.info("request %s timed out; aborted", rid)
 
-    def step(self) -> list[RequestUpdate]:
+    def step(self, poll: Callable[[], bool] | None = None) -> list[RequestUpdate]:
+        """Schedule and run one step. `poll`, if given, is called while the step runs (between the model's
+        layers); it may add requests, and returns True when it did. If one of them is a request the policy
+        ranks above one in the step and can seat at once, the step is abandoned and the next one plans
+        afresh with it: it need not wait for the step in flight. A step that follows an abandoned one runs
+        to the end, and the runner offers to stop only in the first half of a step, so an arrival never
+        throws away more work than it is spared."""
         if self._expiry:
             self._expire()
         updates, self._pending_aborts = self._pending_aborts, []
         out = self.scheduler.schedule()
         if not out.scheduled:
             return updates
-        self.num_steps += 1
         seqs = [self._seq_input(req, n) for req, n in out.scheduled]
-        result = self.runner.execute(seqs)
+        interrupt = None
+        if poll is not None and self.interruptible_steps and not self._redo:
+            interrupt = lambda: poll() and self.scheduler.arrival_outranks(out)  # noqa: E731
+        try:
+            result = self.runner.execute(seqs, interrupt)
+        except StepInterrupted:
+            self.scheduler.unschedule(out)
+            self.num_interrupted_steps += 1
+            self._redo = True
+            return updates
+        self._redo = False
+        self.num_steps += 1
         for req, _ in out.scheduled:
             lps = result.prompt_logprobs.get(req.request_id)
             if lps is not None:

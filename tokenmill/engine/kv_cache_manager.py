@@ -89,6 +89,16 @@ class KVCacheManager:
             self._num_hashed[req.request_id] = max(start, end)
         return True
 
+    def forget_uncomputed(self, req: Request) -> None:
+        """The step that was to compute req's next tokens was abandoned: the blocks registered for them (in
+        allocate_slots, ahead of the computation) hold no valid KV and must not be found by a prefix lookup."""
+        keep = req.num_computed_tokens // self.block_size
+        registered = self._num_hashed.get(req.request_id, 0)
+        if registered > keep:
+            for b in self.req_blocks[req.request_id][keep:registered]:
+                self.pool.uncache(b)
+            self._num_hashed[req.request_id] = keep
+
     def block_ids(self, req: Request) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req.request_id, ())]
 

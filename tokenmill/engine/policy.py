@@ -141,6 +141,17 @@ class SchedulingPolicy:
     def should_preempt(self, waiting: Request, victim: Request) -> bool:
         return False
 
+    def sits_out_for(self, req: Request, seated: Request) -> bool:
+        """Does running prefill `req` compute nothing in a step where `seated`, which the policy ranks above
+        it, starts its prompt (rather than take the budget that request leaves)?"""
+        return False
+
+    def outranks(self, arrival: Request, req: Request) -> bool:
+        """Had `arrival` come just before this step was planned, would it have gone ahead of `req`, which
+        the step holds? (The engine abandons a step for such an arrival: see EngineCore.step.) Here: only a
+        strictly better priority level; a later arrival of the same level waits its turn."""
+        return arrival.priority < req.priority
+
 
 FCFSPolicy = SchedulingPolicy
 
@@ -181,6 +192,9 @@ class PriorityPolicy(SchedulingPolicy):
     def should_preempt(self, waiting: Request, victim: Request) -> bool:
         return self.waiting_key(waiting)[0] < self.running_key(victim)[0]
 
+    def outranks(self, arrival: Request, req: Request) -> bool:
+        return self.should_preempt(arrival, req)
+
 
 class DeadlinePolicy(SchedulingPolicy):
     name = "deadline"
@@ -205,6 +219,9 @@ class DeadlinePolicy(SchedulingPolicy):
         prefilling = req.num_computed_tokens < req.num_prompt_tokens
         return (prefilling, *self.waiting_key(req))
 
+    def outranks(self, arrival: Request, req: Request) -> bool:
+        return self.deadline(arrival) < self.deadline(req)
+
 
 class FairPolicy(SchedulingPolicy):
     """VTC. Counters grow with service actually computed: prompt tokens when first computed (a recompute
@@ -227,6 +244,8 @@ class FairPolicy(SchedulingPolicy):
         self._last_left = 0.0  # counter of the last tenant whose queue emptied
         self._floor = 0.0  # where a joining tenant's lift starts: see _lift_floor
         self._credit: dict[str, float] = {}  # idle tenant -> the credit it held when it went idle
+        self._step_start: dict[str, float] = {}  # counters of the step's tenants before its charges
+        self._step_units = 0.0  # the step's tokens, at the prompt weight: its worth of service
 
     @staticmethod
     def tenant(req: Request) -> str:
@@ -284,7 +303,14 @@ class FairPolicy(SchedulingPolicy):
                 del self.counters[t]
                 self._credit.pop(t, None)
 
+    def begin_step(self, now: float) -> None:
+        super().begin_step(now)
+        self._step_start = {}
+        self._step_units = 0.0
+
     def scheduled(self, req: Request, num_tokens: int) -> None:
+        self._step_start.setdefault(self.tenant(req), self.counters[self.tenant(req)])
+        self._step_units += self.wp * num_tokens
         start = max(req.num_computed_tokens, self._charged.get(req.request_id, 0))
         end = min(req.num_computed_tokens + num_tokens, req.num_prompt_tokens)
         if end > start:
@@ -318,6 +344,23 @@ class FairPolicy(SchedulingPolicy):
         # Otherwise only when the unfairness exceeds the work the preemption throws away (the victim
         # recomputes), so two backlogged tenants never bounce a slot back and forth.
         return gap > self.wp * victim.num_computed_tokens
+
+    def sits_out_for(self, req: Request, seated: Request) -> bool:
+        # A backlogged tenant gets all the service it can take; one chunk fewer costs it little, and a
+        # tenant with nothing else queued (`seated` is still counted as waiting) gets its first token sooner.
+        # Two backlogged tenants keep sharing steps: neither is served for latency's sake.
+        t, s = self.tenant(req), self.tenant(seated)
+        return t != s and bool(self._waiting.get(t)) and self._waiting.get(s, 0) <= 1
+
+    def outranks(self, arrival: Request, req: Request) -> bool:
+        # Only a backlogged tenant's step (requests of its own waiting: it takes all the service it can get)
+        # is abandoned, and only for a tenant behind the counter it had when the step was planned by more
+        # than the step's worth of service. Light tenants' counters differ by their credit, and none of
+        # them floods: they do not abandon each other's steps.
+        t = self.tenant(req)
+        if not self._waiting.get(t):
+            return False
+        return self.counters[self.tenant(arrival)] + self._step_units < self._step_start[t]
 
     def pick(self, waiting: list[Request]) -> Request:
         # Counters move within a step (admission charges the prompt), so take the minimum now.

@@ -32,6 +32,7 @@ MAX_PREEMPT_TO_ADMIT = 4  # per step: enough to seat a burst of urgent arrivals 
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute)
     preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # moved from waiting to running by this step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -50,6 +51,7 @@ class Scheduler:
         self.running: list[Request] = []  # sorted by policy.running_key, so victims come from the tail
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._arrivals: list[Request] = []  # added since the last schedule(): the step in flight never saw them
 
     # -- queue bookkeeping -------------------------------------------------------------------
     def _insert(self, queue: list[Request], req: Request) -> None:
@@ -63,6 +65,7 @@ class Scheduler:
         self.policy.add(req, self.clock())
         req.status = RequestStatus.WAITING
         self._insert(self.waiting, req)
+        self._arrivals.append(req)
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
         req = self.requests.get(request_id)
@@ -100,19 +103,19 @@ class Scheduler:
         self.policy.preempted(req)
         self._insert(self.waiting, req)
 
-    def _seat_waiting(self) -> tuple[list[Request], list[tuple[tuple, int]]]:
+    def _seat_waiting(self) -> tuple[list[Request], list[tuple[tuple, int, Request]]]:
         """Before anything is scheduled: find the waiting requests this step will admit, in the policy's
         order: those that fit in a free slot and free blocks, then, while the next ones have no room and
         the policy ranks each above the least important running request, preempt that one (a victim per
         seated request, at most MAX_PREEMPT_TO_ADMIT per step, so a burst is seated within a step or two
         and nothing thrashes).
 
-        Returns the victims, and each seated request's waiting key with its first chunk: a running
+        Returns the victims, and each seated request's waiting key with its first chunk (and itself): a running
         prefill chunk the policy ranks below a seated request leaves that chunk in the budget, so the step's
         prefill tokens go in policy order (a light tenant's prompt is not starved by the flood's chunks
         that happened to be admitted a step earlier, and a slot freed by preemption is used at once)."""
         victims: list[Request] = []
-        seated: list[tuple[tuple, int]] = []
+        seated: list[tuple[tuple, int, Request]] = []
         policy = self.policy
         free_slots = self.max_num_seqs - len(self.running)
         free_tokens = self.kv.pool.num_free_blocks * self.kv.block_size
@@ -125,7 +128,7 @@ class Scheduler:
             if free_slots > 0 and free_tokens >= first_chunk:
                 free_slots -= 1  # it has room already; the admission loop takes it
                 free_tokens -= first_chunk
-                seated.append((policy.waiting_key(req), first_chunk))
+                seated.append((policy.waiting_key(req), first_chunk, req))
                 continue
             if not (policy.preempt_to_admit and self.running):
                 break
@@ -135,21 +138,22 @@ class Scheduler:
             free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
             self._preempt(victim, f"to seat {req.request_id}, which the policy ranks above it")
             victims.append(victim)
-            seated.append((policy.waiting_key(req), first_chunk))
+            seated.append((policy.waiting_key(req), first_chunk, req))
         return victims, seated
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         policy = self.policy
+        self._arrivals = []
         policy.begin_step(self.clock())
         if policy.resort:  # keys moved with time or service since the last step
             self.waiting.sort(key=policy.waiting_key)
             self.running.sort(key=policy.running_key)
         admit_victims, seated = self._seat_waiting()
         seated.sort(key=lambda s: s[0])  # already in the policy's order, bar ties a preemption reordered
-        seated_keys = [k for k, _ in seated]
-        seated_tokens = list(itertools.accumulate((n for _, n in seated), initial=0))  # [j]: first j's chunks
+        seated_keys = [k for k, _, _ in seated]
+        seated_tokens = list(itertools.accumulate((n for _, n, _ in seated), initial=0))  # [j]: first j's chunks
 
         # Decodes always go: a prefill chunk leaves a token for each decode ranked below it (without, a chunk
         # can take a small budget whole and stall every decode behind it), and room for the first chunks
@@ -164,7 +168,12 @@ class Scheduler:
             if req.is_prefilling:
                 cap -= decodes_after[i + 1]
                 if seated:
-                    cap -= seated_tokens[bisect.bisect_left(seated_keys, policy.waiting_key(req))]
+                    j = bisect.bisect_left(seated_keys, policy.waiting_key(req))
+                    # A chunk may sit the step out for a prompt that starts in it (under fair: a backlogged
+                    # tenant's, for a lighter tenant's), keeping that step short: its first token comes sooner.
+                    if any(policy.sits_out_for(req, s) for _, _, s in seated[:j]):
+                        cap = 0
+                    cap -= seated_tokens[j]
                 if cap <= 0:
                     i += 1  # this chunk waits a step; the request stays running and unscheduled
                     continue
@@ -205,10 +214,45 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             policy.admitted(req)
             self._insert(self.running, req)
+            out.admitted.append(req)
             out.scheduled.append((req, n))
             policy.scheduled(req, n)
             budget -= n
         return out
+
+    # -- abandoning a step -------------------------------------------------------------------
+    def arrival_outranks(self, out: SchedulerOutput) -> bool:
+        """While `out` is being computed: did a request arrive that this step would have served ahead of
+        one it holds, had it come before the step was planned, and that the next step can seat (a free
+        slot, or a victim the policy would preempt for it)?"""
+        policy = self.policy
+        for a in self._arrivals:
+            if a.status != RequestStatus.WAITING:
+                continue
+            seatable = len(self.running) < self.max_num_seqs or (
+                policy.preempt_to_admit and bool(self.running) and policy.should_preempt(a, self.running[-1]))
+            if seatable and any(policy.outranks(a, req) for req, _ in out.scheduled):
+                return True
+        return False
+
+    def unschedule(self, out: SchedulerOutput) -> None:
+        """The runner abandoned `out` part-way: none of it was computed. Blocks registered in the prefix
+        cache for its tokens are taken out (their KV is not there), and the requests it admitted go back to
+        waiting, giving back their blocks: a prefix hit this step found may be among those just taken out.
+        Preemptions it made stand. The policy's charges for the step's prompt tokens stand too, and are not
+        repeated when they are computed."""
+        for req, _ in out.scheduled:
+            self.kv.forget_uncomputed(req)
+        for req in out.admitted:
+            self.running.remove(req)
+            self.kv.free(req)
+            if req.num_preemptions == 0 and not req.output_token_ids:
+                req.first_scheduled_time = None  # its first admission: its queue time goes on
+            req.num_computed_tokens = 0
+            req.spec_token_ids = []
+            req.status = RequestStatus.WAITING
+            self.policy.preempted(req)  # back in the waiting list: the policy's bookkeeping as for a preemption
+            self._insert(self.waiting, req)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int],
                spec_sampled: dict[str, list[int]] | None = None) -> list[tuple[Request, int]]:

@@ -41,5 +41,6 @@ def build_replica(config: EngineConfig) -> Replica:
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                         enable_prefix_caching=config.enable_prefix_caching, policy=policy,
                         num_speculative_tokens=0 if config.speculative == "none" else config.num_speculative_tokens,
-                        speculative_max_batch=config.speculative_max_batch)
+                        speculative_max_batch=config.speculative_max_batch,
+                        interruptible_steps=config.interruptible_steps)
     return Replica(config, source, tokenizer, engine)

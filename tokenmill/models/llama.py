@@ -7,13 +7,13 @@ each as they load, so a layer runs two fewer matmuls per step.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tokenmill.errors import ModelLoadError
+from tokenmill.errors import ModelLoadError, StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
@@ -188,17 +188,23 @@ class LlamaModel:
     # -- forward -----------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
+                interrupt: Callable[[], bool] | None = None) -> torch.Tensor:
         """Flattened tokens of every scheduled sequence -> float32 logits of the rows in logits_rows.
 
-        Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache."""
+        Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache.
+        interrupt() is asked before each layer of the first half; when it says so, StepInterrupted is raised
+        (the layers run so far wrote K/V for these positions, which the step that recomputes them overwrites)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         t = input_ids.shape[0]
         d = cfg.head_dim
         cos, sin = self.rope.tables(positions, self.dtype)
         x = F.embedding(input_ids, self.embed)
-        for layer, (k_cache, v_cache, *kv_scales) in zip(self.layers, kv_caches, strict=True):
+        stop_checks = len(self.layers) // 2 if interrupt is not None else 0
+        for i, (layer, (k_cache, v_cache, *kv_scales)) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i < stop_checks and interrupt():
+                raise StepInterrupted
             h = rms_norm(x, layer.in_norm, eps)
             qkv = layer.qkv(h)
             qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)

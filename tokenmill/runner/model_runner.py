@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -168,7 +169,9 @@ class ModelRunner:
             self.proposer.release(request_ids)
 
     @torch.no_grad()
-    def execute(self, seqs: list[SeqInput]) -> RunnerOutput:
+    def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
+        """One step's forward pass and sampling. interrupt: see LlamaModel.forward (it is asked only before
+        anything but K/V slots of this step's own positions has been written)."""
         ids: list[int] = []
         pos: list[int] = []
         logit_rows: list[int] = []
@@ -189,7 +192,7 @@ class ModelRunner:
                                                            for s in seqs]), self.block_size, self.dtype, dev)
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
-                                    torch.tensor(logit_rows, dtype=torch.long, device=dev))
+                                    torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt)
         return self._sample(seqs, logits)
 
     def _sample(self, seqs: list[SeqInput], logits: torch.Tensor) -> RunnerOutput:

@@ -57,6 +57,8 @@ class EngineLoop:
     def __init__(self, engine, send: Callable[[FromEngine], None]):
         self.engine = engine
         self.send = send
+        self._recv: Callable[[float], list[ToEngine] | None] = lambda timeout: []
+        self._deferred: list[ToEngine] = []  # messages taken while a step ran, applied after it
 
     def handle(self, msg: ToEngine) -> bool:
         """Apply one message; False means shut down."""
@@ -77,22 +79,38 @@ class EngineLoop:
             return False
         return True
 
+    def _poll(self) -> bool:
+        """Called while a step runs: new requests join the scheduler at once (the engine may abandon the
+        step for one), aborts and shutdown wait for the step's end. True when a request was added."""
+        msgs = self._recv(0.0)
+        added = False
+        for m in msgs or ():
+            if isinstance(m, AddRequest):
+                self.handle(m)
+                added = True
+            else:
+                self._deferred.append(m)
+        return added
+
     def run(self, recv: Callable[[float], list[ToEngine] | None]) -> None:
         """recv(timeout) returns the waiting messages (waiting up to timeout seconds for the first), or
         None when the engine should stop (its inbox is gone)."""
         engine = self.engine
+        self._recv = recv
         last_report = 0.0
         while True:
-            msgs = recv(0.0 if engine.has_unfinished() else HEARTBEAT_S)
+            msgs = recv(0.0 if engine.has_unfinished() or self._deferred else HEARTBEAT_S)
             if msgs is None:
                 return
+            if self._deferred:
+                msgs, self._deferred = self._deferred + msgs, []
             for m in msgs:
                 if not self.handle(m):
                     self._abort_all()
                     return
             if engine.has_unfinished():
                 t0 = time.monotonic()
-                updates = engine.step()
+                updates = engine.step(self._poll)
                 last_report = time.monotonic()
                 self.send(Updates(last_report, updates, engine.stats(), last_report - t0))
             elif time.monotonic() - last_report >= HEARTBEAT_S:

@@ -55,6 +55,8 @@ class _EngineStatsCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
         yield counter("engine_steps", "Engine steps (forward passes) run.", s.num_steps)
+        yield counter("engine_steps_interrupted", "Steps abandoned part-way for a request that outranked them "
+                      "(--interruptible-steps); each was redone.", s.num_interrupted_steps)
         # Speculative decoding, vLLM's names: acceptance rate = accepted / draft tokens.
         yield counter("spec_decode_num_drafts", "Requests' proposal runs verified by the target.", s.spec_num_drafts)
         yield counter("spec_decode_num_draft_tokens", "Speculative tokens proposed and verified.",

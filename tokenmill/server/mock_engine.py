@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.policy import policy_from_config
+from tokenmill.errors import StepInterrupted
 from tokenmill.runner.batch import RunnerOutput, SeqInput
 from tokenmill.server.engine_client import OnDeath, OnMessage, ThreadEngineClient
 from tokenmill.server.protocol import FromEngine, Ready
@@ -26,6 +27,7 @@ from tokenmill.server.protocol import FromEngine, Ready
 logger = logging.getLogger(__name__)
 
 _DEFAULT_KV_BYTES = 256 * 2**20
+INTERRUPT_CHECKS = 8  # points in a step's first half where an interruptible mock step may stop
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,16 @@ class MockRunner:
         self.lo = min(1000, vocab_size // 4)
         self.span = max(1, vocab_size - 2 * self.lo)
 
-    def execute(self, seqs: list[SeqInput]) -> RunnerOutput:
+    def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
         t0 = time.monotonic()
         prefill = sum(len(s.token_ids) for s in seqs if s.start_pos < len(s.prompt_token_ids))
         decodes = sum(1 for s in seqs if s.start_pos >= len(s.prompt_token_ids))
+        if interrupt is not None:  # as the real model: asked at even points through the first half of the step
+            slice_s = self.model.step_time(prefill, decodes) / (2 * INTERRUPT_CHECKS)
+            for _ in range(INTERRUPT_CHECKS):
+                if interrupt():
+                    raise StepInterrupted
+                self.sleep(slice_s)
         out = RunnerOutput()
         for s in seqs:
             if s.prompt_next_ids is not None:  # prompt logprobs: every known next token is "likely"
@@ -100,7 +108,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
     engine = EngineCore(runner, arch.vocab_size, arch.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                         enable_prefix_caching=config.enable_prefix_caching,
-                        policy=policy_from_config(config))
+                        policy=policy_from_config(config), interruptible_steps=config.interruptible_steps)
     logger.info("mock engine: %d KV blocks of %d tokens, step = %.2f ms + %.3f ms/prefill token + "
                 "%.3f ms/decoding sequence", num_blocks, config.block_size, model.base_s * 1e3,
                 model.prefill_per_token_s * 1e3, model.decode_per_seq_s * 1e3)

@@ -1,0 +1,113 @@
+"""A light tenant beside a flood, repeated on one server: the fair e2e test's scenario
+(tests/server/test_server_fair_load.py) with both conditions' TTFT percentiles and the server's step
+counters printed, to compare server settings without a fresh server and calibration per round.
+
+    python benchmarks/fair_flood.py --rounds 4                                   # the test's setting
+    python benchmarks/fair_flood.py --rounds 4 -- --no-interruptible-steps       # anything after -- goes
+    python benchmarks/fair_flood.py --rounds 4 -- --max-num-batched-tokens 72    # to `tokenmill serve`
+
+Three light tenants each send an eighth of the calibrated capacity; each round runs them alone, then
+again beside a fourth tenant sending 10x each one's rate. Prints each round, then the light tenants'
+TTFT over all rounds per condition (mean, p50, p90, p99, max) and the contended/alone ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+
+import httpx
+
+from tokenmill.bench.launch import ServerProcess, free_port
+from tokenmill.bench.overload import (
+    Arrival,
+    completion_body,
+    measure_capacity,
+    percentile,
+    poisson_times,
+    run_open_loop,
+)
+
+MAX_SEQS = 8
+OUT = 8
+LIGHT = ["light-0", "light-1", "light-2"]
+PER_LIGHT = 12
+
+
+def light_arrivals(rate: float, seed: int, first_prompt: int) -> list[Arrival]:
+    out = []
+    for k, tenant in enumerate(LIGHT):
+        for j, t in enumerate(poisson_times(rate, PER_LIGHT, random.Random(seed + k))):
+            out.append(Arrival(t, "light", tenant, completion_body(first_prompt + k * 1000 + j, max_tokens=OUT,
+                                                                   user=tenant)))
+    return out
+
+
+def flood_arrivals(rate: float, span: float, seed: int, first_prompt: int) -> list[Arrival]:
+    times = [t for t in poisson_times(10 * rate, 12 * PER_LIGHT, random.Random(seed)) if t <= span]
+    return [Arrival(t, "heavy", "heavy", completion_body(first_prompt + j, max_tokens=OUT, user="heavy",
+                                                         timeout=max(2.0, span / 2))) for j, t in enumerate(times)]
+
+
+def step_counters(base_url: str) -> tuple[int, int]:
+    """(steps run, steps abandoned) from the server's /metrics."""
+    got = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.split("{")[0]  # labels (the model name) dropped
+        got[name] = int(float(value)) if name.startswith("tokenmill:engine_steps") else 0
+    return got.get("tokenmill:engine_steps_total", 0), got.get("tokenmill:engine_steps_interrupted_total", 0)
+
+
+def describe(ttfts: list[float]) -> str:
+    return (f"mean {statistics.mean(ttfts):.3f} p50 {percentile(ttfts, 50):.3f} p90 {percentile(ttfts, 90):.3f} "
+            f"p99 {percentile(ttfts, 99):.3f} max {max(ttfts):.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    server_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--budget", type=int, default=128, help="--max-num-batched-tokens (the test's 128)")
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", "WARNING", "serve", "--port", "{port}",
+           "--scheduling-policy", "fair", "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
+           str(args.budget), "--dtype", "bfloat16", "--no-log-requests", *server_args]
+    log = tempfile.NamedTemporaryFile(prefix="fair-flood-", suffix=".log", delete=False).name  # noqa: SIM115
+    with ServerProcess(shlex.join(cmd), free_port(), log, ready_timeout_s=300) as server:
+        url = server.base_url
+        cap = asyncio.run(measure_capacity(url, MAX_SEQS, 3 * MAX_SEQS, OUT))["req_per_s"]
+        rate = cap / 8
+        span = PER_LIGHT / rate
+        alone: list[float] = []
+        contended: list[float] = []
+        for k in range(args.rounds):
+            s0 = step_counters(url)
+            got = asyncio.run(run_open_loop(url, light_arrivals(rate, 10 + k, 100_000 * k)))
+            s1 = step_counters(url)
+            both = asyncio.run(run_open_loop(url, light_arrivals(rate, 10 + k, 100_000 * k + 10_000)
+                                             + flood_arrivals(rate, span, 99 + k, 100_000 * k + 50_000)))
+            s2 = step_counters(url)
+            a = [o.ttft for o in got if o.ttft is not None]
+            c = [o.ttft for o in both if o.cls == "light" and o.ttft is not None]
+            alone += a
+            contended += c
+            print(f"round {k}: alone p99 {percentile(a, 99):.3f} s ({s1[1] - s0[1]} of {s1[0] - s0[0]} steps "
+                  f"abandoned) | contended p99 {percentile(c, 99):.3f} s ({s2[1] - s1[1]} of {s2[0] - s1[0]})",
+                  flush=True)
+    print(f"capacity {cap:.2f} req/s, budget {args.budget}, server args {server_args}")
+    print("alone     ", describe(alone))
+    print("contended ", describe(contended))
+    print(f"contended/alone: p99 {percentile(contended, 99) / percentile(alone, 99):.2f}, "
+          f"mean {statistics.mean(contended) / statistics.mean(alone):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
