@@ -31,6 +31,12 @@ frozen for that step so every key in the list is computed against the same clock
   slot at once, not after the flood's; moving one slot can never be undone by the reverse move, so
   nothing bounces).
 
+Each policy also answers two questions for the step in flight: does a request that arrived while it runs
+outrank one in it (`outranks`; the engine then abandons the step: a better priority level, an earlier
+deadline, a tenant behind a backlogged one by more than the step's worth), and does a running prefill
+chunk sit a step out for a prompt it ranks below (`sits_out_for`; only fair: a backlogged tenant's chunk,
+for a tenant with nothing else queued).
+
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
 
