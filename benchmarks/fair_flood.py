@@ -21,12 +21,11 @@ import statistics
 import sys
 import tempfile
 
-import httpx
-
 from tokenmill.bench.launch import ServerProcess, free_port
 from tokenmill.bench.overload import (
     Arrival,
     completion_body,
+    engine_step_counters,
     measure_capacity,
     percentile,
     poisson_times,
@@ -54,14 +53,9 @@ def flood_arrivals(rate: float, span: float, seed: int, first_prompt: int) -> li
                                                          timeout=max(2.0, span / 2))) for j, t in enumerate(times)]
 
 
-def step_counters(base_url: str) -> tuple[int, int]:
-    """(steps run, steps abandoned) from the server's /metrics."""
-    got = {}
-    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
-        name, _, value = line.partition(" ")
-        name = name.split("{")[0]  # labels (the model name) dropped
-        got[name] = int(float(value)) if name.startswith("tokenmill:engine_steps") else 0
-    return got.get("tokenmill:engine_steps_total", 0), got.get("tokenmill:engine_steps_interrupted_total", 0)
+def abandoned(before: dict[str, int], after: dict[str, int]) -> str:
+    return (f"{after['engine_steps_interrupted'] - before['engine_steps_interrupted']} of "
+            f"{after['engine_steps'] - before['engine_steps']} steps abandoned")
 
 
 def describe(ttfts: list[float]) -> str:
@@ -88,19 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         alone: list[float] = []
         contended: list[float] = []
         for k in range(args.rounds):
-            s0 = step_counters(url)
+            s0 = engine_step_counters(url)
             got = asyncio.run(run_open_loop(url, light_arrivals(rate, 10 + k, 100_000 * k)))
-            s1 = step_counters(url)
+            s1 = engine_step_counters(url)
             both = asyncio.run(run_open_loop(url, light_arrivals(rate, 10 + k, 100_000 * k + 10_000)
                                              + flood_arrivals(rate, span, 99 + k, 100_000 * k + 50_000)))
-            s2 = step_counters(url)
+            s2 = engine_step_counters(url)
             a = [o.ttft for o in got if o.ttft is not None]
             c = [o.ttft for o in both if o.cls == "light" and o.ttft is not None]
             alone += a
             contended += c
-            print(f"round {k}: alone p99 {percentile(a, 99):.3f} s ({s1[1] - s0[1]} of {s1[0] - s0[0]} steps "
-                  f"abandoned) | contended p99 {percentile(c, 99):.3f} s ({s2[1] - s1[1]} of {s2[0] - s1[0]})",
-                  flush=True)
+            print(f"round {k}: alone p99 {percentile(a, 99):.3f} s ({abandoned(s0, s1)}) | contended p99 "
+                  f"{percentile(c, 99):.3f} s ({abandoned(s1, s2)})", flush=True)
     print(f"capacity {cap:.2f} req/s, budget {args.budget}, server args {server_args}")
     print("alone     ", describe(alone))
     print("contended ", describe(contended))

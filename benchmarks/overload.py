@@ -35,6 +35,7 @@ from tokenmill.bench.overload import (
     Arrival,
     Outcome,
     completion_body,
+    engine_step_counters,
     fairness,
     measure_capacity,
     percentile,
@@ -60,20 +61,6 @@ def serve_process(args: argparse.Namespace, name: str, *extra: str) -> ServerPro
         cmd.append("--no-interruptible-steps")
     log = Path(args.out) / "logs" / f"{name}.log"
     return ServerProcess(shlex.join(cmd), free_port(), log, ready_timeout_s=300)
-
-
-def engine_steps(base_url: str) -> dict[str, int]:
-    """The server's step counters: steps run, and steps abandoned for an arrival that outranked them."""
-    import httpx
-
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    got = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        name = name.split("{")[0]  # labels (the model name) dropped
-        if name in ("tokenmill:engine_steps_total", "tokenmill:engine_steps_interrupted_total"):
-            got[name.removeprefix("tokenmill:").removesuffix("_total")] = int(float(value))
-    return got
 
 
 def build_workload(args: argparse.Namespace, rate: float, high_target: float, low_target: float) -> list[Arrival]:
@@ -226,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for policy in tqdm(args.policies, desc="policies"):
         with serve_process(args, policy, "--scheduling-policy", policy, "--slo-classes", slo) as server:
             outcomes = asyncio.run(run_open_loop(server.base_url, arrivals))
-            steps = engine_steps(server.base_url)
+            steps = engine_step_counters(server.base_url)
         report["policies"][policy] = summarize(outcomes, targets, span) | steps
         logger.info("%s: %s", policy, json.dumps(report["policies"][policy]))
     (out / "overload.json").write_text(json.dumps(report, indent=2))

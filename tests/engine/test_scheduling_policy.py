@@ -173,15 +173,20 @@ def test_prefill_budget_goes_in_policy_order_when_a_slot_is_free(make_policy_):
     drain(eng)
 
 
-def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_starts_in():
-    """Under fair, the flood has more queued: its running long prompt computes nothing in the step where the
-    light tenant's prompt starts, so that step is short and the light request's first token comes sooner.
-    The flood's next chunk runs in the step after."""
+def _flood_prefilling_a_long_prompt_with_one_queued() -> tuple[EngineCore, FakeRunner]:
     eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=2, budget=16, num_blocks=64)
     eng.add_request([1 + k % 40 for k in range(100)], params(2), request_id="long", tenant="flood")
     eng.add_request([2 + k % 40 for k in range(100)], params(2), request_id="queued", tenant="flood")
     eng.step()
     eng.step()
+    return eng, runner
+
+
+def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_starts_in():
+    """Under fair, the flood has more queued: its running long prompt computes nothing in the step where the
+    light tenant's prompt starts, so that step is short and the light request's first token comes sooner.
+    The flood's next chunk runs in the step after."""
+    eng, runner = _flood_prefilling_a_long_prompt_with_one_queued()
     eng.add_request([4, 5, 6], params(2), request_id="new", tenant="light")
     eng.step()
     assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3}
@@ -190,11 +195,7 @@ def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_s
     drain(eng)
 
     # Two backlogged tenants keep sharing steps: the flood's chunk takes what the other's prompt leaves.
-    eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=2, budget=16, num_blocks=64)
-    eng.add_request([1 + k % 40 for k in range(100)], params(2), request_id="long", tenant="flood")
-    eng.add_request([2 + k % 40 for k in range(100)], params(2), request_id="queued", tenant="flood")
-    eng.step()
-    eng.step()
+    eng, runner = _flood_prefilling_a_long_prompt_with_one_queued()
     eng.add_request([4, 5, 6], params(2), request_id="new", tenant="other")
     eng.add_request([4, 5, 7], params(2), request_id="new2", tenant="other")
     eng.step()

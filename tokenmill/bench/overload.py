@@ -141,6 +141,19 @@ async def measure_capacity(url: str, concurrency: int, num: int, max_tokens: int
             "e2e_p50_s": percentile([o.done - o.sent for o in outcomes if o.done is not None], 50)}
 
 
+def engine_step_counters(url: str) -> dict[str, int]:
+    """The server's step counters from /metrics: `engine_steps` (steps run) and `engine_steps_interrupted`
+    (steps abandoned for an arrival that outranked them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {"engine_steps": 0, "engine_steps_interrupted": 0}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        name = fam.name.removeprefix("tokenmill:")
+        if name in got:
+            got[name] += int(sum(smp.value for smp in fam.samples if smp.name.endswith("_total")))
+    return got
+
+
 def poisson_times(rate: float, n: int, rng: random.Random) -> list[float]:
     t, out = 0.0, []
     for _ in range(n):
