@@ -12,6 +12,7 @@ from fake_runner import FakeRunner
 
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.policy import DeadlinePolicy, FairPolicy, PriorityPolicy, SchedulingPolicy
+from tokenmill.engine.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.engine_loop import EngineLoop
 from tokenmill.server.protocol import AbortRequests, AddRequest, Shutdown
@@ -119,6 +120,32 @@ def test_abandoning_changes_no_output():
         assert with_[rid] == toks, rid
 
 
+def test_a_tenant_new_beside_the_flood_abandons_its_step():
+    """A tenant never seen before joins level with the flood (the VTC lift) and runs nothing: the next step
+    would take it first, so the flood's step in flight is abandoned for it, as soon as the flood starts."""
+    eng, runner = make_engine(FairPolicy())
+    for i in range(12):
+        eng.add_request([1, 2, 3, 4 + i, 5, 6], params(30), request_id=f"H{i}", tenant="heavy")
+    eng.step()
+    eng.step(Arrivals(eng, dict(LIGHT, tenant="new")))
+    assert eng.num_interrupted_steps == 1
+    eng.step()
+    assert "L1" in {s.request_id for s in runner.steps[-1]}
+
+
+def test_backlogged_tenants_do_not_abandon_each_others_steps():
+    """An arrival of tenant b, which has requests queued already, gains b nothing, however far behind a it
+    is; the same arrival from a tenant with nothing queued outranks a's requests."""
+    p = FairPolicy()
+    reqs = {}
+    for rid, tenant in [("A0", "a"), ("A1", "a"), ("B0", "b"), ("B1", "b"), ("C0", "c")]:
+        reqs[rid] = Request(rid, [1, 2, 3], params(4), 64, tenant=tenant)
+        p.add(reqs[rid], 0.0)
+    p.counters.update(a=500.0, b=0.0, c=0.0)
+    assert not p.outranks(reqs["B1"], reqs["A0"])
+    assert p.outranks(reqs["C0"], reqs["A0"])
+
+
 def test_tenants_at_the_same_pace_do_not_abandon_each_others_steps():
     eng, runner = make_engine(FairPolicy())
     eng.add_request([1] * 6, params(4), request_id="A", tenant="a")
@@ -137,7 +164,7 @@ def test_a_tenant_with_credit_does_not_abandon_a_step_of_a_tenant_that_is_not_ba
     drain(eng, {})
     eng.add_request([5] * 6, params(4), request_id="A", tenant="a")
     eng.step(Arrivals(eng, LIGHT))
-    assert p.counters["light"] + p._step_units < p._step_start["a"]  # behind by more than the step's worth
+    assert p.counters["light"] < p.counters["a"]  # it would go first, but "a" takes no more than it asked
     assert eng.num_interrupted_steps == 0
 
 
@@ -153,6 +180,33 @@ def test_which_arrivals_abandon_a_step(policy, running, arrival, abandons):
     eng, runner = make_engine(policy, max_seqs=4)
     eng.add_request([1] * 10, params(4), request_id="R", **running)
     eng.step(Arrivals(eng, {"prompt_token_ids": [2] * 6, "params": params(4), "request_id": "N", **arrival}))
+    assert eng.num_interrupted_steps == int(abandons)
+    drain(eng, {})
+
+
+@pytest.mark.parametrize("prompt_priority, abandons", [(0, False), (1, True)])
+def test_a_step_full_of_prompts_the_arrival_does_not_outrank_is_not_abandoned(prompt_priority, abandons):
+    """The arrival outranks the step's decode, but the step's budget is a prompt of the arrival's own level:
+    the redo would delay that prompt for this one (and decodes always go, so it would have no room either),
+    so the step runs on. A prompt of a worse level is abandoned for it."""
+    eng, runner = make_engine(PriorityPolicy(), max_seqs=4, budget=16)
+    eng.add_request([1] * 4, params(8), request_id="D", priority=1)
+    eng.step()
+    eng.add_request([3] * 40, params(2), request_id="P", priority=prompt_priority)
+    eng.step(Arrivals(eng, {"prompt_token_ids": [2] * 6, "params": params(4), "request_id": "N", "priority": 0}))
+    assert eng.num_interrupted_steps == int(abandons)
+    drain(eng, {})
+
+
+@pytest.mark.parametrize("budget, abandons", [(4, False), (16, True)])
+def test_a_step_is_abandoned_only_if_its_redo_can_hold_the_arrivals_prompt(budget, abandons):
+    """Four decodes the arrival outranks: with a budget of 4 they fill the step, and decodes always go, so
+    the redo would have no room for the arrival's prompt; with 16 it has."""
+    eng, runner = make_engine(PriorityPolicy(), max_seqs=5, budget=budget)
+    for k in range(4):
+        eng.add_request([k + 1], params(8), request_id=f"D{k}", priority=1)
+    eng.step()
+    eng.step(Arrivals(eng, {"prompt_token_ids": [2] * 6, "params": params(4), "request_id": "N", "priority": 0}))
     assert eng.num_interrupted_steps == int(abandons)
     drain(eng, {})
 

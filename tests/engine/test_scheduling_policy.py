@@ -173,12 +173,20 @@ def test_prefill_budget_goes_in_policy_order_when_a_slot_is_free(make_policy_):
     drain(eng)
 
 
-def _flood_prefilling_a_long_prompt_with_one_queued() -> tuple[EngineCore, FakeRunner]:
-    eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=2, budget=16, num_blocks=64)
+def _flood_prefilling_a_long_prompt_with_more_queued(queued: int = 1, max_seqs: int = 2,
+                                                     light_credit: bool = True) -> tuple[EngineCore, FakeRunner]:
+    """The flood's long prompt takes every step's budget, its other requests wait. With light_credit, the
+    light tenant was served beside it (one short request) and left with credit: it comes back behind the
+    flood. Without, it is new, and joins level with the flood."""
+    eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=max_seqs, budget=16, num_blocks=64)
     eng.add_request([1 + k % 40 for k in range(100)], params(2), request_id="long", tenant="flood")
-    eng.add_request([2 + k % 40 for k in range(100)], params(2), request_id="queued", tenant="flood")
+    for j in range(queued):
+        eng.add_request([2 + j + k % 40 for k in range(100)], params(2), request_id=f"queued{j}", tenant="flood")
+    if light_credit:
+        eng.add_request([7, 8, 9], params(1), request_id="earlier", tenant="light")
     eng.step()
     eng.step()
+    assert "earlier" not in eng.scheduler.requests
     return eng, runner
 
 
@@ -186,7 +194,7 @@ def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_s
     """Under fair, the flood has more queued: its running long prompt computes nothing in the step where the
     light tenant's prompt starts, so that step is short and the light request's first token comes sooner.
     The flood's next chunk runs in the step after."""
-    eng, runner = _flood_prefilling_a_long_prompt_with_one_queued()
+    eng, runner = _flood_prefilling_a_long_prompt_with_more_queued()
     eng.add_request([4, 5, 6], params(2), request_id="new", tenant="light")
     eng.step()
     assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3}
@@ -194,8 +202,26 @@ def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_s
     assert "long" in {s.request_id for s in runner.steps[-1]}
     drain(eng)
 
+    # With a slot free, the flood's next request is not admitted into that step either (it would be
+    # with nothing else of the flood queued: then it is the flood's last, and not a backlog).
+    eng, runner = _flood_prefilling_a_long_prompt_with_more_queued(queued=2, max_seqs=4)
+    eng.add_request([4, 5, 6], params(2), request_id="new", tenant="light")
+    eng.step()
+    assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3}
+    eng.step()
+    assert {s.request_id for s in runner.steps[-1]} >= {"long", "new"}
+    drain(eng)
+
+    # A tenant level with the flood (new to it) shares the step: sitting out would put the flood behind
+    # it, and seating the flood's next request would then preempt the light one after its first token.
+    eng, runner = _flood_prefilling_a_long_prompt_with_more_queued(light_credit=False)
+    eng.add_request([4, 5, 6], params(2), request_id="new", tenant="light")
+    eng.step()
+    assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3, "long": 13}
+    assert drain(eng)["new"] == "length" and eng.scheduler.num_preemptions == 0
+
     # Two backlogged tenants keep sharing steps: the flood's chunk takes what the other's prompt leaves.
-    eng, runner = _flood_prefilling_a_long_prompt_with_one_queued()
+    eng, runner = _flood_prefilling_a_long_prompt_with_more_queued(light_credit=False)
     eng.add_request([4, 5, 6], params(2), request_id="new", tenant="other")
     eng.add_request([4, 5, 7], params(2), request_id="new2", tenant="other")
     eng.step()
@@ -564,6 +590,24 @@ def test_vtc_newly_active_tenant_gets_a_slot_at_once():
     eng.step()
     assert "L0" in [s.request_id for s in runner.steps[-1]]
     assert eng.scheduler.requests["H1"].num_preemptions == 1  # the newest of the flood
+    drain(eng)
+
+
+def test_vtc_seat_comes_from_the_flood_when_the_most_served_tenant_holds_the_last_running_place():
+    """Tenant "big" holds one slot with the most service, so it sorts last among the running; the flood holds
+    the other three. A newcomer (lifted level with the flood) may not take big's only slot, but takes one of
+    the flood's at once instead of waiting for a slot to free."""
+    eng, runner = make_engine(FairPolicy(), Clock(), max_seqs=4, budget=64, num_blocks=128)
+    eng.add_request([1 + k % 30 for k in range(40)], params(60), request_id="B0", tenant="big")
+    for i in range(8):
+        eng.add_request([1, 2, 3, 4 + i], params(30), request_id=f"H{i}", tenant="heavy")
+    eng.step()
+    sched = eng.scheduler
+    assert [r.tenant for r in sched.running][-1] == "big" and len(sched.running) == 4
+    eng.add_request([9, 9, 8], params(2), request_id="L", tenant="light")
+    eng.step()
+    assert "L" in [s.request_id for s in runner.steps[-1]]
+    assert sched.num_preemptions == 1 and sched.requests["B0"].num_preemptions == 0
     drain(eng)
 
 

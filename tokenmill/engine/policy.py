@@ -33,9 +33,9 @@ frozen for that step so every key in the list is computed against the same clock
 
 Each policy also answers two questions for the step in flight: does a request that arrived while it runs
 outrank one in it (`outranks`; the engine then abandons the step: a better priority level, an earlier
-deadline, a tenant behind a backlogged one by more than the step's worth), and does a running prefill
-chunk sit a step out for a prompt it ranks below (`sits_out_for`; only fair: a backlogged tenant's chunk,
-for a tenant with nothing else queued).
+deadline, a tenant with nothing else queued that ranks ahead of a backlogged one), and does a running prefill
+chunk or a waiting request sit a step out for a prompt it ranks below (`sits_out_for`; only fair: a
+backlogged tenant's chunk or admission, for a tenant with nothing else queued).
 
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tokenmill.engine.request import Request
+from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -148,8 +148,9 @@ class SchedulingPolicy:
         return False
 
     def sits_out_for(self, req: Request, seated: Request) -> bool:
-        """Does running prefill `req` compute nothing in a step where `seated`, which the policy ranks above
-        it, starts its prompt (rather than take the budget that request leaves)?"""
+        """Does `req` (a running prefill, or a waiting request the step could admit) compute nothing in a
+        step where `seated`, which the policy ranks above it, starts its prompt (rather than take the budget
+        that request leaves)?"""
         return False
 
     def outranks(self, arrival: Request, req: Request) -> bool:
@@ -251,7 +252,6 @@ class FairPolicy(SchedulingPolicy):
         self._floor = 0.0  # where a joining tenant's lift starts: see _lift_floor
         self._credit: dict[str, float] = {}  # idle tenant -> the credit it held when it went idle
         self._step_start: dict[str, float] = {}  # counters of the step's tenants before its charges
-        self._step_units = 0.0  # the step's tokens, at the prompt weight: its worth of service
 
     @staticmethod
     def tenant(req: Request) -> str:
@@ -312,11 +312,9 @@ class FairPolicy(SchedulingPolicy):
     def begin_step(self, now: float) -> None:
         super().begin_step(now)
         self._step_start = {}
-        self._step_units = 0.0
 
     def scheduled(self, req: Request, num_tokens: int) -> None:
         self._step_start.setdefault(self.tenant(req), self.counters[self.tenant(req)])
-        self._step_units += self.wp * num_tokens
         start = max(req.num_computed_tokens, self._charged.get(req.request_id, 0))
         end = min(req.num_computed_tokens + num_tokens, req.num_prompt_tokens)
         if end > start:
@@ -351,22 +349,43 @@ class FairPolicy(SchedulingPolicy):
         # recomputes), so two backlogged tenants never bounce a slot back and forth.
         return gap > self.wp * victim.num_computed_tokens
 
+    def _queued_besides(self, req: Request) -> int:
+        """How many of req's tenant's requests wait, req itself not counted."""
+        n = self._waiting.get(self.tenant(req), 0)
+        return n - 1 if req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) else n
+
+    def _floods(self, req: Request) -> bool:
+        """Is req's tenant the flood: requests of its own queued besides req, and no tenant with requests
+        queued served more? (A light tenant with two requests waiting a moment is not.)"""
+        if not self._queued_besides(req):
+            return False
+        c = self.counters[self.tenant(req)]
+        return all(self.counters[u] <= c for u in self._waiting)
+
     def sits_out_for(self, req: Request, seated: Request) -> bool:
-        # A backlogged tenant gets all the service it can take; one chunk fewer costs it little, and a
-        # tenant with nothing else queued (`seated` is still counted as waiting) gets its first token sooner.
-        # Two backlogged tenants keep sharing steps: neither is served for latency's sake.
+        # The flood gets all the service it can take; one chunk or admission fewer costs it little, and a
+        # tenant with nothing else queued gets its first token sooner (its step holds its prompt and the
+        # decodes). Two backlogged tenants keep sharing steps: neither waits for latency's sake. Only while
+        # the flood is ahead by more than the first token's charge: one level with the lighter tenant (a
+        # tenant new to the queue is lifted level) would fall behind it by sitting out, and seating its
+        # next request would then preempt the light request to even them up.
         t, s = self.tenant(req), self.tenant(seated)
-        return t != s and bool(self._waiting.get(t)) and self._waiting.get(s, 0) <= 1
+        return (t != s and self._floods(req) and self._queued_besides(seated) == 0
+                and self._planned_counter(t) > self._planned_counter(s) + self.wq)
+
+    def _planned_counter(self, t: str) -> float:
+        """Tenant t's counter when this step was planned, before its charges for the step."""
+        return self._step_start.get(t, self.counters[t])
 
     def outranks(self, arrival: Request, req: Request) -> bool:
-        # Only a backlogged tenant's step (requests of its own waiting: it takes all the service it can get)
-        # is abandoned, and only for a tenant behind the counter it had when the step was planned by more
-        # than the step's worth of service. Light tenants' counters differ by their credit, and none of
-        # them floods: they do not abandon each other's steps.
-        t = self.tenant(req)
-        if not self._waiting.get(t):
+        # Only the flood's step is abandoned (see _floods), only for a tenant with nothing else queued (one
+        # with requests waiting gains nothing from one more: backlogged tenants never abandon each other's
+        # steps), and only if the next step would take the arrival first (its counter, then its running
+        # count, below the flood's, this step's charges included).
+        t, a = self.tenant(req), self.tenant(arrival)
+        if a == t or not self._floods(req) or self._queued_besides(arrival):
             return False
-        return self.counters[self.tenant(arrival)] + self._step_units < self._step_start[t]
+        return (self.counters[a], self._num_running(a)) < (self.counters[t], self._num_running(t))
 
     def pick(self, waiting: list[Request]) -> Request:
         # Counters move within a step (admission charges the prompt), so take the minimum now.

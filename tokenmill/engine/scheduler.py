@@ -3,7 +3,8 @@
 Each step hands `max_num_batched_tokens` to running requests first (most important first), then to
 waiting ones. Decodes always go: a running prefill chunk leaves a token for each decode ranked below it,
 and room for the first chunks of the waiting requests that this step admits and the policy ranks above
-it, so prefill tokens go in policy order (or, where the policy says so, sits the step out for them). A
+it, so prefill tokens go in policy order (or, where the policy says so, sits the step out for them, as
+may a waiting request the admission loop reaches after them). A
 request is handed `min(tokens it still has to compute, budget left)`, so long prompts are prefilled in
 chunks and decodes ride in the same forward pass. When KV blocks run out, the least important running
 request is preempted: its blocks are freed and it recomputes later. A step abandoned part-way for a
@@ -105,10 +106,18 @@ class Scheduler:
         self.policy.preempted(req)
         self._insert(self.waiting, req)
 
+    def _victim_for(self, req: Request) -> Request | None:
+        """The least important running request the policy would preempt to seat `req`, if any. Not only the
+        last: under fair the most-served tenant may hold one slot and keep it, while the flood just before
+        it in the running order holds the rest."""
+        if not self.policy.preempt_to_admit:
+            return None
+        return next((v for v in reversed(self.running) if self.policy.should_preempt(req, v)), None)
+
     def _seat_waiting(self) -> tuple[list[Request], list[tuple[tuple, int, Request]]]:
         """Before anything is scheduled: find the waiting requests this step will admit, in the policy's
         order: those that fit in a free slot and free blocks, then, while the next ones have no room and
-        the policy ranks each above the least important running request, preempt that one (a victim per
+        the policy would preempt a running request for each, the least important such one (a victim per
         seated request, at most MAX_PREEMPT_TO_ADMIT per step, so a burst is seated within a step or two
         and nothing thrashes).
 
@@ -132,10 +141,8 @@ class Scheduler:
                 free_tokens -= first_chunk
                 seated.append((policy.waiting_key(req), first_chunk, req))
                 continue
-            if not (policy.preempt_to_admit and self.running):
-                break
-            victim = self.running[-1]
-            if not policy.should_preempt(req, victim):
+            victim = self._victim_for(req)
+            if victim is None:
                 break
             free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
             self._preempt(victim, f"to seat {req.request_id}, which the policy ranks above it")
@@ -204,6 +211,8 @@ class Scheduler:
         out.preempted.extend(admit_victims)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not thrashing:
             req = policy.pick(self.waiting)
+            if any(policy.sits_out_for(req, a) for a in out.admitted):
+                break  # as for running chunks: the rest waits a step, this one's prompt runs in a short step
             computed, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, n, computed):
@@ -225,15 +234,29 @@ class Scheduler:
     # -- abandoning a step -------------------------------------------------------------------
     def arrival_outranks(self, out: SchedulerOutput) -> bool:
         """While `out` is being computed: did a request arrive that this step would have served ahead of
-        one it holds, had it come before the step was planned, and that the next step can seat (a free
-        slot, or a victim the policy would preempt for it)?"""
+        one it holds, had it come before the step was planned, that the next step can seat (a free slot,
+        or a victim the policy would preempt for it), and whose first chunk the redone step can hold? Its
+        room is the budget the step left, plus the prefill chunks of the requests it outranks: decodes
+        always go, so a step full of other prompts has no room for it however many decodes it outranks.
+        A step holding a prefill chunk it does not outrank runs on: its redo would delay that prompt,
+        ranked at least as high, for this one."""
         policy = self.policy
+        spare = self.max_num_batched_tokens - out.num_batched_tokens
         for a in self._arrivals:
             if a.status != RequestStatus.WAITING:
                 continue
-            seatable = len(self.running) < self.max_num_seqs or (
-                policy.preempt_to_admit and bool(self.running) and policy.should_preempt(a, self.running[-1]))
-            if seatable and any(policy.outranks(a, req) for req, _ in out.scheduled):
+            seatable = len(self.running) < self.max_num_seqs or self._victim_for(a) is not None
+            if not seatable:
+                continue
+            room = spare
+            outranks_any = protected = False
+            for req, n in out.scheduled:
+                if policy.outranks(a, req):
+                    outranks_any = True
+                    room += n if req.is_prefilling else 0
+                elif req.is_prefilling:
+                    protected = True  # a prompt it does not outrank: the redo would delay it for this one
+            if outranks_any and not protected and room >= min(a.num_tokens, self.max_num_batched_tokens):
                 return True
         return False
 
