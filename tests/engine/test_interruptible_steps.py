@@ -186,9 +186,9 @@ def test_which_arrivals_abandon_a_step(policy, running, arrival, abandons):
 
 @pytest.mark.parametrize("prompt_priority, abandons", [(0, False), (1, True)])
 def test_a_step_full_of_prompts_the_arrival_does_not_outrank_is_not_abandoned(prompt_priority, abandons):
-    """The arrival outranks the step's decode, but the step's budget is a prompt of the arrival's own level:
-    the redo would delay that prompt for this one (and decodes always go, so it would have no room either),
-    so the step runs on. A prompt of a worse level is abandoned for it."""
+    """The arrival outranks the step's decode, but decodes always go: only the prefill chunks it outranks
+    (and budget the step left) make room for it. A step whose budget is a prompt of its own level has none:
+    redone, it could not hold the arrival's prompt, so it runs on. A prompt of a worse level makes room."""
     eng, runner = make_engine(PriorityPolicy(), max_seqs=4, budget=16)
     eng.add_request([1] * 4, params(8), request_id="D", priority=1)
     eng.step()

@@ -20,7 +20,7 @@ from tokenmill.engine.policy import (
     make_policy,
     parse_slo_classes,
 )
-from tokenmill.engine.request import Request
+from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.errors import ConfigError
 from tokenmill.sampling_params import SamplingParams
 
@@ -227,6 +227,24 @@ def test_a_backlogged_tenants_chunk_sits_out_the_step_a_lighter_tenants_prompt_s
     eng.step()
     assert {s.request_id: len(s.token_ids) for s in runner.steps[-1]} == {"new": 3, "long": 13}
     drain(eng)
+
+
+def test_only_the_flood_sits_out():
+    """The flood is the most-served tenant with requests queued. A light tenant with a second request
+    queued a moment is not: its request does not sit out for another light tenant's prompt."""
+    p = FairPolicy()
+    reqs = {}
+    for rid, tenant in [("H0", "heavy"), ("H1", "heavy"), ("A0", "a"), ("A1", "a"), ("B0", "b")]:
+        reqs[rid] = Request(rid, [1, 2, 3], params(4), 64, tenant=tenant)
+        p.add(reqs[rid], 0.0)
+    p.admitted(reqs["H0"])
+    reqs["H0"].status = RequestStatus.RUNNING
+    p.counters.update(heavy=500.0, a=300.0, b=100.0)
+    p.begin_step(0.0)
+    assert p.sits_out_for(reqs["H0"], reqs["B0"])
+    assert not p.sits_out_for(reqs["A0"], reqs["B0"])
+    p.counters["a"] = 600.0  # now a is the most served with requests queued: the flood
+    assert p.sits_out_for(reqs["A0"], reqs["B0"])
 
 
 def test_kv_pressure_victim_is_lowest_priority():

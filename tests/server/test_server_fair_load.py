@@ -94,6 +94,7 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     contended: list[Outcome] = []
     heavy: list[Outcome] = []
     jains: list[float] = []
+    round_p99s: list[tuple[float, float]] = []  # (alone, contended): for the failure message
     for k in range(ROUNDS):
         # Same arrival pattern in both phases of a round; every request new text of the same shape:
         # repeating prompts would let the prefix cache serve them and flatter whichever phase came second.
@@ -105,6 +106,8 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
         assert len(flood) >= 5 * PER_LIGHT, len(flood)  # the flood really sends ~10x each light's rate
         outcomes = asyncio.run(run_open_loop(server.url, arrivals + flood))
         jains.append(_jain_in_window(outcomes, span))
+        round_p99s.append((percentile([o.ttft for o in got], 99),
+                           percentile([o.ttft for o in outcomes if o.cls == "light" and o.ttft is not None], 99)))
         contended += [o for o in outcomes if o.cls == "light"]
         heavy += [o for o in outcomes if o.cls == "heavy"]
     alone_p99 = percentile([o.ttft for o in alone], 99)
@@ -120,17 +123,15 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     contended_p99 = percentile([o.ttft for o in contended], 99)
     jain = min(jains)
     summary = {"capacity": cap, "span": span, "alone_p99": alone_p99, "contended_p99": contended_p99,
-               "jains": jains, "heavy_timeouts": sum(o.status == "timeout" for o in contended_phase)}
+               "jains": jains, "round_p99s": round_p99s,
+               "heavy_timeouts": sum(o.status == "timeout" for o in contended_phase)}
     print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
           f"{contended_p99:.3f} s), Jain {jain:.3f} (rounds: {', '.join(f'{j:.3f}' for j in jains)}), "
           f"capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
-    # Issue 6 asks for 1.5x; BENCHMARKS.md lists every run of this test (1.08-1.58 at this setting, median
-    # 1.27). A light request arriving in the second half of one of the flood's steps still waits out the
-    # rest of it, and under the flood the frontend hands requests to the engine later (it shares the 2
-    # cores with the engine), so a neighbour slowing the machine between rounds can push one run over 1.5x.
-    # 2x keeps the check meaningful (under fcfs it is 18.7x: the light requests queue behind the flood)
-    # without failing CI on that noise.
-    assert contended_p99 <= 2.0 * alone_p99, summary
+    # Issue 6's bound. BENCHMARKS.md lists every run of this test (session 7: 1.05-1.34); what is left of
+    # the gap is mostly a light request that arrives in the second half of one of the flood's steps and
+    # waits out the rest of it (only the first half can be abandoned: see EngineCore.step).
+    assert contended_p99 <= 1.5 * alone_p99, summary
     assert jain >= 0.9, summary
 
     m = server.metrics()

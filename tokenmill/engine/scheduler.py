@@ -237,9 +237,7 @@ class Scheduler:
         one it holds, had it come before the step was planned, that the next step can seat (a free slot,
         or a victim the policy would preempt for it), and whose first chunk the redone step can hold? Its
         room is the budget the step left, plus the prefill chunks of the requests it outranks: decodes
-        always go, so a step full of other prompts has no room for it however many decodes it outranks.
-        A step holding a prefill chunk it does not outrank runs on: its redo would delay that prompt,
-        ranked at least as high, for this one."""
+        always go, so a step full of other prompts has no room for it however many decodes it outranks."""
         policy = self.policy
         spare = self.max_num_batched_tokens - out.num_batched_tokens
         for a in self._arrivals:
@@ -248,15 +246,9 @@ class Scheduler:
             seatable = len(self.running) < self.max_num_seqs or self._victim_for(a) is not None
             if not seatable:
                 continue
-            room = spare
-            outranks_any = protected = False
-            for req, n in out.scheduled:
-                if policy.outranks(a, req):
-                    outranks_any = True
-                    room += n if req.is_prefilling else 0
-                elif req.is_prefilling:
-                    protected = True  # a prompt it does not outrank: the redo would delay it for this one
-            if outranks_any and not protected and room >= min(a.num_tokens, self.max_num_batched_tokens):
+            outranked = [(req, n) for req, n in out.scheduled if policy.outranks(a, req)]
+            room = spare + sum(n for req, n in outranked if req.is_prefilling)
+            if outranked and room >= min(a.num_tokens, self.max_num_batched_tokens):
                 return True
         return False
 
