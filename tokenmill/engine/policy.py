@@ -33,9 +33,10 @@ frozen for that step so every key in the list is computed against the same clock
 
 Each policy also answers two questions for the step in flight: does a request that arrived while it runs
 outrank one in it (`outranks`; the engine then abandons the step: a better priority level, an earlier
-deadline, a tenant with nothing else queued that ranks ahead of a backlogged one), and does a running prefill
-chunk or a waiting request sit a step out for a prompt it ranks below (`sits_out_for`; only fair: a
-backlogged tenant's chunk or admission, for a tenant with nothing else queued).
+deadline, a tenant with nothing else queued that ranks ahead of the flood, the most-served tenant with
+requests queued), and does a running prefill chunk or a waiting request sit a step out for a prompt it
+ranks below (`sits_out_for`; only fair: the flood's chunk or admission, for a tenant with nothing else
+queued).
 
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
