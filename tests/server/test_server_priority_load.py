@@ -99,8 +99,10 @@ def test_high_priority_keeps_target_at_twice_capacity(server):
     for o in refused:
         predicted = float(re.search(r"predicted wait for a first token is ([0-9.]+)s", o.message).group(1))
         assert predicted > probe_target
+        # Retry-After is the ceiling of the exact excess; the message gives the prediction to 0.1 s, so the
+        # excess read from it may be off by 0.05 more (8 s against 6.9997 s read once).
         assert o.retry_after == max(1, min(60, math.ceil(predicted - probe_target))) or \
-            abs(o.retry_after - (predicted - probe_target)) <= 1  # the message rounds to 0.1 s
+            abs(o.retry_after - (predicted - probe_target)) <= 1.05
     m = server.metrics()
     n_refused = sum(o.status == "rejected" for o in outcomes)
     assert m['tokenmill:request_rejected_total{reason="ttft_target"}'] == n_refused
