@@ -211,6 +211,53 @@ def test_a_step_is_abandoned_only_if_its_redo_can_hold_the_arrivals_prompt(budge
     drain(eng, {})
 
 
+def _light_prompt_beside_the_flood(eng: EngineCore, heavy_prompt: int) -> None:
+    """Three slots: the flood runs two or three requests with more queued; 6-token prompts are decoding
+    after three steps, 40-token ones still prefilling in chunks. Then a light tenant's prompt P arrives."""
+    for i in range(12):
+        eng.add_request([1, 2, 3, 4 + i] + [5] * (heavy_prompt - 4), params(30), request_id=f"H{i}", tenant="heavy")
+    for _ in range(3):
+        eng.step()
+    eng.add_request([7] * 6, params(4), request_id="P", tenant="light")
+
+
+OTHER = {"prompt_token_ids": [8] * 6, "params": params(4), "request_id": "N", "tenant": "other"}
+
+
+@pytest.mark.parametrize("heavy_prompt, abandons", [(6, False), (40, True)])
+def test_a_step_starting_a_light_prompt_is_abandoned_only_to_drop_the_floods_chunks(heavy_prompt, abandons):
+    """Another light tenant arrives during the step in which P starts. Beside the flood's decodes only,
+    the redo would be the same step plus its prompt: P would lose the time spent and then wait out a
+    longer step, so the step runs on and the arrival goes next. Beside a chunk of the flood's prompt, the
+    redo drops that chunk for it."""
+    eng, runner = make_engine(FairPolicy(), max_seqs=3, budget=16)
+    _light_prompt_beside_the_flood(eng, heavy_prompt)
+    eng.step(Arrivals(eng, OTHER))
+    planned = runner.interrupted[-1] if abandons else runner.steps[-1]
+    assert "P" in {s.request_id for s in planned}
+    assert any(s.request_id.startswith("H") and len(s.token_ids) > 1 for s in planned) == abandons
+    assert eng.num_interrupted_steps == int(abandons)
+    eng.step()
+    assert "N" in {s.request_id for s in runner.steps[-1]}
+
+
+def test_an_abandoned_step_takes_back_its_fair_charges():
+    """The step that admits P is abandoned (here by hand) for a tenant that arrived while it ran: P's prompt
+    charge is taken back, the arrival was lifted level with the counters the step was planned with, and
+    the redo seats both. Left charged, P ranked behind the arrival and lost the last free slot."""
+    p = FairPolicy()
+    eng, runner = make_engine(p, max_seqs=3, budget=16)
+    _light_prompt_beside_the_flood(eng, 6)
+    before = dict(p.counters)
+    out = eng.scheduler.schedule()
+    assert [r.request_id for r in out.admitted] == ["P"] and p.counters["light"] > before["light"]
+    eng.add_request(**OTHER)
+    eng.scheduler.unschedule(out)
+    assert p.counters == before | {"other": before["heavy"]}
+    eng.step()
+    assert {"P", "N"} <= {s.request_id for s in runner.steps[-1]}
+
+
 def test_no_free_slot_and_no_preemption_means_no_abandoning():
     """fcfs does not preempt to admit: with every slot taken a better-level arrival could not join the redo."""
     eng, runner = make_engine(SchedulingPolicy(), max_seqs=1)

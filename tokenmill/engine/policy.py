@@ -122,6 +122,12 @@ class SchedulingPolicy:
     def begin_step(self, now: float) -> None:
         self.now = now
 
+    def end_step(self) -> None:
+        """The step planned since begin_step was computed: its charges stand."""
+
+    def abandon_step(self) -> None:
+        """The step planned since begin_step was abandoned before anything of it was computed."""
+
     def admitted(self, req: Request) -> None:
         """Moved from waiting to running (first time or after a preemption)."""
 
@@ -253,6 +259,9 @@ class FairPolicy(SchedulingPolicy):
         self._floor = 0.0  # where a joining tenant's lift starts: see _lift_floor
         self._credit: dict[str, float] = {}  # idle tenant -> the credit it held when it went idle
         self._step_start: dict[str, float] = {}  # counters of the step's tenants before its charges
+        # The step's prompt charges, (request, tenant, position charged before, amount), taken back if the
+        # step is abandoned.
+        self._step_charges: list[tuple[str, str, int | None, float]] = []
 
     @staticmethod
     def tenant(req: Request) -> str:
@@ -262,7 +271,9 @@ class FairPolicy(SchedulingPolicy):
         """The least-served waiting tenant's counter (the last tenant to leave the queue's when nobody
         waits), never moving back: a tenant spending its credit sits below it and must not pull it down
         (each joiner would start further ahead than the last)."""
-        backlogged = [self.counters[u] for u, n in self._waiting.items() if n]
+        # Counters as the step in flight was planned: its charges are taken back if it is abandoned, and a
+        # tenant lifted mid-step must not then sit ahead of the tenants it was lifted level with.
+        backlogged = [self._planned_counter(u) for u, n in self._waiting.items() if n]
         self._floor = max(self._floor, min(backlogged) if backlogged else self._last_left)
         return self._floor
 
@@ -313,14 +324,34 @@ class FairPolicy(SchedulingPolicy):
     def begin_step(self, now: float) -> None:
         super().begin_step(now)
         self._step_start = {}
+        self._step_charges = []
+
+    def end_step(self) -> None:
+        self._step_start = {}
+        self._step_charges = []
+
+    def abandon_step(self) -> None:
+        # Nothing was computed: the step's requests, its admissions among them, rank in the redo as they did
+        # when it was planned (an admission left charged could lose its place to the requests it had passed).
+        for rid, t, before, amount in reversed(self._step_charges):
+            if t in self.counters:
+                self.counters[t] -= amount
+            if rid in self._charged:  # still live
+                if before is None:
+                    del self._charged[rid]
+                else:
+                    self._charged[rid] = before
+        self.end_step()
 
     def scheduled(self, req: Request, num_tokens: int) -> None:
-        self._step_start.setdefault(self.tenant(req), self.counters[self.tenant(req)])
+        t = self.tenant(req)
+        self._step_start.setdefault(t, self.counters[t])
         start = max(req.num_computed_tokens, self._charged.get(req.request_id, 0))
         end = min(req.num_computed_tokens + num_tokens, req.num_prompt_tokens)
         if end > start:
+            self._step_charges.append((req.request_id, t, self._charged.get(req.request_id), self.wp * (end - start)))
             self._charged[req.request_id] = end
-            self.counters[self.tenant(req)] += self.wp * (end - start)
+            self.counters[t] += self.wp * (end - start)
 
     def generated(self, req: Request) -> None:
         self.counters[self.tenant(req)] += self.wq

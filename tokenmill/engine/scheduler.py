@@ -237,7 +237,13 @@ class Scheduler:
         one it holds, had it come before the step was planned, that the next step can seat (a free slot,
         or a victim the policy would preempt for it), and whose first chunk the redone step can hold? Its
         room is the budget the step left, plus the prefill chunks of the requests it outranks: decodes
-        always go, so a step full of other prompts has no room for it however many decodes it outranks."""
+        always go, so a step full of other prompts has no room for it however many decodes it outranks.
+
+        And the redo must not just be this step plus the arrival's prompt when the step holds a prompt
+        chunk the arrival does not outrank: that chunk's request would wait out the time already spent and
+        then a longer step, while the arrival, waiting for the next step, would have lost little more than
+        the time this step has left. So such a step is abandoned only if the redo drops prefill work the
+        arrival outranks; a step of decodes only (which are short) may be abandoned for any arrival."""
         policy = self.policy
         spare = self.max_num_batched_tokens - out.num_batched_tokens
         for a in self._arrivals:
@@ -246,9 +252,11 @@ class Scheduler:
             seatable = len(self.running) < self.max_num_seqs or self._victim_for(a) is not None
             if not seatable:
                 continue
-            outranked = [(req, n) for req, n in out.scheduled if policy.outranks(a, req)]
-            room = spare + sum(n for req, n in outranked if req.is_prefilling)
-            if outranked and room >= min(a.num_tokens, self.max_num_batched_tokens):
+            outranks = [policy.outranks(a, req) for req, _ in out.scheduled]
+            displaced = sum(n for (req, n), o in zip(out.scheduled, outranks, strict=True) if o and req.is_prefilling)
+            kept = sum(n for (req, n), o in zip(out.scheduled, outranks, strict=True) if not o and req.is_prefilling)
+            if (any(outranks) and spare + displaced >= min(a.num_tokens, self.max_num_batched_tokens)
+                    and (displaced or not kept)):
                 return True
         return False
 
@@ -256,8 +264,8 @@ class Scheduler:
         """The runner abandoned `out` part-way: none of it was computed. Blocks registered in the prefix
         cache for its tokens are taken out (their KV is not there), and the requests it admitted go back to
         waiting, giving back their blocks: a prefix hit this step found may be among those just taken out.
-        Preemptions it made stand. The policy's charges for the step's prompt tokens stand too, and are not
-        repeated when they are computed."""
+        Preemptions it made stand. The policy takes back what it charged for the step (abandon_step)."""
+        self.policy.abandon_step()  # first: the waiting list's order below is the one the step was planned with
         for req, _ in out.scheduled:
             self.kv.forget_uncomputed(req)
         for req in out.admitted:
@@ -313,4 +321,5 @@ class Scheduler:
             elif num_spec:
                 self.kv.trim(req, req.num_tokens)
             touched.append((req, emitted))
+        self.policy.end_step()
         return touched
