@@ -1,7 +1,7 @@
 """The real server with --scheduling-policy fair: three light tenants (`user` field), each at an eighth of
 the measured capacity, are measured alone and again beside a fourth tenant sending 10x each one's rate
-(1.25x capacity by itself), in alternating rounds. The light tenants' p99 TTFT stays within the bound
-asserted below of what they get alone; service over tenants, against their max-min fair share, has Jain
+(1.25x capacity by itself), in alternating rounds. The light tenants' p99 TTFT stays within 1.5x of what
+they get alone; service over tenants, against their max-min fair share, has Jain
 index >= 0.9 in every round; nothing is lost (the flood's requests carry a timeout: some time out, with a
 clear error).
 
@@ -36,7 +36,7 @@ MAX_SEQS = 8
 OUT = 8
 LIGHT = ["light-0", "light-1", "light-2"]
 PER_LIGHT = 12
-ROUNDS = 4
+ROUNDS = 8
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +128,11 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
           f"{contended_p99:.3f} s), Jain {jain:.3f} (rounds: {', '.join(f'{j:.3f}' for j in jains)}), "
           f"capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
-    # Issue 6 asks for 1.5x. BENCHMARKS.md lists every run of this test: in session 7, 1.05-1.44 on an
-    # idle machine, and 1.98 once when the machine slowed (steps of 115-124 tokens took 245-275 ms, not
-    # 150). A light request that arrives in the second half of one of the flood's steps still waits out
-    # the rest of it. 2x keeps the check meaningful (under fcfs it is 18.7x: the light requests queue
-    # behind the flood) without failing CI on a neighbour slowing this shared 2-core machine.
-    assert contended_p99 <= 2.0 * alone_p99, summary
+    # Issue 6's bound. Session 8's runs at 6 rounds (BENCHMARKS.md lists them): 1.07-1.35, and 1.58 once.
+    # The p99 of the contended phase is its few largest TTFTs, so a neighbour slowing this shared 2-core
+    # machine for a few seconds moves it: 8 rounds (288 light requests per condition) make it their third
+    # largest, not their second. Under fcfs the ratio is 18.7x (the light requests queue behind the flood).
+    assert contended_p99 <= 1.5 * alone_p99, summary
     assert jain >= 0.9, summary
 
     m = server.metrics()

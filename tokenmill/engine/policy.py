@@ -36,7 +36,7 @@ outrank one in it (`outranks`; the engine then abandons the step: a better prior
 deadline, a tenant with nothing else queued that ranks ahead of the flood, the most-served tenant with
 requests queued), and does a running prefill chunk or a waiting request sit a step out for a prompt it
 ranks below (`sits_out_for`; only fair: the flood's chunk or admission, for a tenant with nothing else
-queued).
+queued). A step abandoned part-way is taken back (`abandon_step`: fair refunds its prompt charges).
 
 Pure Python (the engine core imports no torch); every method takes the scheduler's clock value.
 """
