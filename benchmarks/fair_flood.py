@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import shlex
 import statistics
 import sys
@@ -23,34 +22,17 @@ import tempfile
 
 from tokenmill.bench.launch import ServerProcess, free_port
 from tokenmill.bench.overload import (
-    Arrival,
-    completion_body,
     engine_step_counters,
+    flood_arrivals,
+    light_arrivals,
     measure_capacity,
     percentile,
-    poisson_times,
     run_open_loop,
 )
 
 MAX_SEQS = 8
 OUT = 8
-LIGHT = ["light-0", "light-1", "light-2"]
 PER_LIGHT = 12
-
-
-def light_arrivals(rate: float, seed: int, first_prompt: int) -> list[Arrival]:
-    out = []
-    for k, tenant in enumerate(LIGHT):
-        for j, t in enumerate(poisson_times(rate, PER_LIGHT, random.Random(seed + k))):
-            out.append(Arrival(t, "light", tenant, completion_body(first_prompt + k * 1000 + j, max_tokens=OUT,
-                                                                   user=tenant)))
-    return out
-
-
-def flood_arrivals(rate: float, span: float, seed: int, first_prompt: int) -> list[Arrival]:
-    times = [t for t in poisson_times(10 * rate, 12 * PER_LIGHT, random.Random(seed)) if t <= span]
-    return [Arrival(t, "heavy", "heavy", completion_body(first_prompt + j, max_tokens=OUT, user="heavy",
-                                                         timeout=max(2.0, span / 2))) for j, t in enumerate(times)]
 
 
 def abandoned(before: dict[str, int], after: dict[str, int]) -> str:
@@ -83,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         contended: list[float] = []
         for k in range(args.rounds):
             s0 = engine_step_counters(url)
-            got = asyncio.run(run_open_loop(url, light_arrivals(rate, 10 + k, 100_000 * k)))
+            got = asyncio.run(run_open_loop(url, light_arrivals(rate, PER_LIGHT, 10 + k, 100_000 * k, OUT)))
             s1 = engine_step_counters(url)
-            both = asyncio.run(run_open_loop(url, light_arrivals(rate, 10 + k, 100_000 * k + 10_000)
-                                             + flood_arrivals(rate, span, 99 + k, 100_000 * k + 50_000)))
+            both = asyncio.run(run_open_loop(url, light_arrivals(rate, PER_LIGHT, 10 + k, 100_000 * k + 10_000, OUT)
+                                             + flood_arrivals(rate, 12 * PER_LIGHT, span, 99 + k, 100_000 * k + 50_000, OUT)))
             s2 = engine_step_counters(url)
             a = [o.ttft for o in got if o.ttft is not None]
             c = [o.ttft for o in both if o.cls == "light" and o.ttft is not None]

@@ -162,6 +162,33 @@ def poisson_times(rate: float, n: int, rng: random.Random) -> list[float]:
     return out
 
 
+# -- a light tenant beside a flood (tests/server/test_server_fair_load.py, benchmarks/fair_flood.py) ------------
+
+LIGHT_TENANTS = ("light-0", "light-1", "light-2")
+FLOOD_TENANT = "heavy"
+
+
+def light_arrivals(rate: float, per_tenant: int, seed: int, first_prompt: int, max_tokens: int) -> list[Arrival]:
+    """Each light tenant's Poisson arrivals at `rate` (tenant k seeded with seed + k; class "light"), every
+    prompt new text: numbered from first_prompt, 1000 apart per tenant."""
+    out = []
+    for k, tenant in enumerate(LIGHT_TENANTS):
+        for j, t in enumerate(poisson_times(rate, per_tenant, random.Random(seed + k))):
+            out.append(Arrival(t, "light", tenant, completion_body(first_prompt + k * 1000 + j, max_tokens=max_tokens,
+                                                                   user=tenant)))
+    return out
+
+
+def flood_arrivals(rate: float, num: int, span: float, seed: int, first_prompt: int,
+                   max_tokens: int) -> list[Arrival]:
+    """The flooding tenant: Poisson arrivals at 10x `rate` inside `span` seconds (at most `num`; class
+    "heavy"), each with a timeout of max(2, span / 2) s, so the flood's backlog ends with the phase."""
+    times = [t for t in poisson_times(10 * rate, num, random.Random(seed)) if t <= span]
+    return [Arrival(t, "heavy", FLOOD_TENANT, completion_body(first_prompt + j, max_tokens=max_tokens, user=FLOOD_TENANT,
+                                                              timeout=max(2.0, span / 2)))
+            for j, t in enumerate(times)]
+
+
 # -- arithmetic ----------------------------------------------------------------------------------------------
 
 def percentile(xs: Sequence[float], p: float) -> float:

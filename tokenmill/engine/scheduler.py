@@ -288,6 +288,7 @@ class Scheduler:
         verification emitted (accepted proposals, then the target's own token). The tokens are taken
         one at a time and stop conditions checked after each, so nothing past a stop is emitted;
         rejected proposals roll num_computed_tokens back and free their KV slots."""
+        self.policy.end_step()  # computed: its charges stand (and requests finishing below see them)
         now = self.clock()
         touched = []
         for req, n in out.scheduled:
@@ -321,5 +322,4 @@ class Scheduler:
             elif num_spec:
                 self.kv.trim(req, req.num_tokens)
             touched.append((req, emitted))
-        self.policy.end_step()
         return touched
