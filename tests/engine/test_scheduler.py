@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.policy import make_policy
+from tokenmill.engine.request import Request
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 
@@ -113,6 +115,23 @@ def test_prefix_hit_equals_cold_and_is_counted():
     assert first["a"] == second["b"]
     assert eng.stats().prefix_cache_hits == 28  # 7 full blocks of 4
     assert runner.steps[-5][0].start_pos == 28  # only the tail was computed
+
+
+def test_a_prefix_hit_too_long_to_revive_is_shortened_not_refused():
+    """A hit's blocks leave the free list at once. Here all three and the first chunk's block need four of
+    the three free blocks: two are reused instead, and the request is admitted now, as with no hit at all
+    (the scheduler seats a request counting its chunk's blocks only; refused, it held the budget it was
+    seated with, step after step: a fair-policy livelock the property test below found)."""
+    kv = KVCacheManager(num_blocks=5, block_size=4)
+    a = Request("a", list(range(1, 17)), greedy(4), 64)
+    assert kv.allocate_admission(a, 16) == (0, 16)
+    a.num_computed_tokens = 16
+    kv.free(a)  # its blocks stay cached in the free list
+    assert kv.allocate_admission(Request("b", [50] * 5, greedy(4), 64), 16) == (0, 5)
+    again = Request("a2", list(range(1, 17)), greedy(4), 64)
+    assert kv.pool.num_free_blocks == 3 and len(kv._cached_prefix(again)) == 3
+    assert kv.allocate_admission(again, 4) == (8, 4)
+    assert kv.prefix_cache_hits == 8 and kv.pool.num_free_blocks == 0
 
 
 def test_full_prefix_hit_still_computes_last_token():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from tokenmill.engine.block_pool import Block, BlockPool, hash_block
 from tokenmill.engine.request import Request
 
@@ -42,10 +44,10 @@ class KVCacheManager:
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block(parent, req.tokens_slice(i * bs, (i + 1) * bs), key))
 
-    def get_computed_blocks(self, req: Request) -> tuple[list[Block], int]:
+    def _cached_prefix(self, req: Request) -> list[Block]:
         """Longest cached prefix of req's tokens, in whole blocks, leaving at least one token to compute."""
         if not self._uses_cache(req):
-            return [], 0
+            return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         self._extend_hashes(req, max_blocks * self.block_size)
         hits: list[Block] = []
@@ -54,9 +56,30 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
+        return hits
+
+    def allocate_admission(self, req: Request, budget: int) -> tuple[int, int] | None:
+        """Admit req (nothing computed yet): reuse the longest cached prefix of its tokens whose blocks fit
+        beside its first chunk (at most `budget` tokens), and reserve the chunk's slots. Returns (tokens
+        found cached, tokens the chunk computes), or None, changing nothing, if even with no prefix reused
+        the chunk does not fit. A hit revives its blocks from the free list at once, so a long one can need
+        more free blocks than the chunk alone: a shorter one is taken then, not none (the scheduler seats a
+        request counting its chunk's blocks only, and a seated request left out would hold the budget it
+        was seated with for nothing, step after step)."""
+        bs = self.block_size
+        hits = self._cached_prefix(req)
+        revived = list(itertools.accumulate((b.ref_count == 0 for b in hits), initial=0))  # [k]: of the first k
+        for k in range(len(hits), -1, -1):  # as allocate_slots counts, for a request holding no blocks yet
+            n = min(req.num_tokens - k * bs, budget)
+            if cdiv(k * bs + n, bs) - k + revived[k] <= self.pool.num_free_blocks:
+                break
+        else:
+            return None
+        if not self.allocate_slots(req, n, hits[:k]):
+            return None
         self.prefix_cache_queries += req.num_tokens
-        self.prefix_cache_hits += len(hits) * self.block_size
-        return hits, len(hits) * self.block_size
+        self.prefix_cache_hits += k * bs
+        return k * bs, n
 
     def can_fit(self, num_tokens: int) -> bool:
         return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks

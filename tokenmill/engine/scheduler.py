@@ -213,10 +213,10 @@ class Scheduler:
             req = policy.pick(self.waiting)
             if any(policy.sits_out_for(req, a) for a in out.admitted):
                 break  # as for running chunks: the rest waits a step, this one's prompt runs in a short step
-            computed, num_cached = self.kv.get_computed_blocks(req)
-            n = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(req, n, computed):
+            got = self.kv.allocate_admission(req, budget)
+            if got is None:
                 break
+            num_cached, n = got
             self.waiting.remove(req)
             req.num_computed_tokens = num_cached
             if req.first_scheduled_time is None:
