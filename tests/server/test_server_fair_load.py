@@ -111,7 +111,7 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     print(f"fair e2e: contended/alone p99 {contended_p99 / alone_p99:.2f} (alone {alone_p99:.3f} s, contended "
           f"{contended_p99:.3f} s), Jain {jain:.3f} (rounds: {', '.join(f'{j:.3f}' for j in jains)}), "
           f"capacity {cap:.2f} req/s")  # BENCHMARKS.md quotes this line
-    # Issue 6's bound. Session 8's runs (BENCHMARKS.md lists them): 1.02-1.28 at 8 rounds; at 6, 1.07-1.35
+    # Issue 6's bound. Session 8's runs (BENCHMARKS.md lists them): 0.88-1.28 at 8 rounds; at 6, 1.07-1.35
     # and 1.58 once.
     # The p99 of the contended phase is its few largest TTFTs, so a neighbour slowing this shared 2-core
     # machine for a few seconds moves it: with 8 rounds (288 light requests per condition) it is about their
