@@ -121,7 +121,7 @@ def test_a_prefix_hit_too_long_to_revive_is_shortened_not_refused():
     """A hit's blocks leave the free list at once. Here all three and the first chunk's block need four of
     the three free blocks: two are reused instead, and the request is admitted now, as with no hit at all
     (the scheduler seats a request counting its chunk's blocks only; refused, it held the budget it was
-    seated with, step after step: a fair-policy livelock the property test below found)."""
+    seated with, step after step: a livelock test_scheduling_policy's property test found)."""
     kv = KVCacheManager(num_blocks=5, block_size=4)
     a = Request("a", list(range(1, 17)), greedy(4), 64)
     assert kv.allocate_admission(a, 16) == (0, 16)

@@ -521,7 +521,7 @@ def test_policy_keys_see_one_clock_per_step():
 # -- every policy keeps the engine's invariants ---------------------------------------------------------------
 
 @settings(max_examples=40, deadline=None)
-@example(  # found in session 8: a prefix hit too long to revive left a seated request out for ever (livelock)
+@example(  # a livelock it found: a prefix hit too long to revive kept a seated request out, step after step
     policy="fair", num_blocks=11, budget=1, max_seqs=2,
     ops=[("add", 0)] * 6 + [("add", 88), ("add", 21321), ("add", 0), ("add", 0)])
 @given(
