@@ -21,6 +21,7 @@ import itertools
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 
 
 def load(prefix: str) -> list[dict]:
@@ -36,10 +37,27 @@ def q(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(len(v) * p))]
 
 
-def analyze(prefix: str) -> None:
+@dataclass
+class Trace:
+    adds: dict[str, dict]  # request id -> its `add` record (engine intake)
+    sent: dict[str, float]  # request id -> when the frontend handed it to the engine
+    steps: list[dict]  # `step` records, in start order
+    first: dict[str, dict]  # request id -> the step that gave its first token
+    heavy: list[float]  # intake times of the flood's requests
+    flood_starts: list[float]  # intake time of each flood's first request
+
+    def contended(self, t: float) -> bool:
+        """Was a flood on at time t (a request of it taken in within the last second)?"""
+        i = bisect.bisect(self.heavy, t)
+        return i > 0 and t - self.heavy[i - 1] < 1.0
+
+    def flood_start(self, t: float) -> float:
+        return self.flood_starts[bisect.bisect(self.flood_starts, t) - 1]
+
+
+def read_trace(prefix: str) -> Trace:
     recs = load(prefix)
     adds = {r["rid"]: r for r in recs if r["ev"] == "add"}
-    sent = {rid: r["t"] for r in recs if r["ev"] == "submit" for rid in r["rids"]}
     steps = sorted((r for r in recs if r["ev"] == "step"), key=lambda r: r["t0"])
     first: dict[str, dict] = {}
     for s in steps:
@@ -48,21 +66,21 @@ def analyze(prefix: str) -> None:
     heavy = sorted(a["t"] for a in adds.values() if a["tenant"] == "user:heavy")
     if not heavy:
         sys.exit(f"{prefix}: no request of tenant 'heavy' in the trace")
-    flood_starts = [heavy[0]] + [b for a, b in itertools.pairwise(heavy) if b - a > 2.0]
+    return Trace(adds, {rid: r["t"] for r in recs if r["ev"] == "submit" for rid in r["rids"]}, steps, first, heavy,
+                 [heavy[0]] + [b for a, b in itertools.pairwise(heavy) if b - a > 2.0])
 
-    def contended(t: float) -> bool:
-        i = bisect.bisect(heavy, t)
-        return i > 0 and t - heavy[i - 1] < 1.0
 
+def analyze(prefix: str) -> None:
+    tr = read_trace(prefix)
+    adds, sent, first = tr.adds, tr.sent, tr.first
     rows: dict[bool, list[dict]] = {False: [], True: []}
     for rid, a in adds.items():
         if "light" not in (a["tenant"] or "") or rid not in first or rid not in sent:
             continue
         s = first[rid]
-        rows[contended(a["t"])].append({
+        rows[tr.contended(a["t"])].append({
             "hand-off": sent[rid] - a["arr"], "intake": a["t"] - sent[rid], "wait": s["t0"] - a["t"],
-            "own step": s["t1"] - s["t0"], "ttft": s["t1"] - a["arr"],
-            "into flood": a["t"] - flood_starts[bisect.bisect(flood_starts, a["t"]) - 1]})
+            "own step": s["t1"] - s["t0"], "ttft": s["t1"] - a["arr"], "into flood": a["t"] - tr.flood_start(a["t"])})
     print(prefix)
     for cond, label in ((False, "alone"), (True, "beside the flood")):
         r = rows[cond]

@@ -1,11 +1,13 @@
 """Put this directory on PYTHONPATH, with TM_TRACE=PREFIX, and every Python process started below it writes
 PREFIX.<pid>: one JSON line per request the frontend hands to the engine (`submit`), per request the engine
 takes in (`add`) and per engine step (`step`: its requests and token counts, whether it was abandoned, which
-requests got their first token in it). `analyze.py` splits the light tenants' TTFT into its parts: how the
-session 7 figures in BENCHMARKS.md (fair e2e section) were found.
+requests got their first token in it, the fair counters as it was planned). `analyze.py` splits the light
+tenants' TTFT into its parts, and `slowest.py` prints the steps each of the slowest light requests beside
+the flood lived through: how the session 7 and 8 figures in BENCHMARKS.md (fair e2e section) were found.
 
     TM_TRACE=/tmp/tr PYTHONPATH=benchmarks/request_trace .venv/bin/python benchmarks/fair_flood.py --rounds 4
     .venv/bin/python benchmarks/request_trace/analyze.py /tmp/tr
+    .venv/bin/python benchmarks/request_trace/slowest.py /tmp/tr 8
 
 It wraps EngineCore.step, Scheduler.add_request and Frontend.submit, so every process it runs in imports
 those modules (the load generator too: fine for a diagnosis, not for a benchmark's own figures)."""
@@ -34,6 +36,8 @@ if _PREFIX:
         return _add(self, req)
 
     def schedule(self):
+        # Fair's counters as the step is planned, before its charges (other policies have none).
+        self.last_counters = {k.removeprefix("user:"): round(v) for k, v in getattr(self.policy, "counters", {}).items()}
         self.last_out = _schedule(self)
         return self.last_out
 
@@ -44,6 +48,7 @@ if _PREFIX:
         out = self.scheduler.last_out
         _write({"ev": "step", "t0": t0, "t1": time.monotonic(), "intr": self.num_interrupted_steps - n0,
                 "sched": [(r.request_id, n, r.tenant) for r, n in out.scheduled] if out else [],
+                "counters": getattr(self.scheduler, "last_counters", {}),
                 "first": [u.request_id for u in updates
                           if u.new_token_ids and u.first_token_time is not None and u.first_token_time >= t0]})
         return updates
