@@ -6,10 +6,10 @@ and room for the first chunks of the waiting requests that this step admits and 
 it, so prefill tokens go in policy order (or, where the policy says so, sits the step out for them, as
 may a waiting request the admission loop reaches after them). A request is handed `min(tokens it still
 has to compute, budget left)`, so long prompts are prefilled in chunks and decodes ride in the same
-forward pass. When KV blocks run out, the least important running
-request is preempted: its blocks are freed and it recomputes later. A step abandoned part-way for a
-request that arrived while it ran (`unschedule`) leaves no trace: its prefix-cache registrations are
-taken back and its admissions undone. What "important" means is the scheduling policy's business
+forward pass. When KV blocks run out, the least important running request is preempted: its blocks are
+freed and it recomputes later. A step abandoned part-way for a request that arrived while it ran
+(`unschedule`) leaves no trace: its prefix-cache registrations and the policy's charges are taken back
+and its admissions undone. What "important" means is the scheduling policy's business
 (tokenmill/engine/policy.py): it orders both lists, picks the next request to admit and may let a waiting
 request preempt a running one. Pure Python: no torch.
 """
