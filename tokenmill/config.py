@@ -29,6 +29,9 @@ def parse_size(value: str | int | None) -> int | None:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "w4a8", "w8a8")
+
+
 def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
     return field(default=default, metadata={"help": help, **extra})
 
@@ -75,14 +78,17 @@ class EngineConfig:
         "and can seat at once; the step is redone with it, so it does not wait out the step in flight. "
         "The step after an abandoned one always completes. fcfs among equal priorities never abandons.")
     quantization: str = _opt(
-        "none", "Weight-only quantization of every linear layer: int8 (per output channel) or int4 "
-        "(group-wise; GGUF Q4_0/Q4_1 weights are repacked as shipped at group 32).",
-        choices=["none", "int8", "int4"])
+        "auto", "Linear-layer weight format. auto: as shipped, fast where a native kernel runs it (GGUF "
+        "Q4_0/Q4_1 as w4a8, Q8_0 as w8a8; float weights stay in --dtype). w4a8 / w8a8: blocks of 32 weights "
+        "(4 or 8 bit, GGUF blocks repacked as shipped) with activations quantized to int8 per block, for "
+        "single streams and small batches, plus a dense --dtype copy for large batches when it measures "
+        "faster. none: --dtype (the exact reference). int8 (per output channel) / int4 (group-wise): torch's "
+        "weight-only kernels.", choices=["auto", "none", "int8", "int4", "w4a8", "w8a8"])
     quant_group_size: int = _opt(32, "Input columns per int4 scale/zero group.", choices=[32, 64, 128])
     lm_head_quantization: str = _opt(
-        "auto", "LM head weights: auto is int8 whenever --quantization is set (an int4 head costs more "
-        "accuracy than it saves time; the default GGUF ships it as Q8_0 too), none keeps it in --dtype.",
-        choices=["auto", "none", "int8", "int4"])
+        "auto", "LM head weights: auto follows --quantization (as shipped under auto; 8-bit when quantizing: "
+        "an int4 head costs more accuracy than it saves time, and the default GGUF ships it as Q8_0), none "
+        "keeps it in --dtype.", choices=["auto", "none", "int8", "int4", "w8a8", "w4a8"])
     quant_compute_dtype: str = _opt(
         "auto", "Activation dtype inside int8/int4 matmuls; auto is bfloat16 (torch's CPU kernels are fast "
         "only there), so a float32 model casts around them.", choices=["auto", "float32", "bfloat16"])
@@ -111,12 +117,13 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_fraction must be in (0, 0.95]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError("kv_cache_memory must be positive")
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ConfigError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quant_group_size not in (32, 64, 128):
             raise ConfigError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
-        if self.lm_head_quantization not in ("auto", "none", "int8", "int4"):
-            raise ConfigError(f"lm_head_quantization must be auto, none, int8 or int4, got {self.lm_head_quantization!r}")
+        if self.lm_head_quantization not in QUANTIZATIONS:
+            raise ConfigError(f"lm_head_quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                              f"got {self.lm_head_quantization!r}")
         if self.quant_compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"quant_compute_dtype must be auto, float32 or bfloat16, got {self.quant_compute_dtype!r}")
         if self.kv_cache_dtype not in ("auto", "int8"):

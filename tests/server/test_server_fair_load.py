@@ -40,7 +40,7 @@ ROUNDS = 8
 @pytest.fixture(scope="module")
 def server() -> ServerProcess:
     s = start_server("--scheduling-policy", "fair", "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
-                     "128", "--dtype", "bfloat16")
+                     "128")
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()

@@ -36,8 +36,7 @@ HIGH, LOW = 0, 5
 
 @pytest.fixture(scope="module")
 def server() -> ServerProcess:
-    s = start_server("--scheduling-policy", "priority", "--priority-aging", "600", "--max-num-seqs", str(MAX_SEQS),
-                     "--dtype", "bfloat16")
+    s = start_server("--scheduling-policy", "priority", "--priority-aging", "600", "--max-num-seqs", str(MAX_SEQS))
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()

@@ -1,7 +1,12 @@
-"""Loads the C++ CPU kernels (compiled once per machine with the host compiler, then cached).
+"""Builds and loads the C++ CPU kernels: compiled once per machine kind with the host compiler, then cached.
+
+Each kernel is compiled for the instruction set this CPU has (`cpu_isa()`: AVX-512 with VNNI, AVX2, or
+plain x86-64), never `-march=native`: the ISA is part of the cache key, so a cache directory copied to or
+shared with another CPU holds a separate build for it instead of one that dies with an illegal instruction.
 
 If the compiler is missing or the build fails, callers fall back to plain PyTorch and a warning says so.
-Set TOKENMILL_NO_NATIVE=1 to force the fallback.
+Set TOKENMILL_NO_NATIVE=1 to force the fallback. `prebuild()` builds every kernel up front, so the engine
+compiles at start-up (or `tokenmill build-kernels` at install time), never inside its first request.
 """
 
 from __future__ import annotations
@@ -16,20 +21,57 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-NAME = "tokenmill_paged_decode"
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+KERNELS = {  # module name -> source file
+    "tokenmill_paged_decode": Path(__file__).with_name("paged_decode.cpp"),
+    "tokenmill_block_linear": Path(__file__).with_name("block_linear.cpp"),
+    "tokenmill_fused": Path(__file__).with_name("fused.cpp"),
+}
+BASE_CFLAGS = ["-O3", "-fopenmp"]
+# The ISAs we build for, best first: (name, /proc/cpuinfo flags it needs, compiler flags).
+ISAS = [
+    ("avx512-vnni", {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+     ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]),
+    ("avx2", {"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
+    ("x86-64", set(), []),
+]
 # torch's build lock holds no pid: a process killed while holding it (a build, or even the no-op ninja run
 # that every torch `load` does) leaves it behind and every later load waits on it forever. A compile
 # takes about a minute (several on a busy machine), so a lock this old is stale.
 STALE_LOCK_SECONDS = 600
 
 
-def _build_dir() -> Path:
-    """One directory per source and flags, so a built library can be imported without torch's lock."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@cache
+def cpu_isa() -> tuple[str, tuple[str, ...]]:
+    """(name, compiler flags) of the best ISA this CPU has; TOKENMILL_KERNEL_ISA picks a lower one."""
+    flags = _cpu_flags()
+    wanted = os.environ.get("TOKENMILL_KERNEL_ISA")
+    for name, needs, cflags in ISAS:
+        if needs <= flags and (wanted is None or wanted == name):
+            return name, tuple(cflags)
+    return ISAS[-1][0], ()
+
+
+def _build_dir(name: str) -> Path:
+    """One directory per source, ISA and torch version, so a built library can be imported without
+    torch's lock and never runs on a CPU it was not built for."""
+    import torch
+
+    isa, cflags = cpu_isa()
+    key_src = KERNELS[name].read_bytes() + " ".join([*BASE_CFLAGS, *cflags, torch.__version__]).encode()
+    key = hashlib.sha256(key_src).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "tokenmill" / "kernels"
-    return Path(root) / f"{NAME}-{key}"
+    return Path(root) / f"{name}-{isa}-{key}"
 
 
 def _clear_stale_lock(build_dir: Path) -> None:
@@ -43,29 +85,54 @@ def _clear_stale_lock(build_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def _import_built(path: Path):
-    spec = importlib.util.spec_from_file_location(NAME, path)
+def _import_built(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 @cache
-def native():
+def _load(name: str):
     if os.environ.get("TOKENMILL_NO_NATIVE"):
         return None
     try:
         import torch  # noqa: F401  (the extension links against libtorch, which must be loaded first)
         from torch.utils.cpp_extension import load
 
-        build_dir = _build_dir()
-        built = build_dir / f"{NAME}.so"
+        build_dir = _build_dir(name)
+        built = build_dir / f"{name}.so"
         if built.exists():
-            return _import_built(built)
+            return _import_built(name, built)
+        isa, cflags = cpu_isa()
+        logger.info("compiling the %s kernel for %s (once per machine kind, about a minute)", name, isa)
+        t0 = time.monotonic()
         build_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build_dir)
-        return load(name=NAME, sources=[str(SOURCE)], build_directory=str(build_dir), extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        module = load(name=name, sources=[str(KERNELS[name])], build_directory=str(build_dir),
+                      extra_cflags=[*BASE_CFLAGS, *cflags], extra_ldflags=["-fopenmp"], verbose=False)
+        logger.info("compiled %s in %.0f s", name, time.monotonic() - t0)
+        return module
     except Exception as e:  # a missing compiler or headers must not stop the engine
-        logger.warning("native CPU attention kernel unavailable (%s); using the PyTorch path", e)
+        logger.warning("native CPU kernel %s unavailable (%s); using the PyTorch path", name, e)
         return None
+
+
+def native():
+    """The paged decode-attention kernel, or None."""
+    return _load("tokenmill_paged_decode")
+
+
+def block_linear():
+    """The W4A8 / W8A8 block-quantized linear kernel, or None."""
+    return _load("tokenmill_block_linear")
+
+
+def fused():
+    """The fused element-wise ops (residual add + RMSNorm, rotary + KV write, SiLU * mul), or None."""
+    return _load("tokenmill_fused")
+
+
+def prebuild() -> dict[str, bool]:
+    """Build (or load) every kernel now; -> which ones are available."""
+    return {name: _load(name) is not None for name in KERNELS}

@@ -92,10 +92,10 @@ def _gather_kv(cache: torch.Tensor, scales: torch.Tensor | None, block_table: to
     return (g.float() * s).to(dtype)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """q [T, H, D], k/v [T, Hkv, D] for this step's tokens -> [T, H*D].
+    """q [T, H, D], k/v [T, Hkv, D] for this step's tokens (None: already in the cache) -> [T, H*D].
 
     Writes this step's K/V into the cache first, so each query sees its own token and every token
     computed before it, including other sequences' blocks shared through the prefix cache.
@@ -103,9 +103,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     prefill included, reads the quantized values back: a prefix-cache hit then equals a cold run.
     """
     t, h, d = q.shape
-    hkv = k.shape[1]
+    hkv = k_cache.shape[2]
     group = h // hkv
-    if k_scale is not None:
+    if k is None:  # already written by a fused rotary + cache-write op
+        pass
+    elif k_scale is not None:
         kq, ks = quantize_kv(k)
         vq, vs = quantize_kv(v)
         k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, kq)

@@ -15,19 +15,11 @@ import torch.nn.functional as F
 
 from tokenmill.errors import ModelLoadError, StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.layers.ops import pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
 from tokenmill.quant.gguf import GGUFBlocks
 from tokenmill.quant.linear import FloatLinear, Linear, LinearBuilder
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one fused kernel; bit-identical to the formula below in float32
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # As Hugging Face: normalise in float32, scale in the model dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class LlamaLayer:
@@ -59,22 +51,26 @@ class LlamaLayer:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How the linear layers store their weights: none / int8 (per channel) / int4 (group-wise)."""
+    """How the linear layers store their weights: auto (as shipped: GGUF Q4/Q8 blocks run as w4a8/w8a8, float
+    stays float), none, int8 (per channel), int4 (group-wise), w4a8 / w8a8 (blocks of 32, int8 activations)."""
 
-    mode: str = "none"
+    mode: str = "auto"
     group_size: int = 32
-    lm_head: str = "auto"  # auto: int8 when quantizing (int4 hurts the logits most), else none
-    act_dtype: torch.dtype | None = None  # what quantized kernels compute in; None: the model dtype
+    lm_head: str = "auto"  # auto: as shipped under auto, int8 / w8a8 when quantizing, else none
+    act_dtype: torch.dtype | None = None  # what torch's int8/int4 kernels compute in; None: the model dtype
+    dense_from_rows: int | None = None  # block formats: from this many rows up, a dense float copy runs
 
     @property
     def lm_head_mode(self) -> str:
         if self.lm_head != "auto":
             return self.lm_head
-        return "none" if self.mode == "none" else "int8"
+        # int4 hurts the logits most, so a quantized head is 8-bit.
+        return {"auto": "auto", "none": "none", "w4a8": "w8a8", "w8a8": "w8a8"}.get(self.mode, "int8")
 
     def builder(self, n: int, k: int, dtype: torch.dtype, device: torch.device, name: str,
                 mode: str | None = None) -> LinearBuilder:
-        return LinearBuilder(n, k, mode or self.mode, self.group_size, dtype, device, name, self.act_dtype)
+        return LinearBuilder(n, k, mode or self.mode, self.group_size, dtype, device, name, self.act_dtype,
+                             self.dense_from_rows)
 
 
 class LlamaModel:
@@ -98,6 +94,7 @@ class LlamaModel:
         self.repacked_pieces = 0
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.scale = cfg.head_dim ** -0.5
+        self.ops = pick_ops(self.rope, False, device)  # eager until load_weights knows the formats
 
     # -- loading -----------------------------------------------------------------------------
     def _slots(self, name: str) -> list[tuple[torch.Tensor | LinearBuilder, int, int]]:
@@ -170,11 +167,19 @@ class LlamaModel:
             raise ModelLoadError(source, f"missing tensor(s): {', '.join(sorted(missing)[:5])}")
         builders = [b for layer in self.layers for b in (layer.qkv_b, layer.o_b, layer.gate_up_b, layer.down_b)]
         builders += [self.lm_head_b] if self.lm_head_b is not None else []
-        self.repacked_pieces = sum(b.exact_pieces for b in builders)
         for layer in self.layers:
             layer.finish()
-        self.lm_head = FloatLinear(self.embed) if self.lm_head_b is None else self.lm_head_b.finish()
+        tied = self.cfg.tie_word_embeddings
+        if self.lm_head_b is None or (tied and self.lm_head_b.block_mode() == "none"):
+            self.lm_head = FloatLinear(self.embed)  # a tied float head is the embedding itself
+        else:  # a tied block head runs large batches on the embedding, which is its dense copy already
+            self.lm_head = self.lm_head_b.finish(dense=self.embed if tied else None)
+        self.repacked_pieces = sum(b.exact_pieces for b in builders)  # known once each has packed
         self.lm_head_b = None
+        # Block formats round anyway: their fast path also takes the fused element-wise ops. Float weights
+        # keep the eager formulas, the exact reference.
+        block = any(lin.kind in ("w4a8", "w8a8") for layer in self.layers for lin in (layer.qkv, layer.gate_up))
+        self.ops = pick_ops(self.rope, block, self.device)
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of linear-layer weights by format, and how many GGUF pieces were repacked as shipped."""
@@ -183,6 +188,8 @@ class LlamaModel:
         out: dict[str, int] = {"gguf_pieces_repacked_as_shipped": self.repacked_pieces}
         for lin in linears:
             out[f"{lin.kind}_bytes"] = out.get(f"{lin.kind}_bytes", 0) + lin.nbytes
+            if getattr(lin, "dense_bytes", 0) and lin is not self.lm_head:  # a tied head's copy is the embedding
+                out["dense_copy_bytes"] = out.get("dense_copy_bytes", 0) + lin.dense_bytes
         return out
 
     # -- forward -----------------------------------------------------------------------------
@@ -197,23 +204,22 @@ class LlamaModel:
         (the layers run so far wrote K/V for these positions, which the step that recomputes them overwrites)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        t = input_ids.shape[0]
-        d = cfg.head_dim
-        cos, sin = self.rope.tables(positions, self.dtype)
-        x = F.embedding(input_ids, self.embed)
+        ops = self.ops
+        tables = self.rope.tables(positions, self.dtype)
+        residual = F.embedding(input_ids, self.embed)
+        h = ops.norm(residual, self.layers[0].in_norm, eps)
         stop_checks = len(self.layers) // 2 if interrupt is not None else 0
-        for i, (layer, (k_cache, v_cache, *kv_scales)) in enumerate(zip(self.layers, kv_caches, strict=True)):
+        delta = None  # the last layer's MLP output, added to the residual by the next norm
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if i < stop_checks and interrupt():
                 raise StepInterrupted
-            h = rms_norm(x, layer.in_norm, eps)
-            qkv = layer.qkv(h)
-            qk, v = qkv.split([layer.q_size + layer.kv_size, layer.kv_size], dim=-1)
-            qk = self.rope.apply(qk.view(t, -1, d), cos, sin)  # q and k heads rotated in one pass
-            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-            attn = paged_attention(q, k, v.reshape(t, -1, d), k_cache, v_cache, meta, self.scale, *kv_scales)
-            x = x + layer.o(attn)
-            h = rms_norm(x, layer.post_norm, eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        x = rms_norm(x.index_select(0, logits_rows), self.norm, eps)
+            if delta is not None:
+                h, residual = ops.add_norm(delta, residual, layer.in_norm, eps)
+            q, k, v = ops.rope_qkv(layer.qkv(h), positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   kv_cache, meta)
+            attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
+            h, residual = ops.add_norm(layer.o(attn), residual, layer.post_norm, eps)
+            delta = layer.down(ops.silu_mul(layer.gate_up(h)))
+        x = residual + delta
+        x = ops.norm(x.index_select(0, logits_rows).contiguous(), self.norm, eps)
         return self.lm_head(x).float()

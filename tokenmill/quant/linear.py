@@ -30,11 +30,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from tokenmill.quant.gguf import GGUFBlocks
+from tokenmill.quant.block import BLOCK_MODES, BlockLinear, is_exact, piece_to_blocks
+from tokenmill.quant.gguf import Q4_0, Q4_1, Q8_0, GGUFBlocks
 
 logger = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8", "int4")
+QUANT_MODES = ("auto", "none", "int8", "int4", *BLOCK_MODES)
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_DEQUANT_ROWS = 128  # at and above this many rows an int8 linear dequantizes and runs a dense GEMM
 _INNER_K_TILES = 8  # int4pack tiling along K (CUDA needs K % (16 * tiles) == 0; the CPU packer ignores it)
@@ -163,7 +164,7 @@ class Int4Linear:
             self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
 
 
-Linear = FloatLinear | Int8Linear | Int4Linear
+Linear = FloatLinear | Int8Linear | Int4Linear | BlockLinear
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -175,13 +176,20 @@ class LinearBuilder:
     """Collects the rows of one (possibly fused) [N, K] weight piece by piece, quantizing each piece."""
 
     def __init__(self, n: int, k: int, mode: str, group: int, dtype: torch.dtype, device: torch.device,
-                 name: str = "", act_dtype: torch.dtype | None = None):
+                 name: str = "", act_dtype: torch.dtype | None = None, dense_from_rows: int | None = None):
+        """mode auto / w4a8 / w8a8 collect the pieces as they come (GGUF blocks stay compact) and pack at
+        finish(); dense_from_rows: see BlockLinear."""
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization {mode!r}")
         self.n, self.k, self.dtype, self.device, self.name = n, k, dtype, device, name
         self.act_dtype = act_dtype
+        self.dense_from_rows = dense_from_rows
         self.mode = mode
         self.group = group
+        self.exact_pieces = 0  # pieces repacked from GGUF blocks without requantizing (reported in tests/logs)
+        if mode in ("auto", *BLOCK_MODES):
+            self.pieces: list[tuple[int, int, torch.Tensor | GGUFBlocks]] = []
+            return
         if mode == "int4":
             g = pick_group(k, group)
             if g is None:
@@ -200,10 +208,12 @@ class LinearBuilder:
             self.q = torch.empty(n, k, dtype=torch.uint8, device=device)
             self.scales = torch.empty(n, k // self.group, dtype=torch.float32, device=device)
             self.zeros = torch.empty_like(self.scales)
-        self.exact_pieces = 0  # pieces repacked from GGUF blocks without requantizing (reported in tests/logs)
 
     def add(self, lo: int, hi: int, w: torch.Tensor | GGUFBlocks) -> None:
         """Rows [lo, hi) of the matrix: a float tensor or GGUF blocks."""
+        if self.mode in ("auto", *BLOCK_MODES):
+            self.pieces.append((lo, hi, w))
+            return
         if self.mode == "none":
             self.weight[lo:hi].copy_(w.dequantize() if isinstance(w, GGUFBlocks) else w)
             return
@@ -227,7 +237,51 @@ class LinearBuilder:
             self.scales[lo:hi].copy_(scale)
             self.zeros[lo:hi].copy_(zero)
 
-    def finish(self, bias: torch.Tensor | None = None) -> Linear:
+    def block_mode(self) -> str:
+        """What an auto builder packs into: the format its pieces were shipped in, when a native kernel
+        runs it (Q4_0/Q4_1 -> w4a8, with Q8_0 among them -> w8a8), else the model's float dtype."""
+        if self.mode != "auto":
+            return self.mode
+        types = {p.qtype if isinstance(p, GGUFBlocks) else None for _, _, p in self.pieces}
+        if None in types or not types or self.device.type != "cpu" or self.k % 32:
+            return "none"
+        from tokenmill.kernels.cpu import block_linear
+
+        if block_linear() is None:
+            return "none"
+        return "w4a8" if types <= {Q4_0, Q4_1} else "w8a8" if types <= {Q4_0, Q4_1, Q8_0} else "none"
+
+    def _finish_collected(self, bias: torch.Tensor | None, dense: torch.Tensor | None) -> Linear:
+        mode = self.block_mode()
+        pieces, self.pieces = sorted(self.pieces, key=lambda p: p[0]), []
+        if mode == "none":
+            weight = torch.empty(self.n, self.k, dtype=self.dtype, device=self.device)
+            for lo, hi, w in pieces:
+                weight[lo:hi].copy_(w.dequantize() if isinstance(w, GGUFBlocks) else w)
+            return FloatLinear(weight, bias)
+        if self.k % 32:
+            raise ValueError(f"{self.name}: {self.k} input columns are not a multiple of 32; {mode} needs blocks of 32")
+        q4 = mode == "w4a8"
+        parts = [piece_to_blocks(w, q4) for _, _, w in pieces]
+        self.exact_pieces = sum(is_exact(w, q4) for _, _, w in pieces)
+        qs = torch.cat([q for q, _, _ in parts])
+        d = torch.cat([s for _, s, _ in parts])
+        m = None
+        if any(off is not None for _, _, off in parts):
+            m = torch.cat([off if off is not None else torch.zeros_like(s) for _, s, off in parts])
+        del parts, pieces
+        lin = BlockLinear(qs, d, m, q4, bias, self.dtype)
+        if self.dense_from_rows is not None:
+            if dense is None:
+                dense = lin.dequantize().to(self.dtype)
+            lin = BlockLinear(lin.qs, lin.d, lin.m, q4, bias, self.dtype, dense, self.dense_from_rows)
+        return lin
+
+    def finish(self, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> Linear:
+        """dense: a float copy of this matrix the model already holds (a tied embedding), used as the
+        block formats' dense copy instead of dequantizing one."""
+        if self.mode in ("auto", *BLOCK_MODES):
+            return self._finish_collected(bias, dense)
         if self.mode == "none":
             return FloatLinear(self.weight, bias)
         if self.mode == "int8":

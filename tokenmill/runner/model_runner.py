@@ -99,9 +99,16 @@ class ModelRunner:
         if self.max_model_len > arch.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                               f"{arch.max_position_embeddings} tokens")
+        if self.device.type == "cpu":
+            from tokenmill.kernels.cpu import prebuild
+
+            # Compile (first run on this kind of CPU) or load every native kernel now, before /health says
+            # ready, never inside the first request.
+            prebuild()
         t0 = time.monotonic()
         act = torch.bfloat16 if config.quant_compute_dtype == "auto" else _DTYPES[config.quant_compute_dtype]
-        quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization, act)
+        quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization, act,
+                          self._dense_from_rows(config, arch))
         self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len, quant)
         # Quantizing: GGUF Q8_0/Q4_0/Q4_1 tensors arrive as blocks, to be repacked without a float copy.
         self.model.load_weights(source.iter_tensors(keep_blocks=(quant.mode, quant.lm_head_mode) != ("none", "none")), str(source.path))
@@ -123,6 +130,21 @@ class ModelRunner:
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.proposer = self._make_proposer()
+
+    def _dense_from_rows(self, config: EngineConfig, arch) -> int | None:
+        """Block formats: the batch size from which a dense copy runs, measured on this CPU (cached)."""
+        if self.device.type != "cpu" or {config.quantization, config.lm_head_quantization} <= {"none", "int8", "int4"}:
+            return None
+        from tokenmill.kernels.cpu import block_linear
+        from tokenmill.quant.tuning import dense_from_rows
+
+        if block_linear() is None:
+            if config.quantization in ("w4a8", "w8a8"):
+                raise ConfigError(f"--quantization {config.quantization} needs the native kernel, which did not "
+                                  "build (see the warning above)")
+            return None
+        q4 = config.quantization in ("auto", "w4a8")
+        return dense_from_rows(2 * arch.intermediate_size, arch.hidden_size, q4, self.dtype)
 
     def _make_proposer(self):
         """The speculative proposer --speculative asks for (None without speculation)."""

@@ -1,0 +1,55 @@
+"""Each fused op against its eager formula (tokenmill/layers/ops.py), within float32 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.kernels.cpu import fused
+from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.layers.ops import EagerOps, FusedOps
+from tokenmill.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(fused() is None, reason="no compiler here: the native kernels are not built")
+
+ROPE = RotaryEmbedding(64, 256, 10000.0, None, torch.device("cpu"))
+EAGER, FUSED = EagerOps(ROPE), FusedOps(ROPE)
+TOL = dict(rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_norms(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=g), torch.randn(576, generator=g)
+    torch.testing.assert_close(FUSED.norm(x, w, 1e-5), EAGER.norm(x, w, 1e-5), **TOL)
+    delta, res = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g)
+    want_h, want_res = EAGER.add_norm(delta, res.clone(), w, 1e-5)
+    got_h, got_res = FUSED.add_norm(delta, res, w, 1e-5)
+    assert got_res is res  # updated in place
+    assert torch.equal(got_res, want_res)  # one float32 add: bit-identical
+    torch.testing.assert_close(got_h, want_h, **TOL)
+
+
+def test_silu_mul():
+    gu = torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4
+    torch.testing.assert_close(FUSED.silu_mul(gu), EAGER.silu_mul(gu), **TOL)
+
+
+def test_rope_writes_rotated_k_and_v_into_their_slots():
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D, bs = 9, 3, 64, 16
+    starts, lens, tables = [5, 0, 40], [1, 3, 1], [[2], [0], [7, 3, 1]]
+    meta = AttentionMetadata.build(starts, lens, tables, bs, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([5, 0, 1, 2, 40])
+    qkv = torch.randn(5, (H + 2 * Hkv) * D, generator=g)
+    caches = [(torch.zeros(8, bs, Hkv, D), torch.zeros(8, bs, Hkv, D)) for _ in range(2)]
+    tables_ = ROPE.tables(positions, torch.float32)
+    q_e, k_e, v_e = EAGER.rope_qkv(qkv, positions, tables_, H, Hkv, D, caches[0], meta)
+    q_f, k_f, v_f = FUSED.rope_qkv(qkv, positions, tables_, H, Hkv, D, caches[1], meta)
+    assert k_f is None and v_f is None
+    torch.testing.assert_close(q_f, q_e, **TOL)
+    k_slots = caches[1][0].view(-1, Hkv, D)[meta.slot_mapping]
+    v_slots = caches[1][1].view(-1, Hkv, D)[meta.slot_mapping]
+    torch.testing.assert_close(k_slots, k_e, **TOL)
+    assert torch.equal(v_slots, v_e)
+    assert caches[1][0].count_nonzero() == k_e.count_nonzero()  # nothing written elsewhere

@@ -1,0 +1,143 @@
+"""Block-quantized linears (W4A8, W8A8) over the native kernel in tokenmill/kernels/block_linear.cpp.
+
+Weights are kept in blocks of 32 inputs of one output row, as GGUF ships them, so Q4_0/Q4_1/Q8_0 tensors
+load without requantizing:
+- w4a8: uint8 [N, K/2] nibbles (GGUF order: byte j = weight j low, weight j + 16 high), w = d * q + m.
+  Q4_1 is (d, m) as shipped; Q4_0 is w = d * (q - 8), so m = -8 d.
+- w8a8: int8 [N, K], w = d * q (+ m when a Q4 piece was widened into it: q - 8 and m + 8 d, both exact).
+d and m are float32 [N, K/32] (fp16 -> fp32 is exact). The kernel quantizes activations to int8 per block of
+32 and runs integer dot products, which is what makes one stream fast: these kernels read a quarter
+(w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them inexact;
+`tokenmill eval` measures what that costs.
+
+From `dense_from_rows` rows up (prefill chunks, large decode batches) a float GEMM on a dense copy in the
+model dtype beats an int8 dot product on CPUs without VNNI/AMX; the crossover is measured at start-up
+(tokenmill/quant/tuning.py) and the dense copy is made only when some batch size needs it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels.cpu import block_linear
+from tokenmill.quant.gguf import Q4_0, Q4_1, Q8_0, GGUFBlocks
+
+QK = 32
+BLOCK_MODES = ("w4a8", "w8a8")
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] in weight order -> [N, K/2] bytes in GGUF's nibble order."""
+    n, k = q.shape
+    g = q.reshape(n, k // QK, QK)
+    return (g[..., : QK // 2] | (g[..., QK // 2:] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    g = packed.reshape(n, half * 2 // QK, QK // 2)
+    return torch.cat([g & 0x0F, g >> 4], dim=-1).reshape(n, half * 2)
+
+
+def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float [N, K] -> (packed nibbles, d, m): asymmetric per block, d = (max - min) / 15, m = min."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // QK, QK)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    d = (hi - lo) / 15.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round((wg - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+    return pack_q4(q.reshape(n, k)), d, lo
+
+
+def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [N, K] -> (int8 values, d): symmetric per block, d = max|w| / 127."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // QK, QK)
+    d = wg.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(wg * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, k), d
+
+
+def dequantize(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, q4: bool) -> torch.Tensor:
+    q = unpack_q4(qs) if q4 else qs
+    n, k = q.shape
+    w = q.float().reshape(n, k // QK, QK) * d[..., None]
+    if m is not None:
+        w = w + m[..., None]
+    return w.reshape(n, k)
+
+
+def piece_to_blocks(piece: torch.Tensor | GGUFBlocks, q4: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One loaded piece (rows of a matrix) -> (values, d, m or None) in the w4a8 or w8a8 layout.
+
+    GGUF Q4_0/Q4_1 go into either layout exactly and Q8_0 into w8a8 exactly; anything else is quantized."""
+    if isinstance(piece, GGUFBlocks) and piece.qtype in (Q4_0, Q4_1):
+        q, d, m = piece.decode()
+        if q4:
+            return pack_q4(q), d, (-8.0 * d if m is None else m)
+        return (q.to(torch.int16) - 8).to(torch.int8), d, (None if m is None else m + 8.0 * d)
+    if isinstance(piece, GGUFBlocks) and piece.qtype == Q8_0 and not q4:
+        q, d, _ = piece.decode()
+        return q, d, None
+    w = piece.dequantize() if isinstance(piece, GGUFBlocks) else piece
+    if q4:
+        return quantize_q4(w)
+    q, d = quantize_q8(w)
+    return q, d, None
+
+
+def is_exact(piece: torch.Tensor | GGUFBlocks, q4: bool) -> bool:
+    """Does this piece go into the layout without requantizing?"""
+    if not isinstance(piece, GGUFBlocks):
+        return False
+    return piece.qtype in (Q4_0, Q4_1) or (piece.qtype == Q8_0 and not q4)
+
+
+class BlockLinear:
+    """y = x W^T (+ bias) over w4a8 / w8a8 blocks, or over a dense copy from `dense_from_rows` rows up."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, q4: bool,
+                 bias: torch.Tensor | None, dtype: torch.dtype, dense: torch.Tensor | None = None,
+                 dense_from_rows: int | None = None):
+        self.kernels = block_linear()
+        if self.kernels is None:
+            raise RuntimeError("the native block-linear kernel is not available")
+        self.kind = "w4a8" if q4 else "w8a8"
+        self.qs, self.d, self.q4 = qs.contiguous(), d.float().contiguous(), q4
+        self.m = None if m is None else m.float().contiguous()
+        if q4 and self.m is None:
+            self.m = torch.zeros_like(self.d)
+        self.n, self.k = d.shape[0], d.shape[1] * QK
+        self.bias, self.dtype = bias, dtype
+        self.dense_from_rows = dense_from_rows if dense is not None else None
+        self.dense = dense if self.dense_from_rows is not None else None
+        self._m_or_empty = self.m if self.m is not None else torch.empty(0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k)
+        if self.dense_from_rows is not None and x2.shape[0] >= self.dense_from_rows:
+            y = F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
+        else:
+            if self.q4:
+                y = self.kernels.q4_linear(x2, self.qs, self.d, self.m)
+            else:
+                y = self.kernels.q8_linear(x2, self.qs, self.d, self._m_or_empty)
+            y = y.to(self.dtype)
+        y = y.view(*x.shape[:-1], self.n)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.qs, self.d, self.m, self.q4)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks (the dense copy, when held, is reported as dense_bytes)."""
+        n = self.qs.numel() * self.qs.element_size() + self.d.numel() * 4
+        return n + (self.m.numel() * 4 if self.m is not None else 0)
+
+    @property
+    def dense_bytes(self) -> int:
+        return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
