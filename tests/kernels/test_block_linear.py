@@ -49,24 +49,27 @@ def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     want = quantized_activations_reference(x).double() @ dequantize(qs, d, m, q4).double().T
     got = lin(x)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(got[-1:], lin(x[-1:]))  # batched = alone, bit for bit
     # Against the float matmul, only quantization error remains.
     err = (got - x @ w.T).abs().max() / (x @ w.T).abs().max()
     assert err < (0.25 if q4 else 0.03)
 
 
-def test_q8_with_offsets_and_bias_and_dense_switch():
+def test_q8_with_offsets_and_bias_and_the_dense_copy_for_prefill_rows():
     g = torch.Generator().manual_seed(1)
     qs = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=g)
     d = torch.rand(40, 2, generator=g) * 0.01
     m = torch.randn(40, 2, generator=g) * 0.01
     bias = torch.randn(40, generator=g)
     dense = dequantize(qs, d, m, False)
-    lin = BlockLinear(qs, d, m, False, bias, torch.float32, dense=dense, dense_from_rows=8)
-    x = torch.randn(3, 64, generator=g)
+    lin = BlockLinear(qs, d, m, False, bias, torch.float32, dense=dense)
+    x = torch.randn(7, 64, generator=g)
     want = quantized_activations_reference(x) @ dense.T + bias
     torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
-    big = torch.randn(8, 64, generator=g)  # from 8 rows: the dense copy, exactly F.linear
-    assert torch.equal(lin(big), torch.nn.functional.linear(big, dense) + bias)
+    mixed = lin(x, dense_from=3)  # decode rows first (block kernel), prefill rows after (dense copy)
+    assert torch.equal(mixed[:3], lin(x[:3]))  # a row's result does not depend on the rows beside it
+    assert torch.equal(mixed[3:], torch.nn.functional.linear(x[3:], dense) + bias)
+    assert torch.equal(lin(x, dense_from=0), torch.nn.functional.linear(x, dense) + bias)
 
 
 def _gguf_blocks(qtype: int, rows: int, k: int, rng: np.random.Generator) -> GGUFBlocks:

@@ -32,7 +32,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return LLM(str(gguf_path), dtype="float32", kv_cache_memory="256MiB", max_num_batched_tokens=512)
+    return LLM(str(gguf_path), dtype="float32", quantization="none", kv_cache_memory="256MiB", max_num_batched_tokens=512)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,9 @@ def test_batched_equals_one_by_one(llm, prompt_ids):
 
 def test_prefix_hit_equals_cold(gguf_path, prompt_ids):
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    cold = LLM(str(gguf_path), dtype="float32", kv_cache_memory="128MiB", enable_prefix_caching=False)
+    cold = LLM(str(gguf_path), dtype="float32", quantization="none", kv_cache_memory="128MiB", enable_prefix_caching=False)
     ref = [o.outputs[0].token_ids for o in cold.generate(prompt_ids, params, use_tqdm=False)]
-    warm = LLM(str(gguf_path), dtype="float32", kv_cache_memory="128MiB")
+    warm = LLM(str(gguf_path), dtype="float32", quantization="none", kv_cache_memory="128MiB")
     warm.generate(prompt_ids, params, use_tqdm=False)
     hits_before = warm.engine.stats().prefix_cache_hits
     again = [o.outputs[0].token_ids for o in warm.generate(prompt_ids, params, use_tqdm=False)]
@@ -90,7 +90,7 @@ def test_preemption_keeps_greedy_output(llm, gguf_path, prompt_ids):
     ref = [o.outputs[0].token_ids for o in llm.generate(short, params, use_tqdm=False)]
     # 9 blocks of 16 tokens, each request needs up to 7: the engine preempts over and over.
     per_block = 2 * 30 * 16 * 3 * 64 * 4
-    tight = LLM(str(gguf_path), dtype="float32", kv_cache_memory=9 * per_block, enable_prefix_caching=False)
+    tight = LLM(str(gguf_path), dtype="float32", quantization="none", kv_cache_memory=9 * per_block, enable_prefix_caching=False)
     got = [o.outputs[0].token_ids for o in tight.generate(short, params, use_tqdm=False)]
     assert got == ref
     assert tight.engine.stats().num_preemptions >= 3

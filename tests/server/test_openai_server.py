@@ -34,7 +34,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def offline() -> dict[str, list[str]]:
     """Reference texts from the offline LLM, computed before the server loads its own copy of the model."""
-    llm = LLM(kv_cache_memory="256MiB", dtype="float32")  # float32: exact whatever the batch shape
+    llm = LLM(kv_cache_memory="256MiB", dtype="float32", quantization="none")  # exact whatever the batch shape
     ref = {}
     for name, kind, params, _ in CASES:
         outs = llm.generate(PROMPT, params, use_tqdm=False) if kind == "completion" else llm.chat(CHAT, params,
@@ -51,7 +51,7 @@ def offline() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def server(offline) -> ServerProcess:
     # The engine in its own process here (the IPC path); test_server_bad_inputs runs it in-process.
-    s = start_server("--no-inproc", "--dtype", "float32", api_key=API_KEY)
+    s = start_server("--no-inproc", "--dtype", "float32", "--quantization", "none", api_key=API_KEY)
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()

@@ -34,7 +34,9 @@ PROMPTS = [
     "red green blue red green blue red",
 ]
 MAX_TOKENS = 16
-ENGINE = dict(dtype="float32", kv_cache_memory="10MiB", max_model_len=512, max_num_batched_tokens=256)
+# float32 weights: the exact reference, where even a preempted request's recomputed K/V is bit-identical.
+ENGINE = dict(dtype="float32", quantization="none", kv_cache_memory="10MiB", max_model_len=512,
+              max_num_batched_tokens=256)
 
 
 def _params(i: int, max_tokens: int) -> SamplingParams:
@@ -71,6 +73,19 @@ def _check_same(plain_outs, outs, stats):
             assert la.keys() == lb.keys()
             for t in la:
                 assert la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-3)
+
+
+def test_ngram_speculation_is_exact_on_the_block_formats():
+    """The default fast path (w4a8 layers, w8a8 head): verification rows run the same kernel as decodes,
+    one row's arithmetic independent of its neighbours, so speculation changes nothing, logprobs included."""
+    plain_outs, _ = _run(kv_cache_memory="64MiB", quantization="auto")
+    outs, stats = _run(speculative="ngram", num_speculative_tokens=4, kv_cache_memory="64MiB", quantization="auto")
+    assert stats.spec_num_accepted_tokens > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain_outs]
+    for a, b in zip(outs, plain_outs, strict=True):
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for la, lb in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert {t: v.logprob for t, v in la.items()} == {t: v.logprob for t, v in lb.items()}
 
 
 def test_ngram_speculation_is_exact(plain):

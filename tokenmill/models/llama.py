@@ -196,11 +196,13 @@ class LlamaModel:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
-                interrupt: Callable[[], bool] | None = None) -> torch.Tensor:
+                interrupt: Callable[[], bool] | None = None, dense_from: int | None = None,
+                logits_dense_from: int | None = None) -> torch.Tensor:
         """Flattened tokens of every scheduled sequence -> float32 logits of the rows in logits_rows.
 
         Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache.
-        interrupt() is asked before each layer of the first half; when it says so, StepInterrupted is raised
+        dense_from / logits_dense_from: the first prefill row of the batch / of logits_rows (block formats run
+        prefill rows on their dense copy; see BlockLinear). interrupt() is asked before each layer of the first half; when it says so, StepInterrupted is raised
         (the layers run so far wrote K/V for these positions, which the step that recomputes them overwrites)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
@@ -215,11 +217,11 @@ class LlamaModel:
                 raise StepInterrupted
             if delta is not None:
                 h, residual = ops.add_norm(delta, residual, layer.in_norm, eps)
-            q, k, v = ops.rope_qkv(layer.qkv(h), positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            q, k, v = ops.rope_qkv(layer.qkv(h, dense_from), positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    kv_cache, meta)
             attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
-            h, residual = ops.add_norm(layer.o(attn), residual, layer.post_norm, eps)
-            delta = layer.down(ops.silu_mul(layer.gate_up(h)))
+            h, residual = ops.add_norm(layer.o(attn, dense_from), residual, layer.post_norm, eps)
+            delta = layer.down(ops.silu_mul(layer.gate_up(h, dense_from)), dense_from)
         x = residual + delta
         x = ops.norm(x.index_select(0, logits_rows).contiguous(), self.norm, eps)
-        return self.lm_head(x).float()
+        return self.lm_head(x, logits_dense_from).float()

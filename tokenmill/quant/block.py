@@ -10,9 +10,10 @@ d and m are float32 [N, K/32] (fp16 -> fp32 is exact). The kernel quantizes acti
 (w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them inexact;
 `tokenmill eval` measures what that costs.
 
-From `dense_from_rows` rows up (prefill chunks, large decode batches) a float GEMM on a dense copy in the
-model dtype beats an int8 dot product on CPUs without VNNI/AMX; the crossover is measured at start-up
-(tokenmill/quant/tuning.py) and the dense copy is made only when some batch size needs it.
+For prefill chunks a float GEMM on a dense copy in the model dtype beats an int8 dot product on CPUs
+without VNNI/AMX. Whether it does on this CPU is measured at start-up (tokenmill/quant/tuning.py: the
+fewest rows from which it wins); the dense copy is made only when it wins somewhere, and then prefill rows
+run on it while decode rows always run the block kernel (see BlockLinear.__call__ for why).
 """
 
 from __future__ import annotations
@@ -97,11 +98,10 @@ def is_exact(piece: torch.Tensor | GGUFBlocks, q4: bool) -> bool:
 
 
 class BlockLinear:
-    """y = x W^T (+ bias) over w4a8 / w8a8 blocks, or over a dense copy from `dense_from_rows` rows up."""
+    """y = x W^T (+ bias) over w4a8 / w8a8 blocks; prefill rows on a dense copy when one is held."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, q4: bool,
-                 bias: torch.Tensor | None, dtype: torch.dtype, dense: torch.Tensor | None = None,
-                 dense_from_rows: int | None = None):
+                 bias: torch.Tensor | None, dtype: torch.dtype, dense: torch.Tensor | None = None):
         self.kernels = block_linear()
         if self.kernels is None:
             raise RuntimeError("the native block-linear kernel is not available")
@@ -112,22 +112,31 @@ class BlockLinear:
             self.m = torch.zeros_like(self.d)
         self.n, self.k = d.shape[0], d.shape[1] * QK
         self.bias, self.dtype = bias, dtype
-        self.dense_from_rows = dense_from_rows if dense is not None else None
-        self.dense = dense if self.dense_from_rows is not None else None
+        self.dense = dense
         self._m_or_empty = self.m if self.m is not None else torch.empty(0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
+        """dense_from: rows from here on (prefill rows, which the runner puts last) run on the dense copy
+        when one is held; rows before it always run the block kernel. Each row's arithmetic then depends
+        only on the row and its kind, never on how many rows share the call: a decode batched with others,
+        alone, or as a speculative verification row gives identical results."""
         x2 = x.reshape(-1, self.k)
-        if self.dense_from_rows is not None and x2.shape[0] >= self.dense_from_rows:
+        rows = x2.shape[0]
+        split = rows if self.dense is None or dense_from is None else max(0, min(dense_from, rows))
+        if split == rows:
+            y = self._block(x2)
+        elif split == 0:
             y = F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
         else:
-            if self.q4:
-                y = self.kernels.q4_linear(x2, self.qs, self.d, self.m)
-            else:
-                y = self.kernels.q8_linear(x2, self.qs, self.d, self._m_or_empty)
-            y = y.to(self.dtype)
+            y = torch.cat([self._block(x2[:split]),
+                           F.linear(x2[split:].to(self.dense.dtype), self.dense).to(self.dtype)])
         y = y.view(*x.shape[:-1], self.n)
         return y if self.bias is None else y + self.bias
+
+    def _block(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.q4:
+            return self.kernels.q4_linear(x2, self.qs, self.d, self.m).to(self.dtype)
+        return self.kernels.q8_linear(x2, self.qs, self.d, self._m_or_empty).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.qs, self.d, self.m, self.q4)

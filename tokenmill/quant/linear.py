@@ -92,7 +92,7 @@ class FloatLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:  # noqa: ARG002
         return F.linear(x, self.weight, self.bias)
 
     @property
@@ -112,7 +112,7 @@ class Int8Linear:
         self.bias = bias
         self.dtype = dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:  # noqa: ARG002
         x2 = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
         if x2.shape[0] >= INT8_DEQUANT_ROWS:
             # Prefill-sized: dequantizing the matrix once and running the dense GEMM is cheaper than the
@@ -149,7 +149,7 @@ class Int4Linear:
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INNER_K_TILES)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:  # noqa: ARG002
         x2 = x.reshape(-1, self.k).to(self.act_dtype).contiguous()
         if self.cuda:  # UNTESTED here
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)
@@ -178,7 +178,8 @@ class LinearBuilder:
     def __init__(self, n: int, k: int, mode: str, group: int, dtype: torch.dtype, device: torch.device,
                  name: str = "", act_dtype: torch.dtype | None = None, dense_from_rows: int | None = None):
         """mode auto / w4a8 / w8a8 collect the pieces as they come (GGUF blocks stay compact) and pack at
-        finish(); dense_from_rows: see BlockLinear."""
+        finish(); dense_from_rows: the measured batch size from which a dense GEMM beats the block kernel
+        (tokenmill/quant/tuning.py), None if never: the block formats keep a dense copy only when it wins."""
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization {mode!r}")
         self.n, self.k, self.dtype, self.device, self.name = n, k, dtype, device, name
@@ -274,7 +275,7 @@ class LinearBuilder:
         if self.dense_from_rows is not None:
             if dense is None:
                 dense = lin.dequantize().to(self.dtype)
-            lin = BlockLinear(lin.qs, lin.d, lin.m, q4, bias, self.dtype, dense, self.dense_from_rows)
+            lin = BlockLinear(lin.qs, lin.d, lin.m, q4, bias, self.dtype, dense)
         return lin
 
     def finish(self, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> Linear:

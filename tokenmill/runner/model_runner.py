@@ -86,6 +86,12 @@ def attention_entries(chunks: list[tuple[int, int, list[int], bool]]) -> tuple[l
     return starts, lens, tables
 
 
+def _decodes(s: SeqInput) -> bool:
+    """Is this sequence's step a decode for the kernels: one token, or a verification split into decodes."""
+    n = len(s.token_ids)
+    return n == 1 or (s.num_spec > 0 and n <= MAX_SPLIT_CHUNK and s.prompt_next_ids is None)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: list[int]):
         if config.num_threads:
@@ -132,7 +138,8 @@ class ModelRunner:
         self.proposer = self._make_proposer()
 
     def _dense_from_rows(self, config: EngineConfig, arch) -> int | None:
-        """Block formats: the batch size from which a dense copy runs, measured on this CPU (cached)."""
+        """Block formats with --prefill-dense-copy: the batch size from which a dense copy beats the block
+        kernel, measured on this CPU (cached); None keeps no dense copy."""
         if self.device.type != "cpu" or {config.quantization, config.lm_head_quantization} <= {"none", "int8", "int4"}:
             return None
         from tokenmill.kernels.cpu import block_linear
@@ -142,6 +149,8 @@ class ModelRunner:
             if config.quantization in ("w4a8", "w8a8"):
                 raise ConfigError(f"--quantization {config.quantization} needs the native kernel, which did not "
                                   "build (see the warning above)")
+            return None
+        if not config.prefill_dense_copy:
             return None
         q4 = config.quantization in ("auto", "w4a8")
         return dense_from_rows(2 * arch.intermediate_size, arch.hidden_size, q4, self.dtype)
@@ -193,12 +202,21 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
         """One step's forward pass and sampling. interrupt: see LlamaModel.forward (it is asked only before
-        anything but K/V slots of this step's own positions has been written)."""
+        anything but K/V slots of this step's own positions has been written).
+
+        Decodes (and short speculative verifications, attended as decodes) go first and prefill chunks after
+        them, so the block formats can run the prefill rows on their dense copy and the decode rows on the
+        block kernel, whatever the mix (see BlockLinear)."""
+        seqs = sorted(seqs, key=lambda s: not _decodes(s))
+        num_decodes = sum(map(_decodes, seqs))
         ids: list[int] = []
         pos: list[int] = []
         logit_rows: list[int] = []
+        dense_from = logits_dense_from = 0
         row = 0
-        for s in seqs:
+        for i, s in enumerate(seqs):
+            if i == num_decodes:
+                dense_from, logits_dense_from = row, len(logit_rows)
             n = len(s.token_ids)
             ids.extend(s.token_ids)
             pos.extend(range(s.start_pos, s.start_pos + n))
@@ -209,12 +227,15 @@ class ModelRunner:
             elif s.sample:
                 logit_rows.append(row + n - 1)
             row += n
+        if num_decodes == len(seqs):
+            dense_from, logits_dense_from = row, len(logit_rows)
         dev = self.device
         meta = AttentionMetadata.build(*attention_entries([(s.start_pos, len(s.token_ids), s.block_ids, s.num_spec > 0)
                                                            for s in seqs]), self.block_size, self.dtype, dev)
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
-                                    torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt)
+                                    torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt,
+                                    dense_from, logits_dense_from)
         return self._sample(seqs, logits)
 
     def _sample(self, seqs: list[SeqInput], logits: torch.Tensor) -> RunnerOutput:
