@@ -41,7 +41,7 @@ def test_activation_quantizer_is_exactly_the_formula():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 33])
 def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     g = torch.Generator().manual_seed(rows)
-    n, k = 67, 160  # odd row count: threads' shares end mid-tile
+    n, k = 67, 160  # odd row count (threads split mid-tile), 5 blocks (two pairs and a lone one)
     w = torch.randn(n, k, generator=g) * 0.05
     qs, d, m = quantize_q4(w) if q4 else (*quantize_q8(w), None)
     lin = BlockLinear(qs, d, m, q4, None, torch.float32)
@@ -109,3 +109,12 @@ def test_build_cache_is_keyed_by_isa(monkeypatch):
         assert cpu._build_dir("tokenmill_block_linear") != path
     finally:
         cpu.cpu_isa.cache_clear()
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 18])
+def test_pairing_the_nibbles_is_lossless(blocks):
+    from tokenmill.quant.block import pack_q4, pair_blocks, unpair_blocks
+
+    q = torch.randint(0, 16, (5, 32 * blocks), dtype=torch.uint8)
+    packed = pack_q4(q)
+    assert torch.equal(unpair_blocks(pair_blocks(packed)), packed)

@@ -1,8 +1,10 @@
 // Linear layers over blocks of 32 weights with activations quantized to int8 per block of 32 (W4A8, W8A8).
 //
 // Weights (rows N, input columns K, K a multiple of 32), one block = 32 consecutive inputs of one row:
-//   q4: qs uint8 [N, K/2]: byte j of a block holds weight j in its low nibble and weight j + 16 in its high
-//       nibble (GGUF's own order, so Q4_0/Q4_1 blocks are copied as shipped); w = d * q + m, q in 0..15.
+//   q4: qs uint8 [N, K/2], blocks in pairs: byte j of pair (b, b + 1) holds weight j of block b in its low
+//       nibble and weight j of block b + 1 in its high nibble, so one 32-byte load and two masks give both
+//       blocks' weights in input order; an odd last block keeps GGUF's order (byte j: weights j and j + 16).
+//       The values are the shipped ones (tokenmill/quant/block.py repacks them); w = d * q + m, q in 0..15.
 //   q8: qs int8 [N, K]; w = d * q.
 //   d, m float32 [N, K/32].
 // Activations x [M, K] float32 are quantized once per call: per block, xd = max|x| / 127 and
@@ -87,21 +89,29 @@ void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t*
 #if defined(__AVX2__)
   __m256 acc[MR_];
   for (int r = 0; r < MR_; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i w;
-    __m256i wsign = _mm256_setzero_si256();
-    if constexpr (Q4) {
-      w = expand_q4(wq + b * (QK / 2));
-    } else {
-      wsign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * QK));
-      w = _mm256_sign_epi8(wsign, wsign);  // |w|; the sign moves onto the activations
-    }
+  // w: block b's 32 weights as u8; wsign: q8's signs, moved onto the activations.
+  auto block = [&](__m256i w, __m256i wsign, int64_t b) {
     const __m256 db = _mm256_set1_ps(wd[b]);
     for (int r = 0; r < MR_; ++r) {
       __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QK));
       if constexpr (!Q4) x = _mm256_sign_epi8(x, wsign);
       const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
       acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(db, _mm256_broadcast_ss(xd + r * nb + b)), acc[r]);
+    }
+  };
+  if constexpr (Q4) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * (QK / 2)));
+      block(_mm256_and_si256(raw, low), low, b);
+      block(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), low, b + 1);
+    }
+    if (b < nb) block(expand_q4(wq + b * (QK / 2)), low, b);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i wsign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * QK));
+      block(_mm256_sign_epi8(wsign, wsign), wsign, b);  // |w|
     }
   }
   for (int r = 0; r < MR_; ++r) {
@@ -118,8 +128,14 @@ void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t*
       const int8_t* x = xq + r * K + b * QK;
       int32_t dot = 0;
       if constexpr (Q4) {
-        const uint8_t* p = wq + b * (QK / 2);
-        for (int64_t j = 0; j < QK / 2; ++j) dot += (p[j] & 0x0F) * x[j] + (p[j] >> 4) * x[j + QK / 2];
+        if (b + 1 < nb || nb % 2 == 0) {  // a pair: this block's nibble of each of the pair's 32 bytes
+          const uint8_t* p = wq + (b & ~int64_t(1)) * (QK / 2);
+          const int shift = (b & 1) ? 4 : 0;
+          for (int64_t j = 0; j < QK; ++j) dot += ((p[j] >> shift) & 0x0F) * x[j];
+        } else {  // an odd last block, in GGUF order
+          const uint8_t* p = wq + b * (QK / 2);
+          for (int64_t j = 0; j < QK / 2; ++j) dot += (p[j] & 0x0F) * x[j] + (p[j] >> 4) * x[j + QK / 2];
+        }
       } else {
         const int8_t* p = reinterpret_cast<const int8_t*>(wq) + b * QK;
         for (int64_t j = 0; j < QK; ++j) dot += p[j] * x[j];

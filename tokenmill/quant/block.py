@@ -41,6 +41,32 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([g & 0x0F, g >> 4], dim=-1).reshape(n, half * 2)
 
 
+def pair_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """GGUF-order nibbles [N, K/2] -> the kernel's layout: byte j of pair (b, b + 1) = weight j of block b
+    (low nibble) | weight j of block b + 1 (high nibble); an odd last block stays in GGUF order."""
+    n, half = packed.shape
+    nb = half * 2 // QK
+    q = unpack_q4(packed).reshape(n, nb, QK)
+    pairs = nb - nb % 2
+    out = (q[:, 0:pairs:2] | (q[:, 1:pairs:2] << 4)).reshape(n, pairs * QK // 2)
+    if nb % 2:
+        out = torch.cat([out, packed[:, pairs * QK // 2:]], dim=1)
+    return out.contiguous()
+
+
+def unpair_blocks(paired: torch.Tensor) -> torch.Tensor:
+    """The inverse of pair_blocks."""
+    n, half = paired.shape
+    nb = half * 2 // QK
+    pairs = nb - nb % 2
+    p = paired[:, : pairs * QK // 2].reshape(n, pairs // 2, QK)
+    q = torch.stack([p & 0x0F, p >> 4], dim=2).reshape(n, pairs, QK)  # blocks b, b + 1 of each pair
+    out = pack_q4(q.reshape(n, pairs * QK)) if pairs else paired[:, :0]
+    if nb % 2:
+        out = torch.cat([out, paired[:, pairs * QK // 2:]], dim=1)
+    return out.contiguous()
+
+
 def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float [N, K] -> (packed nibbles, d, m): asymmetric per block, d = (max - min) / 15, m = min."""
     n, k = w.shape
@@ -106,7 +132,8 @@ class BlockLinear:
         if self.kernels is None:
             raise RuntimeError("the native block-linear kernel is not available")
         self.kind = "w4a8" if q4 else "w8a8"
-        self.qs, self.d, self.q4 = qs.contiguous(), d.float().contiguous(), q4
+        # q4 values arrive in GGUF's nibble order and are held in the kernel's paired order.
+        self.qs, self.d, self.q4 = (pair_blocks(qs) if q4 else qs.contiguous()), d.float().contiguous(), q4
         self.m = None if m is None else m.float().contiguous()
         if q4 and self.m is None:
             self.m = torch.zeros_like(self.d)
@@ -139,7 +166,7 @@ class BlockLinear:
         return self.kernels.q8_linear(x2, self.qs, self.d, self._m_or_empty).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.qs, self.d, self.m, self.q4)
+        return dequantize(unpair_blocks(self.qs) if self.q4 else self.qs, self.d, self.m, self.q4)
 
     @property
     def nbytes(self) -> int:

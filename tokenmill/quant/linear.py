@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.quant.block import BLOCK_MODES, BlockLinear, is_exact, piece_to_blocks
+from tokenmill.quant.block import dequantize as block_dequantize
 from tokenmill.quant.gguf import Q4_0, Q4_1, Q8_0, GGUFBlocks
 
 logger = logging.getLogger(__name__)
@@ -271,12 +272,9 @@ class LinearBuilder:
         if any(off is not None for _, _, off in parts):
             m = torch.cat([off if off is not None else torch.zeros_like(s) for _, s, off in parts])
         del parts, pieces
-        lin = BlockLinear(qs, d, m, q4, bias, self.dtype)
-        if self.dense_from_rows is not None:
-            if dense is None:
-                dense = lin.dequantize().to(self.dtype)
-            lin = BlockLinear(lin.qs, lin.d, lin.m, q4, bias, self.dtype, dense)
-        return lin
+        if self.dense_from_rows is not None and dense is None:
+            dense = block_dequantize(qs, d, m, q4).to(self.dtype)
+        return BlockLinear(qs, d, m, q4, bias, self.dtype, dense if self.dense_from_rows is not None else None)
 
     def finish(self, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> Linear:
         """dense: a float copy of this matrix the model already holds (a tied embedding), used as the
