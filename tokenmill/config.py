@@ -81,14 +81,14 @@ class EngineConfig:
         "auto", "Linear-layer weight format. auto: as shipped, fast where a native kernel runs it (GGUF "
         "Q4_0/Q4_1 as w4a8, Q8_0 as w8a8; float weights stay in --dtype). w4a8 / w8a8: blocks of 32 weights "
         "(4 or 8 bit, GGUF blocks repacked as shipped) with activations quantized to int8 per block, for "
-        "decode (see --prefill-dense-copy for prompts). none: --dtype (the exact reference). int8 (per output channel) / int4 (group-wise): torch's "
+        "decode (prompts: see --prefill-dense-copy). none: --dtype (the exact reference). int8 (per output channel) / int4 (group-wise): torch's "
         "weight-only kernels.", choices=["auto", "none", "int8", "int4", "w4a8", "w8a8"])
     prefill_dense_copy: bool = _opt(
-        False, "w4a8/w8a8: also keep a dense --dtype copy of the weights and run prefill rows on it when a "
-        "start-up measurement says a float GEMM beats the int8 kernel on this CPU. Faster prompts, at the "
-        "copy's memory and at a price in reproducibility: a row's rounding then depends on whether it was "
-        "computed as a decode or in a prompt (preemption recomputes, prefix hits, batch shape). Off, every "
-        "row runs the block kernel and results are bit-identical whatever the batch.")
+        True, "w4a8/w8a8: also keep a dense --dtype copy of the weights and run prompt positions on it, when "
+        "a start-up measurement (cached) says a float GEMM beats the int8 kernel on this CPU: faster prompts "
+        "for the copy's memory. Output positions always run the block kernel, so a position is computed the "
+        "same way whatever the batch, chunking, speculation or preemption. --no-prefill-dense-copy saves "
+        "the memory.")
     quant_group_size: int = _opt(32, "Input columns per int4 scale/zero group.", choices=[32, 64, 128])
     lm_head_quantization: str = _opt(
         "auto", "LM head weights: auto follows --quantization (as shipped under auto; 8-bit when quantizing: "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokenmill.kernels import cpu
-from tokenmill.quant.block import BlockLinear, dequantize, piece_to_blocks, quantize_q4, quantize_q8
+from tokenmill.quant.block import BlockLinear, RowKinds, dequantize, piece_to_blocks, quantize_q4, quantize_q8
 from tokenmill.quant.gguf import Q4_0, Q4_1, Q8_0, GGUFBlocks
 
 kernels = cpu.block_linear()
@@ -66,10 +66,14 @@ def test_q8_with_offsets_and_bias_and_the_dense_copy_for_prefill_rows():
     x = torch.randn(7, 64, generator=g)
     want = quantized_activations_reference(x) @ dense.T + bias
     torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
-    mixed = lin(x, dense_from=3)  # decode rows first (block kernel), prefill rows after (dense copy)
-    assert torch.equal(mixed[:3], lin(x[:3]))  # a row's result does not depend on the rows beside it
-    assert torch.equal(mixed[3:], torch.nn.functional.linear(x[3:], dense) + bias)
-    assert torch.equal(lin(x, dense_from=0), torch.nn.functional.linear(x, dense) + bias)
+    prompt = [False, True, True, False, True, False, False]  # output positions: block kernel; prompt: dense
+    mixed = lin(x, RowKinds.from_mask(prompt, x.device))
+    out_rows = torch.tensor([i for i, p in enumerate(prompt) if not p])
+    in_rows = torch.tensor([i for i, p in enumerate(prompt) if p])
+    assert torch.equal(mixed[out_rows], lin(x[out_rows]))  # a row's result does not depend on the rows beside it
+    assert torch.equal(mixed[in_rows], torch.nn.functional.linear(x[in_rows], dense) + bias)
+    assert torch.equal(lin(x, RowKinds.from_mask([True] * 7, x.device)), torch.nn.functional.linear(x, dense) + bias)
+    assert RowKinds.from_mask([False] * 7, x.device) is None
 
 
 def _gguf_blocks(qtype: int, rows: int, k: int, rng: np.random.Generator) -> GGUFBlocks:

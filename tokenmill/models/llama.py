@@ -18,6 +18,7 @@ from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.ops import pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
+from tokenmill.quant.block import RowKinds
 from tokenmill.quant.gguf import GGUFBlocks
 from tokenmill.quant.linear import FloatLinear, Linear, LinearBuilder
 
@@ -196,13 +197,13 @@ class LlamaModel:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
-                interrupt: Callable[[], bool] | None = None, dense_from: int | None = None,
-                logits_dense_from: int | None = None) -> torch.Tensor:
+                interrupt: Callable[[], bool] | None = None, rows: RowKinds | None = None,
+                logits_rows_kinds: RowKinds | None = None) -> torch.Tensor:
         """Flattened tokens of every scheduled sequence -> float32 logits of the rows in logits_rows.
 
         Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache.
-        dense_from / logits_dense_from: the first prefill row of the batch / of logits_rows (block formats run
-        prefill rows on their dense copy; see BlockLinear). interrupt() is asked before each layer of the first half; when it says so, StepInterrupted is raised
+        rows / logits_rows_kinds: prompt and output positions among the rows / logits_rows (block formats
+        may run prompt positions on a dense copy; see BlockLinear). interrupt() is asked before each layer of the first half; when it says so, StepInterrupted is raised
         (the layers run so far wrote K/V for these positions, which the step that recomputes them overwrites)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
@@ -217,11 +218,11 @@ class LlamaModel:
                 raise StepInterrupted
             if delta is not None:
                 h, residual = ops.add_norm(delta, residual, layer.in_norm, eps)
-            q, k, v = ops.rope_qkv(layer.qkv(h, dense_from), positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            q, k, v = ops.rope_qkv(layer.qkv(h, rows), positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    kv_cache, meta)
             attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
-            h, residual = ops.add_norm(layer.o(attn, dense_from), residual, layer.post_norm, eps)
-            delta = layer.down(ops.silu_mul(layer.gate_up(h, dense_from)), dense_from)
+            h, residual = ops.add_norm(layer.o(attn, rows), residual, layer.post_norm, eps)
+            delta = layer.down(ops.silu_mul(layer.gate_up(h, rows)), rows)
         x = residual + delta
         x = ops.norm(x.index_select(0, logits_rows).contiguous(), self.norm, eps)
-        return self.lm_head(x, logits_dense_from).float()
+        return self.lm_head(x, logits_rows_kinds).float()

@@ -13,10 +13,12 @@ d and m are float32 [N, K/32] (fp16 -> fp32 is exact). The kernel quantizes acti
 For prefill chunks a float GEMM on a dense copy in the model dtype beats an int8 dot product on CPUs
 without VNNI/AMX. Whether it does on this CPU is measured at start-up (tokenmill/quant/tuning.py: the
 fewest rows from which it wins); the dense copy is made only when it wins somewhere, and then prefill rows
-run on it while decode rows always run the block kernel (see BlockLinear.__call__ for why).
+run on it while output positions always run the block kernel (see BlockLinear.__call__ for why).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,24 @@ def is_exact(piece: torch.Tensor | GGUFBlocks, q4: bool) -> bool:
     return piece.qtype in (Q4_0, Q4_1) or (piece.qtype == Q8_0 and not q4)
 
 
+@dataclass
+class RowKinds:
+    """A step's rows split by kind: dense (prompt positions) and block (output positions); None where a
+    kind has no rows."""
+
+    dense: torch.Tensor | None
+    block: torch.Tensor | None
+
+    @classmethod
+    def from_mask(cls, is_prompt: list[bool], device: torch.device) -> RowKinds | None:
+        if not any(is_prompt):
+            return None
+        if all(is_prompt):
+            return cls(torch.arange(len(is_prompt), device=device), None)
+        t = torch.tensor(is_prompt, device=device)
+        return cls(t.nonzero().squeeze(1), (~t).nonzero().squeeze(1))
+
+
 class BlockLinear:
     """y = x W^T (+ bias) over w4a8 / w8a8 blocks; prefill rows on a dense copy when one is held."""
 
@@ -142,23 +162,26 @@ class BlockLinear:
         self.dense = dense
         self._m_or_empty = self.m if self.m is not None else torch.empty(0)
 
-    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        """dense_from: rows from here on (prefill rows, which the runner puts last) run on the dense copy
-        when one is held; rows before it always run the block kernel. Each row's arithmetic then depends
-        only on the row and its kind, never on how many rows share the call: a decode batched with others,
-        alone, or as a speculative verification row gives identical results."""
+    def __call__(self, x: torch.Tensor, rows: RowKinds | None = None) -> torch.Tensor:
+        """rows: which rows are prompt positions (run on the dense copy, when one is held) and which are
+        output positions (always the block kernel). The kind follows the position, never the step: a
+        prompt position is computed the same way in one chunk or several, beside other requests or not,
+        and an output position the same as a decode, a speculative verification or a preemption's
+        recompute; the block kernel's rows are independent of each other, bit for bit."""
         x2 = x.reshape(-1, self.k)
-        rows = x2.shape[0]
-        split = rows if self.dense is None or dense_from is None else max(0, min(dense_from, rows))
-        if split == rows:
+        if self.dense is None or rows is None or rows.dense is None:
             y = self._block(x2)
-        elif split == 0:
-            y = F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
+        elif rows.block is None:
+            y = self._dense(x2)
         else:
-            y = torch.cat([self._block(x2[:split]),
-                           F.linear(x2[split:].to(self.dense.dtype), self.dense).to(self.dtype)])
+            y = x2.new_empty(x2.shape[0], self.n, dtype=self.dtype)
+            y.index_copy_(0, rows.block, self._block(x2.index_select(0, rows.block)))
+            y.index_copy_(0, rows.dense, self._dense(x2.index_select(0, rows.dense)))
         y = y.view(*x.shape[:-1], self.n)
         return y if self.bias is None else y + self.bias
+
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
 
     def _block(self, x2: torch.Tensor) -> torch.Tensor:
         if self.q4:

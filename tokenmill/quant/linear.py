@@ -93,7 +93,7 @@ class FloatLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
 
-    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:  # noqa: ARG002
+    def __call__(self, x: torch.Tensor, rows=None) -> torch.Tensor:  # noqa: ARG002  (see BlockLinear)
         return F.linear(x, self.weight, self.bias)
 
     @property
@@ -113,7 +113,7 @@ class Int8Linear:
         self.bias = bias
         self.dtype = dtype
 
-    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:  # noqa: ARG002
+    def __call__(self, x: torch.Tensor, rows=None) -> torch.Tensor:  # noqa: ARG002  (see BlockLinear)
         x2 = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
         if x2.shape[0] >= INT8_DEQUANT_ROWS:
             # Prefill-sized: dequantizing the matrix once and running the dense GEMM is cheaper than the
@@ -150,7 +150,7 @@ class Int4Linear:
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INNER_K_TILES)
 
-    def __call__(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:  # noqa: ARG002
+    def __call__(self, x: torch.Tensor, rows=None) -> torch.Tensor:  # noqa: ARG002  (see BlockLinear)
         x2 = x.reshape(-1, self.k).to(self.act_dtype).contiguous()
         if self.cuda:  # UNTESTED here
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)

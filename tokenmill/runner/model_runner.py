@@ -13,6 +13,7 @@ from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.llama import LlamaModel, QuantSpec
 from tokenmill.models.loader import ModelSource
+from tokenmill.quant.block import RowKinds
 from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 
@@ -84,12 +85,6 @@ def attention_entries(chunks: list[tuple[int, int, list[int], bool]]) -> tuple[l
             lens.append(n)
             tables.append(table)
     return starts, lens, tables
-
-
-def _decodes(s: SeqInput) -> bool:
-    """Is this sequence's step a decode for the kernels: one token, or a verification split into decodes."""
-    n = len(s.token_ids)
-    return n == 1 or (s.num_spec > 0 and n <= MAX_SPLIT_CHUNK and s.prompt_next_ids is None)
 
 
 class ModelRunner:
@@ -202,24 +197,18 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
         """One step's forward pass and sampling. interrupt: see LlamaModel.forward (it is asked only before
-        anything but K/V slots of this step's own positions has been written).
-
-        Decodes (and short speculative verifications, attended as decodes) go first and prefill chunks after
-        them, so the block formats can run the prefill rows on their dense copy and the decode rows on the
-        block kernel, whatever the mix (see BlockLinear)."""
-        seqs = sorted(seqs, key=lambda s: not _decodes(s))
-        num_decodes = sum(map(_decodes, seqs))
+        anything but K/V slots of this step's own positions has been written)."""
         ids: list[int] = []
         pos: list[int] = []
         logit_rows: list[int] = []
-        dense_from = logits_dense_from = 0
+        is_prompt: list[bool] = []  # per row: a prompt position (block formats may run it on a dense copy)
         row = 0
-        for i, s in enumerate(seqs):
-            if i == num_decodes:
-                dense_from, logits_dense_from = row, len(logit_rows)
+        for s in seqs:
             n = len(s.token_ids)
             ids.extend(s.token_ids)
             pos.extend(range(s.start_pos, s.start_pos + n))
+            n_prompt = len(s.prompt_token_ids)
+            is_prompt.extend(p < n_prompt for p in range(s.start_pos, s.start_pos + n))
             if s.prompt_next_ids is not None:
                 logit_rows.extend(range(row, row + n))
             elif s.sample and s.num_spec:  # every position from the last real token on
@@ -227,15 +216,14 @@ class ModelRunner:
             elif s.sample:
                 logit_rows.append(row + n - 1)
             row += n
-        if num_decodes == len(seqs):
-            dense_from, logits_dense_from = row, len(logit_rows)
         dev = self.device
         meta = AttentionMetadata.build(*attention_entries([(s.start_pos, len(s.token_ids), s.block_ids, s.num_spec > 0)
                                                            for s in seqs]), self.block_size, self.dtype, dev)
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
                                     torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt,
-                                    dense_from, logits_dense_from)
+                                    RowKinds.from_mask(is_prompt, dev),
+                                    RowKinds.from_mask([is_prompt[r] for r in logit_rows], dev))
         return self._sample(seqs, logits)
 
     def _sample(self, seqs: list[SeqInput], logits: torch.Tensor) -> RunnerOutput:
