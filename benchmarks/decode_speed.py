@@ -41,11 +41,11 @@ def tokenmill_figures(fmt: str, offline_prompts: int) -> dict:
     llm = LLM("default", quantization=fmt, kv_cache_memory="2GiB", max_model_len=1024)
     vocab = llm.tokenizer.vocab_size
     one = random_workload(1, (128, 128), (128, 128), 100, vocab - 100, seed=1)[0].prompt_token_ids
-    llm.generate({"prompt_token_ids": one}, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
+    llm.generate([one], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
 
     def timed(n: int) -> float:
         t0 = time.perf_counter()
-        llm.generate({"prompt_token_ids": one}, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+        llm.generate([one], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
                      use_tqdm=False)
         return time.perf_counter() - t0
 
@@ -53,7 +53,7 @@ def tokenmill_figures(fmt: str, offline_prompts: int) -> dict:
     full = min(timed(128) for _ in range(2))
     items = random_workload(offline_prompts, (128, 128), (128, 128), 100, vocab - 100, seed=0)
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": it.prompt_token_ids} for it in items],
+    outs = llm.generate([it.prompt_token_ids for it in items],
                         SamplingParams(max_tokens=128, temperature=0, ignore_eos=True), use_tqdm=False)
     offline_s = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)

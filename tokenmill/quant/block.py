@@ -160,7 +160,8 @@ class BlockLinear:
         self.n, self.k = d.shape[0], d.shape[1] * QK
         self.bias, self.dtype = bias, dtype
         self.dense = dense
-        self._m_or_empty = self.m if self.m is not None else torch.empty(0)
+        self._m_arg = self.m if self.m is not None else torch.empty(0)  # q8: empty means no offsets
+        self._kernel = self.kernels.q4_linear if q4 else self.kernels.q8_linear
 
     def __call__(self, x: torch.Tensor, rows: RowKinds | None = None) -> torch.Tensor:
         """rows: which rows are prompt positions (run on the dense copy, when one is held) and which are
@@ -168,6 +169,9 @@ class BlockLinear:
         prompt position is computed the same way in one chunk or several, beside other requests or not,
         and an output position the same as a decode, a speculative verification or a preemption's
         recompute; the block kernel's rows are independent of each other, bit for bit."""
+        if x.dim() == 2 and (self.dense is None or rows is None or rows.dense is None):
+            y = self._block(x)  # the decode path, kept short: at batch 1 each call costs microseconds
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.k)
         if self.dense is None or rows is None or rows.dense is None:
             y = self._block(x2)
@@ -184,9 +188,8 @@ class BlockLinear:
         return F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
 
     def _block(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.q4:
-            return self.kernels.q4_linear(x2, self.qs, self.d, self.m).to(self.dtype)
-        return self.kernels.q8_linear(x2, self.qs, self.d, self._m_or_empty).to(self.dtype)
+        y = self._kernel(x2, self.qs, self.d, self._m_arg)
+        return y if self.dtype == torch.float32 else y.to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(unpair_blocks(self.qs) if self.q4 else self.qs, self.d, self.m, self.q4)
