@@ -22,6 +22,9 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check tokenmill tests benchmarks
+	# The native kernels for this CPU's ISA (about a minute each the first time on a kind of CPU, then cached),
+	# built before the suite so no server under test compiles them inside its start-up timeout.
+	$(BIN)/python -m tokenmill.kernels.cpu
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 lint: $(STAMP)

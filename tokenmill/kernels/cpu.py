@@ -136,3 +136,8 @@ def fused():
 def prebuild() -> dict[str, bool]:
     """Build (or load) every kernel now; -> which ones are available."""
     return {name: _load(name) is not None for name in KERNELS}
+
+
+if __name__ == "__main__":  # `python -m tokenmill.kernels.cpu`: build every kernel now (make test does, before the suite)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"{cpu_isa()[0]}: {prebuild()}")
