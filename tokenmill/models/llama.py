@@ -59,7 +59,7 @@ class QuantSpec:
     group_size: int = 32
     lm_head: str = "auto"  # auto: as shipped under auto, int8 / w8a8 when quantizing, else none
     act_dtype: torch.dtype | None = None  # what torch's int8/int4 kernels compute in; None: the model dtype
-    dense_from_rows: int | None = None  # block formats: from this many rows up, a dense float copy runs
+    dense_from_rows: int | None = None  # block formats: measured dense-GEMM crossover; None keeps no dense copy
 
     @property
     def lm_head_mode(self) -> str:
@@ -173,7 +173,7 @@ class LlamaModel:
         tied = self.cfg.tie_word_embeddings
         if self.lm_head_b is None or (tied and self.lm_head_b.block_mode() == "none"):
             self.lm_head = FloatLinear(self.embed)  # a tied float head is the embedding itself
-        else:  # a tied block head runs large batches on the embedding, which is its dense copy already
+        else:  # a tied block head runs prompt positions on the embedding, which is its dense copy already
             self.lm_head = self.lm_head_b.finish(dense=self.embed if tied else None)
         self.repacked_pieces = sum(b.exact_pieces for b in builders)  # known once each has packed
         self.lm_head_b = None
@@ -203,8 +203,9 @@ class LlamaModel:
 
         Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache.
         rows / logits_rows_kinds: prompt and output positions among the rows / logits_rows (block formats
-        may run prompt positions on a dense copy; see BlockLinear). interrupt() is asked before each layer of the first half; when it says so, StepInterrupted is raised
-        (the layers run so far wrote K/V for these positions, which the step that recomputes them overwrites)."""
+        may run prompt positions on a dense copy; see BlockLinear). interrupt() is asked before each layer
+        of the first half; when it says so, StepInterrupted is raised (the layers run so far wrote K/V for
+        these positions, which the step that recomputes them overwrites)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         ops = self.ops
@@ -218,8 +219,8 @@ class LlamaModel:
                 raise StepInterrupted
             if delta is not None:
                 h, residual = ops.add_norm(delta, residual, layer.in_norm, eps)
-            q, k, v = ops.rope_qkv(layer.qkv(h, rows), positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   kv_cache, meta)
+            q, k, v = ops.rope_qkv(layer.qkv(h, rows), positions, tables, cfg.num_heads, cfg.num_kv_heads,
+                                   cfg.head_dim, kv_cache, meta)
             attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
             h, residual = ops.add_norm(layer.o(attn, rows), residual, layer.post_norm, eps)
             delta = layer.down(ops.silu_mul(layer.gate_up(h, rows)), rows)

@@ -243,6 +243,10 @@ class LinearBuilder:
         """What an auto builder packs into: the format its pieces were shipped in, when a native kernel
         runs it (Q4_0/Q4_1 -> w4a8, with Q8_0 among them -> w8a8), else the model's float dtype."""
         if self.mode != "auto":
+            if self.k % 32:
+                logger.warning("%s: %d input columns are not a multiple of 32; kept in %s", self.name, self.k,
+                               self.dtype)
+                return "none"
             return self.mode
         types = {p.qtype if isinstance(p, GGUFBlocks) else None for _, _, p in self.pieces}
         if None in types or not types or self.device.type != "cpu" or self.k % 32:
@@ -261,8 +265,6 @@ class LinearBuilder:
             for lo, hi, w in pieces:
                 weight[lo:hi].copy_(w.dequantize() if isinstance(w, GGUFBlocks) else w)
             return FloatLinear(weight, bias)
-        if self.k % 32:
-            raise ValueError(f"{self.name}: {self.k} input columns are not a multiple of 32; {mode} needs blocks of 32")
         q4 = mode == "w4a8"
         parts = [piece_to_blocks(w, q4) for _, _, w in pieces]
         self.exact_pieces = sum(is_exact(w, q4) for _, _, w in pieces)
