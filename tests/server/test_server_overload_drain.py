@@ -60,7 +60,9 @@ def test_sigterm_drains_then_exits_zero(server):
 
     def stream() -> None:
         text, finish = "", None
-        body = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, "temperature": 0,
+        # Long enough to still be decoding when the late request arrives 0.3 s after SIGTERM, on a fast
+        # engine too (12 tokens once took seconds; the block kernels decode them in ~0.15 s).
+        body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
                 "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=300) as r:
             result["status"] = r.status_code
