@@ -108,8 +108,11 @@ class ModelRunner:
             prebuild()
         t0 = time.monotonic()
         act = torch.bfloat16 if config.quant_compute_dtype == "auto" else _DTYPES[config.quant_compute_dtype]
+        # Rows need sorting into prompt / output positions only when a dense copy exists to run prompts on.
+        dense_from_rows = self._dense_from_rows(config, arch)
+        self.split_prompt_rows = dense_from_rows is not None
         quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization, act,
-                          self._dense_from_rows(config, arch))
+                          dense_from_rows)
         self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len, quant)
         # Quantizing: GGUF Q8_0/Q4_0/Q4_1 tensors arrive as blocks, to be repacked without a float copy.
         self.model.load_weights(source.iter_tensors(keep_blocks=(quant.mode, quant.lm_head_mode) != ("none", "none")), str(source.path))
@@ -208,7 +211,10 @@ class ModelRunner:
             ids.extend(s.token_ids)
             pos.extend(range(s.start_pos, s.start_pos + n))
             n_prompt = len(s.prompt_token_ids)
-            is_prompt.extend(p < n_prompt for p in range(s.start_pos, s.start_pos + n))
+            if self.split_prompt_rows:
+                # prompt positions of this chunk: a run from its start, then output positions
+                k = min(max(n_prompt - s.start_pos, 0), n)
+                is_prompt.extend([True] * k + [False] * (n - k))
             if s.prompt_next_ids is not None:
                 logit_rows.extend(range(row, row + n))
             elif s.sample and s.num_spec:  # every position from the last real token on
@@ -222,8 +228,8 @@ class ModelRunner:
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
                                     torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt,
-                                    RowKinds.from_mask(is_prompt, dev),
-                                    RowKinds.from_mask([is_prompt[r] for r in logit_rows], dev))
+                                    RowKinds.from_mask(is_prompt, dev) if is_prompt else None,
+                                    RowKinds.from_mask([is_prompt[r] for r in logit_rows], dev) if is_prompt else None)
         return self._sample(seqs, logits)
 
     def _sample(self, seqs: list[SeqInput], logits: torch.Tensor) -> RunnerOutput:
