@@ -7,6 +7,7 @@ layer shape and cached on disk by CPU, kernel ISA, torch version, shape and dtyp
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -78,25 +79,29 @@ def dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int | None:
     key = f"{_cpu_name()}|{cpu_isa()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads|" \
           f"{'w4a8' if q4 else 'w8a8'} {n}x{k}|{str(dtype).removeprefix('torch.')}"
     path = _cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        rows = cache[key]
-        how = "cached measurement"
-    else:
-        t0 = time.monotonic()
-        rows = measure_dense_from_rows(n, k, q4, dtype)
-        how = f"measured in {time.monotonic() - t0:.1f} s"
-        cache[key] = rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes starting at once must not measure separately and disagree (the choice decides how
+    # prompt positions are rounded): the first measures under the lock, the others wait and read its answer.
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(path)
-        except OSError as e:
-            logger.warning("could not cache the kernel choice (%s)", e)
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            rows = cache[key]
+            how = "cached measurement"
+        else:
+            t0 = time.monotonic()
+            rows = measure_dense_from_rows(n, k, q4, dtype)
+            how = f"measured in {time.monotonic() - t0:.1f} s"
+            cache[key] = rows
+            try:
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cache, indent=1))
+                tmp.replace(path)
+            except OSError as e:
+                logger.warning("could not cache the kernel choice (%s)", e)
     if rows is None:
         logger.info("linear layers: the block kernel at every batch size (%s: %s)", how, key)
     else:
