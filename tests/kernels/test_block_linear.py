@@ -55,6 +55,25 @@ def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     assert err < (0.25 if q4 else 0.03)
 
 
+@pytest.mark.parametrize("q4", [True, False])
+def test_float16_scales_give_the_float32_result_bit_for_bit(q4):
+    """Scales exact in float16 (GGUF's) are held as float16, and the kernel's answer does not change."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(45, 96, generator=g) * 0.05
+    qs, d, m = quantize_q4(w) if q4 else (*quantize_q8(w), None)
+    d = d.half().float()
+    m = None if m is None else m.half().float()
+    held = BlockLinear(qs, d, m, q4, None, torch.float32)
+    assert held.d.dtype == torch.float16 and (m is None or held.m.dtype == torch.float16)
+    x = torch.randn(5, 96, generator=g)
+    m_arg = torch.empty(0) if m is None else m
+    want = (kernels.q4_linear if q4 else kernels.q8_linear)(x, held.qs, d, m_arg)  # float32 scales
+    assert torch.equal(held(x), want)
+    assert torch.equal(held.dequantize(), dequantize(qs, d, m, q4))
+    # Scales that float16 cannot hold stay float32.
+    assert BlockLinear(qs, d + 1e-6, m, q4, None, torch.float32).d.dtype == torch.float32
+
+
 def test_q8_with_offsets_and_bias_and_the_dense_copy_for_prefill_rows():
     g = torch.Generator().manual_seed(1)
     qs = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=g)

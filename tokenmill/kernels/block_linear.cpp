@@ -6,7 +6,8 @@
 //       blocks' weights in input order; an odd last block keeps GGUF's order (byte j: weights j and j + 16).
 //       The values are the shipped ones (tokenmill/quant/block.py repacks them); w = d * q + m, q in 0..15.
 //   q8: qs int8 [N, K]; w = d * q.
-//   d, m float32 [N, K/32].
+//   d, m [N, K/32], float32 or float16: GGUF ships float16 scales, and keeping them so reads a fifth fewer
+//       bytes per q4 row (scales are a third of the quants' bytes in float32); float16 -> float32 is exact.
 // Activations x [M, K] float32 are quantized once per call: per block, xd = max|x| / 127 and
 // xq = round-to-nearest-even(x / xd) in [-127, 127]; xs = xd * sum(xq) carries the block's sum for q4's m term.
 // Then y[m, n] = sum over blocks b of d[n,b] * xd[m,b] * dot(q[n,b], xq[m,b]) (+ m[n,b] * xs[m,b]) with the
@@ -20,14 +21,25 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
 constexpr int64_t QK = 32;
+
+// A weight row's float16 scales widened to float once, into a buffer the row's tiles then read from L1.
+inline void widen(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < n; ++i) f[i] = static_cast<float>(c10::Half(h[i], c10::Half::from_bits()));
+}
 constexpr int MR = 4;  // activation rows handled together for one weight row
 
 // ---- activation quantization ------------------------------------------------------------------------
@@ -87,16 +99,20 @@ void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t*
               const float* xs, int64_t K, float* out, int64_t ldo) {
   const int64_t nb = K / QK;
 #if defined(__AVX2__)
-  __m256 acc[MR_];
-  for (int r = 0; r < MR_; ++r) acc[r] = _mm256_setzero_ps();
+  // Two accumulators per activation row, even and odd blocks, so consecutive blocks' FMAs do not wait on
+  // each other (at one row, a single chain is bound by FMA latency). Every tile width uses the same split,
+  // so a row's sum is the same in any batch.
+  __m256 acc[2][MR_];
+  for (int r = 0; r < MR_; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
   // w: block b's 32 weights as u8; wsign: q8's signs, moved onto the activations.
   auto block = [&](__m256i w, __m256i wsign, int64_t b) {
     const __m256 db = _mm256_set1_ps(wd[b]);
+    __m256* a = acc[b & 1];
     for (int r = 0; r < MR_; ++r) {
       __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QK));
       if constexpr (!Q4) x = _mm256_sign_epi8(x, wsign);
       const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(db, _mm256_broadcast_ss(xd + r * nb + b)), acc[r]);
+      a[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(db, _mm256_broadcast_ss(xd + r * nb + b)), a[r]);
     }
   };
   if constexpr (Q4) {
@@ -115,11 +131,17 @@ void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t*
     }
   }
   for (int r = 0; r < MR_; ++r) {
-    float y = hsum(acc[r]);
-    if (wm != nullptr) {
-      for (int64_t b = 0; b < nb; ++b) y += wm[b] * xs[r * nb + b];
+    __m256 sum = _mm256_add_ps(acc[0][r], acc[1][r]);
+    if (wm != nullptr) {  // the offsets' term, sum over blocks of m * xs, eight blocks at a time
+      const float* xr = xs + r * nb;
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(wm + b), _mm256_loadu_ps(xr + b), sum);
+      float tail = 0.f;
+      for (; b < nb; ++b) tail += wm[b] * xr[b];
+      out[r * ldo] = hsum(sum) + tail;
+    } else {
+      out[r * ldo] = hsum(sum);
     }
-    out[r * ldo] = y;
   }
 #else
   for (int r = 0; r < MR_; ++r) {
@@ -148,17 +170,27 @@ void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t*
 #endif
 }
 
-template <bool Q4>
-void gemm(const uint8_t* wq, const float* wd, const float* wm, const int8_t* xq, const float* xd, const float* xs,
+template <bool Q4, typename S>
+void gemm(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
           int64_t M, int64_t N, int64_t K, float* out) {
   const int64_t nb = K / QK;
   const int64_t row_bytes = Q4 ? K / 2 : K;
   // Enough rows per task that a thread's share is a long run of contiguous weights.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> dbuf, mbuf;
+    if constexpr (!std::is_same_v<S, float>) dbuf.resize(nb), mbuf.resize(nb);
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = wq + n * row_bytes;
-      const float* d = wd + n * nb;
-      const float* off = wm != nullptr ? wm + n * nb : nullptr;
+      const float* d;
+      const float* off = nullptr;
+      if constexpr (std::is_same_v<S, float>) {
+        d = wd + n * nb;
+        if (wm != nullptr) off = wm + n * nb;
+      } else {
+        widen(wd + n * nb, dbuf.data(), nb);
+        d = dbuf.data();
+        if (wm != nullptr) widen(wm + n * nb, mbuf.data(), nb), off = mbuf.data();
+      }
       int64_t m0 = 0;
       for (; m0 + MR <= M; m0 += MR)
         row_tile<Q4, MR>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N);
@@ -177,11 +209,11 @@ void check_weights(const torch::Tensor& qs, const torch::Tensor& d, int64_t K, b
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous(), "weights must be contiguous");
   TORCH_CHECK(qs.scalar_type() == (q4 ? at::kByte : at::kChar), q4 ? "q4 values must be uint8" : "q8 values must be int8");
   TORCH_CHECK(qs.size(1) == (q4 ? K / 2 : K), "weight columns do not match the input");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.size(0) == qs.size(0) && d.size(1) == K / QK,
-              "scales must be float32 [N, K/32]");
+  TORCH_CHECK((d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf) && d.size(0) == qs.size(0) &&
+              d.size(1) == K / QK, "scales must be float32 or float16 [N, K/32]");
 }
 
-// m: per-block offsets like d, or an empty tensor for none (q8 only).
+// m: per-block offsets like d (same dtype), or an empty tensor for none (q8 only).
 torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m,
                   bool q4) {
   TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
@@ -189,9 +221,8 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& qs, const torc
   check_weights(qs, d, K, q4);
   const bool has_m = m.numel() > 0;
   TORCH_CHECK(has_m || !q4, "q4 needs its offsets m");
-  if (has_m) TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kFloat && m.is_contiguous(),
-                         "offsets must be float32 like the scales");
-  const float* mp = has_m ? m.data_ptr<float>() : nullptr;
+  if (has_m) TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == d.scalar_type() && m.is_contiguous(),
+                         "offsets must be like the scales (shape and dtype)");
   const auto x = x_in.to(at::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
@@ -199,10 +230,18 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& qs, const torc
   std::vector<float> xd(M * K / QK), xs(M * K / QK);
   quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xs.data());
   const auto* w = reinterpret_cast<const uint8_t*>(qs.data_ptr());
-  if (q4)
-    gemm<true>(w, d.data_ptr<float>(), mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
-  else
-    gemm<false>(w, d.data_ptr<float>(), mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+  auto go = [&](auto* dp, auto* mp) {
+    if (q4)
+      gemm<true>(w, dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+    else
+      gemm<false>(w, dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+  };
+  if (d.scalar_type() == at::kHalf) {
+    const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
+    go(dp, has_m ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : static_cast<const uint16_t*>(nullptr));
+  } else {
+    go(d.data_ptr<float>(), has_m ? m.data_ptr<float>() : static_cast<const float*>(nullptr));
+  }
   return out;
 }
 

@@ -5,7 +5,7 @@ load without requantizing:
 - w4a8: uint8 [N, K/2] nibbles (GGUF order: byte j = weight j low, weight j + 16 high), w = d * q + m.
   Q4_1 is (d, m) as shipped; Q4_0 is w = d * (q - 8), so m = -8 d.
 - w8a8: int8 [N, K], w = d * q (+ m when a Q4 piece was widened into it: q - 8 and m + 8 d, both exact).
-d and m are float32 [N, K/32] (fp16 -> fp32 is exact). The kernel quantizes activations to int8 per block of
+d and m are [N, K/32], float16 where exact (as GGUF ships them), else float32. The kernel quantizes activations to int8 per block of
 32 and runs integer dot products, which is what makes one stream fast: these kernels read a quarter
 (w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them inexact;
 `tokenmill eval` measures what that costs.
@@ -143,6 +143,10 @@ class RowKinds:
         return cls(t.nonzero().squeeze(1), (~t).nonzero().squeeze(1))
 
 
+def _exact_in_half(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().float(), t))
+
+
 class BlockLinear:
     """y = x W^T (+ bias) over w4a8 / w8a8 blocks; prefill rows on a dense copy when one is held."""
 
@@ -153,10 +157,13 @@ class BlockLinear:
             raise RuntimeError("the native block-linear kernel is not available")
         self.kind = "w4a8" if q4 else "w8a8"
         # q4 values arrive in GGUF's nibble order and are held in the kernel's paired order.
-        self.qs, self.d, self.q4 = (pair_blocks(qs) if q4 else qs.contiguous()), d.float().contiguous(), q4
-        self.m = None if m is None else m.float().contiguous()
-        if q4 and self.m is None:
-            self.m = torch.zeros_like(self.d)
+        self.qs, self.q4 = (pair_blocks(qs) if q4 else qs.contiguous()), q4
+        d, m = d.float(), (torch.zeros_like(d, dtype=torch.float32) if q4 and m is None else m)
+        m = None if m is None else m.float()
+        # Scales GGUF shipped as float16 stay float16 (exact, and a fifth fewer bytes per q4 row to read).
+        if _exact_in_half(d) and (m is None or _exact_in_half(m)):
+            d, m = d.half(), (None if m is None else m.half())
+        self.d, self.m = d.contiguous(), (None if m is None else m.contiguous())
         self.n, self.k = d.shape[0], d.shape[1] * QK
         self.bias, self.dtype = bias, dtype
         self.dense = dense
@@ -192,13 +199,14 @@ class BlockLinear:
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(unpair_blocks(self.qs) if self.q4 else self.qs, self.d, self.m, self.q4)
+        m = None if self.m is None else self.m.float()
+        return dequantize(unpair_blocks(self.qs) if self.q4 else self.qs, self.d.float(), m, self.q4)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the blocks (the dense copy, when held, is reported as dense_bytes)."""
-        n = self.qs.numel() * self.qs.element_size() + self.d.numel() * 4
-        return n + (self.m.numel() * 4 if self.m is not None else 0)
+        n = self.qs.numel() * self.qs.element_size() + self.d.numel() * self.d.element_size()
+        return n + (self.m.numel() * self.m.element_size() if self.m is not None else 0)
 
     @property
     def dense_bytes(self) -> int:
