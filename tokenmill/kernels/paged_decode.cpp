@@ -87,54 +87,97 @@ static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
 }
 
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const c10::BFloat16* p) {
+// A float vector of W lanes: 16 with AVX-512, 8 with AVX2. The decode kernel below is written once over it.
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int W = 16;
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vload(const c10::BFloat16* p) {
   // bfloat16 is the top half of a float32: widen and shift.
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-static inline __m512 load16(const int8_t* p) {
-  // 16 int8 -> sign-extended int32 -> float.
+static inline vf vload(const int8_t* p) {  // 16 int8 -> sign-extended int32 -> float
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vpow2n(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+#else
+using vf = __m256;
+constexpr int W = 8;
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vload(const c10::BFloat16* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+static inline vf vload(const int8_t* p) {  // 8 int8 -> sign-extended int32 -> float
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vpow2n(vf p, vf n) {  // p * 2^n, n in [-127, 127]: build 2^n in the exponent bits
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// exp for W floats: 2^(x*log2 e) split into an integer power and a degree-6 polynomial on
+// [-ln2/2, ln2/2]; relative error ~1e-7, well under float32 attention's own rounding. -inf gives ~0.
+static inline vf vexp(vf x) {
+  x = vmax(x, vset1(-87.0f));
+  const vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vfnma(n, vset1(0.693359375f), x);
+  r = vfnma(n, vset1(-2.12194440e-4f), r);
+  vf p = vset1(1.3981999507e-3f);
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vpow2n(p, n);
 }
 
-// exp for 16 floats: 2^(x*log2 e) split into an integer power (scalef) and a degree-6 polynomial on
-// [-ln2/2, ln2/2]; relative error ~1e-7, well under float32 attention's own rounding. -inf gives 0.
-static inline __m512 exp16(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-  r = _mm512_fnmadd_ps(n, ln2_lo, r);
-  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// AVX-512 path for head sizes that are a multiple of 16 (64 and 128 cover the supported models).
+// SIMD path for head sizes that are a multiple of W (64 and 128 cover the supported models).
 // Per block of tokens: scores for every query head of the group, one max/exp pass, then the
 // probability-weighted V rows accumulated in registers.
 template <typename scalar_t, typename kv_t, int D>
-static void decode_avx512(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
-                          const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
-                          int64_t Hkv, int64_t bs, int64_t max_blocks, float scale) {
-  constexpr int V = D / 16;
+static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
+                        const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
+                        int64_t Hkv, int64_t bs, int64_t max_blocks, float scale) {
+  constexpr int V = D / W;
   const int64_t G = H / Hkv;
   // One task per sequence reads each of its KV rows (all heads, contiguous) exactly once; with fewer
   // sequences than threads, split the heads across tasks instead.
   const int64_t splits = B >= 2 * at::get_num_threads() ? 1 : Hkv;
   const int64_t heads_per = Hkv / splits;
   at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> qv(H * V), acc(H * V);
+    std::vector<vf> qv(H * V), acc(H * V);
     std::vector<float> m(H), l(H), s(H * bs), tmp(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits, h0 = (task % splits) * heads_per, h1 = h0 + heads_per;
@@ -143,8 +186,8 @@ static void decode_avx512(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
         const scalar_t* qp = q + (b * H + qh) * D;
         for (int d = 0; d < D; ++d) tmp[d] = static_cast<float>(qp[d]) * scale;
         for (int v = 0; v < V; ++v) {
-          qv[qh * V + v] = _mm512_loadu_ps(tmp.data() + 16 * v);
-          acc[qh * V + v] = _mm512_setzero_ps();
+          qv[qh * V + v] = vload(tmp.data() + W * v);
+          acc[qh * V + v] = vzero();
         }
         m[qh] = -std::numeric_limits<float>::infinity();
         l[qh] = 0.f;
@@ -158,12 +201,12 @@ static void decode_avx512(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
             const int64_t row = (block * bs + t) * Hkv + h;
             const kv_t* kp = kc + row * D;
             const float kscale = ks ? ks[row] : 1.f;
-            __m512 k[V];
-            for (int v = 0; v < V; ++v) k[v] = load16(kp + 16 * v);
+            vf k[V];
+            for (int v = 0; v < V; ++v) k[v] = vload(kp + W * v);
             for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
-              __m512 dot = _mm512_mul_ps(qv[qh * V], k[0]);
-              for (int v = 1; v < V; ++v) dot = _mm512_fmadd_ps(qv[qh * V + v], k[v], dot);
-              s[qh * bs + t] = _mm512_reduce_add_ps(dot) * kscale;
+              vf dot = vmul(qv[qh * V], k[0]);
+              for (int v = 1; v < V; ++v) dot = vfma(qv[qh * V + v], k[v], dot);
+              s[qh * bs + t] = vsum(dot) * kscale;
             }
           }
         }
@@ -173,17 +216,19 @@ static void decode_avx512(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
           for (int64_t t = 0; t < n; ++t) bmax = std::max(bmax, sq[t]);
           const float corr = std::exp(m[qh] - bmax);
           l[qh] *= corr;
-          const __m512 c = _mm512_set1_ps(corr);
-          for (int v = 0; v < V; ++v) acc[qh * V + v] = _mm512_mul_ps(acc[qh * V + v], c);
-          const __m512 mx = _mm512_set1_ps(bmax);
-          __m512 sum = _mm512_setzero_ps();
-          for (int64_t t0 = 0; t0 < n; t0 += 16) {
-            const __mmask16 mask = static_cast<__mmask16>(n - t0 >= 16 ? 0xFFFF : (1u << (n - t0)) - 1);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sq + t0), mx));
-            _mm512_mask_storeu_ps(sq + t0, mask, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+          const vf c = vset1(corr);
+          for (int v = 0; v < V; ++v) acc[qh * V + v] = vmul(acc[qh * V + v], c);
+          const vf mx = vset1(bmax);
+          vf sum = vzero();
+          int64_t t0 = 0;
+          for (; t0 + W <= n; t0 += W) {
+            const vf e = vexp(vsub(vload(sq + t0), mx));
+            vstore(sq + t0, e);
+            sum = vadd(sum, e);
           }
-          l[qh] += _mm512_reduce_add_ps(sum);
+          float tail = 0.f;
+          for (; t0 < n; ++t0) tail += (sq[t0] = std::exp(sq[t0] - bmax));
+          l[qh] += vsum(sum) + tail;
           m[qh] = bmax;
         }
         for (int64_t t = 0; t < n; ++t) {
@@ -191,19 +236,19 @@ static void decode_avx512(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
             const int64_t row = (block * bs + t) * Hkv + h;
             const kv_t* vp = vc + row * D;
             const float vscale = vs ? vs[row] : 1.f;
-            __m512 vv[V];
-            for (int v = 0; v < V; ++v) vv[v] = load16(vp + 16 * v);
+            vf vv[V];
+            for (int v = 0; v < V; ++v) vv[v] = vload(vp + W * v);
             for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
-              const __m512 p = _mm512_set1_ps(s[qh * bs + t] * vscale);
-              for (int v = 0; v < V; ++v) acc[qh * V + v] = _mm512_fmadd_ps(p, vv[v], acc[qh * V + v]);
+              const vf p = vset1(s[qh * bs + t] * vscale);
+              for (int v = 0; v < V; ++v) acc[qh * V + v] = vfma(p, vv[v], acc[qh * V + v]);
             }
           }
         }
       }
       for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
         scalar_t* op = out + (b * H + qh) * D;
-        const __m512 inv = _mm512_set1_ps(l[qh] > 0.f ? 1.f / l[qh] : 0.f);
-        for (int v = 0; v < V; ++v) _mm512_storeu_ps(tmp.data() + 16 * v, _mm512_mul_ps(acc[qh * V + v], inv));
+        const vf inv = vset1(l[qh] > 0.f ? 1.f / l[qh] : 0.f);
+        for (int v = 0; v < V; ++v) vstore(tmp.data() + W * v, vmul(acc[qh * V + v], inv));
         for (int d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(tmp[d]);
       }
     }
@@ -216,11 +261,11 @@ static bool try_fast(const scalar_t* q, const kv_t* kc, const kv_t* vc, const fl
                      int64_t D, int64_t bs, int64_t max_blocks, float scale) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (D == 64) {
-      decode_avx512<scalar_t, kv_t, 64>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      decode_simd<scalar_t, kv_t, 64>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
       return true;
     }
     if (D == 128) {
-      decode_avx512<scalar_t, kv_t, 128>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      decode_simd<scalar_t, kv_t, 128>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
       return true;
     }
   }
