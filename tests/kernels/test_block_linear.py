@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from tokenmill.kernels import cpu
-from tokenmill.quant.block import BlockLinear, RowKinds, dequantize, piece_to_blocks, quantize_q4, quantize_q8
+from tokenmill.quant.block import (
+    DENSE_MIN_ROWS,
+    BlockLinear,
+    RowKinds,
+    dequantize,
+    interleave_q4,
+    piece_to_blocks,
+    quantize_q4,
+    quantize_q8,
+)
 from tokenmill.quant.gguf import Q4_0, Q4_1, Q8_0, GGUFBlocks
 
 kernels = cpu.block_linear()
@@ -41,7 +50,7 @@ def test_activation_quantizer_is_exactly_the_formula():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 33])
 def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     g = torch.Generator().manual_seed(rows)
-    n, k = 67, 160  # odd row count (threads split mid-tile), 5 blocks (two pairs and a lone one)
+    n, k = 67, 160  # rows not a multiple of 8 (a padded q4 group; threads split mid-way), 5 blocks
     w = torch.randn(n, k, generator=g) * 0.05
     qs, d, m = quantize_q4(w) if q4 else (*quantize_q8(w), None)
     lin = BlockLinear(qs, d, m, q4, None, torch.float32)
@@ -55,6 +64,24 @@ def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     assert err < (0.25 if q4 else 0.03)
 
 
+@pytest.mark.parametrize("n, k", [(960, 576), (3072, 576), (576, 1536)])
+def test_dense_copy_rows_come_out_the_same_in_any_chunk(n, k):
+    """Prompt positions on the dense copy: a row's result must not depend on how many rows its call had
+    (a prompt split into chunks, or beside other prompts), or the same request samples differently alone
+    and in a batch. The BLAS rounds short calls differently; BlockLinear pads them (DENSE_MIN_ROWS)."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qs, d, m = quantize_q4(w)
+    lin = BlockLinear(qs, d, m, True, None, torch.float32, dense=w)
+    x = torch.randn(64, k, generator=g)
+    whole = lin(x, RowKinds.from_mask([True] * 64, x.device))
+    start = 0
+    for size in [1, 2, 3, 5, 7, 9, 11, 13, 4, 8, 1]:
+        part = lin(x[start:start + size], RowKinds.from_mask([True] * size, x.device))
+        assert torch.equal(part, whole[start:start + size]), (size, start)
+        start += size
+
+
 @pytest.mark.parametrize("q4", [True, False])
 def test_float16_scales_give_the_float32_result_bit_for_bit(q4):
     """Scales exact in float16 (GGUF's) are held as float16, and the kernel's answer does not change."""
@@ -66,8 +93,10 @@ def test_float16_scales_give_the_float32_result_bit_for_bit(q4):
     held = BlockLinear(qs, d, m, q4, None, torch.float32)
     assert held.d.dtype == torch.float16 and (m is None or held.m.dtype == torch.float16)
     x = torch.randn(5, 96, generator=g)
-    m_arg = torch.empty(0) if m is None else m
-    want = (kernels.q4_linear if q4 else kernels.q8_linear)(x, held.qs, d, m_arg)  # float32 scales
+    if q4:  # the same values with float32 scales, in the kernel's layout
+        want = kernels.q4_linear(x, held.qs, *interleave_q4(qs, d, m)[1:], 45)
+    else:
+        want = kernels.q8_linear(x, held.qs, d, torch.empty(0))
     assert torch.equal(held(x), want)
     assert torch.equal(held.dequantize(), dequantize(qs, d, m, q4))
     # Scales that float16 cannot hold stay float32.
@@ -90,8 +119,13 @@ def test_q8_with_offsets_and_bias_and_the_dense_copy_for_prefill_rows():
     out_rows = torch.tensor([i for i, p in enumerate(prompt) if not p])
     in_rows = torch.tensor([i for i, p in enumerate(prompt) if p])
     assert torch.equal(mixed[out_rows], lin(x[out_rows]))  # a row's result does not depend on the rows beside it
-    assert torch.equal(mixed[in_rows], torch.nn.functional.linear(x[in_rows], dense) + bias)
-    assert torch.equal(lin(x, RowKinds.from_mask([True] * 7, x.device)), torch.nn.functional.linear(x, dense) + bias)
+
+    def padded_dense(rows: torch.Tensor) -> torch.Tensor:  # a short call runs as DENSE_MIN_ROWS rows
+        full = torch.cat([rows, rows.new_zeros(DENSE_MIN_ROWS - len(rows), rows.shape[1])])
+        return torch.nn.functional.linear(full, dense)[:len(rows)] + bias
+
+    assert torch.equal(mixed[in_rows], padded_dense(x[in_rows]))
+    assert torch.equal(lin(x, RowKinds.from_mask([True] * 7, x.device)), padded_dense(x))
     assert RowKinds.from_mask([False] * 7, x.device) is None
 
 
@@ -134,10 +168,18 @@ def test_build_cache_is_keyed_by_isa(monkeypatch):
         cpu.cpu_isa.cache_clear()
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 3, 18])
-def test_pairing_the_nibbles_is_lossless(blocks):
-    from tokenmill.quant.block import pack_q4, pair_blocks, unpair_blocks
+@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("blocks", [1, 3, 18])
+def test_interleaving_the_q4_rows_is_lossless(rows, blocks):
+    from tokenmill.quant.block import deinterleave_q4, interleave_q4, pack_q4
 
-    q = torch.randint(0, 16, (5, 32 * blocks), dtype=torch.uint8)
-    packed = pack_q4(q)
-    assert torch.equal(unpair_blocks(pair_blocks(packed)), packed)
+    q = torch.randint(0, 16, (rows, 32 * blocks), dtype=torch.uint8)
+    packed, d, m = pack_q4(q), torch.randn(rows, blocks), torch.randn(rows, blocks)
+    qs, d8, m8 = interleave_q4(packed, d, m)
+    assert qs.shape == (-(-rows // 8), blocks, 128) and d8.shape == (-(-rows // 8), blocks, 8)
+    back = deinterleave_q4(qs, d8, m8, rows)
+    assert all(torch.equal(a, b) for a, b in zip(back, (packed, d, m), strict=True))
+    # Lane r of group g is row 8g + r: weight 8u + i of a block in the low nibble of byte 32u + 4r + i.
+    r = rows - 1
+    assert (qs[r // 8, 0, 4 * (r % 8)] & 0x0F) == q[r, 0] and (qs[r // 8, 0, 4 * (r % 8)] >> 4) == q[r, 4]
+    assert d8[r // 8, blocks - 1, r % 8] == d[r, blocks - 1]

@@ -1,26 +1,32 @@
 // Linear layers over blocks of 32 weights with activations quantized to int8 per block of 32 (W4A8, W8A8).
 //
 // Weights (rows N, input columns K, K a multiple of 32), one block = 32 consecutive inputs of one row:
-//   q4: qs uint8 [N, K/2], blocks in pairs: byte j of pair (b, b + 1) holds weight j of block b in its low
-//       nibble and weight j of block b + 1 in its high nibble, so one 32-byte load and two masks give both
-//       blocks' weights in input order; an odd last block keeps GGUF's order (byte j: weights j and j + 16).
-//       The values are the shipped ones (tokenmill/quant/block.py repacks them); w = d * q + m, q in 0..15.
-//   q8: qs int8 [N, K]; w = d * q.
-//   d, m [N, K/32], float32 or float16: GGUF ships float16 scales, and keeping them so reads a fifth fewer
-//       bytes per q4 row (scales are a third of the quants' bytes in float32); float16 -> float32 is exact.
+//   q4: rows in groups of 8 (N padded with zero rows to a multiple of 8), interleaved so that one vector
+//       lane is one row: qs uint8 [N8/8, K/32, 128], where byte 32u + 4r + i of (group g, block b) holds
+//       weight 8u + i of row 8g + r's block b in its low nibble and weight 8u + 4 + i in its high nibble.
+//       d, m [N8/8, K/32, 8] likewise (one row per lane). w = d * q + m, q in 0..15, the shipped values
+//       (tokenmill/quant/block.py repacks GGUF's Q4_0/Q4_1 into this order without requantizing).
+//   q8: qs int8 [N, K], row-major; d (and optional m) [N, K/32]; w = d * q (+ m).
+//   Scales are float32 or float16: GGUF ships float16 scales, and float16 -> float32 is exact.
 // Activations x [M, K] float32 are quantized once per call: per block, xd = max|x| / 127 and
-// xq = round-to-nearest-even(x / xd) in [-127, 127]; xs = xd * sum(xq) carries the block's sum for q4's m term.
+// xq = round-to-nearest-even(x / xd) in [-127, 127]; xs = xd * sum(xq) carries the block's sum for the m term.
 // Then y[m, n] = sum over blocks b of d[n,b] * xd[m,b] * dot(q[n,b], xq[m,b]) (+ m[n,b] * xs[m,b]) with the
 // integer dot exact in int32: only the activations' rounding and float summation order differ from a dense
-// float matmul. The output rows are split across threads; each weight row is read once per call and reused
-// from L1 for every activation row.
+// float matmul. An activation row's result never depends on the other rows of the call (the same
+// instructions run for it at any M), so a position computes the same in any batch.
 //
-// Built per ISA (tokenmill/kernels/build.py): AVX2 uses maddubs + madd; with AVX512-VNNI (or AVX-VNNI) one
+// Why the q4 interleave: with one row per lane, a block's 8 row dots come out of one vector with no
+// horizontal sums, an activation's 4-byte group is broadcast once for 8 rows, and 8 rows' scales are one
+// load: about half the instructions per weight of a row-at-a-time dot, which is what batch 1 is bound by.
+//
+// Built per ISA (tokenmill/kernels/cpu.py): AVX2 uses maddubs (+ madd); with AVX512-VNNI (or AVX-VNNI)
 // dpbusd does both; without AVX2 a scalar loop runs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX2__) || defined(__F16C__)
@@ -30,17 +36,12 @@
 namespace {
 
 constexpr int64_t QK = 32;
+constexpr int MR = 4;  // activation rows handled together for one weight row (q8) or group (q4)
+constexpr int64_t GR = 8;  // q4 rows per interleaved group
 
-// A weight row's float16 scales widened to float once, into a buffer the row's tiles then read from L1.
-inline void widen(const uint16_t* h, float* f, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-#endif
-  for (; i < n; ++i) f[i] = static_cast<float>(c10::Half(h[i], c10::Half::from_bits()));
-}
-constexpr int MR = 4;  // activation rows handled together for one weight row
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t h) { return half_to_float(h); }
 
 // ---- activation quantization ------------------------------------------------------------------------
 void quantize_block(const float* x, int8_t* q, float* d_out, float* s_out) {
@@ -65,103 +66,156 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, 
   });
 }
 
-// ---- integer dot of one block ------------------------------------------------------------------------
 #if defined(__AVX2__)
-inline __m256i expand_q4(const uint8_t* p) {  // 16 bytes -> 32 x u8: weights 0..15 (low), then 16..31 (high)
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
-// u8 (weights 0..15, or |w| of q8) times s8 activations, summed in fours -> 8 x int32.
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-  // Pair sums stay within int16: q4's are at most 2 * 15 * 127 and q8's 2 * 128 * 127.
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// u8 x s8 in fours, added to 8 x int32.
+inline __m256i dot4_acc(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
 #endif
 
-// One weight row n against MR_ activation rows (a compile-time count, so the accumulators stay in registers).
-template <bool Q4, int MR_>
-void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t* xq, const float* xd,
-              const float* xs, int64_t K, float* out, int64_t ldo) {
+// ---- q4: one group of 8 interleaved rows against MR_ activation rows -----------------------------------
+template <int MR_, typename S>
+void q4_group(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
+              int64_t K, float* out, int64_t ldo, int64_t valid) {
+  const int64_t nb = K / QK;
+  float res[MR_][GR];
+#if defined(__AVX2__)
+  __m256 acc[MR_], accm[MR_];
+  for (int r = 0; r < MR_; ++r) acc[r] = accm[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = wq + b * GR * 16;
+    __m256i w[8];  // w[2u]: weights 8u..8u+3 of each row, w[2u + 1]: 8u+4..8u+7
+    for (int u = 0; u < 4; ++u) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u));
+      w[2 * u] = _mm256_and_si256(raw, low);
+      w[2 * u + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    }
+    const __m256 d = load8(wd + b * GR);
+    const __m256 m = wm != nullptr ? load8(wm + b * GR) : _mm256_setzero_ps();
+    for (int r = 0; r < MR_; ++r) {
+      const int8_t* x = xq + r * K + b * QK;
+      int32_t x4[8];
+      std::memcpy(x4, x, 32);
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+      __m256i s = _mm256_setzero_si256();
+      for (int t = 0; t < 8; ++t) s = dot4_acc(s, w[t], _mm256_set1_epi32(x4[t]));
+#else
+      // maddubs pairs stay within int16 (2 * 15 * 127), and so do eight of them added (30480 < 32767):
+      // one madd per block instead of one per four weights.
+      __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x4[0]));
+      for (int t = 1; t < 8; ++t) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(x4[t])));
+      const __m256i s = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd[r * nb + b])), acc[r]);
+      if (wm != nullptr) accm[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[r * nb + b]), accm[r]);
+    }
+  }
+  for (int r = 0; r < MR_; ++r) _mm256_storeu_ps(res[r], _mm256_add_ps(acc[r], accm[r]));
+#else
+  for (int r = 0; r < MR_; ++r) {
+    for (int64_t lane = 0; lane < GR; ++lane) {
+      float y = 0.f, ym = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* wb = wq + b * GR * 16;
+        const int8_t* x = xq + r * K + b * QK;
+        int32_t dot = 0;
+        for (int u = 0; u < 4; ++u) {
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t byte = wb[32 * u + 4 * lane + i];
+            dot += (byte & 0x0F) * x[8 * u + i] + (byte >> 4) * x[8 * u + 4 + i];
+          }
+        }
+        y += static_cast<float>(dot) * (scalar(wd[b * GR + lane]) * xd[r * nb + b]);
+        if (wm != nullptr) ym += scalar(wm[b * GR + lane]) * xs[r * nb + b];
+      }
+      res[r][lane] = y + ym;
+    }
+  }
+#endif
+  for (int r = 0; r < MR_; ++r) std::memcpy(out + r * ldo, res[r], sizeof(float) * valid);
+}
+
+template <typename S>
+void gemm_q4(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
+             int64_t M, int64_t N, int64_t K, float* out) {
+  const int64_t nb = K / QK, groups = (N + GR - 1) / GR;
+  at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* w = wq + g * nb * GR * 16;
+      const S* d = wd + g * nb * GR;
+      const S* off = wm != nullptr ? wm + g * nb * GR : nullptr;
+      const int64_t valid = std::min(GR, N - g * GR);
+      int64_t m0 = 0;
+      for (; m0 + MR <= M; m0 += MR)
+        q4_group<MR>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + g * GR, N, valid);
+      switch (M - m0) {
+        case 3: q4_group<3>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + g * GR, N, valid); break;
+        case 2: q4_group<2>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + g * GR, N, valid); break;
+        case 1: q4_group<1>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + g * GR, N, valid); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// ---- q8: one row-major weight row against MR_ activation rows ----------------------------------------
+template <int MR_>
+void q8_row(const int8_t* wq, const float* wd, const float* wm, const int8_t* xq, const float* xd, const float* xs,
+            int64_t K, float* out, int64_t ldo) {
   const int64_t nb = K / QK;
 #if defined(__AVX2__)
   // Two accumulators per activation row, even and odd blocks, so consecutive blocks' FMAs do not wait on
-  // each other (at one row, a single chain is bound by FMA latency). Every tile width uses the same split,
-  // so a row's sum is the same in any batch.
+  // each other (at one row a single chain is bound by FMA latency).
   __m256 acc[2][MR_];
   for (int r = 0; r < MR_; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  // w: block b's 32 weights as u8; wsign: q8's signs, moved onto the activations.
-  auto block = [&](__m256i w, __m256i wsign, int64_t b) {
+  for (int64_t b = 0; b < nb; ++b) {
+    // Signs moved onto the activations so maddubs sees |w| as u8; pair sums stay within int16 (2 * 128 * 127).
+    const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * QK));
+    const __m256i wabs = _mm256_sign_epi8(ws, ws);
     const __m256 db = _mm256_set1_ps(wd[b]);
     __m256* a = acc[b & 1];
     for (int r = 0; r < MR_; ++r) {
-      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QK));
-      if constexpr (!Q4) x = _mm256_sign_epi8(x, wsign);
-      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
+      const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QK)), ws);
+      const __m256 p = _mm256_cvtepi32_ps(dot4_acc(_mm256_setzero_si256(), wabs, x));
       a[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(db, _mm256_broadcast_ss(xd + r * nb + b)), a[r]);
-    }
-  };
-  if constexpr (Q4) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * (QK / 2)));
-      block(_mm256_and_si256(raw, low), low, b);
-      block(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), low, b + 1);
-    }
-    if (b < nb) block(expand_q4(wq + b * (QK / 2)), low, b);
-  } else {
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256i wsign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * QK));
-      block(_mm256_sign_epi8(wsign, wsign), wsign, b);  // |w|
     }
   }
   for (int r = 0; r < MR_; ++r) {
     __m256 sum = _mm256_add_ps(acc[0][r], acc[1][r]);
+    float tail = 0.f;
     if (wm != nullptr) {  // the offsets' term, sum over blocks of m * xs, eight blocks at a time
       const float* xr = xs + r * nb;
       int64_t b = 0;
       for (; b + 8 <= nb; b += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(wm + b), _mm256_loadu_ps(xr + b), sum);
-      float tail = 0.f;
       for (; b < nb; ++b) tail += wm[b] * xr[b];
-      out[r * ldo] = hsum(sum) + tail;
-    } else {
-      out[r * ldo] = hsum(sum);
     }
+    out[r * ldo] = hsum(sum) + tail;
   }
 #else
   for (int r = 0; r < MR_; ++r) {
     float y = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const int8_t* x = xq + r * K + b * QK;
+      const int8_t* p = wq + b * QK;
       int32_t dot = 0;
-      if constexpr (Q4) {
-        if (b + 1 < nb || nb % 2 == 0) {  // a pair: this block's nibble of each of the pair's 32 bytes
-          const uint8_t* p = wq + (b & ~int64_t(1)) * (QK / 2);
-          const int shift = (b & 1) ? 4 : 0;
-          for (int64_t j = 0; j < QK; ++j) dot += ((p[j] >> shift) & 0x0F) * x[j];
-        } else {  // an odd last block, in GGUF order
-          const uint8_t* p = wq + b * (QK / 2);
-          for (int64_t j = 0; j < QK / 2; ++j) dot += (p[j] & 0x0F) * x[j] + (p[j] >> 4) * x[j + QK / 2];
-        }
-      } else {
-        const int8_t* p = reinterpret_cast<const int8_t*>(wq) + b * QK;
-        for (int64_t j = 0; j < QK; ++j) dot += p[j] * x[j];
-      }
+      for (int64_t j = 0; j < QK; ++j) dot += p[j] * x[j];
       y += wd[b] * xd[r * nb + b] * static_cast<float>(dot);
       if (wm != nullptr) y += wm[b] * xs[r * nb + b];
     }
@@ -170,17 +224,26 @@ void row_tile(const uint8_t* wq, const float* wd, const float* wm, const int8_t*
 #endif
 }
 
-template <bool Q4, typename S>
-void gemm(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
-          int64_t M, int64_t N, int64_t K, float* out) {
+// A weight row's float16 scales widened to float once, into a buffer the row's tiles then read from L1.
+inline void widen(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+template <typename S>
+void gemm_q8(const int8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
+             int64_t M, int64_t N, int64_t K, float* out) {
   const int64_t nb = K / QK;
-  const int64_t row_bytes = Q4 ? K / 2 : K;
   // Enough rows per task that a thread's share is a long run of contiguous weights.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> dbuf, mbuf;
     if constexpr (!std::is_same_v<S, float>) dbuf.resize(nb), mbuf.resize(nb);
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* w = wq + n * row_bytes;
+      const int8_t* w = wq + n * K;
       const float* d;
       const float* off = nullptr;
       if constexpr (std::is_same_v<S, float>) {
@@ -193,66 +256,64 @@ void gemm(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const f
       }
       int64_t m0 = 0;
       for (; m0 + MR <= M; m0 += MR)
-        row_tile<Q4, MR>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N);
+        q8_row<MR>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N);
       switch (M - m0) {
-        case 3: row_tile<Q4, 3>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N); break;
-        case 2: row_tile<Q4, 2>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N); break;
-        case 1: row_tile<Q4, 1>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N); break;
+        case 3: q8_row<3>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N); break;
+        case 2: q8_row<2>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N); break;
+        case 1: q8_row<1>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + n, N); break;
         default: break;
       }
     }
   });
 }
 
-void check_weights(const torch::Tensor& qs, const torch::Tensor& d, int64_t K, bool q4) {
+// m: per-block offsets like d (same shape and dtype), or an empty tensor for none (q8 only).
+// n: the output count (q4's groups may hold up to 7 zero rows of padding).
+torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m,
+                  int64_t N, bool q4) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
+  const int64_t M = x_in.size(0), K = x_in.size(1);
   TORCH_CHECK(K % QK == 0, "input columns must be a multiple of 32, got ", K);
+  const int64_t nb = K / QK, rows = q4 ? (N + GR - 1) / GR * GR : N;
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous(), "weights must be contiguous");
   TORCH_CHECK(qs.scalar_type() == (q4 ? at::kByte : at::kChar), q4 ? "q4 values must be uint8" : "q8 values must be int8");
-  TORCH_CHECK(qs.size(1) == (q4 ? K / 2 : K), "weight columns do not match the input");
-  TORCH_CHECK((d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf) && d.size(0) == qs.size(0) &&
-              d.size(1) == K / QK, "scales must be float32 or float16 [N, K/32]");
-}
-
-// m: per-block offsets like d (same dtype), or an empty tensor for none (q8 only).
-torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m,
-                  bool q4) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = qs.size(0);
-  check_weights(qs, d, K, q4);
+  TORCH_CHECK(qs.numel() == rows * (q4 ? K / 2 : K), "weight values do not match the input and output sizes");
+  TORCH_CHECK((d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf) && d.numel() == rows * nb,
+              "scales must be float32 or float16, one per block");
   const bool has_m = m.numel() > 0;
   TORCH_CHECK(has_m || !q4, "q4 needs its offsets m");
   if (has_m) TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == d.scalar_type() && m.is_contiguous(),
                          "offsets must be like the scales (shape and dtype)");
   const auto x = x_in.to(at::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
+  if (M == 0 || N == 0) return out;
   std::vector<int8_t> xq(M * K);
-  std::vector<float> xd(M * K / QK), xs(M * K / QK);
+  std::vector<float> xd(M * nb), xs(M * nb);
   quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xs.data());
-  const auto* w = reinterpret_cast<const uint8_t*>(qs.data_ptr());
   auto go = [&](auto* dp, auto* mp) {
     if (q4)
-      gemm<true>(w, dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+      gemm_q4(qs.data_ptr<uint8_t>(), dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
     else
-      gemm<false>(w, dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+      gemm_q8(qs.data_ptr<int8_t>(), dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
   };
   if (d.scalar_type() == at::kHalf) {
     const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
     go(dp, has_m ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : static_cast<const uint16_t*>(nullptr));
   } else {
-    go(d.data_ptr<float>(), has_m ? m.data_ptr<float>() : static_cast<const float*>(nullptr));
+    const float* dp = d.data_ptr<float>();
+    go(dp, has_m ? m.data_ptr<float>() : static_cast<const float*>(nullptr));
   }
   return out;
 }
 
 }  // namespace
 
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
-  return run(x, qs, d, m, true);
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t n) {
+  return run(x, qs, d, m, n, true);
 }
 
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
-  return run(x, qs, d, m, false);
+  return run(x, qs, d, m, qs.size(0), false);
 }
 
 // The activation quantizer alone, for tests: x [M, K] -> (xq int8 [M, K], xd [M, K/32], xs [M, K/32]).
@@ -280,7 +341,8 @@ std::string isa() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("q4_linear", &q4_linear, "x [M,K] float -> [M,N] float32 over q4 blocks (w = d*q + m), int8 activations");
+  mod.def("q4_linear", &q4_linear,
+          "x [M,K] float, q4 groups of 8 interleaved rows (w = d*q + m), n outputs -> [M,n] float32, int8 activations");
   mod.def("q8_linear", &q8_linear, "x [M,K] float -> [M,N] float32 over q8 blocks (w = d*q (+ m), m may be empty), int8 activations");
   mod.def("quantize_activations", &quantize_activations, "x -> (int8 values, scales, scale * sums) per block of 32");
   mod.def("isa", &isa, "the instruction set this build's dot products use");

@@ -1,8 +1,16 @@
-"""Attention over the paged KV cache, in plain PyTorch (CPU and CUDA share it).
+"""Attention over the paged KV cache.
 
-The runner builds one `AttentionMetadata` per step; every layer reuses it. Decoding sequences (one
-query token each) are attended in one batched call over their gathered, padded KV; prefill chunks
-are attended one sequence at a time (there are few of them per step, and each is large).
+The runner builds one `AttentionMetadata` per step; every layer reuses it.
+
+On CPU with the native kernel, every query row of the step, prompt or output, is one row of the paged
+kernel: it attends to its own sequence's KV up to its own position, read in place, with the same
+arithmetic whatever else the step holds. So a position computes bit for bit the same cold or after a
+prefix-cache hit, in one prompt chunk or several, decoded or verified by speculation, alone or in a
+batch (with SDPA, a chunk after a cached prefix took a masked path and a cold prompt a causal one, and
+the two round differently).
+
+Elsewhere (CUDA, or no compiler): decoding sequences (one query token each) are attended in one batched
+call over their gathered, padded KV; prefill chunks one sequence at a time with SDPA.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ class AttentionMetadata:
     @classmethod
     def build(cls, starts: list[int], lens: list[int], block_tables: list[list[int]], block_size: int,
               dtype: torch.dtype, device: torch.device) -> AttentionMetadata:
+        if device.type == "cpu" and native() is not None:
+            return cls._rows_on_the_kernel(starts, lens, block_tables, block_size, device)
         slots: list[int] = []
         dec_rows: list[int] = []
         dec_tables: list[list[int]] = []
@@ -72,6 +82,29 @@ class AttentionMetadata:
                                                    dtype=torch.long, device=device)
             meta.decode_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
         return meta
+
+
+    @classmethod
+    def _rows_on_the_kernel(cls, starts: list[int], lens: list[int], block_tables: list[list[int]], block_size: int,
+                            device: torch.device) -> AttentionMetadata:
+        """Every row a kernel row: the query at position p of a sequence attends to its first p + 1 tokens."""
+        slots: list[int] = []
+        kv_lens: list[torch.Tensor] = []
+        tables: list[tuple[int, list[int]]] = []
+        for start, n, table in zip(starts, lens, block_tables, strict=True):
+            for p in range(start, start + n):
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            kv_lens.append(torch.arange(start + 1, start + n + 1, dtype=torch.long))
+            tables.append((n, table[:-(-(start + n) // block_size)]))
+        width = max(len(t) for _, t in tables)
+        table = torch.zeros(sum(lens), width, dtype=torch.long)
+        row = 0
+        for n, t in tables:
+            table[row:row + n, :len(t)] = torch.tensor(t, dtype=torch.long)
+            row += n
+        return cls(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+                   decode_rows=torch.arange(sum(lens), device=device), decode_block_table=table.to(device),
+                   decode_lens=torch.cat(kv_lens).to(device), prefills=[], all_decode=True)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

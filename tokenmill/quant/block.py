@@ -2,13 +2,13 @@
 
 Weights are kept in blocks of 32 inputs of one output row, as GGUF ships them, so Q4_0/Q4_1/Q8_0 tensors
 load without requantizing:
-- w4a8: uint8 [N, K/2] nibbles (GGUF order: byte j = weight j low, weight j + 16 high), w = d * q + m.
-  Q4_1 is (d, m) as shipped; Q4_0 is w = d * (q - 8), so m = -8 d.
+- w4a8: 4-bit values, w = d * q + m. Q4_1 is (d, m) as shipped; Q4_0 is w = d * (q - 8), so m = -8 d.
+  Held with rows interleaved in groups of 8 (interleave_q4), the order the kernel reads them in.
 - w8a8: int8 [N, K], w = d * q (+ m when a Q4 piece was widened into it: q - 8 and m + 8 d, both exact).
-d and m are [N, K/32], float16 where exact (as GGUF ships them), else float32. The kernel quantizes activations to int8 per block of
-32 and runs integer dot products, which is what makes one stream fast: these kernels read a quarter
-(w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them inexact;
-`tokenmill eval` measures what that costs.
+d and m are float16 where exact (as GGUF ships them), else float32. The kernel quantizes activations to
+int8 per block of 32 and runs integer dot products, which is what makes one stream fast: these kernels
+read a quarter (w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them
+inexact; `tokenmill eval` measures what that costs.
 
 For prefill chunks a float GEMM on a dense copy in the model dtype beats an int8 dot product on CPUs
 without VNNI/AMX. Whether it does on this CPU is measured at start-up (tokenmill/quant/tuning.py: the
@@ -43,30 +43,40 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([g & 0x0F, g >> 4], dim=-1).reshape(n, half * 2)
 
 
-def pair_blocks(packed: torch.Tensor) -> torch.Tensor:
-    """GGUF-order nibbles [N, K/2] -> the kernel's layout: byte j of pair (b, b + 1) = weight j of block b
-    (low nibble) | weight j of block b + 1 (high nibble); an odd last block stays in GGUF order."""
+DENSE_MIN_ROWS = 16  # the fewest rows a dense-copy GEMM is called with (BlockLinear._dense says why)
+GROUP = 8  # q4 rows interleaved per group: one row per 32-bit lane of an AVX2 vector
+
+
+def interleave_q4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """GGUF-order nibbles [N, K/2] and per-block d, m [N, K/32] -> the kernel's layout: rows in groups of 8
+    (zero rows pad N to a multiple of 8), qs [N8/8, K/32, 128] where byte 32u + 4r + i of (group, block) holds
+    weight 8u + i of the group's row r (low nibble) and weight 8u + 4 + i (high nibble); d and m
+    [N8/8, K/32, 8], one row per lane. Values and scales are moved, never changed."""
     n, half = packed.shape
     nb = half * 2 // QK
-    q = unpack_q4(packed).reshape(n, nb, QK)
-    pairs = nb - nb % 2
-    out = (q[:, 0:pairs:2] | (q[:, 1:pairs:2] << 4)).reshape(n, pairs * QK // 2)
-    if nb % 2:
-        out = torch.cat([out, packed[:, pairs * QK // 2:]], dim=1)
-    return out.contiguous()
+    pad = -n % GROUP
+    q = unpack_q4(packed)
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+        d = torch.cat([d, d.new_zeros(pad, nb)])
+        m = torch.cat([m, m.new_zeros(pad, nb)])
+    g = (n + pad) // GROUP
+    q = q.reshape(g, GROUP, nb, 4, 2, 4)  # [group, row, block, u, low/high, i]
+    byte = q[..., 0, :] | (q[..., 1, :] << 4)  # [group, row, block, u, i]
+    qs = byte.permute(0, 2, 3, 1, 4).reshape(g, nb, 4 * GROUP * 4)
+    lanes = lambda t: t.reshape(g, GROUP, nb).transpose(1, 2).contiguous()  # noqa: E731
+    return qs.contiguous(), lanes(d), lanes(m)
 
 
-def unpair_blocks(paired: torch.Tensor) -> torch.Tensor:
-    """The inverse of pair_blocks."""
-    n, half = paired.shape
-    nb = half * 2 // QK
-    pairs = nb - nb % 2
-    p = paired[:, : pairs * QK // 2].reshape(n, pairs // 2, QK)
-    q = torch.stack([p & 0x0F, p >> 4], dim=2).reshape(n, pairs, QK)  # blocks b, b + 1 of each pair
-    out = pack_q4(q.reshape(n, pairs * QK)) if pairs else paired[:, :0]
-    if nb % 2:
-        out = torch.cat([out, paired[:, pairs * QK // 2:]], dim=1)
-    return out.contiguous()
+def deinterleave_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         torch.Tensor]:
+    """The inverse of interleave_q4, padding dropped: (GGUF-order nibbles [n, K/2], d, m [n, K/32])."""
+    g, nb, _ = qs.shape
+    byte = qs.reshape(g, nb, 4, GROUP, 4).permute(0, 3, 1, 2, 4)  # [group, row, block, u, i]
+    q = torch.stack([byte & 0x0F, byte >> 4], dim=4).reshape(g * GROUP, nb * QK)[:n]
+    rows = lambda t: t.transpose(1, 2).reshape(g * GROUP, nb)[:n]  # noqa: E731
+    return pack_q4(q), rows(d), rows(m)
 
 
 def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,19 +166,19 @@ class BlockLinear:
         if self.kernels is None:
             raise RuntimeError("the native block-linear kernel is not available")
         self.kind = "w4a8" if q4 else "w8a8"
-        # q4 values arrive in GGUF's nibble order and are held in the kernel's paired order.
-        self.qs, self.q4 = (pair_blocks(qs) if q4 else qs.contiguous()), q4
+        self.q4 = q4
+        self.n, self.k = d.shape[0], d.shape[1] * QK
         d, m = d.float(), (torch.zeros_like(d, dtype=torch.float32) if q4 and m is None else m)
         m = None if m is None else m.float()
         # Scales GGUF shipped as float16 stay float16 (exact, and a fifth fewer bytes per q4 row to read).
         if _exact_in_half(d) and (m is None or _exact_in_half(m)):
             d, m = d.half(), (None if m is None else m.half())
-        self.d, self.m = d.contiguous(), (None if m is None else m.contiguous())
-        self.n, self.k = d.shape[0], d.shape[1] * QK
+        if q4:  # q4 values arrive in GGUF's nibble order and are held in the kernel's interleaved groups
+            qs, d, m = interleave_q4(qs, d, m)
+        self.qs, self.d, self.m = qs.contiguous(), d.contiguous(), (None if m is None else m.contiguous())
         self.bias, self.dtype = bias, dtype
         self.dense = dense
         self._m_arg = self.m if self.m is not None else torch.empty(0)  # q8: empty means no offsets
-        self._kernel = self.kernels.q4_linear if q4 else self.kernels.q8_linear
 
     def __call__(self, x: torch.Tensor, rows: RowKinds | None = None) -> torch.Tensor:
         """rows: which rows are prompt positions (run on the dense copy, when one is held) and which are
@@ -192,15 +202,28 @@ class BlockLinear:
         return y if self.bias is None else y + self.bias
 
     def _dense(self, x2: torch.Tensor) -> torch.Tensor:
-        return F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
+        # A float GEMM's rounding of one row can depend on how many rows the call has: below a dozen rows
+        # the BLAS takes other code paths (GEMV at one row, small-M kernels), from there on a row comes out
+        # the same in any call (tests/kernels/test_block_linear.py checks it on each CPU). A short call, a
+        # prompt's last few tokens, is padded with zero rows so a prompt position never depends on its chunk.
+        m = x2.shape[0]
+        if m < DENSE_MIN_ROWS:
+            x2 = torch.cat([x2, x2.new_zeros(DENSE_MIN_ROWS - m, x2.shape[1])])
+        y = F.linear(x2.to(self.dense.dtype), self.dense).to(self.dtype)
+        return y if m >= DENSE_MIN_ROWS else y[:m]
 
     def _block(self, x2: torch.Tensor) -> torch.Tensor:
-        y = self._kernel(x2, self.qs, self.d, self._m_arg)
+        if self.q4:
+            y = self.kernels.q4_linear(x2, self.qs, self.d, self.m, self.n)
+        else:
+            y = self.kernels.q8_linear(x2, self.qs, self.d, self._m_arg)
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        m = None if self.m is None else self.m.float()
-        return dequantize(unpair_blocks(self.qs) if self.q4 else self.qs, self.d.float(), m, self.q4)
+        if self.q4:
+            qs, d, m = deinterleave_q4(self.qs, self.d.float(), self.m.float(), self.n)
+            return dequantize(qs, d, m, True)
+        return dequantize(self.qs, self.d.float(), None if self.m is None else self.m.float(), False)
 
     @property
     def nbytes(self) -> int:
