@@ -17,21 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import time
 from pathlib import Path
 
+from tokenmill.kernels.cpu import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT / "benchmarks" / "peers" / "llama_cpp.sh"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def tokenmill_figures(fmt: str, offline_prompts: int) -> dict:

@@ -88,6 +88,35 @@ def test_ngram_speculation_is_exact_on_the_block_formats():
             assert {t: v.logprob for t, v in la.items()} == {t: v.logprob for t, v in lb.items()}
 
 
+def _logprob_dicts(outs) -> list:
+    return [[{t: v.logprob for t, v in step.items()} for step in (o.logprobs or [])] for o in outs]
+
+
+def test_a_position_computes_the_same_cold_chunked_after_a_prefix_hit_and_batched():
+    """The default fast path: every prompt position on the dense copy (called with enough rows to round the
+    same in any call), every output position on the block kernel, every query row's attention on the paged
+    kernel to its own position. So the way a step is cut never shows in the numbers: bit-identical logprobs
+    for each prompt alone, all 16 batched, prefilled in 7-token chunks, and again after prefix-cache hits."""
+    opts = dict(quantization="auto", kv_cache_memory="64MiB", enable_prefix_caching=False)
+    alone = []
+    llm = LLM("default", **{**ENGINE, **opts})
+    for i, p in enumerate(PROMPTS):
+        alone += [o.outputs[0] for o in llm.generate([p], _params(i, MAX_TOKENS), use_tqdm=False)]
+    del llm
+    batched, _ = _run(**opts)
+    chunked, _ = _run(**{**opts, "max_num_batched_tokens": 7})
+    warm = LLM("default", **{**ENGINE, **opts, "enable_prefix_caching": True})
+    params = [_params(i, MAX_TOKENS) for i in range(len(PROMPTS))]
+    warm.generate(PROMPTS, params, use_tqdm=False)
+    hits = warm.engine.stats().prefix_cache_hits
+    again = [o.outputs[0] for o in warm.generate(PROMPTS, params, use_tqdm=False)]
+    assert warm.engine.stats().prefix_cache_hits > hits
+    want = [o.token_ids for o in alone]
+    for name, outs in (("batched", batched), ("chunked", chunked), ("prefix hit", again)):
+        assert [o.token_ids for o in outs] == want, name
+        assert _logprob_dicts(outs) == _logprob_dicts(alone), name
+
+
 def test_ngram_speculation_is_exact(plain):
     outs, stats = _run(speculative="ngram", num_speculative_tokens=4)
     _check_same(plain, outs, stats)

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import time
 from functools import cache
 from pathlib import Path
@@ -40,15 +41,26 @@ ISAS = [
 STALE_LOCK_SECONDS = 600
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (None off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+@cache
+def cpu_name() -> str:
+    """The CPU's model name, for figures and cache keys."""
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 @cache

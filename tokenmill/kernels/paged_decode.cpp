@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -112,6 +113,7 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vpow2n(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
@@ -138,6 +140,11 @@ static inline float vsum(vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float vhmax(vf a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
 static inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -166,90 +173,140 @@ static inline vf vexp(vf x) {
 // SIMD path for head sizes that are a multiple of W (64 and 128 cover the supported models).
 // Per block of tokens: scores for every query head of the group, one max/exp pass, then the
 // probability-weighted V rows accumulated in registers.
+// Consecutive rows with the same block table (a prompt chunk's positions, a verified draft) run as one task
+// of up to R rows, so each K/V row is loaded once for all of them. Every row still runs exactly the
+// instructions it would run alone (its own length, the same order over tokens and heads), so its result
+// does not depend on the rows it was grouped with.
 template <typename scalar_t, typename kv_t, int D>
 static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
                         const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
                         int64_t Hkv, int64_t bs, int64_t max_blocks, float scale) {
   constexpr int V = D / W;
+  constexpr int64_t R = 8;
   const int64_t G = H / Hkv;
-  // One task per sequence reads each of its KV rows (all heads, contiguous) exactly once; with fewer
-  // sequences than threads, split the heads across tasks instead.
-  const int64_t splits = B >= 2 * at::get_num_threads() ? 1 : Hkv;
+  std::vector<int64_t> run_start;
+  for (int64_t b = 0; b < B;) {
+    int64_t e = b + 1;
+    while (e < B && e - b < R &&
+           std::memcmp(tables + b * max_blocks, tables + e * max_blocks, sizeof(int64_t) * max_blocks) == 0)
+      ++e;
+    run_start.push_back(b);
+    b = e;
+  }
+  const int64_t runs = static_cast<int64_t>(run_start.size());
+  run_start.push_back(B);
+  // One task per run reads each of its KV rows (all heads, contiguous) once; with fewer runs than threads,
+  // split the heads across tasks instead.
+  const int64_t splits = runs >= 2 * at::get_num_threads() ? 1 : Hkv;
   const int64_t heads_per = Hkv / splits;
-  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<vf> qv(H * V), acc(H * V);
-    std::vector<float> m(H), l(H), s(H * bs), tmp(D);
+  at::parallel_for(0, runs * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<vf> qv(R * H * V), acc(R * H * V);
+    std::vector<float> m(R * H), l(R * H), s(R * H * bs), tmp(D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / splits, h0 = (task % splits) * heads_per, h1 = h0 + heads_per;
-      const int64_t len = lens[b];
-      for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
-        const scalar_t* qp = q + (b * H + qh) * D;
-        for (int d = 0; d < D; ++d) tmp[d] = static_cast<float>(qp[d]) * scale;
-        for (int v = 0; v < V; ++v) {
-          qv[qh * V + v] = vload(tmp.data() + W * v);
-          acc[qh * V + v] = vzero();
-        }
-        m[qh] = -std::numeric_limits<float>::infinity();
-        l[qh] = 0.f;
-      }
-      const int64_t nblk = (len + bs - 1) / bs;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t block = tables[b * max_blocks + blk];
-        const int64_t n = std::min(bs, len - blk * bs);
-        for (int64_t t = 0; t < n; ++t) {
-          for (int64_t h = h0; h < h1; ++h) {
-            const int64_t row = (block * bs + t) * Hkv + h;
-            const kv_t* kp = kc + row * D;
-            const float kscale = ks ? ks[row] : 1.f;
-            vf k[V];
-            for (int v = 0; v < V; ++v) k[v] = vload(kp + W * v);
-            for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
-              vf dot = vmul(qv[qh * V], k[0]);
-              for (int v = 1; v < V; ++v) dot = vfma(qv[qh * V + v], k[v], dot);
-              s[qh * bs + t] = vsum(dot) * kscale;
-            }
-          }
-        }
+      const int64_t run = task / splits, h0 = (task % splits) * heads_per, h1 = h0 + heads_per;
+      const int64_t b0 = run_start[run], nr = run_start[run + 1] - b0;
+      int64_t max_len = 0;
+      for (int64_t r = 0; r < nr; ++r) {
+        max_len = std::max(max_len, lens[b0 + r]);
         for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
-          float* sq = s.data() + qh * bs;
-          float bmax = m[qh];
-          for (int64_t t = 0; t < n; ++t) bmax = std::max(bmax, sq[t]);
-          const float corr = std::exp(m[qh] - bmax);
-          l[qh] *= corr;
-          const vf c = vset1(corr);
-          for (int v = 0; v < V; ++v) acc[qh * V + v] = vmul(acc[qh * V + v], c);
-          const vf mx = vset1(bmax);
-          vf sum = vzero();
-          int64_t t0 = 0;
-          for (; t0 + W <= n; t0 += W) {
-            const vf e = vexp(vsub(vload(sq + t0), mx));
-            vstore(sq + t0, e);
-            sum = vadd(sum, e);
+          const int64_t i = r * H + qh;
+          const scalar_t* qp = q + ((b0 + r) * H + qh) * D;
+          for (int d = 0; d < D; ++d) tmp[d] = static_cast<float>(qp[d]) * scale;
+          for (int v = 0; v < V; ++v) {
+            qv[i * V + v] = vload(tmp.data() + W * v);
+            acc[i * V + v] = vzero();
           }
-          float tail = 0.f;
-          for (; t0 < n; ++t0) tail += (sq[t0] = std::exp(sq[t0] - bmax));
-          l[qh] += vsum(sum) + tail;
-          m[qh] = bmax;
+          m[i] = -std::numeric_limits<float>::infinity();
+          l[i] = 0.f;
         }
-        for (int64_t t = 0; t < n; ++t) {
-          for (int64_t h = h0; h < h1; ++h) {
-            const int64_t row = (block * bs + t) * Hkv + h;
-            const kv_t* vp = vc + row * D;
-            const float vscale = vs ? vs[row] : 1.f;
-            vf vv[V];
-            for (int v = 0; v < V; ++v) vv[v] = vload(vp + W * v);
+      }
+      const int64_t* table = tables + b0 * max_blocks;
+      const int64_t nblk = (max_len + bs - 1) / bs;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t block = table[blk];
+        auto tokens_of = [&](int64_t r) { return std::min(bs, lens[b0 + r] - blk * bs); };  // <= 0: none
+        // Scores: one query vector held in registers against the block's keys (read from L1 after the first
+        // query of the group).
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t n = tokens_of(r);
             for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
-              const vf p = vset1(s[qh * bs + t] * vscale);
-              for (int v = 0; v < V; ++v) acc[qh * V + v] = vfma(p, vv[v], acc[qh * V + v]);
+              const int64_t i = r * H + qh;
+              vf qr[V];
+              for (int v = 0; v < V; ++v) qr[v] = qv[i * V + v];
+              for (int64_t t = 0; t < n; ++t) {
+                const int64_t row = (block * bs + t) * Hkv + h;
+                const kv_t* kp = kc + row * D;
+                // Two partial sums (even and odd vectors) halve the chain of dependent FMAs.
+                vf dot0 = vmul(qr[0], vload(kp)), dot1 = vmul(qr[1], vload(kp + W));
+                for (int v = 2; v < V; v += 2) {
+                  dot0 = vfma(qr[v], vload(kp + W * v), dot0);
+                  dot1 = vfma(qr[v + 1], vload(kp + W * (v + 1)), dot1);
+                }
+                s[i * bs + t] = vsum(vadd(dot0, dot1)) * (ks ? ks[row] : 1.f);
+              }
+            }
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t n = tokens_of(r);
+          if (n <= 0) continue;
+          for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
+            const int64_t i = r * H + qh;
+            float* sq = s.data() + i * bs;
+            float bmax = m[i];  // a max is exact in any order: vectorized
+            int64_t t = 0;
+            if (n >= W) {
+              vf mv = vload(sq);
+              for (t = W; t + W <= n; t += W) mv = vmax(mv, vload(sq + t));
+              bmax = std::max(bmax, vhmax(mv));
+            }
+            for (; t < n; ++t) bmax = std::max(bmax, sq[t]);
+            const float corr = std::exp(m[i] - bmax);
+            l[i] *= corr;
+            const vf c = vset1(corr);
+            for (int v = 0; v < V; ++v) acc[i * V + v] = vmul(acc[i * V + v], c);
+            const vf mx = vset1(bmax);
+            vf sum = vzero();
+            int64_t t0 = 0;
+            for (; t0 + W <= n; t0 += W) {
+              const vf e = vexp(vsub(vload(sq + t0), mx));
+              vstore(sq + t0, e);
+              sum = vadd(sum, e);
+            }
+            float tail = 0.f;
+            for (; t0 < n; ++t0) tail += (sq[t0] = std::exp(sq[t0] - bmax));
+            l[i] += vsum(sum) + tail;
+            m[i] = bmax;
+          }
+        }
+        // Values: one accumulator held in registers over the block's tokens, in token order.
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t n = tokens_of(r);
+            for (int64_t qh = h * G; qh < (h + 1) * G; ++qh) {
+              const int64_t i = r * H + qh;
+              vf a[V];
+              for (int v = 0; v < V; ++v) a[v] = acc[i * V + v];
+              for (int64_t t = 0; t < n; ++t) {
+                const int64_t row = (block * bs + t) * Hkv + h;
+                const kv_t* vp = vc + row * D;
+                const vf p = vset1(s[i * bs + t] * (vs ? vs[row] : 1.f));
+                for (int v = 0; v < V; ++v) a[v] = vfma(p, vload(vp + W * v), a[v]);
+              }
+              for (int v = 0; v < V; ++v) acc[i * V + v] = a[v];
             }
           }
         }
       }
-      for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
-        scalar_t* op = out + (b * H + qh) * D;
-        const vf inv = vset1(l[qh] > 0.f ? 1.f / l[qh] : 0.f);
-        for (int v = 0; v < V; ++v) vstore(tmp.data() + W * v, vmul(acc[qh * V + v], inv));
-        for (int d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(tmp[d]);
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
+          const int64_t i = r * H + qh;
+          scalar_t* op = out + ((b0 + r) * H + qh) * D;
+          const vf inv = vset1(l[i] > 0.f ? 1.f / l[i] : 0.f);
+          for (int v = 0; v < V; ++v) vstore(tmp.data() + W * v, vmul(acc[i * V + v], inv));
+          for (int d = 0; d < D; ++d) op[d] = static_cast<scalar_t>(tmp[d]);
+        }
       }
     }
   });

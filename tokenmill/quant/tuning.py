@@ -11,7 +11,6 @@ import fcntl
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -21,17 +20,6 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cache_path() -> Path:
@@ -74,9 +62,9 @@ def measure_dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int
 
 def dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int | None:
     """measure_dense_from_rows, cached on disk; the log says what was chosen and why."""
-    from tokenmill.kernels.cpu import cpu_isa
+    from tokenmill.kernels.cpu import cpu_isa, cpu_name
 
-    key = f"{_cpu_name()}|{cpu_isa()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads|" \
+    key = f"{cpu_name()}|{cpu_isa()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads|" \
           f"{'w4a8' if q4 else 'w8a8'} {n}x{k}|{str(dtype).removeprefix('torch.')}"
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
