@@ -35,6 +35,8 @@ EXPOSE 8000
 # /health is 200 once the model is loaded, 503 while starting, draining or after the engine died.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
   CMD python -c "import urllib.request, sys; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)" || exit 1
+# Pass an API key from a secret, never on the command line: `docker run -e TOKENMILL_API_KEY=...` or mount a
+# file and add `--api-key-file /run/secrets/tokenmill_api_key`. Without one the server logs a loud warning.
 # SIGTERM drains (in-flight requests finish, up to --drain-timeout): give `docker stop -t` at least that.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tokenmill", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from tokenmill.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 256  # distinct ids: each is checked against every new token
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI limits them
+# Below this a temperature is greedy: dividing logits by it overflows float32 to inf (1e-46 is a
+# denormal-sized divisor), and inf - inf in the softmax gives NaN, which sampled nothing. vLLM uses 1e-5 too.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -37,10 +42,15 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        try:
+            self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))  # repeats mean nothing more
+        except TypeError:  # unhashable entries: validate() names the problem
+            self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +92,11 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} distinct ids, got "
+                                        f"{len(self.stop_token_ids)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"may hold at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
         for tok, bias in self.logit_bias.items():
             if not isinstance(tok, int) or tok < 0:
                 raise bad("logit_bias", f"keys must be token ids, got {tok!r}")

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenmill.errors import InvalidRequestError
 from tokenmill.runner import sampler as sampler_module
 from tokenmill.runner.sampler import (
     Sampler,
@@ -20,7 +21,7 @@ from tokenmill.runner.sampler import (
     make_generator,
     prompt_logprobs,
 )
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 
 EOS = 2
 FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -68,6 +69,25 @@ def test_greedy_is_argmax_and_ignores_padding() -> None:
     assert out.token_ids == logits[:8, :vocab].argmax(-1).tolist()
     assert out.logprobs == [None] * 8
     assert Sampler(vocab, [EOS])(logits, []).token_ids == []
+
+
+def test_stop_token_ids_are_deduplicated_and_both_lists_capped() -> None:
+    assert SamplingParams(stop_token_ids=[5] * 10_000 + [7, 5]).stop_token_ids == [5, 7]
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1)))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        SamplingParams(logit_bias={i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)})
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 5e-324, 1e-6])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature: float) -> None:
+    """Logits divided by 1e-46 overflow to inf and the softmax to NaN; such a request once returned empty
+    text. It is greedy instead, like temperature 0."""
+    assert SamplingParams(temperature=temperature).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
+    logits = randn(3, 50, seed=1, scale=5.0)
+    out = Sampler(50, [EOS])(logits, [make_row(temperature=temperature) for _ in range(3)])
+    assert out.token_ids == logits.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("vocab", [49152, 32000, 151936, 50257, 8209])

@@ -69,6 +69,10 @@ CASES = [
     ("completions", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": {"5": 1000}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ("completions", {"prompt": "x", "stop_token_ids": list(range(257))}, "stop_token_ids"),
+    # The request once seen to lock every other client out: 16 prompts x n 64 x 4000 tokens x 21 logprobs.
+    ("completions", {"prompt": ["x"] * 16, "n": 64, "max_tokens": 4000, "logprobs": 20}, "max_tokens"),
     ("completions", {"prompt": "x", "stop": ["a"] * 100}, "stop"),
     ("completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("completions", {"prompt": "x", "stop": 5}, "stop"),
@@ -138,6 +142,30 @@ def test_routes(http):
     _error(http.get("/v1/completions"), 405)
     _error(http.post("/tokenize", json={"prompt": "a", "messages": CHAT}), 400)
     _error(http.post("/detokenize", json={"tokens": [-3]}), 400, "tokens")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_a_body_that_is_not_declared_json_gets_415(http, content_type):
+    """A web page may POST text/plain or a form to any origin without the browser asking first; such a
+    request must not run a completion on this machine's server."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        _error(http.post(path, content=body, headers=headers), 415)
+    ok = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_foreign_host_header_gets_400_on_a_loopback_server(http, server):
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1 and calls the server with
+    Host: evil.example. Bound to loopback, the server answers only loopback names."""
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+        _error(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Host": host}), 400)
+        _error(http.get("/v1/models", headers={"Host": host}), 400)
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
 
 
 def test_good_request_still_served(http):

@@ -93,3 +93,40 @@ def test_sigterm_drains_then_exits_zero(server):
     assert result.get("done") and result["finish"] == "length", result
     assert server.proc.wait(60) == 0, server.log_text()
     assert "draining" in server.log_text()
+
+
+def test_a_request_cut_by_the_end_of_drain_is_an_error_not_a_success():
+    """--drain-timeout 1 and two requests that need far longer: the non-streaming one is answered 503 (not
+    200 with finish_reason "abort" and half a text), the streaming one ends with an error event; the server
+    still exits 0."""
+    s = start_server("--drain-timeout", "1")
+    try:
+        got: dict = {}
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+
+        def plain() -> None:
+            got["plain"] = httpx.post(f"{s.url}/v1/completions", json=body, timeout=120)
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+                got["stream_status"] = r.status_code
+                got["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and s.metrics().get("tokenmill:num_requests_running", 0) < 2:
+            time.sleep(0.1)
+        s.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        r = got["plain"]
+        assert r.status_code == 503, r.text
+        assert "cut off" in r.json()["error"]["message"] and r.json()["error"]["type"] == "service_unavailable"
+        assert got["stream_status"] == 200  # the headers went out before the drain
+        assert "error" in got["events"][-1] or any('"error"' in e for e in got["events"][-2:]), got["events"][-3:]
+        assert s.proc.wait(60) == 0, s.log_text()
+    finally:
+        s.stop()
+        s.remove_log()

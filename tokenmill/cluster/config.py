@@ -36,8 +36,10 @@ class RouterConfig:
     imbalance_tokens: int = _opt(512, "prefix-aware: the absolute part of that bound, in tokens.")
     kv_pressure_tokens: int = _opt(2048, "kv-aware: cost in tokens of a full KV cache (scaled by its usage).")
     prefix_index_blocks: int = _opt(16384, "Block hashes remembered per replica for prefix-aware routing (LRU).")
-    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize. "
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+                                     "(several keys: comma-separated; also --api-key-file, $TOKENMILL_API_KEY). "
                                      "The header is forwarded to replicas as it came.")
+    api_key_file: str | None = _opt(None, "File of API keys, one per line (# comments).")
     health_interval: float = _opt(1.0, "Seconds between active health and /metrics checks of each replica.")
     health_timeout: float = _opt(3.0, "Seconds one health check may take before it counts as failed.")
     max_failures: int = _opt(3, "Consecutive failures (5xx, timeouts, failed health checks) that take a replica "
@@ -59,6 +61,9 @@ class RouterConfig:
         120.0, "Seconds a request waits in the router for a replica when none is ready (scale from zero).")
 
     def __post_init__(self) -> None:
+        from tokenmill.server.auth import load_api_keys
+
+        load_api_keys(self.api_key, self.api_key_file)  # an unreadable or empty key file fails at start-up
         self.max_body_bytes = parse_size(self.max_body_bytes)
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")

@@ -155,7 +155,7 @@ class EngineReplica:
         _log_to_stderr()
         self._state = State
         self.frontend = Frontend(engine_config, server_config, model_name)
-        self.app = build_app(self.frontend, server_config, model_name)
+        self.app = build_app(self.frontend, server_config, model_name, listening=False)
         self.frontend.on_fatal = lambda: None  # check_health reports it; Serve replaces the replica
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.frontend.start()

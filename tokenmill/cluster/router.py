@@ -10,7 +10,6 @@ supervises them.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -31,6 +30,7 @@ from tokenmill.cluster.proxy import Forwarder, Retry, error_response
 from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
 from tokenmill.config import EngineConfig
 from tokenmill.gc_control import freeze_startup_heap
+from tokenmill.server.auth import authorized, load_api_keys
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +175,12 @@ def build_router_app(router: Router) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
 
+    api_keys = load_api_keys(config.api_key, config.api_key_file)
+
     def unauthorized(request: Request) -> Response | None:
-        if config.api_key is None or not request.url.path.startswith(_PROTECTED):
+        if not api_keys or not request.url.path.startswith(_PROTECTED):
             return None
-        auth = request.headers.get("authorization", "")
-        if hmac.compare_digest(auth.encode(), f"Bearer {config.api_key}".encode()):
+        if authorized(request.headers.get("authorization", ""), api_keys):
             return None
         metrics.unrouted.labels("unauthorized").inc()
         return error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",

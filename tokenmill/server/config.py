@@ -18,7 +18,10 @@ class ServerConfig:
 
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(8000, "TCP port to listen on.")
-    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize.")
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+                                     "(several keys: comma-separated). Prefer --api-key-file or $TOKENMILL_API_KEY: "
+                                     "the command line is visible to every user of the machine.")
+    api_key_file: str | None = _opt(None, "File of API keys, one per line (# comments).")
     served_model_name: str | None = _opt(None, "Model name clients send and /v1/models lists (default: --model).")
     # Measured on 2 cores: the split ties --inproc at 1 and 64 streams and leads at 16 (BENCHMARKS.md); it
     # also keeps the event loop free of the engine's GIL time and lets an engine crash be seen and restarted.
@@ -31,6 +34,13 @@ class ServerConfig:
     drain_timeout: float = _opt(30.0, "Seconds SIGTERM waits for in-flight requests before aborting them.")
     max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
     max_n: int = _opt(64, "Largest `n` (completions per prompt) one request may ask for.")
+    max_request_cost: int = _opt(
+        1 << 20, "Most work one request may ask for, counted as prompts x n x max_tokens x (1 + logprobs); "
+        "past it the request gets 400 before it is admitted, so one request cannot occupy the server for hours.")
+    allowed_hosts: str | None = _opt(
+        None, "Comma-separated Host header names accepted (a port may follow each). Default: bound to a loopback "
+        "address, only localhost, 127.0.0.1 and [::1], so a web page cannot reach the server by DNS rebinding; "
+        "bound elsewhere, any.")
     log_requests: bool = _opt(True, "Log one line per finished request.")
     max_queue_delay: float | None = _opt(
         None, "Admission control: answer 429 (with an honest Retry-After) to a request whose predicted wait "
@@ -63,6 +73,11 @@ class ServerConfig:
             raise ConfigError("mock step times must be >= 0")
         if self.max_n < 1:
             raise ConfigError("max_n must be >= 1")
+        if self.max_request_cost < 1:
+            raise ConfigError("max_request_cost must be >= 1")
+        from tokenmill.server.auth import load_api_keys
+
+        load_api_keys(self.api_key, self.api_key_file)  # an unreadable or empty key file fails at start-up
         for name in ("max_queue_delay", "request_timeout"):
             v = getattr(self, name)
             if v is not None and not 0 < v < float("inf"):

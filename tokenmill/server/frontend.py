@@ -92,6 +92,7 @@ class RequestHandle:
         self.finished = asyncio.get_running_loop().create_future()
         self.timeout_s: float | None = None
         self.timed_out = False
+        self.cut_by_drain = False  # aborted because the server stopped waiting for it: an error, not a success
 
     @property
     def done(self) -> bool:
@@ -232,6 +233,7 @@ class Frontend:
             left = list(self._handles)
             logger.warning("drain timeout: aborting %d requests still in flight", len(left))
             for h in left:
+                h.cut_by_drain = True
                 self.abort(h)
             try:
                 await asyncio.wait_for(self._idle.wait(), 5.0)
@@ -456,7 +458,14 @@ class Frontend:
             m.by("timeouts", seq.labels)
         h.unfinished -= 1
         if h.unfinished == 0:
-            self._close(h, self._timeout_error(h) if h.timed_out else None)
+            error = None
+            if h.timed_out:
+                error = self._timeout_error(h)
+            elif h.cut_by_drain and any((q.state.output.finish_reason or "abort") == "abort" for q in h.seqs):
+                n = sum(len(s.state.output.token_ids) for s in h.seqs)
+                error = ServerUnavailableError(f"the server is shutting down: the request was cut off by the end of "
+                                               f"its drain after {n} generated tokens; retry it", "draining")
+            self._close(h, error)
 
     def _timeout_error(self, h: RequestHandle) -> RequestTimeoutError:
         n = sum(len(s.state.output.token_ids) for s in h.seqs)

@@ -10,7 +10,8 @@ from types import FrameType
 import uvicorn
 
 from tokenmill.config import EngineConfig
-from tokenmill.server.app import build_app
+from tokenmill.server.app import build_app, is_loopback
+from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.frontend import Frontend, State
 
@@ -73,6 +74,10 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         server.should_exit = True
 
     frontend.on_fatal = stop
+    if not is_loopback(server_config.host) and not load_api_keys(server_config.api_key, server_config.api_key_file):
+        logger.warning("SERVING WITHOUT AN API KEY ON %s, reachable beyond this machine: anyone who can reach port %d "
+                       "can use this model. Set --api-key-file or $TOKENMILL_API_KEY, or bind to 127.0.0.1.",
+                       server_config.host, server_config.port)
     logger.info("serving %r on http://%s:%d (engine %s)", name, server_config.host, server_config.port,
                 "MOCK (no model)" if server_config.mock
                 else "in-process thread" if server_config.inproc else "in its own process")

@@ -17,7 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from tokenmill.engine.policy import DEFAULT_TENANT
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import TokenLogprob
-from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
+from tokenmill.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
 from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from tokenmill.server.frontend import Frontend, RequestHandle, Seq
 
@@ -106,11 +106,21 @@ class OpenAIServing:
             raise InvalidRequestError(f"n must be in [1, {max_n}], got {n}", param="n")
         if n * num_prompts > MAX_PROMPTS:
             raise InvalidRequestError(f"prompts x n must be at most {MAX_PROMPTS}, got {n * num_prompts}", param="n")
+        cost = num_prompts * n * max_tokens * (1 + (logprobs or 0))
+        limit = self.frontend.config.max_request_cost
+        if cost > limit:
+            raise InvalidRequestError(
+                f"this request asks for too much work: prompts ({num_prompts}) x n ({n}) x max_tokens ({max_tokens}) "
+                f"x (1 + logprobs ({logprobs or 0})) = {cost:,}, over the server's --max-request-cost of {limit:,}",
+                param="max_tokens")
         if req.seed is not None and not -(2**63) <= req.seed < 2**63:
             raise InvalidRequestError("seed must fit in 64 bits", param="seed")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
+        if len(req.logit_bias or {}) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got "
+                                      f"{len(req.logit_bias)}", param="logit_bias")
         bias: dict[int, float] = {}
         for key, value in (req.logit_bias or {}).items():
             try:
@@ -121,8 +131,12 @@ class OpenAIServing:
             if not 0 <= tid < vocab:
                 raise InvalidRequestError(f"logit_bias token id {tid} is outside the vocabulary [0, {vocab})",
                                           param="logit_bias")
-            bias[tid] = value
-        for t in req.stop_token_ids or []:
+            bias[tid] = value  # '5' and '05' name one token: the last value wins
+        stop_token_ids = list(dict.fromkeys(req.stop_token_ids or []))
+        if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} distinct stop_token_ids, got "
+                                      f"{len(stop_token_ids)}", param="stop_token_ids")
+        for t in stop_token_ids:
             if not 0 <= t < vocab:
                 raise InvalidRequestError(f"stop token id {t} is outside the vocabulary [0, {vocab})",
                                           param="stop_token_ids")
@@ -144,7 +158,7 @@ class OpenAIServing:
             top_p=opt(req.top_p, 1.0), top_k=top_k, min_p=opt(req.min_p, 0.0),
             repetition_penalty=opt(req.repetition_penalty, 1.0), presence_penalty=opt(req.presence_penalty, 0.0),
             frequency_penalty=opt(req.frequency_penalty, 0.0), seed=req.seed, stop=stop,
-            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+            stop_token_ids=stop_token_ids, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
             logit_bias=bias, skip_special_tokens=opt(req.skip_special_tokens, True),
             include_stop_str_in_output=bool(req.include_stop_str_in_output))
 
