@@ -9,8 +9,8 @@ from tokenmill.errors import InvalidRequestError
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 256  # distinct ids: each is checked against every new token
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI limits them
-# Below this a temperature is greedy: dividing logits by it overflows float32 to inf (1e-46 is a
-# denormal-sized divisor), and inf - inf in the softmax gives NaN, which sampled nothing. vLLM uses 1e-5 too.
+# Below this a temperature is greedy: logits divided by it overflow float32 (1e-46 is 0 there) and the
+# softmax of inf - inf is NaN, which once sampled nothing at all. vLLM draws the line at 1e-5 too.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 

@@ -83,7 +83,6 @@ class AttentionMetadata:
             meta.decode_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
         return meta
 
-
     @classmethod
     def _rows_on_the_kernel(cls, starts: list[int], lens: list[int], block_tables: list[list[int]], block_size: int,
                             device: torch.device) -> AttentionMetadata:

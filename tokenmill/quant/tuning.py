@@ -7,6 +7,7 @@ layer shape and cached on disk by CPU, kernel ISA, torch version, shape and dtyp
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -67,11 +68,17 @@ def dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int | None:
     key = f"{cpu_name()}|{cpu_isa()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads|" \
           f"{'w4a8' if q4 else 'w8a8'} {n}x{k}|{str(dtype).removeprefix('torch.')}"
     path = _cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Two processes starting at once must not measure separately and disagree (the choice decides how
     # prompt positions are rounded): the first measures under the lock, the others wait and read its answer.
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held across the block below
+    except OSError as e:
+        logger.warning("cannot lock the kernel-choice cache (%s): measuring without it", e)
+        lock = contextlib.nullcontext()
+    with lock:
+        if not isinstance(lock, contextlib.nullcontext):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             cache = json.loads(path.read_text())
         except (OSError, ValueError):
