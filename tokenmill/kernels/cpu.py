@@ -74,16 +74,21 @@ def cpu_isa() -> tuple[str, tuple[str, ...]]:
     return ISAS[-1][0], ()
 
 
-def _build_dir(name: str) -> Path:
-    """One directory per source, ISA and torch version, so a built library can be imported without
-    torch's lock and never runs on a CPU it was not built for."""
+def kernel_build_id(name: str) -> str:
+    """Names one build of a kernel: its source, ISA, flags and torch version. Anything measured on a kernel
+    (tokenmill/quant/tuning.py) is cached under it, so a changed kernel is measured again."""
     import torch
 
     isa, cflags = cpu_isa()
     key_src = KERNELS[name].read_bytes() + " ".join([*BASE_CFLAGS, *cflags, torch.__version__]).encode()
-    key = hashlib.sha256(key_src).hexdigest()[:16]
+    return f"{name}-{isa}-{hashlib.sha256(key_src).hexdigest()[:16]}"
+
+
+def _build_dir(name: str) -> Path:
+    """One directory per build id, so a built library can be imported without torch's lock and never runs
+    on a CPU it was not built for."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "tokenmill" / "kernels"
-    return Path(root) / f"{name}-{isa}-{key}"
+    return Path(root) / kernel_build_id(name)
 
 
 def _clear_stale_lock(build_dir: Path) -> None:

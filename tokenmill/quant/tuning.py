@@ -2,7 +2,7 @@
 
 The answer depends on the CPU (AMX makes bfloat16 GEMMs cheap from a few rows; on AVX2 float32 wins only
 from a few dozen) and on the model's shapes, so it is measured once on this machine for the model's widest
-layer shape and cached on disk by CPU, kernel ISA, torch version, shape and dtype.
+layer shape and cached on disk by CPU, kernel build (source, ISA, torch version), shape and dtype.
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ def measure_dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int
 
 def dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int | None:
     """measure_dense_from_rows, cached on disk; the log says what was chosen and why."""
-    from tokenmill.kernels.cpu import cpu_isa, cpu_name
+    from tokenmill.kernels.cpu import cpu_name, kernel_build_id
 
-    key = f"{cpu_name()}|{cpu_isa()[0]}|torch {torch.__version__}|{torch.get_num_threads()} threads|" \
+    # The kernel's build id (source, ISA, torch version) is in the key: a choice measured on an older
+    # kernel is stale (one cached before the q4 interleave kept prefill on a dense copy that had become slower).
+    key = f"{cpu_name()}|{kernel_build_id('tokenmill_block_linear')}|{torch.get_num_threads()} threads|" \
           f"{'w4a8' if q4 else 'w8a8'} {n}x{k}|{str(dtype).removeprefix('torch.')}"
     path = _cache_path()
     # Two processes starting at once must not measure separately and disagree (the choice decides how
