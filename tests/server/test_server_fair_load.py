@@ -6,8 +6,10 @@ index >= 0.9 in every round; nothing is lost (the flood's requests carry a timeo
 clear error).
 
 The server runs the latency-oriented configuration a multi-tenant deployment would pick: a small step
-budget, 128 tokens: two of this test's prompts (52-58 tokens) beside a decode for each of the 8 slots.
-With the default 1024 the flood's prefills fill long steps. Steps are interruptible (the default): a light
+budget, 64 tokens: two of this test's prompts (20-26 tokens) beside a decode for each of the 8 slots.
+With the default 1024 the flood's prefills fill long steps. (Prompts were 52-58 tokens and the budget 128
+until the test had to fit make test's 15 minutes: the same shape at half the work per request, run
+on the AMD EPYC: capacity 4.8 -> 8.4 requests/s, the test 492 -> 249 s, median round ratio 1.35 -> 1.41.) Steps are interruptible (the default): a light
 request that arrives in the first half of one of the flood's steps has it abandoned and redone with it,
 and the flood's prefill chunks sit out the step its prompt runs in."""
 
@@ -33,19 +35,24 @@ pytestmark = pytest.mark.slow
 
 MAX_SEQS = 8
 OUT = 8
+WORDS = 4  # prompts of 20-26 tokens
+STEP_TOKENS = 64  # two prompts beside a decode for each of the 8 slots
 PER_LIGHT = 12
-# Rounds: as many as fit in about six minutes, between 5 and 8. A round lasts 2 * span = 192 / capacity
-# seconds, so the AVX2 machine (~3.7 requests/s, 51 s a round) runs 7 and a faster one 8; at ~2.5 requests/s,
-# 8 rounds took 10 of make test's 20 minutes. At 4 rounds one run gave 1.43 against the 1.5 bound: fewer
-# rounds make the p99 one of very few requests.
-ROUND_BUDGET_S = 360.0
+# Rounds: int(ROUND_BUDGET_S / (2 * span)), between 5 and 8; span = 96 / capacity seconds. A round lasts
+# about 2.25 spans (the alone phase, then the contended phase and the flood's last timeouts), so the AVX2
+# machine (~8.4 requests/s, 11.4 s spans) runs 7 rounds in about 3 minutes. At 4 rounds one run gave 1.43
+# against the 1.5 bound: fewer rounds make the p99 one of very few requests.
+ROUND_BUDGET_S = 180.0
 MIN_ROUNDS, MAX_ROUNDS = 5, 8
+# The flood's requests time out a quarter span after they arrive, so a round's contended phase ends soon
+# after its last arrival (half a span cost a quarter of the test's time in waiting for timeouts).
+FLOOD_TIMEOUT_SHARE = 0.25
 
 
 @pytest.fixture(scope="module")
 def server() -> ServerProcess:
     s = start_server("--scheduling-policy", "fair", "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
-                     "128")
+                     str(STEP_TOKENS))
     yield s
     assert s.stop() == 0, s.log_text()
     s.assert_clean_log()
@@ -68,7 +75,7 @@ def _jain_in_window(outcomes: list[Outcome], span: float) -> float:
 
 
 def test_flooding_tenant_does_not_hurt_the_others(server):
-    cap = asyncio.run(measure_capacity(server.url, MAX_SEQS, 3 * MAX_SEQS, OUT))["req_per_s"]
+    cap = asyncio.run(measure_capacity(server.url, MAX_SEQS, 3 * MAX_SEQS, OUT, words=WORDS))["req_per_s"]
     # Each light tenant at an eighth of capacity (half its fair share among four tenants, so a machine that
     # slows by a third mid-test still leaves the lights under it); the flood at 10x that, 1.25x capacity
     # on its own.
@@ -87,11 +94,11 @@ def test_flooding_tenant_does_not_hurt_the_others(server):
     for k in range(rounds):
         # Same arrival pattern in both phases of a round; every request new text of the same shape:
         # repeating prompts would let the prefix cache serve them and flatter whichever phase came second.
-        got = asyncio.run(run_open_loop(server.url, light_arrivals(r, PER_LIGHT, 10 + k, 100_000 * k, OUT)))
+        got = asyncio.run(run_open_loop(server.url, light_arrivals(r, PER_LIGHT, 10 + k, 100_000 * k, OUT, WORDS)))
         assert all(o.status == "ok" and o.tokens == OUT for o in got), [(o.status, o.message) for o in got]
         alone += got
-        arrivals = light_arrivals(r, PER_LIGHT, 10 + k, 100_000 * k + 10_000, OUT)
-        flood = flood_arrivals(r, 12 * PER_LIGHT, span, 99 + k, 100_000 * k + 50_000, OUT)
+        arrivals = light_arrivals(r, PER_LIGHT, 10 + k, 100_000 * k + 10_000, OUT, WORDS)
+        flood = flood_arrivals(r, 12 * PER_LIGHT, span, 99 + k, 100_000 * k + 50_000, OUT, WORDS, FLOOD_TIMEOUT_SHARE)
         assert len(flood) >= 5 * PER_LIGHT, len(flood)  # the flood really sends ~10x each light's rate
         outcomes = asyncio.run(run_open_loop(server.url, arrivals + flood))
         jains.append(_jain_in_window(outcomes, span))

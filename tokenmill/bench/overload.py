@@ -168,24 +168,26 @@ LIGHT_TENANTS = ("light-0", "light-1", "light-2")
 FLOOD_TENANT = "heavy"
 
 
-def light_arrivals(rate: float, per_tenant: int, seed: int, first_prompt: int, max_tokens: int) -> list[Arrival]:
+def light_arrivals(rate: float, per_tenant: int, seed: int, first_prompt: int, max_tokens: int,
+                   words: int = 12) -> list[Arrival]:
     """Each light tenant's Poisson arrivals at `rate` (tenant k seeded with seed + k; class "light"), every
-    prompt new text: numbered from first_prompt, 1000 apart per tenant."""
+    prompt new text of `words` words: numbered from first_prompt, 1000 apart per tenant."""
     out = []
     for k, tenant in enumerate(LIGHT_TENANTS):
         for j, t in enumerate(poisson_times(rate, per_tenant, random.Random(seed + k))):
             out.append(Arrival(t, "light", tenant, completion_body(first_prompt + k * 1000 + j, max_tokens=max_tokens,
-                                                                   user=tenant)))
+                                                                   words=words, user=tenant)))
     return out
 
 
 def flood_arrivals(rate: float, num: int, span: float, seed: int, first_prompt: int,
-                   max_tokens: int) -> list[Arrival]:
+                   max_tokens: int, words: int = 12, timeout_share: float = 0.5) -> list[Arrival]:
     """The flooding tenant: Poisson arrivals at 10x `rate` inside `span` seconds (at most `num`; class
-    "heavy"), each with a timeout of max(2, span / 2) s, so the flood's backlog ends with the phase."""
+    "heavy"), each with a timeout of max(2, span * timeout_share) s, so the flood's backlog ends with the
+    phase."""
     times = [t for t in poisson_times(10 * rate, num, random.Random(seed)) if t <= span]
-    return [Arrival(t, "heavy", FLOOD_TENANT, completion_body(first_prompt + j, max_tokens=max_tokens, user=FLOOD_TENANT,
-                                                              timeout=max(2.0, span / 2)))
+    return [Arrival(t, "heavy", FLOOD_TENANT, completion_body(first_prompt + j, max_tokens=max_tokens, words=words,
+                                                              user=FLOOD_TENANT, timeout=max(2.0, span * timeout_share)))
             for j, t in enumerate(times)]
 
 
