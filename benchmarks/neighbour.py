@@ -7,6 +7,7 @@ one busy neighbour takes half of one core; an engine whose math threads wait for
 (OpenMP barriers) can then stall far more than the share it lost. For each thread setting (each in a
 fresh process, since OpenMP reads its wait policy once) and each batch size, this times decode steps idle
 and with a neighbour (`while True: pass`) pinned to the last core, alternately, and prints the ratio.
+"governed" is the default engine: it gives up a thread while others keep a core busy.
 """
 
 from __future__ import annotations
@@ -21,27 +22,29 @@ import time
 from pathlib import Path
 
 SPIN = "while True: pass"
-VARIANTS = {  # name -> (torch threads, extra environment)
-    "2 threads": (2, {}),
-    "2 threads, passive wait": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
-    "1 thread": (1, {}),
+VARIANTS = {  # name -> (torch threads, --adapt-threads, extra environment)
+    "2 threads, governed": (2, True, {}),  # the default: tokenmill/runner/threads.py
+    "2 threads": (2, False, {}),
+    "2 threads, passive wait": (2, False, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "1 thread": (1, False, {}),
 }
+SETTLE_S = 1.2  # after the neighbour starts or stops: the governor looks once a second
 
 
-def child(threads: int, batches: list[int], steps: int, rounds: int) -> None:
+def child(threads: int, adapt: bool, batches: list[int], steps: int, rounds: int) -> None:
     import torch
 
     from tokenmill import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM(model="default", num_threads=threads)
+    llm = LLM(model="default", num_threads=threads, adapt_threads=adapt)
     eng = llm.engine
     last = os.cpu_count() - 1
     out: dict[str, dict[str, list[float]]] = {}
     for b in batches:
         params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
         for i in range(b):
-            eng.add_request(f"Request {i}: tell me about the mill and the river, part {i}.", params,
+            eng.add_request(llm.tokenizer.encode(f"Request {i}: tell me about the mill and the river, part {i}."), params,
                             request_id=f"b{b}-{i}")
         for _ in range(8):  # every prompt in (they fit a step or two): the timed steps are decode only
             eng.step()
@@ -52,7 +55,7 @@ def child(threads: int, batches: list[int], steps: int, rounds: int) -> None:
                 if cond == "neighbour":
                     spin = subprocess.Popen([sys.executable, "-c", SPIN])
                     os.sched_setaffinity(spin.pid, {last})
-                    time.sleep(0.3)
+                time.sleep(SETTLE_S)
                 try:
                     for _ in range(steps):
                         t0 = time.perf_counter()
@@ -78,18 +81,19 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--adapt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.batches, args.steps, args.rounds)
+        child(args.child, args.adapt, args.batches, args.steps, args.rounds)
         return
 
     from tokenmill.kernels.cpu import cpu_name
 
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "steps": args.steps, "rounds": args.rounds, "variants": {}}
     for name in args.variants:
-        threads, env = VARIANTS[name]
+        threads, adapt, env = VARIANTS[name]
         cmd = [sys.executable, __file__, "--child", str(threads), "--steps", str(args.steps), "--rounds",
-               str(args.rounds), "--batches", *map(str, args.batches)]
+               str(args.rounds), "--batches", *map(str, args.batches), *(["--adapt"] if adapt else [])]
         proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

@@ -54,6 +54,10 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(1024, "Token budget of one engine step (prefill chunks + decodes).")
     max_num_seqs: int = _opt(128, "Most requests running at once.")
     num_threads: int | None = _opt(None, "Torch threads for model math; defaults to the cores this process may use.")
+    adapt_threads: bool = _opt(
+        True, "Run one math thread fewer for each core other processes keep busy, measured every second "
+        "(threads meet after every op: one stalled thread stalls the step). Only where the model computes "
+        "the same at any thread count (the native block kernels).")
     seed: int = _opt(0, "Seed for requests that carry none.")
     scheduling_policy: str = _opt(
         "fcfs", "Who goes first when demand outruns capacity. fcfs: by priority level, then arrival. "

@@ -13,9 +13,10 @@ from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.llama import LlamaModel, QuantSpec
 from tokenmill.models.loader import ModelSource
-from tokenmill.quant.block import RowKinds
+from tokenmill.quant.block import BLOCK_MODES, RowKinds
 from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
+from tokenmill.runner.threads import ThreadGovernor
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,20 @@ class ModelRunner:
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
         self.generators: dict[str, torch.Generator] = {}
         self.proposer = self._make_proposer()
+        self.threads = self._make_thread_governor()
+
+    def _make_thread_governor(self) -> ThreadGovernor | None:
+        """A governor of the math thread count, where results cannot depend on it: every linear on a native
+        block kernel (no dense float copy for prompts), attention on the native kernel, no draft model."""
+        if not self.config.adapt_threads or self.device.type != "cpu" or self.split_prompt_rows:
+            return None
+        from tokenmill.kernels.cpu import native
+
+        linears = [lin for layer in self.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if native() is None or self.config.speculative == "draft" or \
+                any(lin.kind not in BLOCK_MODES for lin in [*linears, self.model.lm_head]):
+            return None
+        return ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
 
     def _dense_from_rows(self, config: EngineConfig, arch) -> int | None:
         """Block formats with --prefill-dense-copy: the batch size from which a dense copy beats the block
@@ -201,6 +216,8 @@ class ModelRunner:
     def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
         """One step's forward pass and sampling. interrupt: see LlamaModel.forward (it is asked only before
         anything but K/V slots of this step's own positions has been written)."""
+        if self.threads is not None:
+            self.threads.before_step()
         ids: list[int] = []
         pos: list[int] = []
         logit_rows: list[int] = []
