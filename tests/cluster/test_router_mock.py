@@ -72,6 +72,17 @@ def test_client_errors_pass_through_and_do_not_count_as_replica_failures(client,
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.get(f"{router.url}/v1/nothing-here", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["message"]
+    # A request's own timeout is its error, not the replica's: a 408, or in a stream an error event with code
+    # 408, passed through as it came, however many arrive (they once took every replica out of rotation).
+    for i in range(8):
+        body = {"model": "default", "prompt": f"hi {i}", "max_tokens": 50, "timeout": 1e-9, "stream": i % 2 == 0}
+        r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30)
+        if body["stream"]:
+            assert r.status_code == 200, r.text
+            events = [ln.removeprefix("data: ") for ln in r.text.splitlines() if ln.startswith("data: ")]
+            assert events[-1] == "[DONE]" and '"code":408' in events[-2].replace(" ", ""), r.text
+        else:
+            assert r.status_code == 408 and "timed out" in r.json()["error"]["message"], r.text
     after = router.metrics()
     fails = {k: v for k, v in after.items() if k.startswith("tokenmill:router_replica_failures")}
     assert fails == {k: v for k, v in before.items() if k in fails}

@@ -1,8 +1,10 @@
 """Forwarding one request to a replica: retry before the first token, pass-through after it.
 
 A request goes to the replica the policy picked. If it fails before anything reached the client
-(connection refused or reset, timeout, 5xx or 429, or a stream that errs before its first token event), it
-is retried once on another replica. A non-streaming response is read whole before it is sent, so it is
+(connection refused or reset, timeout, 5xx or 429, or a stream whose error event before its first token
+says 5xx or 429), it is retried once on another replica. A 4xx the replica answered for the request itself
+(bad input, the request's own timeout), in a status or in a stream's error event, is passed through as it
+came and counts as the replica answering: only the replica's own failures count against its health. A non-streaming response is read whole before it is sent, so it is
 retried whenever it fails. Once a stream's first token event has gone out the response is committed:
 further bytes are relayed as they arrive (whole SSE events, never buffered beyond one), and a failure
 ends the stream with an OpenAI-style error event and `[DONE]`. A client that leaves closes the upstream
@@ -102,30 +104,37 @@ def _classify(e: httpx.HTTPError) -> tuple[str, bool]:
     return "reset", False
 
 
-def _first_event_state(buf: bytes) -> str:
-    """'wait' until a complete SSE event carries a token (or finishes); 'commit' then; 'error' if the
-    replica sent an error event before any token."""
+def _first_event_state(buf: bytes) -> tuple[str, int | None]:
+    """('wait', None) until a complete SSE event carries a token (or finishes); ('commit', None) then;
+    ('error', its code) if the replica sent an error event before any token (None: no usable code)."""
     for raw in buf.split(b"\n\n")[:-1]:
         data = b"".join(line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:"))
         if not data:
             continue
         if data == b"[DONE]":
-            return "commit"
+            return "commit", None
         try:
             obj = json.loads(data)
         except ValueError:
-            return "commit"  # not ours to judge: pass it through
+            return "commit", None  # not ours to judge: pass it through
         if not isinstance(obj, dict):
-            return "commit"
-        if obj.get("error"):
-            return "error"
+            return "commit", None
+        if err := obj.get("error"):
+            code = err.get("code") if isinstance(err, dict) else None
+            return "error", code if isinstance(code, int) and not isinstance(code, bool) else None
         if obj.get("usage"):
-            return "commit"
+            return "commit", None
         for c in obj.get("choices") or ():
             delta = c.get("delta") or {}
             if c.get("text") or delta.get("content") or c.get("finish_reason") or c.get("logprobs"):
-                return "commit"
-    return "wait"
+                return "commit", None
+    return "wait", None
+
+
+def is_client_error(code: int | None) -> bool:
+    """A 4xx the replica answered for the request itself (bad input, its own timeout): the client's to see,
+    no fault of the replica. 429 (that replica is full) is not one: another replica may take it."""
+    return code is not None and 400 <= code < 500 and code != 429
 
 
 class Forwarder:
@@ -198,7 +207,7 @@ class Forwarder:
             # A stream: hold it until its first token event, so a failure before that can still be retried.
             chunks = resp.aiter_raw()
             buf = b""
-            state = "wait"
+            state, code = "wait", None
             try:
                 while state == "wait":
                     try:
@@ -206,20 +215,26 @@ class Forwarder:
                     except StopAsyncIteration:
                         state = "ended"
                         break
-                    state = _first_event_state(buf)
+                    state, code = _first_event_state(buf)
             except httpx.HTTPError as e:
                 kind, _ = _classify(e)
                 self._failed(r, kind, f"stream before its first token: {type(e).__name__}: {e}")
                 return Retry(kind, error_response(502, f"replica {r.name} failed before the first token: {kind}",
                                                   "upstream_error"))
+            if state == "error" and code == 429:
+                return Retry("status_429", error_response(429, f"replica {r.name} is full", "rate_limit_exceeded"))
+            client_error = state == "error" and is_client_error(code)
+            if client_error:
+                state = "commit"  # the request's own error (e.g. its timeout): passed through, the replica is fine
             if state == "error" or (state == "ended" and not buf.rstrip().endswith(b"[DONE]")):
                 self._failed(r, "status_5xx", "stream failed before its first token")
                 return Retry("status_5xx", error_response(
                     502, f"replica {r.name} failed before the first token", "upstream_error"))
             if watch.gone.done():
                 raise ClientGone()
-            load.first_token()
-            self.on_first_token(time.monotonic() - arrival)
+            if not client_error:
+                load.first_token()
+                self.on_first_token(time.monotonic() - arrival)
             committed = True
             headers = {**SSE_HEADERS, "x-tokenmill-replica": r.name}
 
