@@ -66,3 +66,60 @@ def test_engine_that_cannot_start_exits_nonzero(tmp_path):
     assert code != 0
     assert "broken.gguf" in s.log_text()
     s.remove_log()
+
+
+def test_a_wedged_engine_still_gets_answers_and_health_says_so():
+    """A stopped (SIGSTOP) engine neither enforces deadlines nor reports: the frontend answers requests past
+    their `timeout` with 408 itself, and after --engine-watchdog seconds of silence fails in-flight requests
+    with 503 and says 503 on /health, until the engine speaks again."""
+    s = start_server("--no-inproc", "--engine-watchdog", "8")
+    try:
+        result: dict = {}
+
+        def long_request() -> None:
+            body = {"prompt": "Write a long story.", "max_tokens": 4000, "ignore_eos": True}
+            result["response"] = httpx.post(f"{s.url}/v1/completions", json=body, timeout=120)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.monotonic() + 60
+        while s.metrics().get("tokenmill:num_requests_running", 0) < 1:
+            assert time.monotonic() < deadline, s.log_text()
+            time.sleep(0.1)
+        pid = s.engine_pid()
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 8, "timeout": 1.5},
+                           timeout=30)
+            assert r.status_code == 408 and "timed out" in r.json()["error"]["message"], r.text
+            assert time.monotonic() - t0 < 5
+            with httpx.stream("POST", f"{s.url}/v1/completions", timeout=30,
+                              json={"prompt": "hi", "max_tokens": 8, "timeout": 1.5, "stream": True}) as r:
+                text = r.read().decode()
+            assert '"code":408' in text.replace(" ", "") and text.rstrip().endswith("data: [DONE]"), text
+
+            while time.monotonic() - stopped_at < 8.5:
+                time.sleep(0.25)
+            deadline = time.monotonic() + 5
+            while (h := httpx.get(f"{s.url}/health", timeout=5)).status_code == 200:
+                assert time.monotonic() < deadline, s.log_text()
+                time.sleep(0.25)
+            assert h.status_code == 503 and h.json()["status"] == "engine_unresponsive"
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=30)
+            assert r.status_code == 503 and "not answered" in r.json()["error"]["message"], r.text
+            t.join(30)
+            assert result["response"].status_code == 503, result["response"].text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{s.url}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, s.log_text()
+            time.sleep(0.25)
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        assert "taken as wedged" in s.log_text() and "answers again" in s.log_text()
+    finally:
+        assert s.stop() == 0, s.log_text()
+        s.remove_log()

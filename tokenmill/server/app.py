@@ -238,8 +238,9 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
 
     @app.get("/health")
     async def health() -> Response:
-        ok = frontend.state.value == "ready"
-        body: dict[str, Any] = {"status": "ok" if ok else frontend.state.value}
+        ok = frontend.state.value == "ready" and not frontend.unresponsive
+        body: dict[str, Any] = {"status": "ok" if ok else "engine_unresponsive" if frontend.unresponsive
+                                else frontend.state.value}
         if frontend.death_reason and not ok:
             body["reason"] = frontend.death_reason
         return json_response(body, 200 if ok else 503)

@@ -49,6 +49,11 @@ class ServerConfig:
     request_timeout: float | None = _opt(
         None, "Default deadline in seconds for requests that set no `timeout`: past it a request is aborted, "
         "its KV blocks freed, and it is answered with a 408 timeout error (an error event, if streaming).")
+    engine_watchdog: float = _opt(
+        30.0, "Seconds without a word from the engine (it reports after every step, and once a second when idle) "
+        "after which it is taken as wedged: /health answers 503, new requests get 503 and in-flight ones fail "
+        "with 503, until it speaks again. Requests' own deadlines are enforced here too, so a wedged engine's "
+        "requests still end 408 on time. 0 turns the silence check off.")
     mock: bool = _opt(False, "Serve a mock engine: the real API, scheduler, prefix cache and metrics, but no model "
                              "(steps sleep for a modelled time and emit ordinary tokens; no torch; of the engine flags "
                              "that shape the model only --dtype matters, for sizing the KV cache). For testing "
@@ -73,6 +78,8 @@ class ServerConfig:
             raise ConfigError("mock step times must be >= 0")
         if self.max_n < 1:
             raise ConfigError("max_n must be >= 1")
+        if not 0 <= self.engine_watchdog < float("inf"):
+            raise ConfigError(f"engine_watchdog must be >= 0 seconds, got {self.engine_watchdog}")
         if self.max_request_cost < 1:
             raise ConfigError("max_request_cost must be >= 1")
         from tokenmill.server.auth import load_api_keys

@@ -59,6 +59,10 @@ class ServerUnavailableError(TokenmillError):
         self.reason = reason
 
 
+WATCH_INTERVAL_S = 0.25
+DEADLINE_GRACE_S = 1.0  # past a request's deadline, how long the engine has to answer it itself
+
+
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -142,6 +146,9 @@ class Frontend:
         self._token_text: dict[int, str] = {}
         self._ready: asyncio.Future[Ready] | None = None
         self._start_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.last_heard = time.monotonic()  # the engine's last message of any kind
+        self.unresponsive = False  # silent past --engine-watchdog: taken as wedged until it speaks again
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,6 +172,8 @@ class Frontend:
         if self.state is State.STARTING:
             freeze_startup_heap()  # the app, the tokenizer (and an in-process engine): never walked again
             self.state = State.READY
+            self.last_heard = time.monotonic()
+            self._watch_task = loop.create_task(self._watch())
             logger.info("ready in %.1fs: model %r, context %d tokens, KV cache %d tokens (%d blocks), engine %s",
                         time.monotonic() - t0, self.model_name, self.info.max_model_len,
                         self.kv_capacity_tokens, self.info.num_blocks,
@@ -193,6 +202,9 @@ class Frontend:
         return min(self.info.max_model_len, self.kv_capacity_tokens)
 
     def check_available(self) -> None:
+        if self.state is State.READY and self.unresponsive:
+            raise ServerUnavailableError(f"service unavailable: the engine has not answered for "
+                                         f"{time.monotonic() - self.last_heard:.0f}s", "engine_unresponsive")
         if self.state is State.READY:
             return
         reason = {State.STARTING: "starting", State.DRAINING: "draining"}.get(self.state, "engine_dead")
@@ -243,6 +255,8 @@ class Frontend:
     async def shutdown(self) -> None:
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self._handles:
             self._fail_all(ServerUnavailableError("the server is shutting down", "draining"))
         if self.state is not State.DEAD:
@@ -365,8 +379,41 @@ class Frontend:
     def retry_after(self) -> int:
         return max(1, min(60, math.ceil(self._queue_time_ewma)))
 
+    # -- the watchdog: deadlines and a silent engine, seen from this side ------------------------------------
+    async def _watch(self) -> None:
+        """The engine enforces deadlines and reports, but a wedged engine (stopped, stuck in a kernel, swapped
+        out) does neither: past a request's deadline (plus a grace for the engine's own answer) it is answered
+        408 here, and past --engine-watchdog of silence every request is failed 503 and /health says 503."""
+        while self.state in (State.READY, State.DRAINING):
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            for h in list(self._handles):
+                if h.timeout_s is not None and not h.done and now > h.arrival + h.timeout_s + DEADLINE_GRACE_S:
+                    logger.warning("request %s is past its deadline with no answer from the engine: 408",
+                                   h.request_id)
+                    h.timed_out = True
+                    for s in h.seqs:
+                        if s.request_id in self._seqs:
+                            self.metrics.by("timeouts", s.labels)
+                    self.abort(h)
+                    self._abandon(h, self._timeout_error(h))
+            watchdog = self.config.engine_watchdog
+            if watchdog and not self.unresponsive and now - self.last_heard > watchdog:
+                self.unresponsive = True
+                logger.error("the engine has sent nothing for %.0fs (--engine-watchdog %gs): taken as wedged; "
+                             "failing %d in-flight requests, /health 503 until it answers", now - self.last_heard,
+                             watchdog, len(self._handles))
+                for h in list(self._handles):
+                    self.abort(h)  # so a thawed engine drops them
+                self._fail_all(ServerUnavailableError("the engine stopped answering; retry later",
+                                                      "engine_unresponsive"))
+
     # -- engine messages ---------------------------------------------------------------------------------
     def _on_message(self, msg: FromEngine) -> None:
+        self.last_heard = time.monotonic()
+        if self.unresponsive:
+            self.unresponsive = False
+            logger.warning("the engine answers again: taking requests")
         if isinstance(msg, Updates):
             self.stats = msg.stats
             self.metrics.engine.stats = msg.stats
