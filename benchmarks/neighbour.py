@@ -28,7 +28,7 @@ VARIANTS = {  # name -> (torch threads, --adapt-threads, extra environment)
     "2 threads, passive wait": (2, False, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "1 thread": (1, False, {}),
 }
-SETTLE_S = 1.2  # after the neighbour starts or stops: the governor looks once a second
+SETTLE_S = 1.2  # the governor looks once a second, at the CPU used since it last looked
 
 
 def child(threads: int, adapt: bool, batches: list[int], steps: int, rounds: int) -> None:
@@ -48,19 +48,24 @@ def child(threads: int, adapt: bool, batches: list[int], steps: int, rounds: int
                             request_id=f"b{b}-{i}")
         for _ in range(8):  # every prompt in (they fit a step or two): the timed steps are decode only
             eng.step()
-        times: dict[str, list[float]] = {"idle": [], "neighbour": []}
+        times: dict[str, list[float]] = {"idle": [], "neighbour": [], "idle_threads": [], "neighbour_threads": []}
         for _ in range(rounds):
             for cond in ("idle", "neighbour"):
                 spin = None
                 if cond == "neighbour":
                     spin = subprocess.Popen([sys.executable, "-c", SPIN])
                     os.sched_setaffinity(spin.pid, {last})
+                # Steady state: an untimed step after one interval (its look spans both conditions), then a
+                # second interval, so the first timed step's look sees only this one.
+                time.sleep(SETTLE_S)
+                eng.step()
                 time.sleep(SETTLE_S)
                 try:
                     for _ in range(steps):
                         t0 = time.perf_counter()
                         eng.step()
                         times[cond].append(time.perf_counter() - t0)
+                        times[f"{cond}_threads"].append(torch.get_num_threads())
                 finally:
                     if spin is not None:
                         spin.kill()
@@ -103,9 +108,12 @@ def main() -> None:
         for b, t in per_batch.items():
             idle, busy = statistics.median(t["idle"]), statistics.median(t["neighbour"])
             results["variants"][name][b] = {"idle_ms": idle * 1e3, "neighbour_ms": busy * 1e3, "ratio": busy / idle,
-                                            "neighbour_p90_ms": sorted(t["neighbour"])[int(0.9 * len(t["neighbour"]))] * 1e3}
+                                            "neighbour_p90_ms": sorted(t["neighbour"])[int(0.9 * len(t["neighbour"]))] * 1e3,
+                                            "idle_threads_mean": statistics.mean(t["idle_threads"]),
+                                            "neighbour_threads_mean": statistics.mean(t["neighbour_threads"])}
             print(f"{name:>24} batch {b:>3}: idle {idle * 1e3:7.1f} ms, neighbour {busy * 1e3:7.1f} ms "
-                  f"({busy / idle:.2f}x), neighbour p90 {results['variants'][name][b]['neighbour_p90_ms']:.1f} ms",
+                  f"({busy / idle:.2f}x), neighbour p90 {results['variants'][name][b]['neighbour_p90_ms']:.1f} ms; "
+                  f"threads {statistics.mean(t['idle_threads']):.1f} / {statistics.mean(t['neighbour_threads']):.1f}",
                   flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -211,3 +211,35 @@ def test_router_metrics_exposition(router):
                  'tokenmill:router_replica_kv_usage{replica="replica-2"}'):
         assert name in m, name
     assert m["tokenmill:router_time_to_first_token_seconds_count"] > 0
+
+
+def test_the_router_guards_its_door_as_the_server_does(router):
+    """Bound to loopback: a foreign Host is refused (DNS rebinding); POST bodies must be JSON (a page cannot
+    send that cross-origin without a preflight); bodies past --max-body-bytes get 413; each is counted."""
+    url = f"{router.url}/v1/completions"
+    body = {"model": "default", "prompt": "hi", "max_tokens": 2}
+    r = httpx.post(url, json=body, headers={"Host": "evil.example"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    r = httpx.post(url, content=b'{"prompt": "hi"}', headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.post(url, content=b"x" * (5 << 20), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert httpx.post(url, json=body, timeout=30).status_code == 200
+    m = router.metrics()
+    for reason in ("bad_host", "unsupported_media_type", "body_too_large"):
+        assert m[f'tokenmill:router_unrouted_total{{reason="{reason}"}}'] >= 1, reason
+
+
+def test_the_router_checks_api_keys():
+    r = start_router("--spawn", "1", "--mock", "--api-key", "k1,k2", replicas=1)
+    try:
+        url = f"{r.url}/v1/completions"
+        body = {"model": "default", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=30).status_code == 401
+        for key in ("k1", "k2"):
+            got = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            assert got.status_code == 200, got.text
+        assert httpx.get(f"{r.url}/health", timeout=30).status_code == 200  # health needs no key
+    finally:
+        assert r.stop() == 0, r.log_text()

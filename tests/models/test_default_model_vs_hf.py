@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hf_reference import check_logprobs_close, hf_greedy
 
 from tokenmill import LLM, SamplingParams
@@ -36,12 +35,8 @@ def llm(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    return m.eval()
+def hf_model(hf_default_model):
+    return hf_default_model
 
 
 @pytest.fixture(scope="module")

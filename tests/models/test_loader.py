@@ -50,12 +50,9 @@ def test_default_arch_config(default_source):
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(default_source):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_source.path.parent), gguf_file=default_source.path.name, dtype=torch.float32
-    )
-    return model.state_dict()
+def hf_state_dict(default_source, hf_default_model, gguf_path):
+    assert default_source.path.resolve() == gguf_path.resolve()
+    return hf_default_model.state_dict()
 
 
 @pytest.mark.slow

@@ -20,6 +20,9 @@ class RouterConfig:
 
     host: str = _opt("127.0.0.1", "Address to listen on.")
     port: int = _opt(8000, "TCP port to listen on.")
+    allowed_hosts: str | None = _opt(
+        None, "Comma-separated Host header names accepted (a port may follow each). Default: bound to a loopback "
+        "address, only localhost, 127.0.0.1 and [::1] (no DNS rebinding from a web page); bound elsewhere, any.")
     replicas: str | None = _opt(None, "Comma-separated base URLs of running replicas, e.g. "
                                       "http://10.0.0.2:8000,http://10.0.0.3:8000.")
     spawn: int = _opt(0, "Start and supervise this many local `tokenmill serve` replicas on free loopback ports "

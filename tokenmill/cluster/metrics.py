@@ -85,7 +85,7 @@ class RouterMetrics:
             self.decisions.labels(policy, reason)
         for reason in ("connect", "status_5xx", "status_429", "timeout", "reset", "down"):
             self.retries.labels(reason)
-        for reason in ("no_replica", "body_too_large", "unauthorized"):
+        for reason in ("no_replica", "body_too_large", "unauthorized", "bad_host", "unsupported_media_type"):
             self.unrouted.labels(reason)
 
     def watch(self, replicas: Callable[[], list[Replica]]) -> None:

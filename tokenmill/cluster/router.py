@@ -30,11 +30,11 @@ from tokenmill.cluster.proxy import Forwarder, Retry, error_response
 from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
 from tokenmill.config import EngineConfig
 from tokenmill.gc_control import freeze_startup_heap
-from tokenmill.server.auth import authorized, load_api_keys
+from tokenmill.server.auth import load_api_keys
+from tokenmill.server.guard import Guard, host_allow_list
 
 logger = logging.getLogger(__name__)
 
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
 
 class Router:
@@ -175,38 +175,13 @@ def build_router_app(router: Router) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
 
-    api_keys = load_api_keys(config.api_key, config.api_key_file)
-
-    def unauthorized(request: Request) -> Response | None:
-        if not api_keys or not request.url.path.startswith(_PROTECTED):
-            return None
-        if authorized(request.headers.get("authorization", ""), api_keys):
-            return None
-        metrics.unrouted.labels("unauthorized").inc()
-        return error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                              "invalid_request_error")
-
-    async def read_body(request: Request) -> bytes | Response:
-        limit = int(config.max_body_bytes)
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > limit:
-            metrics.unrouted.labels("body_too_large").inc()
-            return error_response(413, f"request body is larger than {limit} bytes", "invalid_request_error")
-        chunks, n = [], 0
-        async for c in request.stream():
-            n += len(c)
-            if n > limit:
-                metrics.unrouted.labels("body_too_large").inc()
-                return error_response(413, f"request body is larger than {limit} bytes", "invalid_request_error")
-            chunks.append(c)
-        return b"".join(chunks)
+    # The same guard as the server's: Host allow-list on a loopback bind, API key, JSON-only POST, body size.
+    app.add_middleware(Guard, api_keys=load_api_keys(config.api_key, config.api_key_file),
+                       max_body=int(config.max_body_bytes), hosts=host_allow_list(config.host, config.allowed_hosts),
+                       on_reject=lambda reason: metrics.unrouted.labels(reason).inc())
 
     async def post(request: Request, generate: bool) -> Response:
-        if (denied := unauthorized(request)) is not None:
-            return denied
-        body = await read_body(request)
-        if isinstance(body, Response):
-            return body
+        body = await request.body()  # read and bounded by the guard already
         try:
             parsed = json.loads(body)
         except ValueError:
@@ -232,8 +207,6 @@ def build_router_app(router: Router) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        if (denied := unauthorized(request)) is not None:
-            return denied
         return await router.forward(request, "GET", "/v1/models", None, None, False)
 
     @app.get("/health")

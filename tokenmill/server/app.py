@@ -1,11 +1,10 @@
-"""The FastAPI application: routes, one place mapping errors to OpenAI error bodies, and a guard middleware
-(API key, body size) written as plain ASGI so streaming responses still see client disconnects."""
+"""The FastAPI application: routes, one place mapping errors to OpenAI error bodies, behind the guard
+middleware (tokenmill/server/guard.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,17 +23,14 @@ from tokenmill.server.api_models import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from tokenmill.server.auth import authorized, load_api_keys
+from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.frontend import Frontend, ServerUnavailableError
+from tokenmill.server.guard import Guard, host_allow_list
 from tokenmill.server.openai_api import OpenAIServing, json_response
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: Any = None,
@@ -60,106 +56,6 @@ def _validation_message(e: ValidationError | RequestValidationError) -> tuple[st
     return f"invalid value for '{name}': {err.get('msg', 'invalid')}", param
 
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
-
-
-def host_allow_list(config: ServerConfig) -> frozenset[str] | None:
-    """Host header names to accept (None: any). Bound to loopback, only loopback names: a page in a browser
-    on this machine that rebinds its own domain to 127.0.0.1 then sends its domain as Host and is refused."""
-    if config.allowed_hosts:
-        return frozenset(h.strip().lower() for h in config.allowed_hosts.split(",") if h.strip())
-    return frozenset(LOOPBACK_NAMES) if is_loopback(config.host) else None
-
-
-def is_loopback(host: str) -> bool:
-    """Is this bind address reachable from this machine only?"""
-    return host in LOOPBACK_NAMES or host.startswith("127.")
-
-
-def _host_name(value: str) -> str:
-    """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '[::1]'."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        return value[: value.find("]") + 1] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-class GuardMiddleware:
-    """Host allow-list (400), API key on protected paths (401), JSON-only POST bodies (415) and a body size
-    limit (413) before the app reads a byte too many."""
-
-    def __init__(self, app: Callable, config: ServerConfig, frontend: Frontend, check_host: bool = True):
-        self.app = app
-        self.api_keys = load_api_keys(config.api_key, config.api_key_file)
-        self.max_body = int(config.max_body_bytes)
-        self.hosts = host_allow_list(config) if check_host else None
-        self.frontend = frontend
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope["path"]
-        headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in (b"host", b"content-type")}
-        if self.hosts is not None and _host_name(headers.get(b"host", "")) not in self.hosts:
-            self.frontend.metrics.rejected("bad_host")
-            resp = error_response(400, "Host header not allowed (see --allowed-hosts)", "invalid_request_error",
-                                  code="invalid_host")
-            return await resp(scope, receive, send)
-        if self.api_keys and path.startswith(_PROTECTED):
-            auth = ""
-            for k, v in scope["headers"]:
-                if k == b"authorization":
-                    auth = v.decode("latin-1")
-            if not authorized(auth, self.api_keys):
-                self.frontend.metrics.rejected("unauthorized")
-                resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                      "invalid_request_error", code="invalid_api_key")
-                return await resp(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # Read the whole body up front (bounded), then replay it: our bodies are JSON and small.
-        for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > self.max_body:
-                return await self._too_large(scope, receive, send)
-        # JSON only: a page can POST text/plain or a form to any origin without asking the browser's
-        # permission (a "simple" request); application/json needs a CORS preflight, which this server fails.
-        media = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
-        if media != "application/json":
-            self.frontend.metrics.rejected("unsupported_media_type")
-            resp = error_response(415, f"the request body must be application/json, got "
-                                       f"{media or 'no Content-Type'}", "invalid_request_error",
-                                  code="unsupported_media_type")
-            return await resp(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > self.max_body:
-                return await self._too_large(scope, receive, send)
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # then http.disconnect, whenever the client leaves
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.frontend.metrics.rejected("body_too_large")
-        resp = error_response(413, f"request body is larger than {self.max_body} bytes", "invalid_request_error",
-                              headers={"Connection": "close"})
-        await resp(scope, receive, send)
-
-
 def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, listening: bool = True) -> FastAPI:
     """listening: the app owns the socket clients reach (False inside a Ray replica, where the ingress does;
     the Host a client sent is then the ingress's name, not this app's)."""
@@ -174,7 +70,10 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
 
     app = FastAPI(title="tokenmill", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API of a tokenmill engine replica.")
-    app.add_middleware(GuardMiddleware, config=config, frontend=frontend, check_host=listening)
+    app.add_middleware(Guard, api_keys=load_api_keys(config.api_key, config.api_key_file),
+                       max_body=int(config.max_body_bytes),
+                       hosts=host_allow_list(config.host, config.allowed_hosts) if listening else None,
+                       on_reject=frontend.metrics.rejected)
     metrics = frontend.metrics
 
     # -- errors: one mapping to OpenAI's shape ------------------------------------------------------------

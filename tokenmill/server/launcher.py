@@ -10,10 +10,11 @@ from types import FrameType
 import uvicorn
 
 from tokenmill.config import EngineConfig
-from tokenmill.server.app import build_app, is_loopback
+from tokenmill.server.app import build_app
 from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.frontend import Frontend, State
+from tokenmill.server.guard import is_loopback
 
 logger = logging.getLogger(__name__)
 
