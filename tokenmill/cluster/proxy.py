@@ -2,13 +2,14 @@
 
 A request goes to the replica the policy picked. If it fails before anything reached the client
 (connection refused or reset, timeout, 5xx or 429, or a stream whose error event before its first token
-says 5xx or 429), it is retried once on another replica. A 4xx the replica answered for the request itself
-(bad input, the request's own timeout), in a status or in a stream's error event, is passed through as it
-came and counts as the replica answering: only the replica's own failures count against its health. A non-streaming response is read whole before it is sent, so it is
-retried whenever it fails. Once a stream's first token event has gone out the response is committed:
-further bytes are relayed as they arrive (whole SSE events, never buffered beyond one), and a failure
-ends the stream with an OpenAI-style error event and `[DONE]`. A client that leaves closes the upstream
-connection, which the replica turns into an abort.
+says 5xx or 429), it is retried once on another replica. A 4xx the replica answered for the request
+itself (bad input, the request's own timeout), in a status or in a stream's error event, is passed through
+as it came and counts as the replica answering: only the replica's own failures count against its
+health. A non-streaming response is read whole before it is sent, so it is retried whenever it fails.
+Once a stream's first token event has gone out the response is committed: further bytes are relayed as
+they arrive (whole SSE events, never buffered beyond one), and a failure ends the stream with an
+OpenAI-style error event and `[DONE]`. A client that leaves closes the upstream connection, which the
+replica turns into an abort.
 """
 
 from __future__ import annotations

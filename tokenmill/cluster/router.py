@@ -36,7 +36,6 @@ from tokenmill.server.guard import Guard, host_allow_list
 logger = logging.getLogger(__name__)
 
 
-
 class Router:
     """Routing state for one router process: the replica set, the policy, the tokenizer, metrics.
 

@@ -3,10 +3,10 @@
 The engine's math threads meet at a barrier after every op (OpenMP). When another process keeps one of
 the cores busy, the thread sharing that core runs half the time and every op waits for it, while its
 sibling spins: measured on the 2-core AMD EPYC (benchmarks/neighbour.py), a decode step of 32 sequences
-went from 123 ms to 443 ms median (3.6x) beside one CPU-bound process, and batch-1 steps had a p90 of
-179 ms against 15 ms idle. With one thread fewer, the same steps took 220 ms and 19 ms. So between steps
-the governor looks at how much CPU the rest of the machine used since it last looked and gives the engine
-the cores that are left.
+went from 127 ms to 462 ms median (3.6x) beside one CPU-bound process, and batch-1 steps had a p90 of
+142 ms against 15 ms idle. On one thread the same steps took 223 ms and 16 ms. So between steps the
+governor looks at how much CPU other processes used on this process's cores since it last looked and
+gives the engine the cores that are left.
 
 Changing the thread count must not change results: the runner enables this only for models whose every
 op computes a row the same at any thread count (the native block kernels; a float BLAS GEMM may round
@@ -26,16 +26,33 @@ logger = logging.getLogger(__name__)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def machine_busy_ticks() -> int | None:
-    """CPU time every process on the machine has used (clock ticks), or None off Linux."""
+def busy_ticks_on(cpus: set[int] | None = None) -> int | None:
+    """CPU time every process has used on these CPUs (clock ticks; None: all), or None off Linux."""
+    total = 0
     try:
         with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
+            for line in f:
+                if not line.startswith("cpu"):
+                    break
+                name, *fields = line.split()
+                if name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+                    continue
+                # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+                v = [int(x) for x in fields[:8]]
+                total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    except (OSError, ValueError):
         return None
-    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
-    v = [int(x) for x in fields[1:9]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    return total
+
+
+def machine_busy_ticks() -> int | None:
+    """CPU time every process has used on the cores this process may run on (others' use of other cores
+    is no concern of its threads)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = None
+    return busy_ticks_on(cpus)
 
 
 def own_ticks() -> int | None:
