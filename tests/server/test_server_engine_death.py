@@ -23,11 +23,13 @@ def server() -> ServerProcess:
     s.remove_log()
 
 
-def test_engine_death_gives_503_and_nonzero_exit(server):
+def _long_request_running(server: ServerProcess, max_tokens: int) -> tuple[threading.Thread, dict]:
+    """A long completion in a thread, returned once the engine runs it; its response (or HTTP error) lands in
+    the dict when it ends."""
     result: dict = {}
 
     def long_request() -> None:
-        body = {"prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": True}
+        body = {"prompt": "Write a long story.", "max_tokens": max_tokens, "ignore_eos": True}
         try:
             result["response"] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
         except httpx.HTTPError as e:
@@ -39,6 +41,11 @@ def test_engine_death_gives_503_and_nonzero_exit(server):
     while server.metrics().get("tokenmill:num_requests_running", 0) < 1:
         assert time.monotonic() < deadline, server.log_text()
         time.sleep(0.1)
+    return t, result
+
+
+def test_engine_death_gives_503_and_nonzero_exit(server):
+    t, result = _long_request_running(server, 2000)
     os.kill(server.engine_pid(), signal.SIGKILL)
     t.join(60)
     r = result.get("response")
@@ -74,18 +81,7 @@ def test_a_wedged_engine_still_gets_answers_and_health_says_so():
     with 503 and says 503 on /health, until the engine speaks again."""
     s = start_server("--no-inproc", "--engine-watchdog", "8")
     try:
-        result: dict = {}
-
-        def long_request() -> None:
-            body = {"prompt": "Write a long story.", "max_tokens": 4000, "ignore_eos": True}
-            result["response"] = httpx.post(f"{s.url}/v1/completions", json=body, timeout=120)
-
-        t = threading.Thread(target=long_request)
-        t.start()
-        deadline = time.monotonic() + 60
-        while s.metrics().get("tokenmill:num_requests_running", 0) < 1:
-            assert time.monotonic() < deadline, s.log_text()
-            time.sleep(0.1)
+        t, result = _long_request_running(s, 4000)
         pid = s.engine_pid()
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -110,6 +106,7 @@ def test_a_wedged_engine_still_gets_answers_and_health_says_so():
             r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=30)
             assert r.status_code == 503 and "not answered" in r.json()["error"]["message"], r.text
             t.join(30)
+            assert "response" in result, result
             assert result["response"].status_code == 503, result["response"].text
         finally:
             os.kill(pid, signal.SIGCONT)

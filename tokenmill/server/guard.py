@@ -50,7 +50,7 @@ def _error(status: int, message: str, code: str | int, headers: dict[str, str] |
 class Guard:
     """on_reject(reason) counts each refusal: bad_host, unauthorized, unsupported_media_type, body_too_large."""
 
-    def __init__(self, app: Callable, *, api_keys: list[str], max_body: int, hosts: frozenset[str] | None,
+    def __init__(self, app: Callable, *, api_keys: frozenset[str], max_body: int, hosts: frozenset[str] | None,
                  on_reject: Callable[[str], None]):
         self.app = app
         self.api_keys = api_keys
