@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 256  # distinct ids: each is checked against every new token
@@ -37,6 +38,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None  # the output must match this (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,3 +104,7 @@ class SamplingParams:
                 raise bad("logit_bias", f"keys must be token ids, got {tok!r}")
             if not (-100.0 <= bias <= 100.0):
                 raise bad("logit_bias", f"values must be in [-100, 100], got {bias!r}")
+        if self.structured_output is not None:
+            if self.min_tokens:  # a finished grammar allows only end-of-sequence, which min_tokens forbids
+                raise bad("min_tokens", "cannot be combined with structured output")
+            compile_grammar(self.structured_output)  # a malformed constraint is the caller's 400 (cached)

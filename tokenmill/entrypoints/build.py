@@ -35,7 +35,7 @@ def build_replica(config: EngineConfig) -> Replica:
     from tokenmill.runner.model_runner import ModelRunner  # torch lives below this line only
 
     source, tokenizer = load_tokenizer(config)
-    runner = ModelRunner(config, source, tokenizer.eos_token_ids)
+    runner = ModelRunner(config, source, tokenizer.eos_token_ids, tokenizer.to_json())
     policy = policy_from_config(config)
     engine = EngineCore(runner, source.arch.vocab_size, tokenizer.eos_token_ids,
                         max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -15,8 +16,15 @@ from tokenmill.models.llama import LlamaModel, QuantSpec
 from tokenmill.models.loader import ModelSource
 from tokenmill.quant.block import BLOCK_MODES, RowKinds
 from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
-from tokenmill.runner.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
+from tokenmill.runner.sampler import (
+    Sampler,
+    SamplingRow,
+    apply_token_bitmask,
+    make_generator,
+    prompt_logprobs,
+)
 from tokenmill.runner.threads import ThreadGovernor
+from tokenmill.structured.masks import GrammarMasks, MaskRequest, StepMasks
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +97,10 @@ def attention_entries(chunks: list[tuple[int, int, list[int], bool]]) -> tuple[l
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: list[int]):
+    def __init__(self, config: EngineConfig, source: ModelSource, eos_token_ids: list[int],
+                 tokenizer_json: str | None = None):
+        """tokenizer_json: the model's tokenizer.json text, for structured output's token masks (without it,
+        a constrained request fails)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -133,6 +144,7 @@ class ModelRunner:
                                torch.zeros(shape, dtype=self.dtype, device=self.device))
                               for _ in range(arch.num_layers)]
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
+        self.grammar = GrammarMasks(tokenizer_json, arch.vocab_size, eos_token_ids) if tokenizer_json else None
         self.generators: dict[str, torch.Generator] = {}
         self.proposer = self._make_proposer()
         self.threads = self._make_thread_governor()
@@ -209,6 +221,8 @@ class ModelRunner:
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.generators.pop(rid, None)
+        if self.grammar is not None:
+            self.grammar.release(request_ids)
         if self.proposer is not None:
             self.proposer.release(request_ids)
 
@@ -218,6 +232,7 @@ class ModelRunner:
         anything but K/V slots of this step's own positions has been written)."""
         if self.threads is not None:
             self.threads.before_step()
+        masks = self._start_masks(seqs)  # computed on a worker thread while the forward pass runs
         ids: list[int] = []
         pos: list[int] = []
         logit_rows: list[int] = []
@@ -247,18 +262,35 @@ class ModelRunner:
                                     torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt,
                                     RowKinds.from_mask(is_prompt, dev) if is_prompt else None,
                                     RowKinds.from_mask([is_prompt[r] for r in logit_rows], dev) if is_prompt else None)
-        return self._sample(seqs, logits)
+        return self._sample(seqs, logits, masks.result() if masks is not None else None)
 
-    def _sample(self, seqs: list[SeqInput], logits: torch.Tensor) -> RunnerOutput:
+    def _start_masks(self, seqs: list[SeqInput]) -> Future[StepMasks] | None:
+        wanted = [MaskRequest(s.request_id, s.params.structured_output, s.output_token_ids,
+                              s.token_ids[len(s.token_ids) - s.num_spec:] if s.num_spec and s.prompt_next_ids is None
+                              else [])
+                  for s in seqs if s.sample and s.params.structured_output is not None]
+        if not wanted:
+            return None
+        if self.grammar is None:
+            raise RuntimeError("structured output needs the runner to have the tokenizer (tokenizer_json)")
+        return self.grammar.start(wanted)
+
+    def _sample(self, seqs: list[SeqInput], logits: torch.Tensor, masks: StepMasks | None = None) -> RunnerOutput:
         out = RunnerOutput()
         rows: list[SamplingRow] = []
         sample_idx: list[int] = []
         owners: list[str] = []
         spec: list[tuple[SeqInput, int]] = []  # (seq, first logits row) of requests with proposals
+        masked_rows: list[int] = []  # logits rows under a structured-output mask, and their mask rows
+        mask_rows: list[int] = []
         r = 0
         for s in seqs:
+            first_mask = masks.first_row.get(s.request_id) if masks is not None else None
             if s.num_spec and s.sample and s.prompt_next_ids is None:
                 spec.append((s, r))
+                if first_mask is not None:
+                    masked_rows.extend(range(r, r + s.num_spec + 1))
+                    mask_rows.extend(range(first_mask, first_mask + s.num_spec + 1))
                 r += s.num_spec + 1
                 continue
             if s.prompt_next_ids is not None:
@@ -280,6 +312,12 @@ class ModelRunner:
                 rows.append(SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, self._generator(s)))
                 sample_idx.append(last)
                 owners.append(s.request_id)
+                if first_mask is not None:
+                    masked_rows.append(last)
+                    mask_rows.append(first_mask)
+        if masked_rows:
+            assert masks is not None
+            apply_token_bitmask(logits, masks.bitmask[mask_rows], masked_rows)
         if rows:
             in_order = sample_idx == list(range(logits.shape[0]))
             res = self.sampler(logits if in_order else logits[sample_idx], rows)

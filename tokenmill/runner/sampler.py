@@ -118,6 +118,24 @@ def _top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ns: list[int]
     return [SampledLogprobs(token_lp[i], top_ids[i][:n], top_lp[i][:n]) for i, n in enumerate(ns)]
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: logits[rows[i]] keeps only the tokens bitmask[i] allows (int32 words; bit j of word w
+    allows token 32w + j, llguidance's layout); every other column, padded ones included, becomes -inf.
+    Structured output's masks, applied before sampling or verification so both draw from the constrained
+    distribution (logprobs too, as in vLLM)."""
+    if not rows:
+        return
+    dev = logits.device
+    shifts = torch.arange(32, dtype=torch.int32, device=dev)
+    allowed = (bitmask.to(dev).unsqueeze(-1) >> shifts).bitwise_and_(1).flatten(1).bool()
+    cols = min(logits.shape[1], allowed.shape[1])
+    idx = _index(rows, dev)
+    sub = logits.index_select(0, idx)
+    sub[:, :cols].masked_fill_(~allowed[:, :cols], _NEG_INF)
+    sub[:, cols:] = _NEG_INF
+    logits.index_copy_(0, idx, sub)
+
+
 def _flat_ids(seqs: list[tuple[int, list[int]]], vocab: int, device: torch.device) -> torch.Tensor:
     """row * vocab + token for every token of every listed (row, tokens) pair."""
     toks: list[int] = []

@@ -22,6 +22,28 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # always enforced here: the output matches the schema whatever this says
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _SamplingFields(_Strict):
     model: str | None = None
     n: int | None = None
@@ -50,6 +72,13 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     # OpenAI parameters tokenmill does not implement. Accepted only when absent/null or at the value that
     # means "off", so a request is never served while silently ignoring what it asked for.
@@ -100,7 +129,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
@@ -112,7 +140,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "functions": [], "function_call": "none",
-        "response_format": {"type": "text"}, "modalities": ["text"], "audio": None, "prediction": None,
+        "modalities": ["text"], "audio": None, "prediction": None,
         "reasoning_effort": None, "web_search_options": None, "service_tier": "auto", "store": False,
         "metadata": None,
     }

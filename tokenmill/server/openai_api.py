@@ -19,6 +19,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
 from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 from tokenmill.server.frontend import Frontend, RequestHandle, Seq
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,42 @@ class OpenAIServing:
                 param=param)
         return requested
 
+    async def _structured(self, req: _SamplingFields) -> StructuredOutput | None:
+        """The request's output constraint, from whichever of response_format, structured_outputs and the
+        guided_* fields it used (one at most), compiled here (off the event loop) so a bad one is a 400."""
+        found: list[tuple[str, StructuredOutput]] = []
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", StructuredOutput(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidRequestError("response_format of type json_schema needs json_schema.schema",
+                                          param="response_format")
+            found.append(("response_format", StructuredOutput(json=rf.json_schema.schema_)))
+        so = req.structured_outputs
+        if so is not None:
+            found.append(("structured_outputs", StructuredOutput(
+                json=so.json_, json_object=bool(so.json_object), regex=so.regex, choice=so.choice, grammar=so.grammar)))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            value = getattr(req, name)
+            if value is not None:
+                found.append((name, StructuredOutput(**{kind: value})))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidRequestError(f"at most one output constraint per request, got {', '.join(n for n, _ in found)}",
+                                      param=found[1][0])
+        param, constraint = found[0]
+        try:
+            constraint.kind  # noqa: B018 - exactly one field set
+            await asyncio.to_thread(compile_grammar, constraint)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), param=param) from None
+        return constraint
+
     def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None,
-                         num_prompts: int) -> SamplingParams:
+                         num_prompts: int, structured: StructuredOutput | None = None) -> SamplingParams:
         info = self.frontend.info
         assert info is not None
         vocab = info.vocab_size
@@ -147,6 +182,8 @@ class OpenAIServing:
         if min_tokens > max_tokens:
             raise InvalidRequestError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})",
                                       param="min_tokens")
+        if structured is not None and min_tokens:
+            raise InvalidRequestError("min_tokens cannot be combined with structured output", param="min_tokens")
         if req.stream_options is not None and not req.stream:
             raise InvalidRequestError("stream_options is only allowed with stream=true", param="stream_options")
 
@@ -160,7 +197,7 @@ class OpenAIServing:
             frequency_penalty=opt(req.frequency_penalty, 0.0), seed=req.seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
             logit_bias=bias, skip_special_tokens=opt(req.skip_special_tokens, True),
-            include_stop_str_in_output=bool(req.include_stop_str_in_output))
+            include_stop_str_in_output=bool(req.include_stop_str_in_output), structured_output=structured)
 
     def _priority(self, req: _SamplingFields) -> int:
         p = 0 if req.priority is None else req.priority
@@ -217,7 +254,7 @@ class OpenAIServing:
         for ids in prompts:
             self._check_ids(ids, "prompt")
         max_tokens = self._max_tokens(req.max_tokens, 16, [len(x) for x in prompts], "max_tokens")
-        params = self._sampling_params(req, max_tokens, req.logprobs, len(prompts))
+        params = self._sampling_params(req, max_tokens, req.logprobs, len(prompts), await self._structured(req))
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = fe.submit(rid, prompts, params, arrival=arrival, stream=bool(req.stream),
                            **self._scheduling(req, http))
@@ -249,7 +286,7 @@ class OpenAIServing:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
         max_tokens = self._max_tokens(requested, None, [len(ids)], param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, logprobs, 1)
+        params = self._sampling_params(req, max_tokens, logprobs, 1, await self._structured(req))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handle = fe.submit(rid, [ids], params, arrival=arrival, stream=bool(req.stream),
                            **self._scheduling(req, http))

@@ -302,6 +302,10 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------------------- text
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance builds structured output's masks from)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds BOS/EOS only if this tokenizer is set to."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids

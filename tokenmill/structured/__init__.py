@@ -1,0 +1,1 @@
+"""Structured output: constraints compiled to grammars (edge) and their token masks (runner)."""
