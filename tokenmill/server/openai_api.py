@@ -19,8 +19,8 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
 from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 from tokenmill.server.frontend import Frontend, RequestHandle, Seq
+from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 
 logger = logging.getLogger(__name__)
 
