@@ -76,6 +76,6 @@ def test_known_but_unsupported_parameters():
     ChatCompletionRequest.model_validate_json(
         b'{"messages": [{"role": "user", "content": "hi"}], "tools": [], "response_format": {"type": "text"},'
         b' "store": false, "tool_choice": "none"}').check_unsupported()
-    with pytest.raises(UnsupportedParameterError, match="echo"):
-        CompletionRequest.model_validate_json(b'{"prompt": "x", "echo": true}').check_unsupported()
+    with pytest.raises(UnsupportedParameterError, match="suffix"):
+        CompletionRequest.model_validate_json(b'{"prompt": "x", "suffix": "tail"}').check_unsupported()
     CompletionRequest.model_validate_json(b'{"prompt": "x", "echo": false, "best_of": 1}').check_unsupported()

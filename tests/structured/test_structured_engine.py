@@ -129,3 +129,16 @@ def test_bad_constraints_are_invalid_requests(so, param):
 def test_min_tokens_with_structured_output_is_refused():
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_output=StructuredOutput(json_object=True))
+
+
+def test_ignore_eos_after_the_grammar_ends_gives_only_eos(caplog):
+    """Under ignore_eos a finished grammar allows end-of-sequence only, step after step, without errors."""
+    llm = LLM("default", kv_cache_memory="64MiB", **ENGINE)
+    so = StructuredOutput(choice=["yes", "no"])
+    out = llm.generate("Is the sky blue?", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                          structured_output=so), use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no") and len(out.token_ids) == 12
+    eos = set(llm.tokenizer.eos_token_ids)
+    first_eos = next(i for i, t in enumerate(out.token_ids) if t in eos)
+    assert first_eos > 0 and all(t in eos for t in out.token_ids[first_eos:])
+    assert "left its grammar" not in caplog.text

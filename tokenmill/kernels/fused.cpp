@@ -5,11 +5,14 @@
 //   rope_qkv_write:  q, k rotated (Hugging Face's rotate_half layout), k and v written into their KV slots,
 //                    rotated q returned: the qkv output is read once and no k/v copy is made
 //   silu_mul:        y = silu(gate) * up over [gate | up] rows
+//   apply_token_bitmask_: structured output's masks on the logits (not a layer op; it lives with them)
 // Everything is computed in float32 (the row sum of squares too), so results match the eager float32
 // formulas within rounding, not bit for bit: only the block-quantized fast path uses them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace {
 
@@ -137,7 +140,42 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   return y;
 }
 
+// Structured output's token masks: logits[rows[i], j] = -inf unless bit j % 32 of mask[i, j / 32] is set
+// (llguidance's layout); columns past the mask (a padded LM head) too. A mask is mostly whole words of ones
+// (inside a string) or zeros (at a structural position): those skip the per-bit loop.
+void apply_token_bitmask_(torch::Tensor logits, const torch::Tensor& mask, const torch::Tensor& rows) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == torch::kFloat,
+              "logits must be float32 [N, V] with contiguous rows");
+  TORCH_CHECK(mask.dim() == 2 && mask.is_contiguous() && mask.scalar_type() == torch::kInt, "mask must be int32 [R, W]");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kLong && rows.size(0) == mask.size(0),
+              "rows must be int64 [R]");
+  const int64_t R = mask.size(0), W = mask.size(1), N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "row ", rp[i], " out of range");
+  float* L = logits.data_ptr<float>();
+  const uint32_t* M = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* row = L + rp[i] * ld;
+      const uint32_t* m = M + i * W;
+      for (int64_t w = 0; w < W && w * 32 < V; ++w) {
+        const uint32_t bits = m[w];
+        if (bits == 0xFFFFFFFFu) continue;
+        const int64_t base = w * 32, n = std::min<int64_t>(32, V - base);
+        if (bits == 0) {
+          for (int64_t k = 0; k < n; ++k) row[base + k] = ninf;
+          continue;
+        }
+        for (int64_t k = 0; k < n; ++k) row[base + k] = ((bits >> k) & 1u) ? row[base + k] : ninf;  // a blend
+      }
+      for (int64_t j = W * 32; j < V; ++j) row[j] = ninf;
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("apply_token_bitmask_", &apply_token_bitmask_, "structured output: logits of tokens a mask forbids -> -inf");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
   m.def("rope_qkv_write", &rope_qkv_write, "rotary on q and k, k and v written to their cache slots; -> rotated q");

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -144,7 +145,10 @@ class ModelRunner:
                                torch.zeros(shape, dtype=self.dtype, device=self.device))
                               for _ in range(arch.num_layers)]
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
-        self.grammar = GrammarMasks(tokenizer_json, arch.vocab_size, eos_token_ids) if tokenizer_json else None
+        # Structured output's masks beside the forward pass only where a core is left over for them.
+        spare_core = torch.get_num_threads() < len(os.sched_getaffinity(0))
+        self.grammar = (GrammarMasks(tokenizer_json, arch.vocab_size, eos_token_ids, background=spare_core)
+                        if tokenizer_json else None)
         self.generators: dict[str, torch.Generator] = {}
         self.proposer = self._make_proposer()
         self.threads = self._make_thread_governor()

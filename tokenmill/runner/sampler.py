@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kernels.cpu import fused
 from tokenmill.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -126,6 +127,11 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     if not rows:
         return
     dev = logits.device
+    if dev.type == "cpu" and logits.dtype == torch.float32 and logits.stride(1) == 1:
+        kernels = fused()
+        if kernels is not None:  # ~10x faster: whole words of ones or zeros skip the per-bit work
+            kernels.apply_token_bitmask_(logits, bitmask.contiguous(), _index(rows, dev))
+            return
     shifts = torch.arange(32, dtype=torch.int32, device=dev)
     allowed = (bitmask.to(dev).unsqueeze(-1) >> shifts).bitwise_and_(1).flatten(1).bool()
     cols = min(logits.shape[1], allowed.shape[1])

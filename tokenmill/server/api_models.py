@@ -99,7 +99,7 @@ class CompletionRequest(_SamplingFields):
     suffix: Any = None
     best_of: int | None = None
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {"echo": False, "suffix": ""}
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"suffix": ""}
 
     def check_unsupported(self) -> None:
         super().check_unsupported()

@@ -131,7 +131,8 @@ class OpenAIServing:
         return constraint
 
     def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None,
-                         num_prompts: int, structured: StructuredOutput | None = None) -> SamplingParams:
+                         num_prompts: int, structured: StructuredOutput | None = None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         info = self.frontend.info
         assert info is not None
         vocab = info.vocab_size
@@ -197,7 +198,8 @@ class OpenAIServing:
             frequency_penalty=opt(req.frequency_penalty, 0.0), seed=req.seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
             logit_bias=bias, skip_special_tokens=opt(req.skip_special_tokens, True),
-            include_stop_str_in_output=bool(req.include_stop_str_in_output), structured_output=structured)
+            include_stop_str_in_output=bool(req.include_stop_str_in_output), structured_output=structured,
+            prompt_logprobs=prompt_logprobs)
 
     def _priority(self, req: _SamplingFields) -> int:
         p = 0 if req.priority is None else req.priority
@@ -253,12 +255,25 @@ class OpenAIServing:
             prompts = [list(p)]
         for ids in prompts:
             self._check_ids(ids, "prompt")
-        max_tokens = self._max_tokens(req.max_tokens, 16, [len(x) for x in prompts], "max_tokens")
-        params = self._sampling_params(req, max_tokens, req.logprobs, len(prompts), await self._structured(req))
+        # echo (lm-eval's loglikelihood requests): the prompt comes back in front of the output, with its
+        # logprobs when logprobs is set; max_tokens 0 asks for the prompt alone (one token is generated,
+        # since the pass that scores the prompt samples one anyway, and not returned).
+        echo = bool(req.echo)
+        prompt_only = echo and req.max_tokens == 0
+        max_tokens = self._max_tokens(1 if prompt_only else req.max_tokens, 16, [len(x) for x in prompts],
+                                      "max_tokens")
+        params = self._sampling_params(req, max_tokens, req.logprobs, len(prompts), await self._structured(req),
+                                       prompt_logprobs=req.logprobs if echo else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = fe.submit(rid, prompts, params, arrival=arrival, stream=bool(req.stream),
                            **self._scheduling(req, http))
-        fmt = _CompletionFormat(self, rid, params)
+        echoed = None
+        if echo:
+            tok = fe.tokenizer
+            assert tok is not None
+            echoed = [t if isinstance(t, str) else tok.decode(ids, skip_special_tokens=False)
+                      for t, ids in zip(p if isinstance(p[0], str) else [None] * len(prompts), prompts, strict=True)]
+        fmt = _CompletionFormat(self, rid, params, echoed, prompt_only)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(handle, prompts, fmt, include_usage, chat=False)
@@ -267,7 +282,7 @@ class OpenAIServing:
         choices = [fmt.choice(s) for s in handle.seqs]
         return json_response({"id": rid, "object": "text_completion", "created": fmt.created,
                               "model": self.served_model_name, "choices": choices,
-                              "usage": _usage(prompts, handle)})
+                              "usage": _usage(prompts, handle, prompt_only)})
 
     async def chat(self, req: ChatCompletionRequest, http: Request, arrival: float) -> Response:
         fe = self.frontend
@@ -346,7 +361,8 @@ class OpenAIServing:
                     yield _sse(error_body(handle.error))
                 elif include_usage:
                     yield _sse({"id": fmt.rid, "object": fmt.chunk_object, "created": fmt.created,
-                                "model": self.served_model_name, "choices": [], "usage": _usage(prompts, handle)})
+                                "model": self.served_model_name, "choices": [],
+                                "usage": _usage(prompts, handle, fmt.prompt_only)})
                 yield b"data: [DONE]\n\n"
             finally:
                 if not handle.done:
@@ -375,9 +391,9 @@ async def _disconnected(http: Request) -> None:
             return
 
 
-def _usage(prompts: list[list[int]], handle: RequestHandle) -> dict[str, int]:
+def _usage(prompts: list[list[int]], handle: RequestHandle, prompt_only: bool = False) -> dict[str, int]:
     prompt = sum(len(p) for p in prompts)
-    completion = sum(len(s.state.output.token_ids) for s in handle.seqs)
+    completion = 0 if prompt_only else sum(len(s.state.output.token_ids) for s in handle.seqs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -388,6 +404,7 @@ def error_body(e: BaseException) -> dict[str, Any]:
 
 class _Format:
     chunk_object = ""
+    prompt_only = False
 
     def __init__(self, serving: OpenAIServing, rid: str, params: SamplingParams):
         self.rid = rid
@@ -417,11 +434,19 @@ class _Format:
 class _CompletionFormat(_Format):
     chunk_object = "text_completion"
 
-    def __init__(self, serving: OpenAIServing, rid: str, params: SamplingParams):
+    def __init__(self, serving: OpenAIServing, rid: str, params: SamplingParams, echoed: list[str] | None = None,
+                 prompt_only: bool = False):
+        """echoed: per prompt, its text to put in front of the output (echo); prompt_only: the output itself
+        is not returned (echo with max_tokens 0)."""
         super().__init__(serving, rid, params)
-        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token (0-based: no echo)
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.echoed = echoed
+        self.prompt_only = prompt_only
+        self.n = params.n
+        self._started: set[int] = set()  # choices whose echoed prompt was sent (streaming)
 
-    def _logprobs(self, seq: Seq, token_ids: list[int], lps: list[dict[int, TokenLogprob]] | None) -> dict | None:
+    def _logprobs(self, seq: Seq, token_ids: list[int], lps: list[dict[int, TokenLogprob] | None] | None,
+                  ) -> dict | None:
         if not self.want_logprobs:
             return None
         text, tok_lps, top, offsets = [], [], [], []
@@ -429,25 +454,59 @@ class _CompletionFormat(_Format):
         for tid, d in zip(token_ids, lps or [], strict=False):
             t = self.token_text(tid)
             text.append(t)
-            tok_lps.append(_lp(d[tid].logprob))
-            top.append({self.token_text(e.token_id): _lp(e.logprob) for e in _top(d, self.top_n)})
+            if d is None:  # the prompt's first token: nothing predicts it
+                tok_lps.append(None)
+                top.append(None)
+            else:
+                tok_lps.append(_lp(d[tid].logprob))
+                top.append({self.token_text(e.token_id): _lp(e.logprob) for e in _top(d, self.top_n)})
             offsets.append(off)
             off += len(t)
         self._offsets[seq.index] = off
         return {"tokens": text, "token_logprobs": tok_lps, "top_logprobs": top, "text_offset": offsets}
 
+    def _head(self, seq: Seq) -> tuple[str, dict | None]:
+        """The echoed prompt of seq's choice: its text and (with logprobs) its tokens' logprobs."""
+        assert self.echoed is not None
+        text = self.echoed[seq.index // self.n]
+        state = seq.state
+        lps = None
+        if self.want_logprobs:
+            lps = self._logprobs(seq, state.prompt_token_ids, state.prompt_logprobs)
+        self._offsets[seq.index] = len(text)
+        return text, lps
+
+    @staticmethod
+    def _join(head: dict | None, tail: dict | None) -> dict | None:
+        if head is None or tail is None:
+            return head or tail
+        return {k: head[k] + tail[k] for k in head}
+
     def chunk(self, seq: Seq, delta, include_usage: bool) -> bytes:
-        if not (delta.text or delta.finished or (self.want_logprobs and delta.token_ids)):
-            return b""  # the detokenizer is holding these tokens' text back (partial character, maybe a stop)
         out = seq.state.output
-        return self._wrap({"index": seq.index, "text": delta.text,
-                           "logprobs": self._logprobs(seq, delta.token_ids, delta.logprobs),
-                           "finish_reason": out.finish_reason if delta.finished else None}, include_usage)
+        first = self.echoed is not None and seq.index not in self._started
+        if not (first or delta.text or delta.finished or (self.want_logprobs and delta.token_ids)):
+            return b""  # the detokenizer is holding these tokens' text back (partial character, maybe a stop)
+        text, lps = "", None
+        if first:
+            self._started.add(seq.index)
+            text, lps = self._head(seq)
+        if not self.prompt_only:
+            text += delta.text
+            lps = self._join(lps, self._logprobs(seq, delta.token_ids, delta.logprobs))
+        return self._wrap({"index": seq.index, "text": text, "logprobs": lps,
+                           "finish_reason": self._finish(out) if delta.finished else None}, include_usage)
 
     def choice(self, seq: Seq) -> dict[str, Any]:
         out = seq.state.output
-        return {"index": seq.index, "text": out.text, "logprobs": self._logprobs(seq, out.token_ids, out.logprobs),
-                "finish_reason": out.finish_reason}
+        text, lps = self._head(seq) if self.echoed is not None else ("", None)
+        if not self.prompt_only:
+            text += out.text
+            lps = self._join(lps, self._logprobs(seq, out.token_ids, out.logprobs))
+        return {"index": seq.index, "text": text, "logprobs": lps, "finish_reason": self._finish(out)}
+
+    def _finish(self, out) -> str | None:
+        return "length" if self.prompt_only else out.finish_reason
 
 
 class _ChatFormat(_Format):
