@@ -65,10 +65,10 @@ class GrammarMasks:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self._eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
+        self._executor = None  # llguidance's, one thread: the other core runs the forward pass meanwhile
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         # Building llguidance's token trie takes ~0.5 s: done on the worker at start-up, off the load path.
         self._tokenizer: Future = self._pool.submit(self._build_tokenizer, tokenizer_json)
-        self._executor = None  # llguidance's, one thread: the other core runs the forward pass meanwhile
         self._tracked: dict[str, _Tracked] = {}
 
     def _build_tokenizer(self, tokenizer_json: str):
