@@ -109,10 +109,12 @@ class GrammarMasks:
               first_row: dict[str, int]) -> StepMasks:
         if jobs:
             ptr, one, rows = bitmask.data_ptr(), self.words * 4, bitmask.shape[0]
-            if any(drafts for _, _, drafts in jobs):
-                self._executor.unsafe_compute_mask_ptr_with_draft_token(jobs, ptr, one, rows)
-            else:
-                self._executor.unsafe_compute_mask_ptr([(m, row) for m, row, _ in jobs], ptr, one, rows)
+            plain = [(m, row) for m, row, drafts in jobs if not drafts]
+            drafted = [job for job in jobs if job[2]]  # llguidance takes only non-empty drafts here
+            if plain:
+                self._executor.unsafe_compute_mask_ptr(plain, ptr, one, rows)
+            if drafted:
+                self._executor.unsafe_compute_mask_ptr_with_draft_token(drafted, ptr, one, rows)
         return StepMasks(bitmask, first_row)
 
     def _catch_up(self, r: MaskRequest) -> _Tracked:
