@@ -485,3 +485,28 @@ def test_prompt_logprobs() -> None:
     assert [lp.top_ids for lp in prompt_logprobs(logits[:, :vocab], next_ids, 0)] == [[]] * 6
     with pytest.raises(ValueError):
         prompt_logprobs(logits, next_ids[:3], 1)
+
+
+def test_token_bitmask_kernel_equals_torch_path(monkeypatch):
+    """The native mask kernel and the PyTorch fallback forbid the same tokens, padded columns included."""
+    import tokenmill.runner.sampler as sampler_mod
+
+    g = torch.Generator().manual_seed(0)
+    vocab, words = 1000, 32  # 1024 mask bits: the last 24 name no token
+    logits = torch.randn(5, vocab + 24, generator=g)
+    mask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=g)
+    mask[0, :10] = 0
+    mask[1, 10:20] = -1
+    rows = [4, 0, 2]
+    native = logits.clone()
+    sampler_mod.apply_token_bitmask(native, mask, rows)
+    monkeypatch.setattr(sampler_mod, "fused", lambda: None)
+    fallback = logits.clone()
+    sampler_mod.apply_token_bitmask(fallback, mask, rows)
+    assert torch.equal(native, fallback)
+    assert torch.equal(native[[1, 3]], logits[[1, 3]])  # rows without a mask untouched
+    bits = (mask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)).bitwise_and(1).flatten(1).bool()
+    for i, r in enumerate(rows):
+        allowed = bits[i, : vocab + 24]
+        assert torch.equal(native[r][allowed], logits[r][allowed])
+        assert torch.isneginf(native[r][~allowed]).all()

@@ -96,7 +96,8 @@ def test_unconstrained_outputs_do_not_match(batched):
 @pytest.mark.parametrize("opts", [
     dict(speculative="ngram", num_speculative_tokens=4, speculative_max_batch=len(CASES), kv_cache_memory="64MiB"),
     dict(kv_cache_memory="8MiB", max_num_seqs=len(CASES)),  # preemption by recompute
-], ids=["ngram-speculation", "preemption"])
+    dict(num_threads=1, kv_cache_memory="64MiB"),  # a core left over: masks on the worker thread
+], ids=["ngram-speculation", "preemption", "worker-thread-masks"])
 def test_same_tokens_with_speculation_and_preemption(batched, opts):
     outs = batched[0]
     llm = LLM("default", **{**ENGINE, **opts})
@@ -104,6 +105,10 @@ def test_same_tokens_with_speculation_and_preemption(batched, opts):
     stats = llm.engine.stats()
     if "speculative" in opts:
         assert stats.spec_num_draft_tokens > 0
+    elif "num_threads" in opts:
+        import os
+
+        assert llm.engine.runner.grammar.background == (len(os.sched_getaffinity(0)) > 1)
     else:
         assert stats.num_preemptions > 0
     for i, (a, b) in enumerate(zip(outs, got, strict=True)):
