@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenmill.cluster.policy import RequestFeatures, block_hashes
 from tokenmill.config import EngineConfig
+from tokenmill.server.tools import chat_text
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,7 @@ class Featurizer:
         tok = self.tokenizer
         assert tok is not None
         if "messages" in body:
-            convo = [{"role": "system" if m["role"] == "developer" else m["role"],
-                      "content": m["content"] if isinstance(m["content"], str)
-                      else "\n".join(p["text"] for p in m["content"])} for m in body["messages"]]
-            text = tok.apply_chat_template(convo, add_generation_prompt=True)
+            text = chat_text(tok, body["messages"], body.get("tools"), body.get("tool_choice"))
             special = False  # the template placed any BOS already
         else:
             p = body.get("prompt")

@@ -113,9 +113,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only on an assistant message that calls tools
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; absent: no arguments
+    strict: bool | None = None  # always enforced when the call is required: arguments match the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -123,10 +158,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    # Known, not implemented:
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Known, not implemented (the pre-tools API):
     functions: Any = None
     function_call: Any = None
     modalities: Any = None
@@ -139,7 +174,7 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: Any = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "functions": [], "function_call": "none",
+        "functions": [], "function_call": "none",
         "modalities": ["text"], "audio": None, "prediction": None,
         "reasoning_effort": None, "web_search_options": None, "service_tier": "auto", "store": False,
         "metadata": None,

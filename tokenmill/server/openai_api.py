@@ -20,6 +20,7 @@ from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
 from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from tokenmill.server.frontend import Frontend, RequestHandle, Seq
+from tokenmill.server.tools import StreamedCalls, chat_text, parse_tool_calls, required_grammar
 from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 
 logger = logging.getLogger(__name__)
@@ -224,13 +225,12 @@ class OpenAIServing:
             return tok.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(tok.encode, text, add_special_tokens)
 
-    async def render_chat(self, messages: list, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    async def render_chat(self, messages: list, add_generation_prompt: bool = True,
+                          tools: list[dict[str, Any]] | None = None, tool_choice: Any = None) -> tuple[str, list[int]]:
         tok = self.frontend.tokenizer
         assert tok is not None
-        convo = [{"role": "system" if m.role == "developer" else m.role,
-                  "content": m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)}
-                 for m in messages]
-        text = tok.apply_chat_template(convo, add_generation_prompt=add_generation_prompt)
+        text = chat_text(tok, [m.model_dump(exclude_none=True) for m in messages], tools, tool_choice,
+                         add_generation_prompt)
         # The template already placed any BOS token; encode exactly as the offline LLM.chat does.
         return text, await self._encode(text, add_special_tokens=False)
 
@@ -294,18 +294,35 @@ class OpenAIServing:
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                                       param="top_logprobs")
-        _, ids = await self.render_chat(req.messages)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        tool_choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+        if tool_choice != "none" and not tools:
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+        offered = None if tool_choice == "none" else {t["function"]["name"] for t in tools or []}
+        _, ids = await self.render_chat(req.messages, tools=tools, tool_choice=tool_choice)
         self._check_ids(ids, "messages")
         requested, param = req.max_tokens, "max_tokens"
         if req.max_completion_tokens is not None:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
         max_tokens = self._max_tokens(requested, None, [len(ids)], param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, logprobs, 1, await self._structured(req))
+        structured = await self._structured(req)
+        if tools and tool_choice not in ("none", "auto"):  # calls are required: constrain them
+            if structured is not None:
+                raise InvalidRequestError("a required tool call cannot be combined with another output constraint",
+                                          param="tool_choice")
+            only = None if isinstance(tool_choice, str) else tool_choice.function.name
+            grammar = required_grammar(tools, only, req.parallel_tool_calls is not False)
+            structured = StructuredOutput(grammar=grammar)
+            try:
+                await asyncio.to_thread(compile_grammar, structured)
+            except InvalidRequestError as e:  # a function's parameters are not a schema we can enforce
+                raise InvalidRequestError(str(e), param="tools") from None
+        params = self._sampling_params(req, max_tokens, logprobs, 1, structured)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handle = fe.submit(rid, [ids], params, arrival=arrival, stream=bool(req.stream),
                            **self._scheduling(req, http))
-        fmt = _ChatFormat(self, rid, params)
+        fmt = _ChatFormat(self, rid, params, offered)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(handle, [ids], fmt, include_usage, chat=True)
@@ -512,6 +529,12 @@ class _CompletionFormat(_Format):
 class _ChatFormat(_Format):
     chunk_object = "chat.completion.chunk"
 
+    def __init__(self, serving: OpenAIServing, rid: str, params: SamplingParams, tools: set[str] | None = None):
+        """tools: names of the functions offered (calls in the output are parsed out), or None."""
+        super().__init__(serving, rid, params)
+        self.tools = tools
+        self._streams: dict[int, StreamedCalls] = {}
+
     def _logprobs(self, token_ids: list[int], lps: list[dict[int, TokenLogprob]] | None) -> dict | None:
         if not self.want_logprobs:
             return None
@@ -529,16 +552,42 @@ class _ChatFormat(_Format):
 
     def chunk(self, seq: Seq, delta, include_usage: bool) -> bytes:
         out = b""
-        if delta.text or (self.want_logprobs and delta.token_ids):
-            out = self._wrap({"index": seq.index, "delta": {"content": delta.text},
+        text, calls = delta.text, []
+        parser = None
+        if self.tools is not None:
+            parser = self._streams.setdefault(seq.index, StreamedCalls(self.tools))
+            text, calls = parser.feed(delta.text, final=delta.finished)
+        if text or (self.want_logprobs and delta.token_ids):
+            out = self._wrap({"index": seq.index, "delta": {"content": text},
                               "logprobs": self._logprobs(delta.token_ids, delta.logprobs), "finish_reason": None},
                              include_usage)
+        first = parser.num_calls - len(calls) if parser is not None else 0
+        for i, call in enumerate(calls):  # a call's name, then its arguments, as OpenAI streams them
+            head = {"index": first + i, "id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": ""}}
+            out += self._wrap({"index": seq.index, "delta": {"tool_calls": [head]}, "logprobs": None,
+                               "finish_reason": None}, include_usage)
+            out += self._wrap({"index": seq.index, "delta": {"tool_calls": [
+                {"index": first + i, "function": {"arguments": call.arguments}}]}, "logprobs": None,
+                "finish_reason": None}, include_usage)
         if delta.finished:
             out += self._wrap({"index": seq.index, "delta": {}, "logprobs": None,
-                               "finish_reason": seq.state.output.finish_reason}, include_usage)
+                               "finish_reason": self._finish(seq, parser is not None and parser.num_calls > 0)},
+                              include_usage)
         return out
+
+    @staticmethod
+    def _finish(seq: Seq, called: bool) -> str | None:
+        reason = seq.state.output.finish_reason
+        return "tool_calls" if called and reason == "stop" else reason
 
     def choice(self, seq: Seq) -> dict[str, Any]:
         out = seq.state.output
-        return {"index": seq.index, "message": {"role": "assistant", "content": out.text},
-                "logprobs": self._logprobs(out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": out.text}
+        calls = []
+        if self.tools is not None:
+            message["content"], calls = parse_tool_calls(out.text, self.tools)
+            if calls:
+                message["tool_calls"] = [c.as_openai() for c in calls]
+        return {"index": seq.index, "message": message, "logprobs": self._logprobs(out.token_ids, out.logprobs),
+                "finish_reason": self._finish(seq, bool(calls))}
