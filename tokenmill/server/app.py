@@ -21,10 +21,12 @@ from tokenmill.server.api_models import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
+from tokenmill.server.embeddings import encode_vector
 from tokenmill.server.frontend import Frontend, ServerUnavailableError
 from tokenmill.server.guard import Guard, host_allow_list
 from tokenmill.server.openai_api import OpenAIServing, json_response
@@ -127,13 +129,42 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
         arrival = time.monotonic()
         return await serving.chat(await parse(request, ChatCompletionRequest), request, arrival)
 
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        req = await parse(request, EmbeddingRequest)
+        frontend.check_available()
+        service = frontend.embeddings
+        if service is None:
+            raise InvalidRequestError("this server has no embedding model (start it with --embedding-model)",
+                                      param="model")
+        if req.model is not None and req.model not in (service.model_name, frontend.engine_config.embedding_model):
+            raise InvalidRequestError(f"model '{req.model}' does not exist; this server embeds with "
+                                      f"'{service.model_name}'", param="model")
+        if req.dimensions is not None and req.dimensions != service.config.hidden_size:
+            raise InvalidRequestError(f"dimensions must be {service.config.hidden_size} (the model's own size)",
+                                      param="dimensions")
+        ids = service.encode(req.input)
+        assert frontend.client is not None
+        vectors = await service.embed(frontend.client.send, ids)
+        fmt = req.encoding_format or "float"
+        n = sum(len(x) for x in ids)
+        return json_response({"object": "list", "model": service.model_name,
+                              "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, fmt)}
+                                       for i, v in enumerate(vectors)],
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
     @app.get("/v1/models")
     async def models() -> Response:
         card: dict[str, Any] = {"id": served_model_name, "object": "model", "created": int(time.time()),
                                 "owned_by": "tokenmill", "root": frontend.engine_config.model}
         if frontend.info is not None:
             card["max_model_len"] = frontend.info.max_model_len
-        return json_response({"object": "list", "data": [card]})
+        data = [card]
+        if frontend.embeddings is not None:
+            e = frontend.embeddings
+            data.append({"id": e.model_name, "object": "model", "created": card["created"], "owned_by": "tokenmill",
+                         "root": frontend.engine_config.embedding_model, "max_model_len": e.config.max_seq_length})
+        return json_response({"object": "list", "data": data})
 
     @app.get("/health")
     async def health() -> Response:

@@ -192,9 +192,9 @@ class ThreadEngineClient(EngineClient):
 
         stage = "loading the model"
         try:
-            engine = self._build()
+            engine, embedder = self._build()
             stage = "engine loop"
-            EngineLoop(engine, self._deliver).run(self._recv)
+            EngineLoop(engine, self._deliver, embedder).run(self._recv)
         except BaseException as e:
             if isinstance(e, TokenmillError):
                 logger.error("engine thread failed while %s: %s", stage, e)

@@ -22,6 +22,8 @@ from tokenmill.server.protocol import (
     AbortRequests,
     AddRejected,
     AddRequest,
+    Embedded,
+    EmbedRequest,
     Failed,
     FromEngine,
     Ready,
@@ -40,7 +42,7 @@ def default_num_threads(config: EngineConfig) -> int:
 
 
 def build_engine(config: EngineConfig, send: Callable[[FromEngine], None]):
-    """Load the model and report Ready. Returns the EngineCore."""
+    """Load the model (and the embedding model, if any) and report Ready. Returns (EngineCore, embedder)."""
     import torch  # only the engine side pays for torch
 
     torch.set_num_threads(default_num_threads(config))
@@ -48,15 +50,28 @@ def build_engine(config: EngineConfig, send: Callable[[FromEngine], None]):
 
     replica = build_replica(config)
     engine = replica.engine
+    embedder = None
+    if config.embedding_model:
+        from tokenmill.models.bert import BertEncoder
+        from tokenmill.models.sentence_model import resolve_embedding_model
+
+        embedder = BertEncoder(resolve_embedding_model(config.embedding_model))
     send(Ready(engine.max_model_len, replica.source.arch.vocab_size, engine.kv.pool.num_blocks,
-               engine.kv.block_size, os.getpid()))
-    return engine
+               engine.kv.block_size, os.getpid(), embedder.dim if embedder is not None else 0))
+    return engine, embedder
+
+
+# Embedding inputs run in batches of at most this many tokens (padded): big enough to use the cores, small
+# enough that a step waits little behind them.
+EMBED_BATCH_TOKENS = 4096
 
 
 class EngineLoop:
-    def __init__(self, engine, send: Callable[[FromEngine], None]):
+    def __init__(self, engine, send: Callable[[FromEngine], None], embedder=None):
         self.engine = engine
         self.send = send
+        self.embedder = embedder
+        self._embeds: list[EmbedRequest] = []
         self._recv: Callable[[float], list[ToEngine] | None] = lambda timeout: []
         self._deferred: list[ToEngine] = []  # messages taken while a step ran, applied after it
 
@@ -75,6 +90,8 @@ class EngineLoop:
         elif isinstance(msg, AbortRequests):
             for rid in msg.request_ids:
                 engine.abort_request(rid)
+        elif isinstance(msg, EmbedRequest):
+            self._embeds.append(msg)
         elif isinstance(msg, Shutdown):
             return False
         return True
@@ -108,6 +125,8 @@ class EngineLoop:
                 if not self.handle(m):
                     self._abort_all()
                     return
+            if self._embeds:
+                self._embed()
             if engine.has_unfinished():
                 t0 = time.monotonic()
                 updates = engine.step(self._poll)
@@ -116,6 +135,29 @@ class EngineLoop:
             elif time.monotonic() - last_report >= HEARTBEAT_S:
                 last_report = time.monotonic()
                 self.send(Updates(last_report, [], engine.stats()))
+
+    def _embed(self) -> None:
+        """Answer every waiting embedding request, inputs batched across requests (between steps: the
+        embedding model and the generative one share the cores by taking turns)."""
+        reqs, self._embeds = self._embeds, []
+        if self.embedder is None:
+            for r in reqs:
+                self.send(Embedded(r.request_id, [], "this server has no embedding model"))
+            return
+        inputs = [(n, i, ids) for n, r in enumerate(reqs) for i, ids in enumerate(r.token_ids)]
+        inputs.sort(key=lambda x: len(x[2]))  # similar lengths together: less padding
+        out: list[list[list[float]]] = [[[]] * len(r.token_ids) for r in reqs]
+        start = 0
+        while start < len(inputs):
+            end = start + 1
+            while end < len(inputs) and (end + 1 - start) * len(inputs[end][2]) <= EMBED_BATCH_TOKENS:
+                end += 1
+            chunk = inputs[start:end]
+            for (n, i, _), v in zip(chunk, self.embedder.embed([ids for _, _, ids in chunk]).tolist(), strict=True):
+                out[n][i] = v
+            start = end
+        for r, vectors in zip(reqs, out, strict=True):
+            self.send(Embedded(r.request_id, vectors))
 
     def _abort_all(self) -> None:
         for rid in list(self.engine.scheduler.requests):
@@ -163,11 +205,11 @@ def run_engine_process(config: EngineConfig, in_addr: str, out_addr: str, parent
 
     stage = "loading the model"
     try:
-        engine = build_engine(config, send)
+        engine, embedder = build_engine(config, send)
         freeze_startup_heap()  # the model and torch's objects: no collection should walk them again
         logger.info("engine ready (pid %d, %d torch threads)", os.getpid(), default_num_threads(config))
         stage = "engine loop"
-        EngineLoop(engine, send).run(recv)
+        EngineLoop(engine, send, embedder).run(recv)
         logger.info("engine stopped")
     except Exception as e:
         if isinstance(e, TokenmillError):  # a reported condition (bad model file, bad config): no traceback

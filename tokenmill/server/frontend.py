@@ -39,9 +39,10 @@ from tokenmill.server.admission import (
     work_ahead,
 )
 from tokenmill.server.config import ServerConfig
+from tokenmill.server.embeddings import EmbeddingService
 from tokenmill.server.engine_client import EngineClient, ProcessEngineClient, ThreadEngineClient
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.protocol import AddRejected, AddRequest, Failed, FromEngine, Ready, Updates
+from tokenmill.server.protocol import AddRejected, AddRequest, Embedded, Failed, FromEngine, Ready, Updates
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Frontend:
         self.metrics = ServerMetrics(model_name)
         self.state = State.STARTING
         self.tokenizer: Tokenizer | None = None
+        self.embeddings: EmbeddingService | None = None  # with --embedding-model
         self.info: Ready | None = None
         self.stats: EngineStats | None = None
         self.exit_code = 0
@@ -164,6 +166,8 @@ class Frontend:
             self.client.start()
             # The tokenizer loads here while the engine loads the model over there.
             _, self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine_config)
+            if self.engine_config.embedding_model:
+                self.embeddings = await asyncio.to_thread(EmbeddingService, self.engine_config.embedding_model)
             self.info = await self._ready
         except Exception as e:
             if self.state is not State.DEAD:
@@ -227,6 +231,8 @@ class Frontend:
         asyncio.get_running_loop().call_later(1.0, self.on_fatal)
 
     def _fail_all(self, error: BaseException) -> None:
+        if self.embeddings is not None:
+            self.embeddings.fail_all(error)
         for seq in list(self._seqs.values()):
             self._drop(seq)
         for h in list(self._handles):
@@ -428,6 +434,9 @@ class Frontend:
                 h = seq.handle
                 self.abort(h)
                 self._abandon(h, InvalidRequestError(msg.message, msg.param))
+        elif isinstance(msg, Embedded):
+            if self.embeddings is not None:
+                self.embeddings.on_result(msg)
         elif isinstance(msg, Ready):
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(msg)

@@ -123,5 +123,5 @@ class MockEngineClient(ThreadEngineClient):
         super().__init__(config, on_message, on_death)
         self.model = model
 
-    def _build(self) -> EngineCore:
-        return build_mock_engine(self.config, self.model, self._deliver)
+    def _build(self) -> tuple[EngineCore, None]:
+        return build_mock_engine(self.config, self.model, self._deliver), None  # no embedding model

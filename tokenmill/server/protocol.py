@@ -1,8 +1,8 @@
 """Typed messages between the HTTP frontend and the engine core, msgpack-encoded over ZMQ.
 
-The frontend sends AddRequest / AbortRequests / Shutdown; the engine answers Ready (or Failed) once, then an
-Updates batch after every step (new tokens of every request that moved, plus fresh engine stats) and
-AddRejected when a request fails the engine's own checks. In --inproc mode the same objects travel through
+The frontend sends AddRequest / AbortRequests / EmbedRequest / Shutdown; the engine answers Ready (or Failed)
+once, then an Updates batch after every step (new tokens of every request that moved, plus fresh engine
+stats), AddRejected when a request fails the engine's own checks, and Embedded for each EmbedRequest. In --inproc mode the same objects travel through
 a queue without being encoded.
 """
 
@@ -28,6 +28,11 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     expires_at: float | None = None  # time.monotonic() past which the engine aborts it ("timeout")
 
 
+class EmbedRequest(msgspec.Struct, tag="embed", array_like=True):
+    request_id: str
+    token_ids: list[list[int]]  # the embedding model's own ids, [CLS]/[SEP] included, within its length limit
+
+
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
     request_ids: list[str]
 
@@ -45,6 +50,7 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
     num_blocks: int
     block_size: int
     pid: int
+    embedding_dim: int = 0  # 0: no embedding model
 
 
 class Failed(msgspec.Struct, tag="failed", array_like=True):
@@ -57,6 +63,12 @@ class AddRejected(msgspec.Struct, tag="rejected", array_like=True):
     param: str | None = None
 
 
+class Embedded(msgspec.Struct, tag="embedded", array_like=True):
+    request_id: str
+    embeddings: list[list[float]]
+    error: str | None = None
+
+
 class Updates(msgspec.Struct, tag="updates", array_like=True):
     time: float  # time.monotonic() right after the step
     updates: list[RequestUpdate]
@@ -64,8 +76,8 @@ class Updates(msgspec.Struct, tag="updates", array_like=True):
     step_s: float = 0.0  # how long EngineCore.step() took; 0 for an idle heartbeat
 
 
-ToEngine = AddRequest | AbortRequests | Shutdown
-FromEngine = Ready | Failed | AddRejected | Updates
+ToEngine = AddRequest | AbortRequests | EmbedRequest | Shutdown
+FromEngine = Ready | Failed | AddRejected | Updates | Embedded
 
 
 def _enc_hook(obj: object) -> object:
