@@ -62,13 +62,14 @@ def render_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
         return out, ({"tools": tools} if tools else {})
     out = []
     for m in messages:
-        role, content = m["role"], m.get("content") or ""
+        role, content = m["role"], m.get("content")
         if role == "assistant" and m.get("tool_calls"):
+            content = content or ""
             calls = "\n".join(f"{OPEN}\n" + json.dumps({"name": c["function"]["name"],
                                                         "arguments": _arguments_object(c["function"]["arguments"])},
                                                        ensure_ascii=False) + f"\n{CLOSE}" for c in m["tool_calls"])
             content = f"{content}\n{calls}" if content else calls
-        elif role == "tool":
+        elif role == "tool" and content is not None:
             content = f"<tool_response>\n{content}\n</tool_response>"
         out.append({"role": role, "content": content})
     if tools:
