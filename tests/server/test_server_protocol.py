@@ -68,10 +68,10 @@ def test_validation_messages(body, kind, param):
 
 def test_known_but_unsupported_parameters():
     chat = ChatCompletionRequest.model_validate_json(
-        b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}')
-    with pytest.raises(UnsupportedParameterError, match="tools") as e:
+        b'{"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}')
+    with pytest.raises(UnsupportedParameterError, match="functions") as e:
         chat.check_unsupported()
-    assert e.value.param == "tools"
+    assert e.value.param == "functions"
     # The values that mean "off" are accepted: nothing asked for is being ignored.
     ChatCompletionRequest.model_validate_json(
         b'{"messages": [{"role": "user", "content": "hi"}], "tools": [], "response_format": {"type": "text"},'
