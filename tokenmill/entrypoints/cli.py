@@ -7,11 +7,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
-from tokenmill.entrypoints.config_args import add_config_args, config_from_args
+from tokenmill.entrypoints.config_args import add_config_args, config_from_args, external_defaults
 from tokenmill.entrypoints.ray_cli import add_ray_serve_parser
 from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
@@ -110,10 +111,13 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """Every flag's default may also come from a TOKENMILL_<FLAG> environment variable or a --config YAML file."""
     parser = argparse.ArgumentParser(prog="tokenmill", description="Serve language models to many users at once.")
     parser.add_argument("--log-level", default="INFO", type=_log_level,
                         help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    parser.add_argument("--config", help="YAML file of flag: value pairs (e.g. max-num-seqs: 64), below the "
+                                         "command line and above TOKENMILL_<FLAG> environment variables")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline for one or many prompts")
@@ -135,11 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_serve_parser(sub, add_engine_args, engine_config)
     add_eval_parser(sub, add_engine_args, engine_config)
     add_distill_parser(sub)
+    for p in sub.choices.values():  # also after the subcommand, as vLLM takes them
+        p.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help="as before the subcommand")
+        p.add_argument("--config", default=argparse.SUPPRESS, help="as before the subcommand")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config_file = pre.parse_known_args(argv if argv is not None else sys.argv[1:])[0].config
+    try:
+        external_defaults(dict(sub.choices), config_file, dict(os.environ if environ is None else environ))
+    except ValueError as e:
+        parser.error(str(e))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:

