@@ -42,6 +42,11 @@ class EngineConfig:
 
     model: str = _opt("default", "GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct Q4_1).")
     tokenizer: str | None = _opt(None, "Tokenizer directory or GGUF file; defaults to the model's own.")
+    chat_template: str | None = _opt(None, "Chat template (Jinja text, or a file holding it) replacing the model's own.")
+    generation_config: str = _opt(
+        "auto", "Sampling defaults for requests that leave them out: 'auto' reads the model directory's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty) as vLLM does, 'none' "
+        "keeps OpenAI's defaults, or a directory holding a generation_config.json.")
     dtype: str = _opt("auto", "Weight and activation dtype.", choices=["auto", "float32", "bfloat16"])
     device: str = _opt("auto", "Where to run the model.", choices=["auto", "cpu", "cuda"])
     max_model_len: int | None = _opt(None, "Longest prompt + output in tokens; defaults to the model's context.")

@@ -61,3 +61,36 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch):
     local.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("org/name") == local.relative_to(tmp_path)  # a path that exists stays a path
+
+
+def test_generation_config_defaults(tmp_path):
+    from tokenmill.models.loader import sampling_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        '{"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_length": 99}')
+    assert sampling_defaults(str(tmp_path)) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                                "repetition_penalty": 1.1}
+    assert sampling_defaults(str(tmp_path), "none") == {}
+    assert sampling_defaults("default") == {}  # the GGUF ships none
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.6}')
+    assert sampling_defaults("default", str(tmp_path)) == {"temperature": 0.0}
+    with pytest.raises(ModelLoadError):
+        sampling_defaults("default", str(tmp_path / "missing"))
+
+
+def test_chat_template_override(tmp_path):
+    from tokenmill.errors import ConfigError
+    from tokenmill.models.loader import open_model
+    from tokenmill.tokenizer.tokenizer import Tokenizer
+
+    source = open_model("default")
+    inline = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tok = Tokenizer.from_source(source, chat_template=inline)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "[user] hi\n"
+    f = tmp_path / "t.jinja"
+    f.write_text("<<{{ messages[0]['content'] }}>>")
+    assert Tokenizer.from_source(source, chat_template=str(f)).apply_chat_template(
+        [{"role": "user", "content": "x"}]) == "<<x>>"
+    for bad in ("{% for %}", str(tmp_path / "nope.jinja")):
+        with pytest.raises(ConfigError):
+            Tokenizer.from_source(source, chat_template=bad)

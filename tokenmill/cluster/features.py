@@ -28,7 +28,7 @@ def load_tokenizer(config: EngineConfig) -> Tokenizer:
     """The model's tokenizer and chat template, from metadata only (tensors, and torch, stay untouched)."""
     from tokenmill.models.loader import open_model
 
-    return Tokenizer.from_source(open_model(config.model), config.tokenizer)
+    return Tokenizer.from_source(open_model(config.model), config.tokenizer, config.chat_template)
 
 
 class Featurizer:

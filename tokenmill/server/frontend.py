@@ -28,6 +28,7 @@ from tokenmill.errors import (
     TokenmillError,
 )
 from tokenmill.gc_control import freeze_startup_heap
+from tokenmill.models.loader import sampling_defaults
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import (
     PRIORITY_ORDERED,
@@ -126,6 +127,7 @@ class Frontend:
         self.state = State.STARTING
         self.tokenizer: Tokenizer | None = None
         self.embeddings: EmbeddingService | None = None  # with --embedding-model
+        self.sampling_defaults: dict[str, float | int] = {}  # the model's generation_config.json, if used
         self.info: Ready | None = None
         self.stats: EngineStats | None = None
         self.exit_code = 0
@@ -166,6 +168,10 @@ class Frontend:
             self.client.start()
             # The tokenizer loads here while the engine loads the model over there.
             _, self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine_config)
+            self.sampling_defaults = await asyncio.to_thread(
+                sampling_defaults, self.engine_config.model, self.engine_config.generation_config)
+            if self.sampling_defaults:
+                logger.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
             if self.engine_config.embedding_model:
                 self.embeddings = await asyncio.to_thread(EmbeddingService, self.engine_config.embedding_model)
             self.info = await self._ready

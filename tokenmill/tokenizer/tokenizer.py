@@ -180,14 +180,36 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_source(cls, source: ModelSource, tokenizer_path: str | None = None) -> Tokenizer:
-        """The model's own tokenizer, or the one at `tokenizer_path` (a GGUF file or a HF directory)."""
+    def from_source(cls, source: ModelSource, tokenizer_path: str | None = None,
+                    chat_template: str | None = None) -> Tokenizer:
+        """The model's own tokenizer, or the one at `tokenizer_path` (a GGUF file or a HF directory);
+        chat_template (Jinja text, or a file holding it) replaces the model's own."""
         base_eos = list(source.arch.eos_token_ids)
         if tokenizer_path is not None:
-            return cls.from_path(tokenizer_path, base_eos)
-        if source.format == "gguf":
-            return cls._from_gguf_metadata(source.path, source.metadata, base_eos)
-        return cls._from_hf_dir(source.path, base_eos)
+            tok = cls.from_path(tokenizer_path, base_eos)
+        elif source.format == "gguf":
+            tok = cls._from_gguf_metadata(source.path, source.metadata, base_eos)
+        else:
+            tok = cls._from_hf_dir(source.path, base_eos)
+        if chat_template is not None:
+            tok.set_chat_template(chat_template)
+        return tok
+
+    def set_chat_template(self, template: str) -> None:
+        """Jinja text, or the path of a file holding it (--chat-template); ConfigError if it does not compile."""
+        from tokenmill.errors import ConfigError
+
+        path = Path(template).expanduser()
+        if "{" not in template and len(template) < 4096 and path.is_file():
+            template = path.read_text(encoding="utf-8")
+        elif "{" not in template:
+            raise ConfigError(f"--chat-template {template!r} is neither a readable file nor a Jinja template")
+        try:
+            compiled = _jinja_env().from_string(template)
+        except jinja2.TemplateError as e:
+            raise ConfigError(f"--chat-template does not compile: {e}") from None
+        self.chat_template, self._compiled, self._template_error = template, compiled, None
+        self.eos_token_ids = self._stop_ids(self.eos_token_ids)  # its end-of-turn token stops generation too
 
     @classmethod
     def from_path(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
