@@ -47,7 +47,8 @@ class EngineConfig:
         "auto", "Sampling defaults for requests that leave them out: 'auto' reads the model directory's "
         "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty) as vLLM does, 'none' "
         "keeps OpenAI's defaults, or a directory holding a generation_config.json.")
-    dtype: str = _opt("auto", "Weight and activation dtype.", choices=["auto", "float32", "bfloat16"])
+    dtype: str = _opt("auto", "Weight and activation dtype; half / float16 where the device computes in it (CUDA).",
+                      choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
     device: str = _opt("auto", "Where to run the model.", choices=["auto", "cpu", "cuda"])
     max_model_len: int | None = _opt(None, "Longest prompt + output in tokens; defaults to the model's context.")
     block_size: int = _opt(16, "Tokens per KV cache block.")

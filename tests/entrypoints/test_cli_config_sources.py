@@ -94,3 +94,15 @@ def test_chat_template_override(tmp_path):
     for bad in ("{% for %}", str(tmp_path / "nope.jinja")):
         with pytest.raises(ConfigError):
             Tokenizer.from_source(source, chat_template=bad)
+
+
+def test_half_is_a_clear_error_on_cpu():
+    import torch
+
+    from tokenmill.errors import ConfigError
+    from tokenmill.runner.model_runner import pick_dtype
+
+    assert pick_dtype("float", torch.device("cpu")) == torch.float32
+    with pytest.raises(ConfigError, match="CUDA"):
+        pick_dtype("half", torch.device("cpu"))
+    assert _parse(["serve", "--dtype", "half"]).dtype == "half"

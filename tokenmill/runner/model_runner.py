@@ -29,7 +29,8 @@ from tokenmill.structured.masks import GrammarMasks, MaskRequest, StepMasks
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "half": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
@@ -41,6 +42,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in ("float16", "half") and device.type == "cpu":
+        # CPU matmuls in float16 run on slow reference paths and our native kernels do not take it.
+        raise ConfigError(f"--dtype {name} is for CUDA; on the CPU use bfloat16 (AMX) or float32")
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":

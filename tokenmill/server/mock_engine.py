@@ -101,7 +101,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
     arch = open_model(config.model).arch
     max_model_len = config.max_model_len or arch.max_position_embeddings
     # Size the block pool as the real runner would for this model (float32 only when asked for).
-    itemsize = 4 if config.dtype == "float32" else 2
+    itemsize = 4 if config.dtype in ("float32", "float") else 2
     per_block = arch.kv_block_bytes(config.block_size, config.kv_cache_dtype, itemsize)
     num_blocks = max(1, int(config.kv_cache_memory or _DEFAULT_KV_BYTES) // per_block)
     runner = MockRunner(num_blocks, config.block_size, max_model_len, arch.vocab_size, arch.eos_token_ids, model)
