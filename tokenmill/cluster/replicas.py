@@ -317,14 +317,16 @@ _WANTED = {"num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"
 
 
 def parse_replica_metrics(text: str) -> dict[str, float]:
-    """The `tokenmill:` engine gauges and counters the policies read, summed over label sets."""
-    out: dict[str, float] = {}
+    """The engine gauges and counters the policies read, summed over label sets: `tokenmill:` series, or
+    `vllm:` ones from a replica serving --metrics-prefix vllm (never both added up)."""
+    by_prefix: dict[str, dict[str, float]] = {"tokenmill:": {}, "vllm:": {}}
     for fam in text_string_to_metric_families(text):
-        name = fam.name.removeprefix("tokenmill:")
-        if name not in _WANTED:
+        prefix = next((p for p in by_prefix if fam.name.startswith(p)), None)
+        if prefix is None or (name := fam.name.removeprefix(prefix)) not in _WANTED:
             continue
+        out = by_prefix[prefix]
         for s in fam.samples:
             if s.name.endswith("_created"):
                 continue
             out[name] = out.get(name, 0.0) + s.value
-    return out
+    return by_prefix["tokenmill:"] or by_prefix["vllm:"]

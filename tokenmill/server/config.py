@@ -31,6 +31,9 @@ class ServerConfig:
         256, "Most sequences admitted but not yet producing tokens; beyond it requests get 429 with Retry-After.")
     max_queued_tokens: int = _opt(
         262144, "Most prompt tokens admitted but not yet prefilled; beyond it requests get 429 with Retry-After.")
+    metrics_prefix: str = _opt(
+        "tokenmill", "Prefix of /metrics series: tokenmill (tokenmill:...), vllm (vllm:..., so dashboards and "
+        "autoscaling rules written for vLLM find them) or both.", choices=["tokenmill", "vllm", "both"])
     drain_timeout: float = _opt(30.0, "Seconds SIGTERM waits for in-flight requests before aborting them.")
     max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
     max_n: int = _opt(64, "Largest `n` (completions per prompt) one request may ask for.")

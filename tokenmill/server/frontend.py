@@ -431,6 +431,7 @@ class Frontend:
             self.metrics.engine.stats = msg.stats
             if msg.step_s:
                 self.metrics.step_time.observe(msg.step_s)
+                self.metrics.step(msg.stats)
             backlogged = self.queued_seqs > 0
             drained = self._on_updates(msg.updates) if msg.updates else 0
             self.drain_meter.observe(time.monotonic(), drained, backlogged)
@@ -506,6 +507,8 @@ class Frontend:
             if first is not None:
                 m.prefill_time.observe(max(0.0, first - sched))
                 m.decode_time.observe(max(0.0, finished - first))
+                if len(out.token_ids) > 1:
+                    m.time_per_output_token.observe(max(0.0, finished - first) / (len(out.token_ids) - 1))
         if self.config.log_requests:
             ttft = f"{first - u.arrival_time:.3f}" if first is not None else "-"
             queued = f"{sched - u.arrival_time:.3f}" if sched is not None else "-"

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -75,6 +84,10 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.engine = _EngineStatsCollector(model_name)
         self.registry.register(self.engine)
+        # The standard process_* (CPU seconds, resident memory, open fds), python_info and python_gc_* series.
+        ProcessCollector(registry=self.registry)
+        for c in (PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(c)
         r, labels = self.registry, ["model_name"]
         self.model_name = model_name
 
@@ -95,6 +108,11 @@ class ServerMetrics:
                                   _TOKEN_BUCKETS)
         self.generation_tokens = hist("request_generation_tokens", "Output length of finished requests, tokens.",
                                       _TOKEN_BUCKETS)
+        self.time_per_output_token = hist("request_time_per_output_token_seconds", "A finished request's decode "
+                                          "time over its output tokens after the first, seconds.", _ITL_BUCKETS)
+        self.iteration_tokens = hist("iteration_tokens_total", "Tokens (prompt and output) one engine step "
+                                     "processed.", _TOKEN_BUCKETS)
+        self._last_step_tokens: int | None = None
         self._success = Counter("tokenmill:request_success", "Finished requests by finish reason.",
                                 [*labels, "finished_reason"], registry=r)
         self._rejected = Counter("tokenmill:request_rejected", "Requests turned away, by reason.",
@@ -129,6 +147,25 @@ class ServerMetrics:
                                       f"Tokens generated, by {dim} (the service each one received).", lab,
                                       registry=r),
             }
+
+    def step(self, stats: EngineStats) -> None:
+        """One engine step's stats snapshot: the tokens it processed (prompt + output) into the histogram."""
+        total = stats.prompt_tokens + stats.generation_tokens
+        if self._last_step_tokens is not None and total > self._last_step_tokens:
+            self.iteration_tokens.observe(total - self._last_step_tokens)
+        self._last_step_tokens = total
+
+    def exposition(self, prefix: str) -> bytes:
+        """The Prometheus text, with series named tokenmill:..., vllm:... or both (vLLM's names, our values)."""
+        text = generate_latest(self.registry)
+        if prefix == "tokenmill":
+            return text
+        vllm = text.replace(b"tokenmill:", b"vllm:")
+        if prefix == "vllm":
+            return vllm
+        # both: every prefixed series twice; the unprefixed ones (process_*, python_*) once.
+        extra = b"\n".join(line for line in vllm.split(b"\n") if b"vllm:" in line)
+        return text + extra + b"\n"
 
     def success(self, finish_reason: str) -> None:
         self._success.labels(self.model_name, finish_reason).inc()

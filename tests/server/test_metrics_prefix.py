@@ -1,0 +1,56 @@
+"""/metrics as vLLM users scrape it: --metrics-prefix tokenmill | vllm | both, the process_* series,
+request_time_per_output_token_seconds and iteration_tokens_total; the router reads a replica under either
+prefix. A mock-engine server (the real app and engine core, no model) shows the live exposition."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_helpers import parse_metrics, start_server
+
+from tokenmill.cluster.replicas import parse_replica_metrics
+from tokenmill.engine.core import EngineStats
+from tokenmill.server.metrics import ServerMetrics
+
+
+def _stats(prompt: int, gen: int, running: int = 3) -> EngineStats:
+    return EngineStats(num_running=running, num_waiting=1, kv_cache_usage=0.5, prefix_cache_queries=0,
+                       prefix_cache_hits=0, num_preemptions=0, prompt_tokens=prompt, generation_tokens=gen,
+                       num_steps=1)
+
+
+def test_prefixes():
+    m = ServerMetrics("m")
+    m.engine.stats = _stats(10, 5)
+    m.step(_stats(10, 5))
+    m.step(_stats(30, 9))  # a step of 24 tokens
+    m.time_per_output_token.observe(0.02)
+    own, vllm, both = (m.exposition(p).decode() for p in ("tokenmill", "vllm", "both"))
+    assert "tokenmill:num_requests_running" in own and "vllm:" not in own
+    assert "vllm:num_requests_running" in vllm and "tokenmill:" not in vllm
+    assert "vllm:num_requests_running" in both and "tokenmill:num_requests_running" in both
+    for text in (own, vllm, both):
+        assert "process_resident_memory_bytes" in text and "python_info" in text
+    values = parse_metrics(vllm)
+    assert values['vllm:iteration_tokens_total_sum'] == 24.0
+    assert values['vllm:request_time_per_output_token_seconds_count'] == 1.0
+    # The router reads the engine's load from either, never double-counting "both".
+    for text in (own, vllm, both):
+        assert parse_replica_metrics(text)["num_requests_running"] == 3.0
+
+
+@pytest.mark.slow
+def test_live_server_exposes_vllm_names():
+    s = start_server("--mock", "--metrics-prefix", "vllm")
+    try:
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 200
+        values = parse_metrics(httpx.get(f"{s.url}/metrics", timeout=10).text)
+        assert values['vllm:request_success_total{finished_reason="length"}'] == 1.0
+        assert values["vllm:iteration_tokens_total_count"] >= 1.0
+        assert values["vllm:request_time_per_output_token_seconds_count"] == 1.0
+        assert values["process_resident_memory_bytes"] > 0
+        assert not any(k.startswith("tokenmill:") for k in values)
+    finally:
+        assert s.stop() == 0
+        s.remove_log()
