@@ -211,6 +211,8 @@ def test_router_metrics_exposition(router):
                  'tokenmill:router_replica_kv_usage{replica="replica-2"}'):
         assert name in m, name
     assert m["tokenmill:router_time_to_first_token_seconds_count"] > 0
+    page = httpx.get(f"{router.url}/dashboard", timeout=10)  # the page the server serves, over these series
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and b"/metrics" in page.content
 
 
 def test_the_router_guards_its_door_as_the_server_does(router):

@@ -31,6 +31,7 @@ from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
 from tokenmill.config import EngineConfig
 from tokenmill.gc_control import freeze_startup_heap
 from tokenmill.server.auth import load_api_keys
+from tokenmill.server.dashboard import dashboard_response
 from tokenmill.server.guard import Guard, host_allow_list
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,10 @@ def build_router_app(router: Router) -> FastAPI:
         body = {"status": "ok" if n else "no_healthy_replica", "healthy_replicas": n,
                 "replicas": len(router.replicas.all())}
         return Response(json.dumps(body), status_code=200 if n else 503, media_type="application/json")
+
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        return dashboard_response()
 
     @app.get("/metrics")
     async def prometheus() -> Response:

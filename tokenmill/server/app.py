@@ -26,6 +26,7 @@ from tokenmill.server.api_models import (
 )
 from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
+from tokenmill.server.dashboard import dashboard_response
 from tokenmill.server.embeddings import encode_vector
 from tokenmill.server.frontend import Frontend, ServerUnavailableError
 from tokenmill.server.guard import Guard, host_allow_list
@@ -174,6 +175,10 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
         if frontend.death_reason and not ok:
             body["reason"] = frontend.death_reason
         return json_response(body, 200 if ok else 503)
+
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        return dashboard_response()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
