@@ -37,6 +37,11 @@ class Backend:
     prompt_as_tokens: bool  # send token ids (exact by construction) or the text that encodes to them
     fixed_length: str  # "ignore_eos", "min_tokens" or "generation_config" (transformers serve)
     stream_usage: bool  # send stream_options.include_usage
+    chat: bool = False  # /v1/chat/completions with the prompt text as one user message (not token-exact)
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.chat else "/v1/completions"
 
 
 BACKENDS = {
@@ -51,6 +56,8 @@ BACKENDS = {
     # `transformers serve`: text prompts only, no extra fields (422), generation settings as a JSON string;
     # it sends usage in its last chunk unasked.
     "transformers": Backend("transformers", False, "generation_config", False),
+    # The chat endpoint (`--endpoint /v1/chat/completions`): the server's chat template wraps each prompt.
+    "openai-chat": Backend("openai-chat", False, "ignore_eos", True, chat=True),
 }
 
 
@@ -59,8 +66,11 @@ SERVED_BY_HEADER = "x-tokenmill-replica"
 
 
 def request_body(req: BenchRequest, backend: Backend, model: str | None) -> dict:
-    body: dict = {"prompt": req.prompt_token_ids if backend.prompt_as_tokens else req.prompt,
-                  "max_tokens": req.output_len, "temperature": 0.0, "stream": True}
+    body: dict = {"max_tokens": req.output_len, "temperature": 0.0, "stream": True}
+    if backend.chat:
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+    else:
+        body["prompt"] = req.prompt_token_ids if backend.prompt_as_tokens else req.prompt
     if model:
         body["model"] = model
     if backend.fixed_length == "ignore_eos":
@@ -146,8 +156,10 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, rec: RequestRec
 async def run(base_url: str, requests: list[BenchRequest], *, backend: Backend, model: str | None = None,
               request_rate: float = float("inf"), burstiness: float = 1.0, max_concurrency: int | None = None,
               seed: int = 0, api_key: str | None = None, timeout_s: float = 3600.0,
-              path: str = "/v1/completions", progress: Callable[[], None] | None = None) -> list[RequestRecord]:
-    """Send `requests` on their arrival schedule; return one record per request, in request order."""
+              path: str | None = None, progress: Callable[[], None] | None = None) -> list[RequestRecord]:
+    """Send `requests` on their arrival schedule; return one record per request, in request order. path:
+    the endpoint (default: the backend's own)."""
+    path = path or backend.path
     arrivals = arrival_times(len(requests), request_rate, burstiness, seed)
     records = [RequestRecord(i, r.prompt_len, r.output_len, scheduled=a)
                for i, (r, a) in enumerate(zip(requests, arrivals, strict=True))]

@@ -71,22 +71,43 @@ class RequestRecord:
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
-    """'ttft=2.0,tpot=0.1' -> {'ttft': 2.0, 'tpot': 0.1}; seconds; keys ttft, tpot, e2e."""
+    """'ttft=2s,tpot=100ms' -> {'ttft': 2.0, 'tpot': 0.1}, in seconds; keys ttft, tpot, e2e. A bare number is
+    seconds (a bare number over 60 is refused: 'ttft=300' is almost always meant as milliseconds)."""
     if not text:
         return {}
     slo = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        key = key.strip().lower()
+        key, value = key.strip().lower(), value.strip().lower()
         if not sep or key not in ("ttft", "tpot", "e2e"):
-            raise ConfigError(f"bad SLO {part!r}: expected ttft=SECONDS, tpot=SECONDS or e2e=SECONDS")
+            raise ConfigError(f"bad SLO {part!r}: expected ttft=2s, tpot=100ms or e2e=30s")
+        scale, number = (1e-3, value[:-2]) if value.endswith("ms") else (1.0, value.removesuffix("s"))
         try:
-            v = float(value)
+            v = float(number) * scale
         except ValueError:
-            raise ConfigError(f"bad SLO {part!r}: {value!r} is not a number of seconds") from None
+            raise ConfigError(f"bad SLO {part!r}: {value!r} is not a duration (2s, 100ms)") from None
         if not v > 0:
             raise ConfigError(f"bad SLO {part!r}: the limit must be positive")
+        if scale == 1.0 and not value.endswith("s") and v > 60:
+            raise ConfigError(f"bad SLO {part!r}: {v:g} seconds? write {value}ms for milliseconds or {value}s for "
+                              "seconds (vLLM's --goodput ttft:300 means milliseconds)")
         slo[key] = v
+    return slo
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
+    """vLLM's --goodput ttft:300 tpot:50 (milliseconds) -> limits in seconds."""
+    slo = {}
+    for item in items or []:
+        key, sep, value = item.partition(":")
+        key = key.strip().lower()
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if not sep or key not in ("ttft", "tpot", "e2el", "e2e") or not ms > 0:
+            raise ConfigError(f"bad --goodput {item!r}: expected ttft:MS, tpot:MS or e2el:MS")
+        slo["e2e" if key == "e2el" else key] = ms / 1e3
     return slo
 
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from tokenmill.bench import datasets, loadgen
-from tokenmill.bench.metrics import RequestRecord, compute, parse_slo
-from tokenmill.errors import TokenmillError
+from tokenmill.bench.metrics import RequestRecord, compute, parse_goodput, parse_slo
+from tokenmill.errors import ConfigError, TokenmillError
 
 if TYPE_CHECKING:
     from tokenmill.tokenizer.tokenizer import Tokenizer
@@ -164,8 +164,32 @@ def _json_default(o):
     return str(o)
 
 
+def apply_vllm_names(args: argparse.Namespace) -> dict[str, float]:
+    """Fold vLLM's flag names into ours (in place); -> the goodput limits in seconds, from --slo or --goodput."""
+    if args.endpoint == "/v1/chat/completions":
+        if args.backend not in ("openai", "openai-chat"):
+            raise ConfigError(f"--endpoint /v1/chat/completions takes --backend openai, not {args.backend}")
+        args.backend = "openai-chat"
+    r = args.random_range_ratio
+    if not 0 <= r < 1:
+        raise ConfigError(f"--random-range-ratio must be in [0, 1), got {r}")
+    for name in ("input", "output"):
+        n = getattr(args, f"random_{name}_len")
+        if n is not None:
+            if n < 1:
+                raise ConfigError(f"--random-{name}-len must be >= 1, got {n}")
+            setattr(args, f"{name}_len", [max(1, round(n * (1 - r))), max(1, round(n * (1 + r)))])
+    if args.save_result and not args.out:
+        name = args.result_filename or f"{args.label or 'bench'}-rate{args.request_rate:g}-" \
+                                       f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+        args.out = str(Path(args.result_dir) / name)
+    if args.slo and args.goodput:
+        raise ConfigError("give the limits once: --slo (ttft=2s) or --goodput (ttft:2000)")
+    return parse_goodput(args.goodput) if args.goodput else parse_slo(args.slo)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    slo = parse_slo(args.slo)
+    slo = apply_vllm_names(args)
     reqs = dataset_from_args(args)
     result = run_point(args.base_url, reqs, backend=args.backend, model=args.model, request_rate=args.request_rate,
                        burstiness=args.burstiness, max_concurrency=args.max_concurrency, seed=args.seed, slo=slo,
@@ -213,7 +237,7 @@ def sweep_object(label: str, axis: str, slo: dict[str, float], points: list[dict
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tokenmill.bench.launch import ServerProcess, free_port
 
-    slo = parse_slo(args.slo)
+    slo = apply_vllm_names(args)
     if not slo:
         slo = {"ttft": 2.0, "tpot": 0.1}
     tok = load_tokenizer(args.tokenizer)
@@ -268,7 +292,7 @@ def add_client_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                         "generation_config) (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: none)")
     d = p.add_argument_group("dataset (built and tokenized before the run)")
-    d.add_argument("--dataset", default="random", choices=datasets.DATASETS,
+    d.add_argument("--dataset", "--dataset-name", dest="dataset", default="random", choices=datasets.DATASETS,
                    help="random token ids, chat turns over real text, shared-prefix groups, or one long "
                         "document per request (default: %(default)s)")
     d.add_argument("--num-prompts", type=int, default=100, help="requests in the run (default: %(default)s)")
@@ -292,7 +316,21 @@ def add_client_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     lg.add_argument("--burstiness", type=float, default=1.0,
                     help="gamma shape of the inter-arrival gaps: 1 Poisson, <1 burstier (default: 1)")
     lg.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default: no cap)")
-    lg.add_argument("--slo", default=None, help="goodput limits in seconds, e.g. ttft=2.0,tpot=0.1 (also e2e=)")
+    lg.add_argument("--slo", default=None, help="goodput limits, e.g. ttft=2s,tpot=100ms (also e2e=); a bare "
+                                                "number is seconds")
+    lg.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                    help="vLLM's form of the same limits, in milliseconds: --goodput ttft:300 tpot:50")
     lg.add_argument("--warmup", type=int, default=2, help="short untimed requests first (default: 2)")
     p.add_argument("--label", default="", help="name of this system in reports and plots")
     p.add_argument("--out", help="write the result JSON here")
+    v = p.add_argument_group("vLLM's `bench serve` names (the same run, its units)")
+    v.add_argument("--endpoint", default=None, choices=["/v1/completions", "/v1/chat/completions"],
+                   help="/v1/chat/completions sends each prompt as a chat message (the server's template wraps it)")
+    v.add_argument("--random-input-len", type=int, default=None, help="random dataset: mean prompt tokens")
+    v.add_argument("--random-output-len", type=int, default=None, help="random dataset: mean output tokens")
+    v.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths drawn from [len * (1 - r), len * (1 + r)] (default: 0, exact)")
+    v.add_argument("--save-result", action="store_true", help="write the result JSON to --result-dir")
+    v.add_argument("--result-dir", default=".", help="where --save-result writes (default: .)")
+    v.add_argument("--result-filename", default=None, help="file name for --save-result (default: one with "
+                                                           "the label, rate and time)")
