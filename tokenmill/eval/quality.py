@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def perplexity(llm, text: str, window: int = 512, max_tokens: int | None = None)
     if not windows:
         raise TokenmillError("the text is shorter than two tokens")
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    outs = llm.generate(windows, params, use_tqdm=False)
+    outs = llm.generate(windows, params, use_tqdm=sys.stderr.isatty())  # a bar per window, on a terminal
     nll, n = 0.0, 0
     for w, o in zip(windows, outs, strict=True):
         for tok, entry in zip(w[1:], o.prompt_logprobs[1:], strict=True):

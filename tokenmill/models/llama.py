@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tokenmill.errors import ModelLoadError, StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
@@ -153,7 +154,9 @@ class LlamaModel:
         """Tensors arrive one at a time (float, or GGUF blocks when quantizing); each is copied or
         quantized into place and dropped before the next arrives."""
         missing = self.expected_tensors()
-        for name, t in tensors:
+        # A bar on a terminal (quantizing a large model takes a while); nothing in logs.
+        for name, t in tqdm(tensors, total=len(missing), desc="loading weights", unit="tensor", disable=None,
+                            leave=False):
             for dst, lo, hi in self._slots(name):
                 cols = (dst.k,) if isinstance(dst, LinearBuilder) else tuple(dst.shape[1:])
                 if tuple(t.shape) != (hi - lo, *cols):
