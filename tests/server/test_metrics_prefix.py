@@ -40,17 +40,22 @@ def test_prefixes():
 
 
 @pytest.mark.slow
-def test_live_server_exposes_vllm_names():
-    s = start_server("--mock", "--metrics-prefix", "vllm")
+def test_live_server_speaks_vllm():
+    """vLLM's metric names, and (--lenient-fields) another vendor's extra fields ignored with a warning."""
+    s = start_server("--mock", "--metrics-prefix", "vllm", "--lenient-fields")
     try:
-        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hello", "max_tokens": 5}, timeout=30)
-        assert r.status_code == 200
+        r = httpx.post(f"{s.url}/v1/completions", timeout=30,
+                       json={"prompt": "hello", "max_tokens": 5, "vendor_knob": {"x": 1}})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hello", "max_tokens": "5"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # known fields stay strict
         values = parse_metrics(httpx.get(f"{s.url}/metrics", timeout=10).text)
         assert values['vllm:request_success_total{finished_reason="length"}'] == 1.0
         assert values["vllm:iteration_tokens_total_count"] >= 1.0
         assert values["vllm:request_time_per_output_token_seconds_count"] == 1.0
         assert values["process_resident_memory_bytes"] > 0
         assert not any(k.startswith("tokenmill:") for k in values)
+        assert "ignoring the unknown request field 'vendor_knob'" in s.log_text(200)
     finally:
         assert s.stop() == 0
         s.remove_log()

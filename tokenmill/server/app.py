@@ -59,6 +59,28 @@ def _validation_message(e: ValidationError | RequestValidationError) -> tuple[st
     return f"invalid value for '{name}': {err.get('msg', 'invalid')}", param
 
 
+def _drop_unknown(body: bytes, model: type[BaseModel]) -> bytes:
+    """--lenient-fields: the body with top-level fields `model` does not know removed (and logged once each)."""
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body  # model_validate reports it as the type error it is
+    if not isinstance(data, dict):
+        return body
+    known = {f.alias or name for name, f in model.model_fields.items()} | set(model.model_fields)
+    unknown = sorted(k for k in data if k not in known)
+    for k in unknown:
+        if k not in _warned_fields:
+            _warned_fields.add(k)
+            logger.warning("ignoring the unknown request field %r (--lenient-fields)", k)
+    return json.dumps({k: v for k, v in data.items() if k in known}).encode() if unknown else body
+
+
+_warned_fields: set[str] = set()
+
+
 def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, listening: bool = True) -> FastAPI:
     """listening: the app owns the socket clients reach (False inside a Ray replica, where the ingress does;
     the Host a client sent is then the ingress's name, not this app's)."""
@@ -117,7 +139,10 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
     app.add_exception_handler(Exception, on_unexpected)
 
     async def parse(request: Request, model: type[BaseModel]) -> Any:
-        return model.model_validate_json(await request.body())
+        body = await request.body()
+        if config.lenient_fields:
+            body = _drop_unknown(body, model)
+        return model.model_validate_json(body)
 
     # -- routes -----------------------------------------------------------------------------------------------
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))

@@ -45,6 +45,9 @@ class ServerConfig:
         "address, only localhost, 127.0.0.1 and [::1], so a web page cannot reach the server by DNS rebinding; "
         "bound elsewhere, any.")
     log_requests: bool = _opt(True, "Log one line per finished request.")
+    lenient_fields: bool = _opt(
+        False, "Accept request fields this server does not know (another vendor's extensions), ignoring them with a "
+        "warning, as vLLM does; by default they are a 400 naming the field, so nothing asked for is silently ignored.")
     max_queue_delay: float | None = _opt(
         None, "Admission control: answer 429 (with an honest Retry-After) to a request whose predicted wait "
         "for its first token exceeds this many seconds; requests with a TTFT target (their own `ttft_target` "
