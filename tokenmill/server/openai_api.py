@@ -196,9 +196,11 @@ class OpenAIServing:
         if req.top_k is None and "top_k" in model:
             top_k = min(max(int(model["top_k"]), 0), vocab)
         return SamplingParams(
-            n=n, max_tokens=max_tokens, min_tokens=min_tokens, temperature=opt(req.temperature, model.get("temperature", 1.0)),
-            top_p=opt(req.top_p, model.get("top_p", 1.0)), top_k=top_k, min_p=opt(req.min_p, model.get("min_p", 0.0)),
-            repetition_penalty=opt(req.repetition_penalty, model.get("repetition_penalty", 1.0)), presence_penalty=opt(req.presence_penalty, 0.0),
+            n=n, max_tokens=max_tokens, min_tokens=min_tokens,
+            temperature=opt(req.temperature, model.get("temperature", 1.0)), top_p=opt(req.top_p, model.get("top_p", 1.0)),
+            top_k=top_k, min_p=opt(req.min_p, model.get("min_p", 0.0)),
+            repetition_penalty=opt(req.repetition_penalty, model.get("repetition_penalty", 1.0)),
+            presence_penalty=opt(req.presence_penalty, 0.0),
             frequency_penalty=opt(req.frequency_penalty, 0.0), seed=req.seed, stop=stop,
             stop_token_ids=stop_token_ids, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
             logit_bias=bias, skip_special_tokens=opt(req.skip_special_tokens, True),
