@@ -69,10 +69,40 @@ def test_bad_arguments(tok):
     with pytest.raises(DatasetError):
         build("random", tok, 2, input_len=(10, 5), vocab=(100, 200))
     with pytest.raises(DatasetError, match="unknown dataset"):
-        build("sharegpt", tok, 2)
+        build("wikitext", tok, 2)
 
 
 def test_corpus_is_real_text():
     text = datasets.corpus_text()
     assert len(text) > 200_000
     assert "expression" in text and "statement" in text
+
+
+def test_sharegpt_and_jsonl_files(tok, tmp_path):
+    import json
+
+    words = "the quick brown fox jumps over the lazy dog and keeps running far away " * 3
+    convs = [{"conversations": [{"from": "human", "value": f"Question {i}: {words}"},
+                                {"from": "gpt", "value": words[: 20 + 7 * i]}]} for i in range(12)]
+    convs += [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": words}]},  # too short
+              {"conversations": [{"from": "human", "value": words}]}, {"id": "no conversations"}]
+    share = tmp_path / "share.json"
+    share.write_text(json.dumps(convs))
+    reqs = build("sharegpt", tok, 8, seed=3, path=str(share))
+    assert len(reqs) == 8 and len({r.prompt for r in reqs}) == 8
+    _exact(tok, reqs)
+    replies = {c["conversations"][0]["value"]: c["conversations"][1]["value"] for c in convs[:12]}
+    for r in reqs:  # the output length is the reply's own length in tokens
+        assert r.output_len == len(tok.encode(replies[r.prompt], add_special_tokens=False))
+    assert [r.prompt for r in build("sharegpt", tok, 8, seed=3, path=str(share))] == [r.prompt for r in reqs]
+    with pytest.raises(DatasetError, match="usable"):
+        build("sharegpt", tok, 13, path=str(share))
+
+    lines = tmp_path / "p.jsonl"
+    lines.write_text("\n".join(json.dumps({"prompt": f"{words} {i}", **({"output_len": 9} if i % 2 else {})})
+                               for i in range(6)) + "\n")
+    reqs = build("jsonl", tok, 6, path=str(lines), output_len=(5, 5))
+    assert sorted(r.output_len for r in reqs) == [5, 5, 5, 9, 9, 9]
+    for bad in (dict(name="jsonl", path=None), dict(name="jsonl", path=str(tmp_path / "missing.jsonl"))):
+        with pytest.raises(DatasetError):
+            build(bad["name"], tok, 1, path=bad["path"])

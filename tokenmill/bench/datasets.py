@@ -10,6 +10,11 @@ Datasets (all seeded, no network):
   question after it (what automatic prefix caching exists for). Groups are interleaved in arrival order.
 - long-input: a long document and a short instruction that asks for output grounded in it (quote, continue,
   summarize): the case prefix caching and prompt-lookup speculation exist for.
+- sharegpt / jsonl (--dataset-path FILE): your own traffic. ShareGPT JSON (a list of {"conversations":
+  [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}) gives the first human turn as the
+  prompt and the reply's length in tokens as the output length, as vLLM's benchmark reads it; JSONL has one
+  {"prompt": ..., "output_len": N} per line (output_len optional: then --output-len). The prompt text is
+  sent as written (its own tokenization is the prompt's ids), seeded sample of the usable records.
 
 The real text is the Python Language Reference as CPython ships it in `pydoc_data.topics` (the help()
 topics; ~465 k characters, ~113 k tokens with the default model; PSF License 2.0). It is part of every
@@ -30,7 +35,9 @@ from tokenmill.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("random", "chat", "shared-prefix", "long-input")
+DATASETS = ("random", "chat", "shared-prefix", "long-input", "sharegpt", "jsonl")
+# Records vLLM's ShareGPT reader skips: prompts or replies under 4 tokens, prompts over 1024, pairs over 2048.
+FILE_MIN_TOKENS, FILE_MAX_PROMPT, FILE_MAX_TOTAL = 4, 1024, 2048
 # ShareGPT (vLLM paper, Kwon et al. 2023, fig. 11): mean input 161.31, mean output 337.99 tokens, both
 # heavy-tailed. Log-normal with these means; sigma sets the tail.
 CHAT_INPUT_MEAN, CHAT_OUTPUT_MEAN = 161.0, 338.0
@@ -215,9 +222,57 @@ def long_input_dataset(tok: TokenizerLike, num: int, doc_len: int, output_len: i
     return out
 
 
+def _file_records(name: str, path: str) -> list[tuple[str, str | int | None]]:
+    """(prompt text, the reply text or an output length or None) per record of a ShareGPT or JSONL file."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if name == "jsonl":
+                rows = [json.loads(line) for line in f if line.strip()]
+                return [(r["prompt"], r.get("output_len", r.get("max_tokens"))) for r in rows
+                        if isinstance(r, dict) and isinstance(r.get("prompt"), str)]
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read --dataset-path {path}: {e}") from None
+    out: list[tuple[str, str | int | None]] = []
+    for rec in data if isinstance(data, list) else []:
+        turns = rec.get("conversations") if isinstance(rec, dict) else None
+        if isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2]):
+            human, reply = turns[0].get("value"), turns[1].get("value")
+            if isinstance(human, str) and isinstance(reply, str):
+                out.append((human, reply))
+    return out
+
+
+def file_dataset(tok: TokenizerLike, name: str, path: str, num: int, output_len: tuple[int, int] | None,
+                 seed: int = 0) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    usable = []
+    for prompt, reply in _file_records(name, path):
+        ids = tok.encode(prompt, add_special_tokens=False)
+        if isinstance(reply, str):
+            n_out = len(tok.encode(reply, add_special_tokens=False))
+        elif isinstance(reply, int) and reply > 0:
+            n_out = reply
+        else:
+            n_out = rng.randint(*(output_len or (128, 128)))
+        if output_len is not None and isinstance(reply, str):
+            n_out = min(max(n_out, output_len[0]), output_len[1])
+        if (len(ids) < FILE_MIN_TOKENS or n_out < FILE_MIN_TOKENS or len(ids) > FILE_MAX_PROMPT
+                or len(ids) + n_out > FILE_MAX_TOTAL):
+            continue
+        usable.append(BenchRequest(ids, prompt, n_out))
+    if len(usable) < num:
+        raise DatasetError(f"{path} has {len(usable)} usable records ({FILE_MIN_TOKENS}-{FILE_MAX_PROMPT} prompt "
+                           f"tokens, at most {FILE_MAX_TOTAL} with the output); --num-prompts asks for {num}")
+    return rng.sample(usable, num)
+
+
 def build(name: str, tok: TokenizerLike, num: int, *, seed: int = 0, input_len: tuple[int, int] | None = None,
           output_len: tuple[int, int] | None = None, vocab: tuple[int, int] | None = None, groups: int = 4,
-          prefix_len: int = 1024, suffix_len: int = 32, doc_len: int = 2048) -> list[BenchRequest]:
+          prefix_len: int = 1024, suffix_len: int = 32, doc_len: int = 2048,
+          path: str | None = None) -> list[BenchRequest]:
     """One dataset by name. Ranges left None take the dataset's defaults: random 128/128; chat clips its
     log-normal lengths to input 16-1024 and output 4-512; shared-prefix and long-input output
     `output_len[0]` tokens (default 64)."""
@@ -232,6 +287,10 @@ def build(name: str, tok: TokenizerLike, num: int, *, seed: int = 0, input_len: 
         return random_dataset(tok, num, input_len or (128, 128), output_len or (128, 128), vocab, seed)
     if name == "chat":
         return chat_dataset(tok, num, input_len or (16, 1024), output_len or (4, 512), seed)
+    if name in ("sharegpt", "jsonl"):
+        if not path:
+            raise DatasetError(f"the {name} dataset reads a file: give --dataset-path")
+        return file_dataset(tok, name, path, num, output_len, seed)
     fixed_out = (output_len or (64, 64))[0]
     if name == "shared-prefix":
         return shared_prefix_dataset(tok, num, groups, prefix_len, suffix_len, fixed_out, seed)

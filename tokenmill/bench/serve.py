@@ -45,7 +45,7 @@ def dataset_from_args(args: argparse.Namespace, tok: Tokenizer | None = None) ->
                           input_len=tuple(args.input_len) if args.input_len else None,
                           output_len=tuple(args.output_len) if args.output_len else None, vocab=vocab,
                           groups=args.groups, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
-                          doc_len=args.doc_len)
+                          doc_len=args.doc_len, path=args.dataset_path)
 
 
 def _rate(text: str) -> float:
@@ -204,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _dataset_settings(args: argparse.Namespace) -> dict:
     return {"dataset": args.dataset, "input_len": args.input_len, "output_len": args.output_len,
             "groups": args.groups, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
-            "doc_len": args.doc_len, "tokenizer": args.tokenizer}
+            "doc_len": args.doc_len, "tokenizer": args.tokenizer, "dataset_path": args.dataset_path}
 
 
 def max_rate_meeting_slo(points: list[dict], slo: dict[str, float]) -> float | None:
@@ -295,6 +295,8 @@ def add_client_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     d.add_argument("--dataset", "--dataset-name", dest="dataset", default="random", choices=datasets.DATASETS,
                    help="random token ids, chat turns over real text, shared-prefix groups, or one long "
                         "document per request (default: %(default)s)")
+    d.add_argument("--dataset-path", default=None, help="sharegpt: a ShareGPT JSON file; jsonl: one "
+                                                        '{"prompt": ..., "output_len": N} per line')
     d.add_argument("--num-prompts", type=int, default=100, help="requests in the run (default: %(default)s)")
     d.add_argument("--input-len", type=int, nargs=2, metavar=("MIN", "MAX"),
                    help="prompt length range (random: default 128 128; chat: clip range, default 16 1024)")
