@@ -70,6 +70,7 @@ class GrammarMasks:
         # Building llguidance's token trie takes ~0.5 s: done on the worker at start-up, off the load path.
         self._tokenizer: Future = self._pool.submit(self._build_tokenizer, tokenizer_json)
         self._tracked: dict[str, _Tracked] = {}
+        self._pending: Future | None = None  # the last step's masks, which the caller may not have collected
 
     def _build_tokenizer(self, tokenizer_json: str):
         import llguidance
@@ -79,6 +80,9 @@ class GrammarMasks:
 
     def start(self, requests: list[MaskRequest]) -> Future[StepMasks]:
         """Begin computing this step's masks; collect them with .result() after the forward pass."""
+        if self._pending is not None and not self._pending.done():
+            # An abandoned step's masks may still be in flight on these matchers: let them finish first.
+            self._pending.result()
         rows = sum(1 + len(r.proposals) for r in requests)
         bitmask = torch.full((rows, self.words), -1, dtype=torch.int32)
         first_row: dict[str, int] = {}
@@ -96,7 +100,8 @@ class GrammarMasks:
                 jobs.append((t.matcher, row, r.proposals[:allowed]))
             row += 1 + len(r.proposals)
         if self.background:
-            return self._pool.submit(self._fill, jobs, bitmask, first_row)
+            self._pending = self._pool.submit(self._fill, jobs, bitmask, first_row)
+            return self._pending
         done: Future[StepMasks] = Future()
         done.set_result(self._fill(jobs, bitmask, first_row))
         return done
