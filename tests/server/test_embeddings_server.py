@@ -92,3 +92,30 @@ def test_bad_inputs_are_400(server, body, param):
     r = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_engine_loop_batches_in_order_and_survives_a_failing_embedder():
+    import torch
+
+    from tokenmill.server.engine_loop import EngineLoop
+    from tokenmill.server.protocol import Embedded, EmbedRequest
+
+    class Echo:  # the vector is the input's length and first id: order is checkable
+        def embed(self, batch):
+            return torch.tensor([[float(len(ids)), float(ids[0])] for ids in batch])
+
+    class Boom:
+        def embed(self, batch):
+            raise RuntimeError("boom")
+
+    sent: list = []
+    loop = EngineLoop(None, sent.append, Echo())
+    loop.handle(EmbedRequest("a", [[5, 1, 1, 1], [6]]))
+    loop.handle(EmbedRequest("b", [[7, 1]]))
+    loop._embed()
+    assert sent == [Embedded("a", [[4.0, 5.0], [1.0, 6.0]]), Embedded("b", [[2.0, 7.0]])]
+    sent.clear()
+    loop.embedder = Boom()
+    loop.handle(EmbedRequest("c", [[1]]))
+    loop._embed()  # the engine loop goes on; the request gets an error
+    assert sent == [Embedded("c", [], "embedding failed: RuntimeError: boom")]

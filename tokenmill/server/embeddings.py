@@ -9,7 +9,7 @@ import itertools
 import struct
 from typing import Any
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.models.sentence_model import BertConfig, load_embedding_tokenizer, resolve_embedding_model
 from tokenmill.server.protocol import Embedded, EmbedRequest
 
@@ -70,8 +70,8 @@ class EmbeddingService:
         fut = self._pending.get(msg.request_id)
         if fut is None or fut.done():
             return
-        if msg.error is not None:
-            fut.set_exception(InvalidRequestError(msg.error, param="model"))
+        if msg.error is not None:  # the engine could not embed: its failure, not the caller's (500)
+            fut.set_exception(TokenmillError(msg.error))
         else:
             fut.set_result(msg.embeddings)
 

@@ -144,6 +144,17 @@ class EngineLoop:
             for r in reqs:
                 self.send(Embedded(r.request_id, [], "this server has no embedding model"))
             return
+        try:
+            vectors = self._embed_all(reqs)
+        except Exception as e:  # a bad input must not take the engine (and every generation) down
+            logger.exception("embedding failed")
+            for r in reqs:
+                self.send(Embedded(r.request_id, [], f"embedding failed: {type(e).__name__}: {e}"))
+            return
+        for r, v in zip(reqs, vectors, strict=True):
+            self.send(Embedded(r.request_id, v))
+
+    def _embed_all(self, reqs: list[EmbedRequest]) -> list[list[list[float]]]:
         inputs = [(n, i, ids) for n, r in enumerate(reqs) for i, ids in enumerate(r.token_ids)]
         inputs.sort(key=lambda x: len(x[2]))  # similar lengths together: less padding
         out: list[list[list[float]]] = [[[]] * len(r.token_ids) for r in reqs]
@@ -156,8 +167,7 @@ class EngineLoop:
             for (n, i, _), v in zip(chunk, self.embedder.embed([ids for _, _, ids in chunk]).tolist(), strict=True):
                 out[n][i] = v
             start = end
-        for r, vectors in zip(reqs, out, strict=True):
-            self.send(Embedded(r.request_id, vectors))
+        return out
 
     def _abort_all(self) -> None:
         for rid in list(self.engine.scheduler.requests):
