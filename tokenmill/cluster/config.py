@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.cluster.policy import POLICIES
-from tokenmill.config import parse_size
 from tokenmill.errors import ConfigError
+from tokenmill.server.config import ExposureConfig
 
 
 def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
@@ -15,14 +15,9 @@ def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
 
 
 @dataclass
-class RouterConfig:
+class RouterConfig(ExposureConfig):
     """How the router listens, finds its replicas, routes and checks health."""
 
-    host: str = _opt("127.0.0.1", "Address to listen on.")
-    port: int = _opt(8000, "TCP port to listen on.")
-    allowed_hosts: str | None = _opt(
-        None, "Comma-separated Host header names accepted (a port may follow each). Default: bound to a loopback "
-        "address, only localhost, 127.0.0.1 and [::1] (no DNS rebinding from a web page); bound elsewhere, any.")
     replicas: str | None = _opt(None, "Comma-separated base URLs of running replicas, e.g. "
                                       "http://10.0.0.2:8000,http://10.0.0.3:8000.")
     spawn: int = _opt(0, "Start and supervise this many local `tokenmill serve` replicas on free loopback ports "
@@ -39,10 +34,6 @@ class RouterConfig:
     imbalance_tokens: int = _opt(512, "prefix-aware: the absolute part of that bound, in tokens.")
     kv_pressure_tokens: int = _opt(2048, "kv-aware: cost in tokens of a full KV cache (scaled by its usage).")
     prefix_index_blocks: int = _opt(16384, "Block hashes remembered per replica for prefix-aware routing (LRU).")
-    api_key: str | None = _opt(None, "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
-                                     "(several keys: comma-separated; also --api-key-file, $TOKENMILL_API_KEY). "
-                                     "The header is forwarded to replicas as it came.")
-    api_key_file: str | None = _opt(None, "File of API keys, one per line (# comments).")
     health_interval: float = _opt(1.0, "Seconds between active health and /metrics checks of each replica.")
     health_timeout: float = _opt(3.0, "Seconds one health check may take before it counts as failed.")
     max_failures: int = _opt(3, "Consecutive failures (5xx, timeouts, failed health checks) that take a replica "
@@ -52,7 +43,6 @@ class RouterConfig:
                                           "it counts as failed.")
     restart_backoff_max: float = _opt(30.0, "Longest wait, in seconds, before restarting a crashed spawned "
                                             "replica (the wait doubles from 0.5s after each quick crash).")
-    max_body_bytes: int | str = _opt("4MiB", "Largest request body accepted; larger ones get 413.")
     autoscale: str | None = _opt(
         None, "With --spawn: grow and shrink the local replicas with demand, e.g. 'min=1,max=4,target=2'. Keys: "
               "min, max, target (p90 TTFT seconds), queue (waiting requests per replica), kv (KV cache use), "
@@ -64,12 +54,7 @@ class RouterConfig:
         120.0, "Seconds a request waits in the router for a replica when none is ready (scale from zero).")
 
     def __post_init__(self) -> None:
-        from tokenmill.server.auth import load_api_keys
-
-        load_api_keys(self.api_key, self.api_key_file)  # an unreadable or empty key file fails at start-up
-        self.max_body_bytes = parse_size(self.max_body_bytes)
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        super().__post_init__()
         if self.spawn < 0:
             raise ConfigError("spawn must be >= 0")
         if bool(self.replicas) == bool(self.spawn):
@@ -84,8 +69,6 @@ class RouterConfig:
             raise ConfigError("prefix_index_blocks must be >= 1")
         if self.imbalance_tokens < 0 or self.imbalance_ratio < 1:
             raise ConfigError("imbalance_tokens must be >= 0 and imbalance_ratio >= 1")
-        if self.max_body_bytes is None or self.max_body_bytes < 1024:
-            raise ConfigError("max_body_bytes must be at least 1KiB")
         if self.autoscale is not None:
             from tokenmill.cluster.autoscale_policy import AutoscaleConfig
 

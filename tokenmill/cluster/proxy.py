@@ -49,6 +49,15 @@ def sse_error(message: str, type_: str = "upstream_error", code: int = 502) -> b
                                                "code": code}}) + b"\n\n"
 
 
+def parse_json_body(body: bytes) -> Any:
+    """The request body as JSON, for routing features; None when it is not JSON or nests too deeply for the
+    parser (a RecursionError, not a ValueError): the replica then answers with the exact 400."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def forward_headers(request: Request) -> dict[str, str]:
     return {k: v for k in _FORWARDED_HEADERS if (v := request.headers.get(k)) is not None}
 

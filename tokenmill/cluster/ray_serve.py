@@ -41,10 +41,11 @@ from tokenmill.cluster.asgi_bridge import HOP_BY_HOP, HttpCall, ResponseHead, ca
 from tokenmill.cluster.features import Featurizer, load_tokenizer
 from tokenmill.cluster.metrics import RouterMetrics
 from tokenmill.cluster.policy import PolicyParams, PrefixIndex, ReplicaView, RequestFeatures, load, route
-from tokenmill.cluster.proxy import sse_error
+from tokenmill.cluster.proxy import parse_json_body, sse_error
 from tokenmill.cluster.ray_config import RayServeConfig
 from tokenmill.config import EngineConfig
 from tokenmill.server.config import ServerConfig
+from tokenmill.server.guard import host_allow_list, host_name
 
 logger = logging.getLogger(__name__)
 
@@ -260,12 +261,13 @@ _GENERATE = ("/v1/completions", "/v1/chat/completions")
 @serve.ingress(router_app)
 class Router:
     async def __init__(self, engine: DeploymentHandle, engine_config: EngineConfig, routing: str,
-                       max_body_bytes: int, upstream_timeout: float = 600.0):
+                       max_body_bytes: int, upstream_timeout: float = 600.0, hosts: frozenset[str] | None = None):
         global _metrics
         _log_to_stderr()
         self.engine = engine
         self.max_body = max_body_bytes
         self.upstream_timeout = upstream_timeout
+        self.hosts = hosts  # the Host allow-list (DNS rebinding), as the guard of `tokenmill serve` applies it
         self.metrics = _metrics = RouterMetrics(routing)
         # Block hashes only for the policies that read them (as `tokenmill router`).
         self.featurizer = Featurizer(engine_config.block_size, hash_prompts=routing in ("prefix-aware", "kv-aware"))
@@ -282,6 +284,9 @@ class Router:
     @router_app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, request: Request, path: str) -> Response:
         arrival = time.monotonic()
+        if self.hosts is not None and host_name(request.headers.get("host", "")) not in self.hosts:
+            self.metrics.unrouted.labels("bad_host").inc()
+            return _error(400, "Host header not allowed (see --allowed-hosts)", "invalid_request_error")
         try:
             body = await _read_body(request, self.max_body)
         except _TooLarge:
@@ -291,10 +296,7 @@ class Router:
             return Response(status_code=499)
         features = stream = None
         if request.method == "POST" and request.url.path in _GENERATE:
-            try:
-                parsed = json.loads(body)
-            except ValueError:
-                parsed = None  # the replica answers with the exact 400
+            parsed = parse_json_body(body)
             features = await self.featurizer.features(parsed)  # its seq/rand are replaced when routing
             stream = isinstance(parsed, dict) and parsed.get("stream") is True
         call = HttpCall(request.method, request.url.path, request.scope.get("query_string", b""),
@@ -338,8 +340,11 @@ class Router:
 
 # -- building the application ---------------------------------------------------------------------------------
 def build_application(engine_config: EngineConfig, server_config: ServerConfig, ray_config: RayServeConfig,
-                      model_name: str) -> serve.Application:
-    """The Serve application graph: Router(engine handle) over the EngineReplica deployment."""
+                      model_name: str, bind_host: str | None = None) -> serve.Application:
+    """The Serve application graph: Router(engine handle) over the EngineReplica deployment. bind_host: where
+    Serve's HTTP proxy listens, when known (a loopback bind then answers loopback Host names only); a Serve
+    config file sets that elsewhere, so there only --allowed-hosts applies."""
+    hosts = host_allow_list(bind_host or "0.0.0.0", server_config.allowed_hosts)
     engine_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": ray_config.replica_cpus, "num_gpus": ray_config.replica_gpus},
         "max_ongoing_requests": ray_config.max_ongoing_requests,
@@ -362,7 +367,7 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
         max_ongoing_requests=ray_config.max_ongoing_requests * 4,
         max_queued_requests=ray_config.max_waiting_requests)
     return router.bind(engine.bind(engine_config, server_config, model_name), engine_config, ray_config.routing,
-                       int(server_config.max_body_bytes), ray_config.upstream_timeout)
+                       int(server_config.max_body_bytes), ray_config.upstream_timeout, hosts)
 
 
 # Options `tokenmill ray-serve` uses to start or reach Ray and Serve, not to build the application.

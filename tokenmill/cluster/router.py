@@ -26,13 +26,13 @@ from tokenmill.cluster.config import RouterConfig
 from tokenmill.cluster.features import Featurizer, load_tokenizer
 from tokenmill.cluster.metrics import RouterMetrics
 from tokenmill.cluster.policy import Decision, PolicyParams, RequestFeatures, route
-from tokenmill.cluster.proxy import Forwarder, Retry, error_response
+from tokenmill.cluster.proxy import Forwarder, Retry, error_response, parse_json_body
 from tokenmill.cluster.replicas import Load, Replica, ReplicaSet
 from tokenmill.config import EngineConfig
 from tokenmill.gc_control import freeze_startup_heap
-from tokenmill.server.auth import load_api_keys
 from tokenmill.server.dashboard import dashboard_response
-from tokenmill.server.guard import Guard, host_allow_list
+from tokenmill.server.guard import host_allow_list, install_guard
+from tokenmill.server.listener import uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -176,16 +176,12 @@ def build_router_app(router: Router) -> FastAPI:
     app.add_exception_handler(Exception, on_unexpected)
 
     # The same guard as the server's: Host allow-list on a loopback bind, API key, JSON-only POST, body size.
-    app.add_middleware(Guard, api_keys=load_api_keys(config.api_key, config.api_key_file),
-                       max_body=int(config.max_body_bytes), hosts=host_allow_list(config.host, config.allowed_hosts),
-                       on_reject=lambda reason: metrics.unrouted.labels(reason).inc())
+    install_guard(app, config, lambda reason: metrics.unrouted.labels(reason).inc(),
+                  hosts=host_allow_list(config.host, config.allowed_hosts))
 
     async def post(request: Request, generate: bool) -> Response:
         body = await request.body()  # read and bounded by the guard already
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None  # the replica answers with the exact 400
+        parsed = parse_json_body(body)
         stream = generate and isinstance(parsed, dict) and parsed.get("stream") is True
         return await router.forward(request, "POST", request.url.path, body, parsed if generate else None, stream)
 
@@ -255,8 +251,7 @@ def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
     else:
         router = Router(config, engine_config)
         app = build_router_app(router)
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                        timeout_graceful_shutdown=30, lifespan="on", timeout_keep_alive=30)
+    uv = uvicorn_config(app, config, timeout_graceful_shutdown=30)
     logger.info("router on http://%s:%d: %s routing over %s", config.host, config.port, config.routing,
                 f"{config.spawn} spawned replicas" if config.spawn else ", ".join(config.replica_urls))
     _Server(uv).run()

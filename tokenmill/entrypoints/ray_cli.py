@@ -64,7 +64,7 @@ def run_ray_serve(engine_config: EngineConfig, server_config: ServerConfig, conf
     try:
         serve.start(http_options={"host": server_config.host, "port": server_config.port})
         name = server_config.served_model_name or engine_config.model
-        app = build_application(engine_config, server_config, config, name)
+        app = build_application(engine_config, server_config, config, name, bind_host=server_config.host)
         logger.info("deploying %r: %s engine replica(s) of %s CPU each, routing %s", config.app_name,
                     f"{config.min_replicas}..{config.max_replicas}" if config.autoscaling else config.replicas,
                     config.replica_cpus, config.routing)

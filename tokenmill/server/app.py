@@ -24,12 +24,11 @@ from tokenmill.server.api_models import (
     EmbeddingRequest,
     TokenizeRequest,
 )
-from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.dashboard import dashboard_response
 from tokenmill.server.embeddings import encode_vector
 from tokenmill.server.frontend import Frontend, ServerUnavailableError
-from tokenmill.server.guard import Guard, host_allow_list
+from tokenmill.server.guard import host_allow_list, install_guard
 from tokenmill.server.openai_api import OpenAIServing, json_response
 
 logger = logging.getLogger(__name__)
@@ -95,10 +94,8 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
 
     app = FastAPI(title="tokenmill", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API of a tokenmill engine replica.")
-    app.add_middleware(Guard, api_keys=load_api_keys(config.api_key, config.api_key_file),
-                       max_body=int(config.max_body_bytes),
-                       hosts=host_allow_list(config.host, config.allowed_hosts) if listening else None,
-                       on_reject=frontend.metrics.rejected)
+    install_guard(app, config, frontend.metrics.rejected,
+                  hosts=host_allow_list(config.host, config.allowed_hosts) if listening else None)
     metrics = frontend.metrics
 
     # -- errors: one mapping to OpenAI's shape ------------------------------------------------------------

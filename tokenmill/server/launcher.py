@@ -15,6 +15,7 @@ from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.frontend import Frontend, State
 from tokenmill.server.guard import is_loopback
+from tokenmill.server.listener import uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,7 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     name = served_name(engine_config, server_config)
     frontend = Frontend(engine_config, server_config, name)
     app = build_app(frontend, server_config, name)
-    uv_config = uvicorn.Config(
-        app, host=server_config.host, port=server_config.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=30)
+    uv_config = uvicorn_config(app, server_config, timeout_graceful_shutdown=5)
     server = _DrainingServer(uv_config, frontend, server_config.drain_timeout)
 
     def stop() -> None:

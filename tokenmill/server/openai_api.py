@@ -19,7 +19,9 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams
 from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from tokenmill.server.auth import KeyGrant
 from tokenmill.server.frontend import Frontend, RequestHandle, Seq
+from tokenmill.server.guard import GRANT
 from tokenmill.server.tools import StreamedCalls, chat_text, parse_tool_calls, required_grammar
 from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 
@@ -56,6 +58,7 @@ class OpenAIServing:
         self.frontend = frontend
         self.served_model_name = served_model_name
         self.accepted_names = accepted_names
+        self.priority_bounds = frontend.config.priority_bounds
 
     # -- validation ----------------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -207,11 +210,14 @@ class OpenAIServing:
             include_stop_str_in_output=bool(req.include_stop_str_in_output), structured_output=structured,
             prompt_logprobs=prompt_logprobs)
 
-    def _priority(self, req: _SamplingFields) -> int:
+    def _priority(self, req: _SamplingFields, grant: KeyGrant | None) -> int:
+        """The request's priority, clamped into its key's range (else the server's --priority-range): a client
+        cannot claim more than it was granted."""
         p = 0 if req.priority is None else req.priority
         if not -(2**31) <= p < 2**31:
             raise InvalidRequestError("priority must fit in 32 bits", param="priority")
-        return p
+        bounds = grant.priority if grant is not None and grant.priority is not None else self.priority_bounds
+        return p if bounds is None else min(max(p, bounds[0]), bounds[1])
 
     def _scheduling(self, req: _SamplingFields, http: Request) -> dict[str, Any]:
         """priority, tenant, ttft_target and timeout for Frontend.submit."""
@@ -220,7 +226,8 @@ class OpenAIServing:
             if v is not None and not 0 < v <= MAX_SECONDS:
                 raise InvalidRequestError(f"{name} must be a number of seconds in (0, {MAX_SECONDS}], got {v}",
                                           param=name)
-        return {"priority": self._priority(req), "tenant": tenant_of(req.user, http),
+        grant = http.scope.get("state", {}).get(GRANT)
+        return {"priority": self._priority(req, grant), "tenant": tenant_of(req.user, http, grant),
                 "ttft_target": req.ttft_target, "timeout": req.timeout}
 
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -395,9 +402,12 @@ class OpenAIServing:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def tenant_of(user: str | None, http: Request) -> str:
-    """Whom a request counts against for fair sharing: its OpenAI `user` field, else its API key (as a short
-    hash: the key itself never reaches logs or metrics), else the shared default tenant."""
+def tenant_of(user: str | None, http: Request, grant: KeyGrant | None = None) -> str:
+    """Whom a request counts against for fair sharing: the tenant its API key is bound to, else its OpenAI
+    `user` field, else its API key (as a short hash: the key itself never reaches logs or metrics), else the
+    shared default tenant."""
+    if grant is not None and grant.tenant is not None:
+        return "tenant:" + grant.tenant[:MAX_TENANT_CHARS]
     if user:
         return "user:" + user[:MAX_TENANT_CHARS]
     auth = http.headers.get("authorization", "")
