@@ -18,11 +18,13 @@ class RouterProcess(CliProcess):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = tempfile.mkdtemp(prefix="tokenmill-router-replicas-")
+        key = args[args.index("--api-key") + 1].split(",")[0] if "--api-key" in args else None
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}  # for its own pages (--protect-all-paths)
         super().__init__(["router", "--port", str(self.port), "--replica-log-dir", self.log_dir, *args],
                          "tokenmill-router-")
 
     def replicas(self) -> list[dict]:
-        return httpx.get(f"{self.url}/router/replicas", timeout=10).json()["replicas"]
+        return httpx.get(f"{self.url}/router/replicas", headers=self.auth, timeout=10).json()["replicas"]
 
     def wait_healthy(self, n: int, timeout: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
@@ -32,7 +34,8 @@ class RouterProcess(CliProcess):
             try:
                 r = httpx.get(f"{self.url}/health", timeout=2)
                 if r.status_code == 200 and r.json()["healthy_replicas"] >= n and \
-                        httpx.get(f"{self.url}/router/replicas", timeout=2).json()["tokenizer_loaded"]:
+                        httpx.get(f"{self.url}/router/replicas", headers=self.auth,
+                                  timeout=2).json()["tokenizer_loaded"]:
                     return
             except httpx.HTTPError:
                 pass
@@ -40,7 +43,7 @@ class RouterProcess(CliProcess):
         raise RuntimeError(f"router not ready with {n} healthy replicas in {timeout}s:\n{self.log_text()}")
 
     def metrics(self) -> dict[str, float]:
-        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
+        return parse_metrics(httpx.get(f"{self.url}/metrics", headers=self.auth, timeout=10).text)
 
     def log_text(self, tail: int = 80) -> str:
         text = Path(self.log.name).read_text(errors="replace").splitlines()[-tail:]

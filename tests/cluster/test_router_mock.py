@@ -232,8 +232,8 @@ def test_the_router_guards_its_door_as_the_server_does(router):
         assert m[f'tokenmill:router_unrouted_total{{reason="{reason}"}}'] >= 1, reason
 
 
-def test_the_router_checks_api_keys():
-    r = start_router("--spawn", "1", "--mock", "--api-key", "k1,k2", replicas=1)
+def test_the_router_checks_api_keys_and_its_replicas_do_too():
+    r = start_router("--spawn", "1", "--mock", "--api-key", "k1,k2", "--protect-all-paths", replicas=1)
     try:
         url = f"{r.url}/v1/completions"
         body = {"model": "default", "prompt": "hi", "max_tokens": 2}
@@ -243,5 +243,13 @@ def test_the_router_checks_api_keys():
             got = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
             assert got.status_code == 200, got.text
         assert httpx.get(f"{r.url}/health", timeout=30).status_code == 200  # health needs no key
+        # --protect-all-paths: the router's pages need the key too
+        for page in ("/metrics", "/router/replicas", "/docs", "/dashboard"):
+            assert httpx.get(f"{r.url}{page}", timeout=30).status_code == 401, page
+        # The spawned replica got the router's key (through its environment): it is no way around the router.
+        replica = r.replicas()[0]["url"]
+        assert httpx.post(f"{replica}/v1/completions", json=body, timeout=30).status_code == 401
+        ok = httpx.post(f"{replica}/v1/completions", json=body, headers={"Authorization": "Bearer k2"}, timeout=30)
+        assert ok.status_code == 200, ok.text
     finally:
         assert r.stop() == 0, r.log_text()

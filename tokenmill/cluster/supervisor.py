@@ -29,6 +29,7 @@ from tokenmill.cluster.config import RouterConfig
 from tokenmill.cluster.metrics import RouterMetrics
 from tokenmill.cluster.replicas import ReplicaSet
 from tokenmill.config import EngineConfig
+from tokenmill.server.auth import ENV_VAR, load_api_keys
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def engine_flags(config: EngineConfig) -> list[str]:
         else:
             out += [flag, str(value)]
     return out
+
+
+def _key_flags(config: RouterConfig) -> list[str]:
+    """The router's key file (it may bind tenants and priorities, which the replicas apply). Their /metrics
+    stay open to the router's scrapes, on loopback."""
+    return ["--api-key-file", config.api_key_file] if config.api_key_file else []
 
 
 def _die_with_parent() -> None:
@@ -88,7 +95,10 @@ class Supervisor:
         self.metrics = metrics
         self.backoff_max = config.restart_backoff_max
         self.serve_args = engine_flags(engine_config) + (["--mock"] if config.mock else []) + \
-            shlex.split(config.replica_args)
+            _key_flags(config) + shlex.split(config.replica_args)
+        # The router's keys reach its replicas through the environment (never their command line, which `ps`
+        # shows): a spawned replica on its loopback port is then no back door around the router's key.
+        self.env = {ENV_VAR: ",".join(k for k in load_api_keys(config.api_key, None))} if config.api_key else {}
         self.log_dir = Path(config.replica_log_dir or tempfile.mkdtemp(prefix="tokenmill-replicas-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: dict[str, ReplicaProcess] = {}
@@ -132,7 +142,7 @@ class Supervisor:
         await asyncio.gather(*(self._stop(rp) for rp in self.children.values()))
 
     async def _launch(self, rp: ReplicaProcess) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(rp.log_path, "ab") as log:
             rp.proc = await asyncio.create_subprocess_exec(*rp.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                                                            stderr=asyncio.subprocess.STDOUT, env=env,

@@ -54,9 +54,9 @@ class LLM:
     def chat(self, messages: list[dict] | Sequence[list[dict]], params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
-        # The template already places any BOS token; do not add another.
-        encoded = [(t, self.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        # The template places any BOS token; message content is encoded as text, control tokens' spellings too.
+        encoded: list[tuple[str | None, list[int]]] = [
+            self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt) for c in convs]
         plist = [params or SamplingParams()] * len(convs) if not isinstance(params, Sequence) else list(params)
         return self._run(encoded, plist, use_tqdm, None)
 

@@ -22,7 +22,7 @@ from tokenmill.server.api_models import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.auth import KeyGrant
 from tokenmill.server.frontend import Frontend, RequestHandle, Seq
 from tokenmill.server.guard import GRANT
-from tokenmill.server.tools import StreamedCalls, chat_text, parse_tool_calls, required_grammar
+from tokenmill.server.tools import StreamedCalls, chat_prompt, parse_tool_calls, required_grammar
 from tokenmill.structured.grammar import StructuredOutput, compile_grammar
 
 logger = logging.getLogger(__name__)
@@ -241,10 +241,11 @@ class OpenAIServing:
                           tools: list[dict[str, Any]] | None = None, tool_choice: Any = None) -> tuple[str, list[int]]:
         tok = self.frontend.tokenizer
         assert tok is not None
-        text = chat_text(tok, [m.model_dump(exclude_none=True) for m in messages], tools, tool_choice,
-                         add_generation_prompt)
-        # The template already placed any BOS token; encode exactly as the offline LLM.chat does.
-        return text, await self._encode(text, add_special_tokens=False)
+        convo = [m.model_dump(exclude_none=True) for m in messages]
+        # Encoded exactly as the offline LLM.chat does (the template places any BOS token); long ones off the loop.
+        if sum(len(str(m.get("content") or "")) for m in convo) <= _TOKENIZE_INLINE_CHARS:
+            return chat_prompt(tok, convo, tools, tool_choice, add_generation_prompt)
+        return await asyncio.to_thread(chat_prompt, tok, convo, tools, tool_choice, add_generation_prompt)
 
     # -- endpoints -----------------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, http: Request, arrival: float) -> Response:

@@ -181,10 +181,8 @@ class StreamedCalls:
         return text_out, calls
 
 
-def chat_text(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-              tool_choice: Any = None, add_generation_prompt: bool = True) -> str:
-    """The prompt text of a chat request (OpenAI message dicts), tools included unless tool_choice is
-    "none": what the frontend encodes and what the router hashes for prefix affinity."""
+def _conversation(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                  tool_choice: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     convo = []
     for m in messages:
         content = m.get("content")
@@ -192,5 +190,19 @@ def chat_text(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, A
             content = "\n".join(p["text"] for p in content)
         convo.append({**m, "role": "system" if m["role"] == "developer" else m["role"], "content": content})
     offered = tools if tools and tool_choice != "none" else None
-    convo, extra = render_messages(convo, offered, template_knows_tools(tokenizer.chat_template))
+    return render_messages(convo, offered, template_knows_tools(tokenizer.chat_template))
+
+
+def chat_text(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+              tool_choice: Any = None, add_generation_prompt: bool = True) -> str:
+    """The prompt text of a chat request (OpenAI message dicts), tools included unless tool_choice is
+    "none": what the router hashes for prefix affinity."""
+    convo, extra = _conversation(tokenizer, messages, tools, tool_choice)
     return tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                tool_choice: Any = None, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """chat_text and its token ids, message content encoded as plain text (Tokenizer.encode_chat)."""
+    convo, extra = _conversation(tokenizer, messages, tools, tool_choice)
+    return tokenizer.encode_chat(convo, add_generation_prompt=add_generation_prompt, **extra)

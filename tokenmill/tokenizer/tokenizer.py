@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from datetime import datetime
 from functools import cache
@@ -154,6 +155,8 @@ class Tokenizer:
         self.bos_token_id: int | None = backend.token_to_id(bos_token) if bos_token else None
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.special_ids: set[int] = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._special_texts = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+        self._literal_backend: BackendTokenizer | None = None  # encodes special tokens' spellings as text
         self.chat_template = chat_template
         self._template_vars = {"bos_token": bos_token, "eos_token": eos_token, **(extra_template_vars or {})}
         self._compiled: jinja2.Template | None = None
@@ -348,6 +351,38 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------------------- chat
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> tuple[str, list[int]]:
+        """The rendered prompt and its ids. Message content is text, whatever it spells: a client that writes
+        '<|im_end|><|im_start|>system' in a message gets those characters' ordinary tokens, not control tokens
+        that would end its turn and open a system turn of its own. Only the template's own text is parsed for
+        special tokens."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        contents = [m.get("content") for m in messages if isinstance(m, dict)]
+        if not any(isinstance(c, str) and any(t in c for t in self._special_texts) for c in contents):
+            return text, self.encode(text, add_special_tokens=False)  # the common case: one pass over the text
+        # Mark where each content lands in the rendering (inside its own whitespace, which templates may trim),
+        # then encode the template's pieces and the contents' pieces each their own way.
+        if any(isinstance(c, str) and (_OPEN in c or _CLOSE in c) for c in contents):
+            raise InvalidRequestError("message content holds both a control token's spelling and the private-use "
+                                      "characters U+E000/U+E001", "messages")
+        marked = [{**m, "content": _mark(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), str)
+                  else m for m in messages]
+        rendered = self.apply_chat_template(marked, add_generation_prompt, **kwargs)
+        if rendered.replace(_OPEN, "").replace(_CLOSE, "") != text:
+            raise InvalidRequestError("this model's chat template rewrites message content, so content holding a "
+                                      "control token's spelling cannot be kept as plain text", "messages")
+        if self._literal_backend is None:
+            literal = BackendTokenizer.from_str(self._backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        ids: list[int] = []
+        for i, piece in enumerate(re.split(f"[{_OPEN}{_CLOSE}]", rendered)):
+            if piece:  # even pieces are the template's, odd ones a message's content
+                backend = self._literal_backend if i % 2 else self._backend
+                ids += backend.encode(piece, add_special_tokens=False).ids
+        return text, ids
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
@@ -364,6 +399,17 @@ class Tokenizer:
             raise InvalidRequestError(f"chat template error: {e}", "messages") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise InvalidRequestError(f"chat template cannot render these messages: {e}", "messages") from None
+
+
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters marking message content in a rendering
+
+
+def _mark(content: str) -> str:
+    core = content.strip()
+    if not core:
+        return content
+    start = content.index(core)
+    return content[:start] + _OPEN + core + _CLOSE + content[start + len(core):]
 
 
 def _hf_chat_template(path: Path, cfg: dict[str, Any]) -> str | None:
