@@ -143,10 +143,27 @@ _GGUF_NUMPY: dict[int, str] = {
 }
 _GGUF_STRING = 8
 _GGUF_ARRAY = 9
+_GGUF_UNSIGNED = (0, 2, 4, 10)
+# The header is untrusted input: bounds that keep a crafted one from recursing, allocating or looping without
+# end. Real files nest arrays one deep and use at most 4 tensor dims (GGML_MAX_DIMS).
+_GGUF_MAX_ARRAY_DEPTH = 4
+_GGUF_MAX_DIMS = 4
+_GGUF_MAX_ALIGNMENT = 1 << 20
+_GGUF_MAX_KEY_BYTES = 65535  # the spec's limits
+_GGUF_MAX_NAME_BYTES = 64
+# The fewest bytes one entry can take, to bound the counts by the file size before looping over them:
+# a key/value is key length (8) + key (>= 1) + type (4) + value (>= 1); a tensor info is name length (8)
+# + dim count (4) + one dim (8) + type (4) + offset (8).
+_GGUF_MIN_KV_BYTES = 14
+_GGUF_MIN_TENSOR_BYTES = 32
 
 
 class _Truncated(Exception):
     """The header claims more bytes than the file has."""
+
+
+class _Corrupt(ValueError):
+    """A header value no valid GGUF file holds (the message says which)."""
 
 
 @dataclass
@@ -179,41 +196,61 @@ class _Cursor:
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def string(self, max_len: int | None = None) -> str:
         n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
+        if max_len is not None and n > max_len:
+            raise _Corrupt(f"a name of {n} bytes (at most {max_len} allowed)")
+        if n > self.left():  # checked before slicing: a crafted length must not allocate
             raise _Truncated
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Corrupt(f"a string is not valid UTF-8 (bytes {raw[e.start:e.start + 4]!r} at {e.start})") from None
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _GGUF_STRING:
             return self.string()
         if vtype in _GGUF_SCALARS:
             return self.unpack(_GGUF_SCALARS[vtype])
-        if vtype == _GGUF_ARRAY:
-            etype = self.unpack("<I")
-            n = self.unpack("<Q")
-            if etype in _GGUF_NUMPY:
-                # Numeric arrays (token types, scores) in one numpy call instead of a Python loop.
-                dtype = np.dtype(_GGUF_NUMPY[etype])
-                end = self.pos + n * dtype.itemsize
-                if end > len(self.buf):
-                    raise _Truncated
-                arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
-                self.pos = end
-                return [bool(v) for v in arr] if etype == 7 else arr
-            if n > len(self.buf):  # each element takes at least one byte: a garbage count
+        if vtype != _GGUF_ARRAY:
+            raise _Corrupt(f"unknown value type id {vtype}")
+        if depth >= _GGUF_MAX_ARRAY_DEPTH:  # else a crafted file recurses until RecursionError
+            raise _Corrupt(f"arrays nested more than {_GGUF_MAX_ARRAY_DEPTH} deep")
+        etype = self.unpack("<I")
+        n = self.unpack("<Q")
+        if etype in _GGUF_NUMPY:
+            # Numeric arrays (token types, scores) in one numpy call instead of a Python loop.
+            dtype = np.dtype(_GGUF_NUMPY[etype])
+            if n * dtype.itemsize > self.left():
                 raise _Truncated
-            return [self.value(etype) for _ in range(n)]
-        raise ValueError(f"unknown GGUF value type {vtype}")
+            arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
+            self.pos += n * dtype.itemsize
+            return [bool(v) for v in arr] if etype == 7 else arr
+        if etype not in (_GGUF_STRING, _GGUF_ARRAY):
+            raise _Corrupt(f"unknown array element type id {etype}")
+        # A string takes at least its 8-byte length, an array its type and count: a count the rest of the
+        # file cannot hold is refused before looping over it.
+        if n * (8 if etype == _GGUF_STRING else 12) > self.left():
+            raise _Truncated
+        return [self.value(etype, depth + 1) for _ in range(n)]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr for an error message, cut short: the value came from an untrusted file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_gguf(path: Path) -> GGUFContents:
     """Parse a GGUF file's metadata and tensor table. Raises ModelLoadError naming the file on any problem."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    where = "the header"  # the part being read, for error messages
     try:
         with open(path, "rb") as f:
             size = f.seek(0, 2)
@@ -231,51 +268,74 @@ def read_gguf(path: Path) -> GGUFContents:
                     raise ModelLoadError(path, f"unsupported GGUF version {version}{hint}; need 2 or 3")
                 n_tensors = cur.unpack("<Q")
                 n_kv = cur.unpack("<Q")
-                if n_tensors > size or n_kv > size:
-                    raise ModelLoadError(path, "corrupt GGUF header (impossible tensor or key count)")
+                if n_tensors * _GGUF_MIN_TENSOR_BYTES + n_kv * _GGUF_MIN_KV_BYTES > size - cur.pos:
+                    raise ModelLoadError(path, f"corrupt GGUF header: {n_kv} metadata keys and {n_tensors} tensors "
+                                               f"cannot fit in a file of {size} bytes (truncated?)")
                 metadata: dict[str, Any] = {}
-                for _ in range(n_kv):
-                    key = cur.string()
-                    metadata[key] = cur.value(cur.unpack("<I"))
+                alignment, alignment_type = _GGUF_DEFAULT_ALIGNMENT, 4
+                for i in range(n_kv):
+                    where = f"metadata key #{i}"
+                    key = cur.string(_GGUF_MAX_KEY_BYTES)
+                    where = f"metadata key {_short(key)}"
+                    if key in metadata:  # a second value would silently replace the first
+                        raise _Corrupt("the key appears twice")
+                    vtype = cur.unpack("<I")
+                    metadata[key] = cur.value(vtype)
+                    if key == "general.alignment":
+                        alignment, alignment_type = metadata[key], vtype
+                # Tensor offsets are multiples of it; the spec makes it a multiple of 8, llama.cpp a power of 2.
+                where = "metadata key 'general.alignment'"
+                if alignment_type not in _GGUF_UNSIGNED:
+                    raise _Corrupt(f"must be an unsigned integer, not value type id {alignment_type}")
+                if not 8 <= alignment <= _GGUF_MAX_ALIGNMENT or alignment & (alignment - 1):
+                    raise _Corrupt(f"{alignment} is not a power of two from 8 to {_GGUF_MAX_ALIGNMENT}")
                 infos = []
-                for _ in range(n_tensors):
-                    name = cur.string()
+                for i in range(n_tensors):
+                    where = f"tensor info #{i}"
+                    name = cur.string(_GGUF_MAX_NAME_BYTES)
+                    where = f"tensor info {name!r}"
                     n_dims = cur.unpack("<I")
-                    if n_dims > 8:
-                        raise ModelLoadError(path, f"corrupt GGUF tensor table ({name!r} has {n_dims} dims)")
+                    if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+                        raise _Corrupt(f"{n_dims} dims (1 to {_GGUF_MAX_DIMS} allowed)")
                     dims = [cur.unpack("<Q") for _ in range(n_dims)]
+                    if 0 in dims:
+                        raise _Corrupt(f"a dimension of 0 in {dims}")
                     qtype = cur.unpack("<I")
                     rel_offset = cur.unpack("<Q")
                     infos.append((name, dims, qtype, rel_offset))
-                alignment = int(metadata.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT))
-                if alignment <= 0:
-                    raise ModelLoadError(path, f"corrupt GGUF header (general.alignment = {alignment})")
                 data_start = -(-cur.pos // alignment) * alignment
     except ModelLoadError:
         raise
     except _Truncated:
-        raise ModelLoadError(path, "truncated or corrupt GGUF file: the header runs past the end of the file") from None
-    except (ValueError, UnicodeDecodeError, struct.error) as e:
-        raise ModelLoadError(path, f"corrupt GGUF header: {e}") from None
+        raise ModelLoadError(
+            path, f"truncated or corrupt GGUF file: {where} runs past the end of the file") from None
+    except (ValueError, struct.error) as e:
+        raise ModelLoadError(path, f"corrupt GGUF header: {where}: {e}") from None
     except OSError as e:
         raise ModelLoadError(path, f"cannot read file: {e}") from None
 
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, dims, qtype, rel_offset in infos:
+        if name in tensors:
+            raise ModelLoadError(path, f"corrupt GGUF tensor table: tensor {name!r} appears twice")
         try:
             qt = GGMLQuantizationType(qtype)
             block_size, type_size = GGML_QUANT_SIZES[qt]
         except (ValueError, KeyError):
             raise ModelLoadError(path, f"tensor {name!r} has unknown GGML type id {qtype}") from None
-        n_elems = prod(dims)
-        if dims and dims[0] % block_size:
+        if dims[0] % block_size:
             raise ModelLoadError(path, f"tensor {name!r} row of {dims[0]} is not a multiple of {qt.name} blocks")
-        nbytes = n_elems // block_size * type_size
+        if rel_offset % alignment:
+            raise ModelLoadError(path, f"corrupt GGUF tensor table: tensor {name!r} offset {rel_offset} is not a "
+                                       f"multiple of the alignment {alignment}")
+        # Python ints: a crafted shape cannot overflow, and is bounded by the file size before any use.
+        nbytes = prod(dims) // block_size * type_size
         offset = data_start + rel_offset
         if offset + nbytes > size:
             raise ModelLoadError(
                 path,
-                f"truncated GGUF file: tensor {name!r} ends at byte {offset + nbytes} but the file has {size} bytes",
+                f"truncated GGUF file: tensor {name!r} ({'x'.join(map(str, dims))} {qt.name}) ends at byte "
+                f"{offset + nbytes} but the file has {size} bytes",
             )
         tensors[name] = GGUFTensorInfo(name, tuple(reversed(dims)), int(qt), offset, nbytes)
     return GGUFContents(metadata, tensors)
@@ -473,6 +533,56 @@ def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
+_INT_LIMIT = 2**31 - 1  # sizes and counts end up in int32 index math (ours, torch's kernels, llama.cpp's)
+_Rule = tuple[type, float, float]  # (int | float | str | bool, smallest, largest)
+_ID: _Rule = (int, 0, _INT_LIMIT)  # a token id
+_SIZE: _Rule = (int, 1, _INT_LIMIT)
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+# The type and range of every hyper-parameter the loaders read, so that a crafted file fails here, naming the
+# key, rather than later as a shape error, a huge allocation, or "30" read as 30 and true as 1.
+# GGUF keys are under "{architecture}.".
+_GGUF_ARCH_KEYS: dict[str, _Rule] = {
+    "block_count": _SIZE, "embedding_length": _SIZE, "feed_forward_length": _SIZE, "vocab_size": _SIZE,
+    "attention.head_count": _SIZE, "attention.head_count_kv": _SIZE, "attention.key_length": _SIZE,
+    "attention.value_length": _SIZE, "rope.dimension_count": _SIZE, "context_length": _SIZE,
+    "attention.sliding_window": (int, 0, _INT_LIMIT),  # 0: none
+    "rope.scaling.original_context_length": _SIZE,
+    "attention.layer_norm_rms_epsilon": (float, 1e-12, 1.0), "rope.freq_base": (float, 1.0, 1e12),
+    "rope.scaling.factor": (float, 1e-3, 1e6), "rope.scale_linear": (float, 1e-3, 1e6),
+    "rope.scaling.type": (str, 0, 0),
+}
+_HF_CONFIG_KEYS: dict[str, _Rule] = {
+    "vocab_size": _SIZE, "hidden_size": _SIZE, "intermediate_size": _SIZE, "num_hidden_layers": _SIZE,
+    "num_attention_heads": _SIZE, "num_key_value_heads": _SIZE, "head_dim": _SIZE,
+    "max_position_embeddings": _SIZE, "sliding_window": (int, 0, _INT_LIMIT),
+    "rms_norm_eps": (float, 1e-12, 1.0), "rope_theta": (float, 1.0, 1e12),
+    "tie_word_embeddings": (bool, 0, 1), "attention_bias": (bool, 0, 1), "use_sliding_window": (bool, 0, 1),
+    "bos_token_id": _ID, "eos_token_id": _ID,
+}
+# Inside rope_scaling / rope_parameters: the values layers/rotary.py reads, where present.
+_HF_ROPE_KEYS: dict[str, _Rule] = {
+    "rope_type": (str, 0, 0), "type": (str, 0, 0), "factor": (float, 1e-3, 1e6),
+    "low_freq_factor": (float, 1e-3, 1e6), "high_freq_factor": (float, 1e-3, 1e6),
+    "original_max_position_embeddings": _SIZE,
+}
+
+
+def _checked(path: Path, key: str, value: Any, rule: _Rule) -> Any:
+    """`value` if it has the rule's type and range (an int is fine where a float is meant), else ModelLoadError."""
+    kind, lo, hi = rule
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:  # bool is an int subclass: true must not pass as 1
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise ModelLoadError(path, f"bad value for {key}: must be {_KIND_NAMES[kind]}, not {type(value).__name__} "
+                                   f"{_short(value)}")
+    if kind in (int, float) and not lo <= value <= hi:  # NaN fails this too
+        raise ModelLoadError(path, f"bad value for {key}: {value} is not from {lo} to {hi}")
+    return kind(value)
+
+
 def _uniform(path: Path, key: str, value: Any) -> Any:
     """Some GGUFs store per-layer arrays (e.g. head_count_kv); we support only uniform layers."""
     if isinstance(value, list):
@@ -494,35 +604,36 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
         raise ModelLoadError(
             path, f"unsupported architecture {arch_name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    if int(md.get("split.count", 1)) > 1:
+    if _checked(path, "split.count", md.get("split.count", 1), (int, 0, _INT_LIMIT)) > 1:
         raise ModelLoadError(path, "split (multi-file) GGUF models are not supported; merge them with gguf-split")
 
     def get(key: str, default: Any = _REQUIRED) -> Any:
+        """The checked value of {arch}.key: every hyper-parameter goes through here and _GGUF_ARCH_KEYS."""
         full = f"{arch_name}.{key}"
         if full not in md:
             if default is _REQUIRED:
                 raise ModelLoadError(path, f"GGUF metadata lacks {full}")
             return default
-        return _uniform(path, full, md[full])
+        return _checked(path, full, _uniform(path, full, md[full]), _GGUF_ARCH_KEYS[key])
 
-    hidden = int(get("embedding_length"))
-    num_heads = int(get("attention.head_count"))
-    if num_heads <= 0:
-        raise ModelLoadError(path, f"{arch_name}.attention.head_count is {num_heads}; must be positive")
-    num_kv_heads = int(get("attention.head_count_kv", num_heads))
-    head_dim = int(get("attention.key_length", 0)) or hidden // num_heads
-    value_dim = int(get("attention.value_length", head_dim))
+    hidden = get("embedding_length")
+    num_heads = get("attention.head_count")
+    num_kv_heads = get("attention.head_count_kv", num_heads)
+    head_dim = get("attention.key_length", hidden // num_heads)
+    value_dim = get("attention.value_length", head_dim)
     if value_dim != head_dim:
         raise ModelLoadError(path, f"key_length {head_dim} != value_length {value_dim}; unsupported")
-    rope_dims = int(get("rope.dimension_count", head_dim))
+    rope_dims = get("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise ModelLoadError(path, f"partial rotary embedding ({rope_dims} of {head_dim} dims) is unsupported")
 
     tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise ModelLoadError(path, "tokenizer.ggml.tokens must be an array of strings")
     embd = contents.tensors.get("token_embd.weight")
     vocab = get("vocab_size", None)
     if vocab is None:
-        vocab = len(tokens) if isinstance(tokens, list) else (embd.shape[0] if embd else None)
+        vocab = len(tokens) if tokens else (embd.shape[0] if embd else None)
     if vocab is None:
         raise ModelLoadError(path, "cannot tell the vocabulary size (no vocab_size, tokens or token_embd)")
 
@@ -532,10 +643,10 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     if scaling_type is None and get("rope.scale_linear", None) is not None:
         scaling_type, factor = "linear", get("rope.scale_linear")  # older files
     if scaling_type not in (None, "none"):
-        rope_scaling = {"rope_type": scaling_type, "factor": float(factor or 1.0)}
+        rope_scaling = {"rope_type": scaling_type, "factor": factor or 1.0}
         orig = get("rope.scaling.original_context_length", None)
         if orig is not None:
-            rope_scaling["original_max_position_embeddings"] = int(orig)
+            rope_scaling["original_max_position_embeddings"] = orig
     if "rope_freqs.weight" in contents.tensors:
         # Llama 3.1-style frequency factors; the HF equivalent is a llama3 rope_scaling dict the GGUF lacks.
         logger.warning("%s: ignoring rope_freqs.weight (llama3 rope scaling); long contexts may degrade", path)
@@ -545,35 +656,35 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     if arch_name == "llama" and "mistral" in name:
         architecture = "mistral"  # llama.cpp stores Mistral as llama; transformers maps it back the same way
 
-    eos = [int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                "tokenizer.ggml.eom_token_id") if k in md]
+    eos = [_checked(path, k, md[k], _ID) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                                    "tokenizer.ggml.eom_token_id") if k in md]
     bos = md.get("tokenizer.ggml.bos_token_id")
-    sliding = get("attention.sliding_window", None)
     return ModelArchConfig(
         architecture=architecture,
-        vocab_size=int(vocab),
+        vocab_size=_checked(path, "vocabulary size", vocab, _SIZE),
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=get("rope.freq_base", 10000.0),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(get("context_length", 2048)),
+        max_position_embeddings=get("context_length", 2048),
         tie_word_embeddings="output.weight" not in contents.tensors,
         attention_bias="blk.0.attn_q.bias" in contents.tensors,
-        sliding_window=int(sliding) if sliding else None,
-        bos_token_id=int(bos) if bos is not None else None,
+        sliding_window=get("attention.sliding_window", 0) or None,
+        bos_token_id=_checked(path, "tokenizer.ggml.bos_token_id", bos, _ID) if bos is not None else None,
         eos_token_ids=list(dict.fromkeys(eos)),
     )
 
 
-def _int_list(value: Any) -> list[int]:
+def _id_list(path: Path, value: Any) -> list[int]:
+    """eos_token_id: null, one id or a list of ids."""
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return [_checked(path, "eos_token_id", v, _ID) for v in (value if isinstance(value, list) else [value])]
 
 
 def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: dict[str, Any]) -> ModelArchConfig:
@@ -587,50 +698,57 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
         method = cfg["quantization_config"].get("quant_method", "?")
         raise ModelLoadError(config_path, f"pre-quantized checkpoints ({method}) are not supported")
 
-    def need(key: str) -> Any:
-        if key not in cfg:
-            raise ModelLoadError(config_path, f"config.json lacks {key!r}")
-        return cfg[key]
+    def get(key: str, default: Any = _REQUIRED) -> Any:
+        """The checked value of a hyper-parameter (absent or null: the default): all go through _HF_CONFIG_KEYS."""
+        value = cfg.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ModelLoadError(config_path, f"config.json lacks {key!r}")
+            return default
+        return _checked(config_path, key, value, _HF_CONFIG_KEYS[key])
 
-    hidden = int(need("hidden_size"))
-    num_heads = int(need("num_attention_heads"))
-    if num_heads <= 0:
-        raise ModelLoadError(config_path, f"num_attention_heads is {num_heads}; must be positive")
+    hidden = get("hidden_size")
+    num_heads = get("num_attention_heads")
     # transformers 5 writes rope settings as rope_parameters={"rope_theta", "rope_type", ...}; 4.x as
     # rope_theta plus an optional rope_scaling dict. Accept both.
     rope_params = dict(cfg.get("rope_parameters") or {})
-    rope_theta = float(cfg.get("rope_theta") or rope_params.pop("rope_theta", None) or 10000.0)
-    rope_params.pop("rope_theta", None)
+    theta = rope_params.pop("rope_theta", None)
+    theta = cfg["rope_theta"] if cfg.get("rope_theta") is not None else theta
+    rope_theta = 10000.0 if theta is None else _checked(config_path, "rope_theta", theta, _HF_CONFIG_KEYS["rope_theta"])
     rope_scaling = cfg.get("rope_scaling") or rope_params or None
     if rope_scaling is not None:
         rope_scaling = dict(rope_scaling)
+        for key, rule in _HF_ROPE_KEYS.items():
+            if rope_scaling.get(key) is not None:
+                _checked(config_path, f"rope_scaling.{key}", rope_scaling[key], rule)
         if "rope_type" not in rope_scaling and "type" in rope_scaling:
             rope_scaling["rope_type"] = rope_scaling["type"]
         if rope_scaling.get("rope_type", "default") == "default":
             rope_scaling = None
-    sliding = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-        sliding = None  # Qwen2 configs carry a sliding_window value that is off unless use_sliding_window
+    sliding = get("sliding_window", 0)
+    if model_type == "qwen2" and not get("use_sliding_window", False):
+        sliding = 0  # Qwen2 configs carry a sliding_window value that is off unless use_sliding_window
     if model_type == "llama":
-        sliding = None
-    eos = _int_list(cfg.get("eos_token_id")) + _int_list(generation_cfg.get("eos_token_id"))
+        sliding = 0
+    eos = _id_list(config_path, cfg.get("eos_token_id")) + _id_list(
+        config_path.with_name("generation_config.json"), generation_cfg.get("eos_token_id"))
     return ModelArchConfig(
         architecture=model_type,
-        vocab_size=int(need("vocab_size")),
+        vocab_size=get("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
+        intermediate_size=get("intermediate_size"),
+        num_layers=get("num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+        num_kv_heads=get("num_key_value_heads", num_heads),
+        head_dim=get("head_dim", hidden // num_heads),
+        rms_norm_eps=get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
-        sliding_window=int(sliding) if sliding else None,
-        bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
+        max_position_embeddings=get("max_position_embeddings", 2048),
+        tie_word_embeddings=get("tie_word_embeddings", False),
+        attention_bias=True if model_type == "qwen2" else get("attention_bias", False),
+        sliding_window=sliding or None,
+        bos_token_id=get("bos_token_id", None),
         eos_token_ids=list(dict.fromkeys(eos)),
     )
 
@@ -705,6 +823,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _shard_path(index_path: Path, name: Any) -> Path:
+    """A shard the index names, which must be a plain file name in the model directory: an untrusted index
+    must not make us open "/etc/passwd", "../other/x" or "a/../../x". The file itself is deliberately not
+    resolved: in the Hugging Face cache every snapshot file is a symlink into ../../blobs."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ModelLoadError(index_path, f"weight_map names shard {_short(name, 80)}, which is not a plain file "
+                                         f"name inside the model directory")
+    return index_path.parent / name
+
+
 def _open_hf_dir(path: Path) -> ModelSource:
     from safetensors import safe_open
 
@@ -724,7 +852,7 @@ def _open_hf_dir(path: Path) -> ModelSource:
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(index_path, "no weight_map in the index")
-        files = sorted({path / f for f in weight_map.values()})
+        files = sorted({_shard_path(index_path, f) for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
