@@ -230,9 +230,20 @@ class OpenAIServing:
         return {"priority": self._priority(req, grant), "tenant": tenant_of(req.user, http, grant),
                 "ttft_target": req.ttft_target, "timeout": req.timeout}
 
+    def _check_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing, text too long for any prompt: no token holds more than the vocabulary's
+        longest piece, so past max_model_len times that many characters the prompt cannot fit. Tokenizing
+        megabytes only to refuse them would take the engine's cores."""
+        tok, info = self.frontend.tokenizer, self.frontend.info
+        assert tok is not None
+        if info is not None and chars > info.max_model_len * tok.longest_piece_chars:
+            raise InvalidRequestError(f"{param} is {chars} characters: more than the {info.max_model_len} tokens "
+                                      "this model takes could hold", param=param)
+
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tok = self.frontend.tokenizer
         assert tok is not None
+        self._check_chars(len(text), "prompt")
         if len(text) <= _TOKENIZE_INLINE_CHARS:
             return tok.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(tok.encode, text, add_special_tokens)
@@ -242,8 +253,10 @@ class OpenAIServing:
         tok = self.frontend.tokenizer
         assert tok is not None
         convo = [m.model_dump(exclude_none=True) for m in messages]
+        chars = sum(len(str(m.get("content") or "")) for m in convo)
+        self._check_chars(chars, "messages")
         # Encoded exactly as the offline LLM.chat does (the template places any BOS token); long ones off the loop.
-        if sum(len(str(m.get("content") or "")) for m in convo) <= _TOKENIZE_INLINE_CHARS:
+        if chars <= _TOKENIZE_INLINE_CHARS:
             return chat_prompt(tok, convo, tools, tool_choice, add_generation_prompt)
         return await asyncio.to_thread(chat_prompt, tok, convo, tools, tool_choice, add_generation_prompt)
 
@@ -292,10 +305,9 @@ class OpenAIServing:
             return self._stream(handle, prompts, fmt, include_usage, chat=False)
         if not await self._wait(handle, http):
             return Response(status_code=499)
-        choices = [fmt.choice(s) for s in handle.seqs]
-        return json_response({"id": rid, "object": "text_completion", "created": fmt.created,
-                              "model": self.served_model_name, "choices": choices,
-                              "usage": _usage(prompts, handle, prompt_only)})
+        return await _answer(handle, fmt, lambda: {
+            "id": rid, "object": "text_completion", "created": fmt.created, "model": self.served_model_name,
+            "choices": [fmt.choice(s) for s in handle.seqs], "usage": _usage(prompts, handle, prompt_only)})
 
     async def chat(self, req: ChatCompletionRequest, http: Request, arrival: float) -> Response:
         fe = self.frontend
@@ -341,10 +353,9 @@ class OpenAIServing:
             return self._stream(handle, [ids], fmt, include_usage, chat=True)
         if not await self._wait(handle, http):
             return Response(status_code=499)
-        choices = [fmt.choice(s) for s in handle.seqs]
-        return json_response({"id": rid, "object": "chat.completion", "created": fmt.created,
-                              "model": self.served_model_name, "choices": choices,
-                              "usage": _usage([ids], handle)})
+        return await _answer(handle, fmt, lambda: {
+            "id": rid, "object": "chat.completion", "created": fmt.created, "model": self.served_model_name,
+            "choices": [fmt.choice(s) for s in handle.seqs], "usage": _usage([ids], handle)})
 
     # -- waiting and streaming -------------------------------------------------------------------------------
     async def _wait(self, handle: RequestHandle, http: Request) -> bool:
@@ -415,6 +426,18 @@ def tenant_of(user: str | None, http: Request, grant: KeyGrant | None = None) ->
     if auth.lower().startswith("bearer ") and len(auth) > 7:
         return "key:" + hashlib.sha256(auth[7:].encode()).hexdigest()[:12]
     return DEFAULT_TENANT
+
+
+# Past this many output tokens x (1 + top logprobs), a non-streaming answer is built and encoded on a worker
+# thread: n=64 with 20 logprobs is megabytes of JSON, tens of milliseconds the event loop owes other clients.
+_ANSWER_INLINE_WORK = 4096
+
+
+async def _answer(handle: RequestHandle, fmt: _Format, body: Callable[[], dict[str, Any]]) -> Response:
+    work = sum(len(s.state.output.token_ids) for s in handle.seqs) * (1 + fmt.top_n)
+    if work <= _ANSWER_INLINE_WORK:
+        return json_response(body())
+    return await asyncio.to_thread(lambda: json_response(body()))
 
 
 async def _disconnected(http: Request) -> None:

@@ -157,6 +157,9 @@ class Tokenizer:
         self.special_ids: set[int] = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._special_texts = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
         self._literal_backend: BackendTokenizer | None = None  # encodes special tokens' spellings as text
+        # Characters of the longest vocabulary entry (a byte-level piece spells each byte as one character):
+        # no token covers more text, so a text longer than n times this is more than n tokens.
+        self.longest_piece_chars: int = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
         self.chat_template = chat_template
         self._template_vars = {"bos_token": bos_token, "eos_token": eos_token, **(extra_template_vars or {})}
         self._compiled: jinja2.Template | None = None
