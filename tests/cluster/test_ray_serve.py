@@ -165,6 +165,31 @@ def test_errors_keep_the_openai_shape(client, ray_app):
     assert httpx.get(f"{ray_app.url}/health", timeout=30).json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("case", ["deep_json", "huge_int", "text_plain", "foreign_host", "tiny_temperature"])
+def test_hostile_requests_through_the_ray_ingress_end_4xx(ray_app, case):
+    url, headers = f"{ray_app.url}/v1/completions", {"Content-Type": "application/json"}
+    body = b'{"prompt": "%s", "max_tokens": 3}' % PROMPT.encode()
+    expect = 400
+    if case == "deep_json":
+        body = b"[" * 50_000 + b"]" * 50_000
+    elif case == "huge_int":
+        body = b'{"prompt": "hi", "max_tokens": 1' + b"0" * 40 + b"}"
+    elif case == "text_plain":
+        headers, expect = {"Content-Type": "text/plain"}, 415
+    elif case == "foreign_host":
+        headers["Host"] = "evil.example"  # DNS rebinding: a page whose domain now points at 127.0.0.1
+    else:  # 1e-46 is 0 in float32: greedy, not a division by zero that samples nothing
+        body, expect = b'{"prompt": "%s", "max_tokens": 3, "temperature": 1e-46}' % PROMPT.encode(), 200
+    r = httpx.post(url, content=body, headers=headers, timeout=60)
+    assert r.status_code == expect, r.text
+    if expect == 200:
+        greedy = httpx.post(url, json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0}, timeout=60)
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"] != ""
+    else:
+        assert set(r.json()["error"]) >= {"message", "type", "code"}
+    assert httpx.get(f"{ray_app.url}/health", timeout=30).status_code == 200
+
+
 def test_a_client_that_leaves_mid_stream_has_its_request_aborted_on_the_replica(ray_app):
     with httpx.Client(timeout=60) as http, http.stream(
             "POST", f"{ray_app.url}/v1/completions",

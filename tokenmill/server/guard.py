@@ -1,8 +1,8 @@
 """The guard in front of every HTTP app that faces clients (the server, the router): a Host allow-list
 (400), the API key on protected paths (401), JSON-only POST bodies (415), a body size limit (413) and a body
-deadline (408), checked before the app reads a byte too many; and a deadline on each response write, so a
-client that stops reading cannot hold its request (and its KV blocks) forever. Plain ASGI, so streaming
-responses still see client disconnects. CORS, when asked for, sits outside it."""
+deadline (408), checked before the app reads a byte too many. Plain ASGI, so streaming responses still see
+client disconnects. CORS, when asked for, sits outside it; the deadlines on headers and on a client that stops
+reading are the connection's (tokenmill/server/listener.py)."""
 
 from __future__ import annotations
 
@@ -53,17 +53,12 @@ def _error(status: int, message: str, code: str | int, headers: dict[str, str] |
     return Response(_json.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
-class ClientTooSlow(Exception):
-    """The client did not take a response write within the write deadline."""
-
-
 def install_guard(app, config: ExposureConfig, on_reject: Callable[[str], None], *,
                   hosts: frozenset[str] | None) -> None:
     """The guard (and CORS, only for --allowed-origins) around `app`."""
     app.add_middleware(Guard, api_keys=load_api_keys(config.api_key, config.api_key_file),
                        max_body=int(config.max_body_bytes), hosts=hosts, on_reject=on_reject,
-                       protect_all=config.protect_all_paths, body_timeout=config.body_timeout,
-                       write_timeout=config.write_timeout)
+                       protect_all=config.protect_all_paths, body_timeout=config.body_timeout)
     if config.allowed_origins:  # added last: outermost, so a preflight is answered before the key is asked for
         origins = [o.strip().rstrip("/") for o in config.allowed_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
@@ -72,11 +67,10 @@ def install_guard(app, config: ExposureConfig, on_reject: Callable[[str], None],
 
 class Guard:
     """on_reject(reason) counts each refusal: bad_host, unauthorized, unsupported_media_type, body_too_large,
-    body_timeout, slow_reader."""
+    body_timeout."""
 
     def __init__(self, app: Callable, *, api_keys: Keys, max_body: int, hosts: frozenset[str] | None,
-                 on_reject: Callable[[str], None], protect_all: bool = False, body_timeout: float = 30.0,
-                 write_timeout: float = 30.0):
+                 on_reject: Callable[[str], None], protect_all: bool = False, body_timeout: float = 30.0):
         self.app = app
         self.api_keys = api_keys
         self.max_body = max_body
@@ -84,7 +78,6 @@ class Guard:
         self.on_reject = on_reject
         self.protect_all = protect_all
         self.body_timeout = body_timeout
-        self.write_timeout = write_timeout
 
     def _needs_key(self, path: str) -> bool:
         if self.protect_all:
@@ -111,9 +104,8 @@ class Guard:
                 return await _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                                     "invalid_api_key")(scope, receive, send)
             scope.setdefault("state", {})[GRANT] = self.api_keys[key]
-        send = self._with_write_deadline(send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self._run(scope, receive, send)
+            return await self.app(scope, receive, send)
         # Read the whole body up front (bounded), then replay it: our bodies are JSON and small.
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit() and int(v) > self.max_body:
@@ -152,27 +144,7 @@ class Guard:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()  # then http.disconnect, whenever the client leaves
 
-        await self._run(scope, replay, send)
-
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.app(scope, receive, send)
-        except ClientTooSlow:
-            # The app's stream ended at the failed write (a streaming request is aborted on the way out);
-            # the server closes the connection of a response left incomplete.
-            self.on_reject("slow_reader")
-
-    def _with_write_deadline(self, send: Send) -> Send:
-        timeout = self.write_timeout
-
-        async def send_within_deadline(message: dict[str, Any]) -> None:
-            try:
-                async with asyncio.timeout(timeout):  # waits only while the socket buffer is full
-                    await send(message)
-            except TimeoutError:
-                raise ClientTooSlow(f"the client took no response bytes for {timeout:g}s") from None
-
-        return send_within_deadline
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.on_reject("body_too_large")
