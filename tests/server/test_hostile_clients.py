@@ -4,6 +4,7 @@ still served. The Ray ingress gets the same request cases in tests/cluster/test_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -210,8 +211,18 @@ def test_a_client_leaving_a_huge_request_takes_its_work_out_at_once(server):
 
 def test_killing_the_frontend_takes_the_engine_with_it():
     s = start_server("--no-inproc")
+
+    def long_request() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # its server is about to die
+            _post(f"{s.url}/v1/completions", {"prompt": "Tell me everything.", "max_tokens": 2000,
+                                              "ignore_eos": True, "n": 8}, timeout=30)
+
+    busy = threading.Thread(target=long_request)
     try:
         engine = s.engine_pid()
+        busy.start()  # the engine is mid-generation, not idly polling, when its frontend dies
+        while _running(s) < 1:
+            time.sleep(0.1)
         os.kill(s.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while os.path.exists(f"/proc/{engine}") and _state(engine) != "Z":
@@ -219,6 +230,7 @@ def test_killing_the_frontend_takes_the_engine_with_it():
             time.sleep(0.2)
     finally:
         s.stop()
+        busy.join()
 
 
 def _state(pid: int) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -29,12 +28,12 @@ from tokenmill.cluster.config import RouterConfig
 from tokenmill.cluster.metrics import RouterMetrics
 from tokenmill.cluster.replicas import ReplicaSet
 from tokenmill.config import EngineConfig
+from tokenmill.lifetime import die_with_parent
 from tokenmill.server.auth import ENV_VAR, load_api_keys
 
 logger = logging.getLogger(__name__)
 
 _STABLE_AFTER_S = 60.0
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,12 +62,6 @@ def _key_flags(config: RouterConfig) -> list[str]:
     """The router's key file (it may bind tenants and priorities, which the replicas apply). Their /metrics
     stay open to the router's scrapes, on loopback."""
     return ["--api-key-file", config.api_key_file] if config.api_key_file else []
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel for SIGTERM when the router goes away.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclasses.dataclass
@@ -146,7 +139,7 @@ class Supervisor:
         with open(rp.log_path, "ab") as log:
             rp.proc = await asyncio.create_subprocess_exec(*rp.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                                                            stderr=asyncio.subprocess.STDOUT, env=env,
-                                                           preexec_fn=_die_with_parent)
+                                                           preexec_fn=die_with_parent)
         rp.started_at = time.monotonic()
         r = self.replicas.replicas.get(rp.name)
         if r is not None:

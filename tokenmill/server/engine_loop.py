@@ -18,6 +18,7 @@ from collections.abc import Callable
 from tokenmill.config import EngineConfig
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.gc_control import freeze_startup_heap
+from tokenmill.lifetime import die_with_parent
 from tokenmill.server.protocol import (
     AbortRequests,
     AddRejected,
@@ -186,12 +187,16 @@ def run_engine_process(config: EngineConfig, in_addr: str, out_addr: str, parent
     # engine under in-flight requests that are draining. It exits on Shutdown or when its parent is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A frontend killed outright (kill -9, OOM) sends no Shutdown: the kernel's SIGKILL ends the engine even
+    # mid-step, and a blocked send to a frontend that no longer reads gives up (SNDTIMEO) instead of hanging.
+    die_with_parent(signal.SIGKILL, parent_pid)
 
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(in_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.setsockopt(zmq.SNDTIMEO, 30_000)
     outbox.connect(out_addr)
     encoder, _ = from_engine_codec()
     _, decoder = to_engine_codec()
