@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore
@@ -41,17 +42,33 @@ class StepModel:
     def step_time(self, prefill_tokens: int, decode_seqs: int) -> float:
         return self.base_s + self.prefill_per_token_s * prefill_tokens + self.decode_per_seq_s * decode_seqs
 
+    def step_seconds(self, seqs: list[SeqInput]) -> float:
+        prefill = sum(len(s.token_ids) for s in seqs if s.start_pos < len(s.prompt_token_ids))
+        decodes = sum(1 for s in seqs if s.start_pos >= len(s.prompt_token_ids))
+        return self.step_time(prefill, decodes)
+
+
+class StepSeconds(Protocol):
+    """A model of step time: StepModel's three numbers, or a profile fitted on a machine
+    (tokenmill.planning.step_time.StepTimeModel)."""
+
+    def step_seconds(self, seqs: list[SeqInput]) -> float: ...
+
 
 class MockRunner:
     """The engine's Runner protocol without a model: modelled step time, deterministic tokens."""
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int, vocab_size: int,
-                 eos_token_ids: list[int], model: StepModel, sleep: Callable[[float], None] = time.sleep):
+                 eos_token_ids: list[int], model: StepSeconds, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
+        """sleep and clock: real time by default; the planner passes a virtual clock and a sleep that
+        advances it, so a step takes exactly its modelled time and no wall time."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.model = model
         self.sleep = sleep
+        self.clock = clock
         self.eos = set(eos_token_ids)
         # Ordinary tokens only (past the specials at the start of most vocabularies), so outputs decode to text
         # and never stop early on an end-of-sequence token.
@@ -59,11 +76,10 @@ class MockRunner:
         self.span = max(1, vocab_size - 2 * self.lo)
 
     def execute(self, seqs: list[SeqInput], interrupt: Callable[[], bool] | None = None) -> RunnerOutput:
-        t0 = time.monotonic()
-        prefill = sum(len(s.token_ids) for s in seqs if s.start_pos < len(s.prompt_token_ids))
-        decodes = sum(1 for s in seqs if s.start_pos >= len(s.prompt_token_ids))
+        t0 = self.clock()
+        seconds = self.model.step_seconds(seqs)
         if interrupt is not None:  # as the real model: asked at even points through the first half of the step
-            slice_s = self.model.step_time(prefill, decodes) / (2 * INTERRUPT_CHECKS)
+            slice_s = seconds / (2 * INTERRUPT_CHECKS)
             for _ in range(INTERRUPT_CHECKS):
                 if interrupt():
                     raise StepInterrupted
@@ -81,7 +97,7 @@ class MockRunner:
                 out.sampled[s.request_id] = tok
                 if s.params.logprobs is not None:
                     out.logprobs[s.request_id] = self._logprobs(tok, s.params.logprobs)
-        left = self.model.step_time(prefill, decodes) - (time.monotonic() - t0)
+        left = seconds - (self.clock() - t0)
         if left > 0:
             self.sleep(left)
         return out
@@ -95,24 +111,34 @@ class MockRunner:
         pass
 
 
+def mock_core(config: EngineConfig, arch, model: StepSeconds, *, num_blocks: int | None = None,
+              sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> EngineCore:
+    """The real EngineCore (scheduler, policy, block pool, prefix cache) over a MockRunner of `model`.
+    num_blocks: the KV pool's size; by default sized as the real runner would for this model (float32 only
+    when asked for)."""
+    max_model_len = config.max_model_len or arch.max_position_embeddings
+    if num_blocks is None:
+        itemsize = 4 if config.dtype in ("float32", "float") else 2
+        per_block = arch.kv_block_bytes(config.block_size, config.kv_cache_dtype, itemsize)
+        num_blocks = max(1, int(config.kv_cache_memory or _DEFAULT_KV_BYTES) // per_block)
+    runner = MockRunner(num_blocks, config.block_size, max_model_len, arch.vocab_size, arch.eos_token_ids, model,
+                        sleep=sleep, clock=clock)
+    return EngineCore(runner, arch.vocab_size, arch.eos_token_ids,
+                      max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                      enable_prefix_caching=config.enable_prefix_caching, policy=policy_from_config(config),
+                      interruptible_steps=config.interruptible_steps, clock=clock)
+
+
 def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[FromEngine], None]) -> EngineCore:
     from tokenmill.models.loader import open_model  # metadata only
 
     arch = open_model(config.model).arch
-    max_model_len = config.max_model_len or arch.max_position_embeddings
-    # Size the block pool as the real runner would for this model (float32 only when asked for).
-    itemsize = 4 if config.dtype in ("float32", "float") else 2
-    per_block = arch.kv_block_bytes(config.block_size, config.kv_cache_dtype, itemsize)
-    num_blocks = max(1, int(config.kv_cache_memory or _DEFAULT_KV_BYTES) // per_block)
-    runner = MockRunner(num_blocks, config.block_size, max_model_len, arch.vocab_size, arch.eos_token_ids, model)
-    engine = EngineCore(runner, arch.vocab_size, arch.eos_token_ids,
-                        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                        enable_prefix_caching=config.enable_prefix_caching,
-                        policy=policy_from_config(config), interruptible_steps=config.interruptible_steps)
+    engine = mock_core(config, arch, model)
+    runner = engine.runner
     logger.info("mock engine: %d KV blocks of %d tokens, step = %.2f ms + %.3f ms/prefill token + "
-                "%.3f ms/decoding sequence", num_blocks, config.block_size, model.base_s * 1e3,
+                "%.3f ms/decoding sequence", runner.num_blocks, config.block_size, model.base_s * 1e3,
                 model.prefill_per_token_s * 1e3, model.decode_per_seq_s * 1e3)
-    send(Ready(max_model_len, arch.vocab_size, num_blocks, config.block_size, os.getpid()))
+    send(Ready(runner.max_model_len, arch.vocab_size, runner.num_blocks, config.block_size, os.getpid()))
     return engine
 
 

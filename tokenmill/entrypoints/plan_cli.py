@@ -1,0 +1,159 @@
+"""`tokenmill profile` (measure this machine's step time and fit the planner's model) and `tokenmill plan`
+(simulate a demand curve on the real scheduler and routing logic with that model: latency, goodput, 429s,
+utilisation, cost, and the fewest replicas that hold an SLO)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentParser], None],
+                       engine_config: Callable[[argparse.Namespace], EngineConfig]) -> None:
+    p = subparsers.add_parser(
+        "profile", help="measure this machine's engine step time and fit the planner's step-time model",
+        description="Runs the engine as `serve` would (same engine flags) over decode batches, prompt chunks, "
+                    "long contexts and mixed steps, times every forward pass, and fits step time as a function "
+                    "of what a step holds. Writes the model as JSON (for `tokenmill plan`) and a plot of fitted "
+                    "against measured step times. Run it on a quiet machine: another busy process on the cores "
+                    "stretches steps.",
+        epilog="example: tokenmill profile --out profile.json")
+    p.add_argument("--out", default="profile.json", help="where to write the model (default: profile.json)")
+    p.add_argument("--plot", default=None, help="PNG of fitted against measured (default: OUT with .png)")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds of measuring at most (default: 240)")
+    add_engine_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from tqdm import tqdm
+
+        from tokenmill.entrypoints.llm import LLM
+        from tokenmill.planning.profiler import plot_fit, profile
+
+        cfg = engine_config(args)
+        llm = LLM(**dataclasses.asdict(cfg))
+        bar = tqdm(desc="profiling", unit="workload")
+        model, samples = profile(llm, args.budget, progress=lambda label: (bar.set_postfix_str(label),
+                                                                           bar.update()))
+        bar.close()
+        model.save(args.out)
+        png = args.plot or (args.out.rsplit(".", 1)[0] + ".png")
+        plot_fit(model, samples, png)
+        src = model.source
+        print(f"{src['samples']} steps measured on {src['cpu']}: fitted within {src['median_abs_rel_error']:.1%} "
+              f"(median), {src['p90_abs_rel_error']:.1%} (p90); model in {args.out}, plot in {png}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _slo(text: str | None):
+    from tokenmill.bench.metrics import parse_slo
+    from tokenmill.planning.simulator import Slo
+
+    limits = parse_slo(text)
+    if "e2e" in limits:
+        raise ConfigError("the planner holds ttft and tpot targets; e2e is not one of them")
+    return Slo(**{f"{k}_s": v for k, v in limits.items()})
+
+
+def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentParser], None],
+                    engine_config: Callable[[argparse.Namespace], EngineConfig]) -> None:
+    from tokenmill.cluster.policy import POLICIES
+
+    p = subparsers.add_parser(
+        "plan", help="predict latency, throughput and the replicas a demand curve needs (no model is run)",
+        description="A discrete-event simulation of the real engine scheduler, scheduling policy, KV block pool, "
+                    "admission caps and router policy on a virtual clock, with the step time `tokenmill "
+                    "profile` measured. Demand: --rate (Poisson, optionally with a --burst) or --trace CSV "
+                    "(per request: t,prompt_tokens,output_tokens[,tenant,priority,prefix_group,prefix_tokens]; "
+                    "or a demand curve: t,rate).",
+        epilog="example: tokenmill plan --profile profile.json --rate 3 --duration 600 --slo ttft=2s,tpot=150ms "
+               "--find-replicas --price-per-replica-hour 0.10")
+    add = p.add_argument
+    add("--profile", required=True, help="the step-time model from `tokenmill profile`")
+    add("--trace", help="CSV demand (see above)")
+    add("--rate", type=float, help="Poisson arrivals per second")
+    add("--duration", type=float, default=600.0, help="seconds of demand with --rate (default: 600)")
+    add("--burst", help="extra arrivals AT,COUNT[,SPAN] (seconds, requests, seconds), e.g. 120,200,5")
+    add("--prompt-tokens", type=int, default=128, help="mean prompt length (default: 128)")
+    add("--output-tokens", type=int, default=128, help="mean output length (default: 128)")
+    add("--spread", type=float, default=0.0, help="lengths uniform within mean x (1 +- SPREAD) (default: 0)")
+    add("--demand-seed", type=int, default=0, help="seed of the generated arrivals (default: 0)")
+    add("--slo", help="p99 targets, e.g. ttft=2s,tpot=150ms")
+    add("--replicas", type=int, default=1, help="replicas to simulate (default: 1)")
+    add("--find-replicas", action="store_true", help="find the fewest replicas that meet --slo with no 429")
+    add("--max-replicas", type=int, default=64)
+    add("--routing", default="round-robin", choices=list(POLICIES), help="router policy (default: round-robin)")
+    add("--max-queued-requests", type=int, default=256, help="the server's admission cap (as `serve`)")
+    add("--max-queued-tokens", type=int, default=262144, help="the server's admission cap (as `serve`)")
+    add("--price-per-replica-hour", type=float, help="cost of one replica for an hour, for cost per token")
+    add("--json", dest="json_out", help="write the prediction as JSON here")
+    add("--plot", help="PNG of demand, queue and TTFT over time")
+    add_engine_args(p)
+    p.set_defaults(func=lambda args: run_plan(args, engine_config(args)))
+
+
+def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
+    from tokenmill.models.loader import open_model
+    from tokenmill.planning import report, workload
+    from tokenmill.planning.simulator import Limits, find_replicas, simulate
+    from tokenmill.planning.step_time import StepTimeModel
+
+    model = StepTimeModel.load(args.profile)
+    sizes = workload.Sizes(args.prompt_tokens, args.output_tokens, args.spread)
+    if (args.trace is None) == (args.rate is None):
+        raise ConfigError("give exactly one of --trace CSV or --rate R")
+    if args.trace:
+        arrivals = workload.load_trace(args.trace, sizes, args.demand_seed)
+    else:
+        arrivals = workload.poisson(args.rate, args.duration, sizes, args.demand_seed)
+    if args.burst:
+        try:
+            at, count, *span = (float(x) for x in args.burst.split(","))
+        except ValueError:
+            raise ConfigError(f"--burst takes AT,COUNT[,SPAN], got {args.burst!r}") from None
+        arrivals = workload.burst(arrivals, at, int(count), sizes, args.demand_seed + 1, span[0] if span else 1.0)
+    if not arrivals:
+        raise ConfigError("the demand has no arrivals")
+    slo = _slo(args.slo)
+    arch = open_model(config.model).arch
+    logging.getLogger("tokenmill.engine").setLevel(logging.WARNING)  # simulated preemptions are not news
+    limits = Limits(args.max_queued_requests, args.max_queued_tokens)
+    num_blocks = model.source.get("num_blocks") if config.kv_cache_memory is None else None
+
+    def run(k: int):
+        res = simulate(arrivals, config=config, arch=arch, model=model, replicas=k, limits=limits,
+                       routing=args.routing, num_blocks=num_blocks)
+        logger.info("%d replica(s): p99 TTFT %.3fs, %d rejected", k, res.summary(slo)["ttft_s"]["p99"],
+                    res.summary(slo)["rejected_429"])
+        return res
+
+    if args.find_replicas:
+        if slo.ttft_s == float("inf") and slo.tpot_s == float("inf"):
+            raise ConfigError("--find-replicas needs --slo")
+        best, runs = find_replicas(run, slo, args.max_replicas)
+        if best < 0:
+            print(f"no replica count up to {args.max_replicas} meets the SLO")
+            result = runs[-1]
+        else:
+            result = next(r for r in runs if r.replicas == best)
+            print(f"fewest replicas that meet the SLO: {best}")
+    else:
+        result = run(args.replicas)
+    summary = result.summary(slo)
+    cost = result.cost(args.price_per_replica_hour) if args.price_per_replica_hour else None
+    print(report.table(summary, cost))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"summary": summary, "cost": cost, "slo": vars(slo), "profile": model.source}, f, indent=1)
+    if args.plot:
+        report.plot(result, args.plot, f"{len(arrivals)} requests, {result.replicas} replica(s)")
+    return 0 if summary["meets_slo"] or not args.slo else 1

@@ -1,0 +1,156 @@
+"""How long one engine step takes, as a function of what the step holds: the model the planner simulates with
+in place of the forward pass, fitted to measured steps by `tokenmill profile`. Pure Python and numpy; no torch.
+
+A step runs every token it holds through the linear layers (cost grows with the row count M, steeply where
+the weights' reuse starts to pay and then linearly), attends from each token over its context (decode: one
+row per sequence over its whole context; prefill: a chunk of rows over a growing prefix), and pays a cost per
+sequence (sampling, bookkeeping). So
+
+    seconds = L(M) + a * decode_context + b * prefill_pairs + c * sequences
+
+with L piecewise linear in M between knots (hat functions), all coefficients fitted non-negative by least
+squares on relative error (steps range from milliseconds to seconds; each should count alike).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What one step holds, as far as its time is concerned."""
+
+    rows: int  # tokens through the linear layers (prefill chunk tokens + decode tokens, speculation included)
+    sequences: int
+    decode_context: int  # sum over decoding sequences of the context each attends over
+    prefill_pairs: int  # sum over prefill chunks of chunk length x (prefix + chunk length / 2): attention work
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+
+    @classmethod
+    def of(cls, seqs: Iterable[Any]) -> StepShape:
+        """From a step's SeqInputs (tokenmill.runner.batch): anything with token_ids, start_pos and
+        prompt_token_ids."""
+        rows = n = ctx = pairs = prefill = decodes = 0
+        for s in seqs:
+            k = len(s.token_ids)
+            rows += k
+            n += 1
+            if s.start_pos < len(s.prompt_token_ids):
+                prefill += k
+                pairs += k * (s.start_pos + (k + 1) // 2)
+            else:
+                decodes += 1
+                ctx += s.start_pos + k
+        return cls(rows, n, ctx, pairs, prefill, decodes)
+
+
+def _hats(m: float) -> list[float]:
+    """Weights of row count m on each knot's hat function (linear interpolation between knots; beyond the
+    last knot, the last segment's slope continues)."""
+    w = [0.0] * len(KNOTS)
+    if m <= KNOTS[0]:
+        w[0] = 1.0
+        return w
+    for i in range(1, len(KNOTS)):
+        if m <= KNOTS[i] or i == len(KNOTS) - 1:
+            lo, hi = KNOTS[i - 1], KNOTS[i]
+            t = (m - lo) / (hi - lo)
+            w[i - 1], w[i] = 1.0 - t, t
+            return w
+    return w
+
+
+def features(shape: StepShape) -> list[float]:
+    return [*_hats(shape.rows), shape.decode_context, shape.prefill_pairs, shape.sequences]
+
+
+@dataclass
+class StepTimeModel:
+    """Fitted coefficients (seconds) and where they came from."""
+
+    linear_s: list[float]  # L at each knot of KNOTS
+    per_decode_context_s: float
+    per_prefill_pair_s: float
+    per_sequence_s: float
+    source: dict[str, Any] = field(default_factory=dict)  # machine, model, flags, fit error, sample count
+
+    def seconds(self, shape: StepShape) -> float:
+        coef = [*self.linear_s, self.per_decode_context_s, self.per_prefill_pair_s, self.per_sequence_s]
+        return sum(c * x for c, x in zip(coef, features(shape), strict=True))
+
+    def step_seconds(self, seqs: Sequence[Any]) -> float:
+        """The Runner-facing form (MockRunner): a step's SeqInputs -> seconds."""
+        return self.seconds(StepShape.of(seqs))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"knots": list(KNOTS), **asdict(self)}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepTimeModel:
+        from tokenmill.errors import ConfigError
+
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.pop("knots") != list(KNOTS):
+                raise ValueError("it was fitted on other row-count knots; profile again")
+            return cls(**data)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"cannot read the step-time profile {path}: {e}") from None
+
+
+def fit(samples: Sequence[tuple[StepShape, float]], source: dict[str, Any] | None = None) -> StepTimeModel:
+    """Non-negative least squares on relative error, then once more without the worst tenth of the steps
+    when they are far off (a step stretched by another process on the cores is noise, not the model)."""
+    if len(samples) < 8:
+        raise ValueError(f"too few steps to fit ({len(samples)})")
+    model = _fit_once(samples)
+    errors = [abs(model.seconds(s) - t) / t for s, t in samples]
+    cut = sorted(errors)[int(0.9 * (len(errors) - 1))]
+    kept = [x for x, e in zip(samples, errors, strict=True) if e <= max(cut, 4 * _median(errors))]
+    if len(kept) < len(samples):
+        model = _fit_once(kept)
+    errors = [abs(model.seconds(s) - t) / t for s, t in samples]
+    model.source = {**(source or {}), "samples": len(samples), "outliers_dropped": len(samples) - len(kept),
+                    "median_abs_rel_error": _median(errors),
+                    "p90_abs_rel_error": sorted(errors)[int(0.9 * (len(errors) - 1))]}
+    return model
+
+
+def _fit_once(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
+    """Knots no sample comes near take their neighbours' values by interpolation (past the last measured
+    knot, the last measured segment's slope continues), so L stays a sensible curve between samples."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    x = np.array([features(s) for s, _ in samples], dtype=np.float64)
+    y = np.array([t for _, t in samples], dtype=np.float64)
+    nk = len(KNOTS)
+    used = x[:, :nk].sum(axis=0) > 0
+    cols = [i for i in range(x.shape[1]) if i >= nk or used[i]]
+    scale = x[:, cols].max(axis=0)
+    scale[scale == 0] = 1.0
+    solved, _ = nnls(x[:, cols] / scale / y[:, None], np.ones_like(y))
+    coef = np.zeros(x.shape[1])
+    coef[cols] = solved / scale
+    knots = np.array(KNOTS, dtype=np.float64)
+    at = np.flatnonzero(used)
+    linear = np.interp(knots, knots[at], coef[:nk][at])
+    if len(at) >= 2 and at[-1] + 1 < nk:
+        a, b = at[-2], at[-1]
+        slope = max(0.0, (coef[b] - coef[a]) / (knots[b] - knots[a]))
+        linear[b + 1:] = coef[b] + slope * (knots[b + 1:] - knots[b])
+    return StepTimeModel([float(v) for v in linear], float(coef[nk]), float(coef[nk + 1]), float(coef[nk + 2]))
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if s else math.nan
