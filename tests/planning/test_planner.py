@@ -1,0 +1,127 @@
+"""The planner: the step-time fit recovers a known model, the simulation's arithmetic is exact where it can be
+worked out by hand, it runs far faster than real time, traces load, and the replica search is right."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import ConfigError
+from tokenmill.models.loader import open_model
+from tokenmill.planning import workload
+from tokenmill.planning.simulator import Slo, find_replicas, simulate
+from tokenmill.planning.step_time import KNOTS, StepShape, StepTimeModel, fit
+from tokenmill.server.mock_engine import StepModel
+
+
+@pytest.fixture(scope="module")
+def arch():
+    return open_model("default").arch
+
+
+def _config(**kw) -> EngineConfig:
+    return EngineConfig.from_kwargs(model="default", max_num_seqs=32, max_num_batched_tokens=512, **kw)
+
+
+def test_the_fit_recovers_a_known_step_time_model():
+    truth = StepTimeModel([0.004 + 0.0003 * k for k in KNOTS], 2e-7, 5e-9, 1e-4)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(300):
+        rows = rng.choice([1, 2, 3, 4, 8, 16, 24, 32, 64, 100, 128, 256, 512])
+        seqs = min(rows, rng.randint(1, 32))
+        shape = StepShape(rows, seqs, rng.randint(0, 20000), rng.randint(0, 200000))
+        samples.append((shape, truth.seconds(shape) * rng.uniform(0.99, 1.01)))
+    got = fit(samples)
+    assert got.source["median_abs_rel_error"] < 0.01
+    for shape in (StepShape(1, 1, 300, 0), StepShape(64, 64, 40000, 0), StepShape(512, 1, 0, 150000)):
+        assert got.seconds(shape) == pytest.approx(truth.seconds(shape), rel=0.03)
+
+
+def test_one_request_takes_exactly_its_modelled_steps(arch):
+    model = StepModel(base_s=0.010, prefill_per_token_s=0.001, decode_per_seq_s=0.002)
+    a = workload.Arrival(t=5.0, prompt_tokens=100, output_tokens=10)
+    rec = simulate([a], config=_config(), arch=arch, model=model).records[0]
+    # One prefill step (100 tokens fit the 512-token budget) samples the first token; 9 decode steps follow.
+    assert rec.ttft == pytest.approx(0.010 + 0.100)
+    assert rec.tpot == pytest.approx(0.012)
+    assert rec.end_t == pytest.approx(5.0 + 0.110 + 9 * 0.012)
+    assert rec.tokens == 10
+
+
+def test_a_queue_forms_when_arrivals_outpace_steps(arch):
+    model = StepModel(base_s=0.050, prefill_per_token_s=0.0, decode_per_seq_s=0.0)
+    # Requests arriving together share steps (continuous batching): all ten get their first token in step 1.
+    together = [workload.Arrival(0.0, 16, 4) for _ in range(10)]
+    res = simulate(together, config=_config(), arch=arch, model=model)
+    assert [r.ttft for r in res.records] == pytest.approx([0.05] * 10)
+    # max_num_seqs=2: the rest wait for slots, in arrival order.
+    res = simulate(together, config=_config().__class__.from_kwargs(model="default", max_num_seqs=2,
+                                                                    max_num_batched_tokens=512),
+                   arch=arch, model=model)
+    firsts = sorted(r.ttft for r in res.records)
+    assert firsts[0] == pytest.approx(0.05) and firsts[-1] == pytest.approx(0.05 * (1 + 4 * 4))
+
+
+def test_the_simulation_runs_far_faster_than_real_time(arch):
+    model = StepModel(base_s=0.012, prefill_per_token_s=0.00005, decode_per_seq_s=0.0004)
+    arrivals = workload.poisson(2.0, 600.0, workload.Sizes(128, 64, 0.5), seed=3)
+    res = simulate(arrivals, config=_config(), arch=arch, model=model)
+    s = res.summary()
+    assert s["completed"] == len(arrivals) and s["rejected_429"] == 0
+    assert s["simulated_s"] / s["wall_s"] >= 100, s
+
+
+def test_admission_caps_reject_429_and_everything_else_completes(arch):
+    model = StepModel(base_s=0.5, prefill_per_token_s=0.0, decode_per_seq_s=0.0)
+    from tokenmill.planning.simulator import Limits
+
+    flood = [workload.Arrival(0.001 * i, 32, 8) for i in range(50)]
+    res = simulate(flood, config=_config(), arch=arch, model=model, limits=Limits(max_queued_requests=10))
+    s = res.summary()
+    assert s["rejected_429"] > 0 and s["completed"] + s["rejected_429"] == 50
+
+
+def test_find_replicas_returns_the_fewest_that_meet_the_slo(arch):
+    model = StepModel(base_s=0.02, prefill_per_token_s=0.0002, decode_per_seq_s=0.001)
+    arrivals = workload.poisson(6.0, 120.0, workload.Sizes(256, 64), seed=5)
+    slo = Slo(ttft_s=1.0, tpot_s=0.1)
+
+    def run(k: int):
+        return simulate(arrivals, config=_config(), arch=arch, model=model, replicas=k, routing="least-load")
+
+    best, runs = find_replicas(run, slo, max_replicas=16)
+    assert best > 1
+    assert run(best).summary(slo)["meets_slo"] and not run(best - 1).summary(slo)["meets_slo"]
+    assert len(runs) <= 2 * math.ceil(math.log2(16)) + 1
+
+
+def test_traces_load_in_both_shapes(tmp_path):
+    per_request = tmp_path / "requests.csv"
+    arrivals = workload.poisson(3.0, 20.0, workload.Sizes(100, 50, 0.2), seed=1)
+    workload.save_trace(arrivals, per_request)
+    again = workload.load_trace(per_request, workload.Sizes())
+    assert [(a.prompt_tokens, a.output_tokens) for a in again] == [(a.prompt_tokens, a.output_tokens)
+                                                                    for a in arrivals]
+    assert [a.t for a in again] == pytest.approx([a.t for a in arrivals], abs=1e-5)
+    curve = tmp_path / "curve.csv"
+    curve.write_text("t,rate\n0,1\n100,5\n200,0\n")
+    got = workload.load_trace(curve, workload.Sizes(64, 32), seed=2)
+    first, second = [a for a in got if a.t < 100], [a for a in got if 100 <= a.t < 200]
+    assert 50 < len(first) < 160 and 380 < len(second) < 620 and all(a.t < 200 for a in got)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("when,how_many\n1,2\n")
+    with pytest.raises(ConfigError, match="needs columns"):
+        workload.load_trace(bad, workload.Sizes())
+
+
+def test_the_profile_round_trips(tmp_path):
+    m = StepTimeModel([0.01] * len(KNOTS), 1e-7, 1e-9, 1e-4, {"cpu": "x"})
+    m.save(tmp_path / "p.json")
+    assert StepTimeModel.load(tmp_path / "p.json") == m
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ConfigError, match="cannot read the step-time profile"):
+        StepTimeModel.load(tmp_path / "broken.json")
