@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from server_helpers import REPO, ServerProcess, start_server
+from server_helpers import REPO, ServerProcess, parse_metrics, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +156,9 @@ def test_slowloris_connections_are_cut_and_others_served(target):
         s.sendall(b"X-Slow: 1\r\n")  # a drip does not restart the header clock
     assert all(_closed_by_peer(s) for s in drips)
     assert time.monotonic() - t0 < 25
+    m = parse_metrics(httpx.get(f"{target}/metrics", timeout=10).text)  # the server's or the router's names
+    assert m.get('tokenmill:request_rejected_total{reason="header_timeout"}', 0) + \
+        m.get('tokenmill:router_unrouted_total{reason="header_timeout"}', 0) >= 40
     silent = _connect(target)  # connects and says nothing at all
     assert _closed_by_peer(silent)
     for s in [*drips, silent]:
@@ -197,6 +200,7 @@ def test_a_stream_nobody_reads_is_aborted_after_the_write_deadline(server):
     _wait_idle(server, within=60)
     assert server.metrics()['tokenmill:request_success_total{finished_reason="abort"}'] >= 64
     assert "read nothing of its response for 2s" in server.log_text(400)
+    assert server.metrics()['tokenmill:request_rejected_total{reason="slow_reader"}'] >= 1
     s.close()
     _normal_request_works(server.url)
 

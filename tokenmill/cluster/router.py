@@ -251,7 +251,8 @@ def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
     else:
         router = Router(config, engine_config)
         app = build_router_app(router)
-    uv = uvicorn_config(app, config, timeout_graceful_shutdown=30)
+    uv = uvicorn_config(app, config, lambda reason: router.metrics.unrouted.labels(reason).inc(),
+                        timeout_graceful_shutdown=30)
     logger.info("router on http://%s:%d: %s routing over %s", config.host, config.port, config.routing,
                 f"{config.spawn} spawned replicas" if config.spawn else ", ".join(config.replica_urls))
     _Server(uv).run()

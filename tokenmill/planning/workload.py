@@ -9,6 +9,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenmill.errors import ConfigError
 
@@ -124,3 +125,29 @@ def percentile(xs: Sequence[float], p: float) -> float:
     lo = math.floor(k)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def replay(url: str, arrivals: Sequence[Arrival], vocab: int, headers: dict[str, str] | None = None) -> list[Any]:
+    """Send `arrivals` to a real server at their times (open loop), as token-id prompts of exactly their
+    lengths, streamed; the bench harness's outcomes (status, ttft, token times) in arrival order."""
+    import asyncio
+
+    from tokenmill.bench import overload
+
+    reqs = [overload.Arrival(a.t, a.tenant, a.tenant, {
+        "prompt": prompt_ids(a, i, vocab), "max_tokens": a.output_tokens, "ignore_eos": True, "temperature": 0.0,
+        "stream": True, "logprobs": 0, "priority": a.priority, "user": a.tenant}) for i, a in enumerate(arrivals)]
+    return asyncio.run(overload.run_open_loop(url, reqs, headers))
+
+
+def measured(outcomes: Sequence[Any]) -> dict[str, Any]:
+    """Replay outcomes summarised as the simulator summarises (TTFT, TPOT, e2e percentiles in seconds)."""
+    ok = [o for o in outcomes if o.status == "ok"]
+    tpot = [(o.token_times[-1] - o.token_times[0]) / (o.tokens - 1) for o in ok if o.tokens > 1]
+
+    def pct(xs: list[float]) -> dict[str, float]:
+        return {"p50": percentile(xs, 50), "p90": percentile(xs, 90), "p99": percentile(xs, 99)}
+
+    return {"requests": len(outcomes), "completed": len(ok),
+            "rejected_429": sum(o.status == "rejected" for o in outcomes),
+            "ttft_s": pct([o.ttft for o in ok]), "tpot_s": pct(tpot), "e2e_s": pct([o.done - o.sent for o in ok])}

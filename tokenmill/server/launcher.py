@@ -67,7 +67,7 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     name = served_name(engine_config, server_config)
     frontend = Frontend(engine_config, server_config, name)
     app = build_app(frontend, server_config, name)
-    uv_config = uvicorn_config(app, server_config, timeout_graceful_shutdown=5)
+    uv_config = uvicorn_config(app, server_config, frontend.metrics.rejected, timeout_graceful_shutdown=5)
     server = _DrainingServer(uv_config, frontend, server_config.drain_timeout)
 
     def stop() -> None:

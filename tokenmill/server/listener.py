@@ -15,7 +15,10 @@ the client had left, and aborts the request. What waits meanwhile is bounded by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -24,6 +27,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tokenmill.server.config import ExposureConfig
 
 logger = logging.getLogger(__name__)
+# Per connection, the kernel's send buffer (it doubles the figure for bookkeeping): plenty for a stream at any
+# sensible round-trip time, and what a client that stops reading can leave queued before --write-timeout runs.
+SEND_BUFFER_BYTES = 512 * 1024
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -33,15 +39,22 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     header_timeout = 10.0
     write_timeout = 30.0
+    on_cut: Callable[[str], None] | None = None  # counts each cut: header_timeout, slow_reader
     _header_timer: asyncio.TimerHandle | None = None
     _write_timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    def with_deadlines(cls, header_timeout: float, write_timeout: float) -> type[DeadlineProtocol]:
-        return type(cls.__name__, (cls,), {"header_timeout": header_timeout, "write_timeout": write_timeout})
+    def with_deadlines(cls, header_timeout: float, write_timeout: float,
+                       on_cut: Callable[[str], None] | None = None) -> type[DeadlineProtocol]:
+        return type(cls.__name__, (cls,), {"header_timeout": header_timeout, "write_timeout": write_timeout,
+                                           "on_cut": staticmethod(on_cut) if on_cut else None})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # the kernel's share of what a non-reading client can leave waiting
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._start_header_clock()
 
     def on_message_begin(self) -> None:
@@ -72,6 +85,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._write_timer = None
         logger.warning("closing the connection of %s: it read nothing of its response for %gs",
                        f"{self.client[0]}:{self.client[1]}" if self.client else "a client", self.write_timeout)
+        self._count("slow_reader")
         self.transport.abort()  # close() would wait to flush what the client is not reading
 
     def _start_header_clock(self) -> None:
@@ -86,12 +100,19 @@ class DeadlineProtocol(HttpToolsProtocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
+            self._count("header_timeout")
             self.transport.close()
 
+    def _count(self, reason: str) -> None:
+        if self.on_cut is not None:
+            self.on_cut(reason)
 
-def uvicorn_config(app: Any, config: ExposureConfig, **options: Any) -> uvicorn.Config:
-    """uvicorn.Config for `app` listening where `config` says, with the header deadline and connection cap."""
+
+def uvicorn_config(app: Any, config: ExposureConfig, on_cut: Callable[[str], None] | None = None,
+                   **options: Any) -> uvicorn.Config:
+    """uvicorn.Config for `app` listening where `config` says, with the deadlines and the connection cap;
+    on_cut(reason) counts each connection cut."""
     return uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                          http=DeadlineProtocol.with_deadlines(config.header_timeout, config.write_timeout),
+                          http=DeadlineProtocol.with_deadlines(config.header_timeout, config.write_timeout, on_cut),
                           limit_concurrency=config.max_connections, lifespan="on", timeout_keep_alive=30,
                           **options)
