@@ -157,3 +157,82 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
     if args.plot:
         report.plot(result, args.plot, f"{len(arrivals)} requests, {result.replicas} replica(s)")
     return 0 if summary["meets_slo"] or not args.slo else 1
+
+
+def add_ledger_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ledger", help="when a server's inference compute passes the model's training compute",
+        description="Reads a running server's GET /v1/usage (FLOPs counted per finished request: 2 per active "
+                    "weight per token plus attention, cached prompt tokens free) and reports the inference "
+                    "compute per day at the observed traffic and the date cumulative inference compute passes "
+                    "the training compute (given, or 6 x active parameters x training tokens).",
+        epilog="example: tokenmill ledger --url http://127.0.0.1:8000 --training-tokens 2e12 --sample-seconds 60")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="the server (its /v1/usage)")
+    src.add_argument("--usage", help="a saved /v1/usage JSON (rate: its lifetime average)")
+    train = p.add_mutually_exclusive_group(required=True)
+    train.add_argument("--training-flops", type=float, help="compute that trained the model, FLOPs")
+    train.add_argument("--training-tokens", type=float, help="tokens it was trained on (6 x params x tokens)")
+    p.add_argument("--sample-seconds", type=float, default=0.0,
+                   help="with --url: measure the rate over this many seconds now, instead of the server's "
+                        "lifetime average")
+    p.add_argument("--api-key", help="the server's API key (or $TOKENMILL_API_KEY)")
+    p.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    p.set_defaults(func=run_ledger)
+
+
+def run_ledger(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from tokenmill.planning.ledger import crossover, rate
+
+    def snapshot() -> dict:
+        import httpx
+
+        key = args.api_key or os.environ.get("TOKENMILL_API_KEY", "").split(",")[0]
+        try:
+            r = httpx.get(args.url.rstrip("/") + "/v1/usage", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"} if key else {})
+            r.raise_for_status()
+            return r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise ConfigError(f"cannot read {args.url}/v1/usage: {e}") from None
+
+    if args.usage:
+        try:
+            with open(args.usage) as f:
+                first = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read --usage {args.usage}: {e}") from None
+        second = None
+    else:
+        first = snapshot()
+        second = None
+        if args.sample_seconds > 0:
+            time.sleep(args.sample_seconds)
+            second = snapshot()
+    latest = second or first
+    if args.training_flops is not None:
+        training = args.training_flops
+    else:
+        if not latest.get("model"):
+            raise ConfigError("the server does not know its model's parameter count; give --training-flops")
+        training = 6.0 * latest["model"]["active_params"] * args.training_tokens
+    report = crossover(latest, rate(first, second), training)
+    per_day = report["flops_per_day"]
+    print(f"inference so far      {report['inference_flops_so_far']:.4g} FLOPs "
+          f"({latest['total']['requests']} requests, {latest['uptime_s']:.0f} s of uptime)")
+    print(f"observed rate         {report['flops_per_s']:.4g} FLOPs/s = {per_day:.4g} FLOPs/day "
+          f"({'sampled now' if second else 'lifetime average'})")
+    print(f"training compute      {training:.4g} FLOPs")
+    if report["passed"]:
+        print("crossover             passed already: inference has used more compute than training")
+    elif report["date_utc"] is None:
+        print("crossover             never at this rate")
+    else:
+        print(f"crossover             in {report['days_from_now']:.4g} days, on {report['date_utc']} UTC")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0

@@ -189,6 +189,10 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
                          "root": frontend.engine_config.embedding_model, "max_model_len": e.config.max_seq_length})
         return json_response({"object": "list", "data": data})
 
+    @app.get("/v1/usage")
+    async def usage() -> Response:
+        return json_response(frontend.usage.snapshot())
+
     @app.get("/health")
     async def health() -> Response:
         ok = frontend.state.value == "ready" and not frontend.unresponsive

@@ -28,6 +28,7 @@ from tokenmill.errors import (
     TokenmillError,
 )
 from tokenmill.gc_control import freeze_startup_heap
+from tokenmill.models.flops import FlopModel
 from tokenmill.models.loader import sampling_defaults
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import (
@@ -44,6 +45,7 @@ from tokenmill.server.embeddings import EmbeddingService
 from tokenmill.server.engine_client import EngineClient, ProcessEngineClient, ThreadEngineClient
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import AddRejected, AddRequest, Embedded, Failed, FromEngine, Ready, Updates
+from tokenmill.server.usage import UsageLedger
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class Frontend:
         self.config = server_config
         self.model_name = model_name
         self.metrics = ServerMetrics(model_name)
+        self.usage = UsageLedger(None)  # its FLOP model once the model's shape is read
         self.state = State.STARTING
         self.tokenizer: Tokenizer | None = None
         self.embeddings: EmbeddingService | None = None  # with --embedding-model
@@ -168,6 +171,7 @@ class Frontend:
             self.client.start()
             # The tokenizer loads here while the engine loads the model over there.
             _, self.tokenizer = await asyncio.to_thread(load_tokenizer, self.engine_config)
+            self.usage.flops = await asyncio.to_thread(_flop_model, self.engine_config.model)
             self.sampling_defaults = await asyncio.to_thread(
                 sampling_defaults, self.engine_config.model, self.engine_config.generation_config)
             if self.sampling_defaults:
@@ -497,6 +501,8 @@ class Frontend:
         m.e2e.observe(now - seq.handle.arrival)
         m.prompt_tokens.observe(seq.prompt_len)
         m.generation_tokens.observe(len(out.token_ids))
+        m.flops.labels(m.model_name).inc(
+            self.usage.record(seq.labels[1], seq.prompt_len, u.num_cached_tokens, len(out.token_ids)))
         sched, first = u.first_scheduled_time, u.first_token_time
         finished = u.finished_time if u.finished_time is not None else now
         m.by("generation", seq.labels, len(out.token_ids))
@@ -552,3 +558,15 @@ def _child_params(p: SamplingParams, j: int) -> SamplingParams:
     # Must match tokenmill.entrypoints.llm: each of the n completions samples from seed + j, so a seeded
     # n>1 request gives the same texts here as offline.
     return replace(p, n=1, seed=None if p.seed is None else p.seed + j)
+
+
+def _flop_model(model: str) -> FlopModel | None:
+    """The served model's compute per token, from its metadata (no weights read); None if it cannot be read
+    (usage then counts tokens only)."""
+    from tokenmill.models.loader import open_model
+
+    try:
+        return FlopModel.of(open_model(model).arch)
+    except Exception as e:  # noqa: BLE001 - the engine reports a model it cannot load; this is bookkeeping
+        logger.warning("usage ledger counts no FLOPs: cannot read the model's shape (%s)", e)
+        return None

@@ -117,6 +117,9 @@ class ServerMetrics:
                                 [*labels, "finished_reason"], registry=r)
         self._rejected = Counter("tokenmill:request_rejected", "Requests turned away, by reason.",
                                  [*labels, "reason"], registry=r)
+        self.flops = Counter("tokenmill:inference_flops", "Floating-point operations computed for finished "
+                             "requests: 2 per active weight per token, plus attention; cached prompt tokens cost "
+                             "none (GET /v1/usage has them per tenant).", labels, registry=r)
         for reason in ("stop", "length", "abort", "timeout"):
             self._success.labels(model_name, reason)
         for reason in REJECTION_REASONS:
