@@ -13,7 +13,7 @@ from tokenmill.errors import ConfigError
 from tokenmill.models.loader import open_model
 from tokenmill.planning import workload
 from tokenmill.planning.simulator import Slo, find_replicas, simulate
-from tokenmill.planning.step_time import KNOTS, StepShape, StepTimeModel, fit
+from tokenmill.engine.step_time import KNOTS, StepShape, StepTimeModel, fit
 from tokenmill.server.mock_engine import StepModel
 
 

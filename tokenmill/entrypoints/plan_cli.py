@@ -102,10 +102,10 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
 
 
 def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
+    from tokenmill.engine.step_time import StepTimeModel
     from tokenmill.models.loader import open_model
     from tokenmill.planning import report, workload
     from tokenmill.planning.simulator import Limits, find_replicas, simulate
-    from tokenmill.planning.step_time import StepTimeModel
 
     model = StepTimeModel.load(args.profile)
     sizes = workload.Sizes(args.prompt_tokens, args.output_tokens, args.spread)

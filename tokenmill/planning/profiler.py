@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.planning.step_time import StepShape, StepTimeModel, fit
+from tokenmill.engine.step_time import StepShape, StepTimeModel, fit
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The planner's discrete-event simulation: the real serving logic on a virtual clock.
 
 Each replica is the real EngineCore (token-budget scheduler, scheduling policy, KV block pool with its prefix
-cache, preemption) over a MockRunner whose step takes the profiled time (tokenmill.planning.step_time) on a
+cache, preemption) over a MockRunner whose step takes the profiled time (tokenmill.engine.step_time) on a
 clock that jumps instead of sleeping. In front of the replicas: the server's admission caps (429 past
 --max-queued-requests / --max-queued-tokens) and the router's policy (tokenmill.cluster.policy.route with its
 prefix index). No torch, no sockets: a simulated hour takes seconds.

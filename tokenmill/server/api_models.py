@@ -2,16 +2,23 @@
 
 Unknown fields are rejected (extra="forbid"), wrong JSON types are rejected (strict=True: no "5" for 5),
 and OpenAI parameters we know but do not implement are listed so the 400 says so in plain words.
-Value ranges are checked by SamplingParams and the serving code, which name the parameter.
+Value ranges are checked by SamplingParams and the serving code, which name the parameter. Integers are
+bounded here, once, by their type (`Int64`): JSON allows any number of digits, and a 4000-digit max_tokens
+or logprobs once reached arithmetic whose result Python cannot format (over 4300 digits), a 500.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.errors import UnsupportedParameterError
+
+# Every integer parameter: a signed 64-bit value (what a seed may be), else a 400 naming the field. Token id
+# lists inside a prompt/input union stay plain `int`: a bound there would make pydantic report the union's
+# first (string) branch; the serving code checks each id against the vocabulary and names the field itself.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -46,30 +53,30 @@ class StructuredOutputs(_Strict):
 
 class _SamplingFields(_Strict):
     model: str | None = None
-    n: int | None = None
-    max_tokens: int | None = None
+    n: Int64 | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions (vLLM's names).
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    min_tokens: Int64 | None = None
     ignore_eos: bool | None = None
-    priority: int | None = None
+    priority: Int64 | None = None
     # tokenmill extensions: seconds until the request is aborted with a timeout error; its TTFT target
     # (deadline policy and admission control).
     timeout: float | None = None
     ttft_target: float | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
@@ -94,10 +101,10 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: Int64 | None = None
     echo: bool | None = None
     suffix: Any = None
-    best_of: int | None = None
+    best_of: Int64 | None = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"suffix": ""}
 
@@ -163,9 +170,9 @@ class NamedToolChoice(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -193,7 +200,7 @@ class EmbeddingRequest(_Strict):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = None  # accepted only as the model's own size: this model cannot shorten
+    dimensions: Int64 | None = None  # accepted only as the model's own size: this model cannot shorten
     user: str | None = None
 
 
@@ -207,4 +214,4 @@ class TokenizeRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int64]

@@ -106,6 +106,9 @@ class ServerConfig(ExposureConfig):
     mock_base_ms: float = _opt(5.0, "--mock: fixed milliseconds per engine step.")
     mock_prefill_ms_per_token: float = _opt(0.1, "--mock: milliseconds per prefilled prompt token in a step.")
     mock_decode_ms_per_seq: float = _opt(0.5, "--mock: milliseconds per decoding sequence in a step.")
+    mock_profile: str | None = _opt(
+        None, "--mock: take each step's time from a `tokenmill profile` JSON (this machine's measured step time "
+        "for the real model) instead of the three numbers above, so mock replicas stand in for real ones.")
     priority_range: str | None = _opt(
         None, "Range a request's `priority` is clamped into, e.g. '0..10', unless its API key grants its own range "
         "(--api-key-file); default: any 32-bit value.")

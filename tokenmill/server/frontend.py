@@ -196,10 +196,15 @@ class Frontend:
 
     def _make_client(self) -> EngineClient:
         if self.config.mock:
-            from tokenmill.server.mock_engine import MockEngineClient, StepModel
+            from tokenmill.server.mock_engine import MockEngineClient, StepModel, StepSeconds
 
             c = self.config
-            model = StepModel(c.mock_base_ms / 1e3, c.mock_prefill_ms_per_token / 1e3, c.mock_decode_ms_per_seq / 1e3)
+            model: StepSeconds = StepModel(c.mock_base_ms / 1e3, c.mock_prefill_ms_per_token / 1e3,
+                                           c.mock_decode_ms_per_seq / 1e3)
+            if c.mock_profile:  # a machine's measured step time (tokenmill profile) stands in for the model
+                from tokenmill.engine.step_time import StepTimeModel
+
+                model = StepTimeModel.load(c.mock_profile)
             return MockEngineClient(self.engine_config, self._on_message, self._on_death, model)
         cls = ThreadEngineClient if self.config.inproc else ProcessEngineClient
         return cls(self.engine_config, self._on_message, self._on_death)

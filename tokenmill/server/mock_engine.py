@@ -42,6 +42,10 @@ class StepModel:
     def step_time(self, prefill_tokens: int, decode_seqs: int) -> float:
         return self.base_s + self.prefill_per_token_s * prefill_tokens + self.decode_per_seq_s * decode_seqs
 
+    def describe(self) -> str:
+        return (f"{self.base_s * 1e3:.2f} ms + {self.prefill_per_token_s * 1e3:.3f} ms/prefill token + "
+                f"{self.decode_per_seq_s * 1e3:.3f} ms/decoding sequence")
+
     def step_seconds(self, seqs: list[SeqInput]) -> float:
         prefill = sum(len(s.token_ids) for s in seqs if s.start_pos < len(s.prompt_token_ids))
         decodes = sum(1 for s in seqs if s.start_pos >= len(s.prompt_token_ids))
@@ -50,9 +54,11 @@ class StepModel:
 
 class StepSeconds(Protocol):
     """A model of step time: StepModel's three numbers, or a profile fitted on a machine
-    (tokenmill.planning.step_time.StepTimeModel)."""
+    (tokenmill.engine.step_time.StepTimeModel)."""
 
     def step_seconds(self, seqs: list[SeqInput]) -> float: ...
+
+    def describe(self) -> str: ...
 
 
 class MockRunner:
@@ -129,15 +135,14 @@ def mock_core(config: EngineConfig, arch, model: StepSeconds, *, num_blocks: int
                       interruptible_steps=config.interruptible_steps, clock=clock)
 
 
-def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[FromEngine], None]) -> EngineCore:
+def build_mock_engine(config: EngineConfig, model: StepSeconds, send: Callable[[FromEngine], None]) -> EngineCore:
     from tokenmill.models.loader import open_model  # metadata only
 
     arch = open_model(config.model).arch
     engine = mock_core(config, arch, model)
     runner = engine.runner
-    logger.info("mock engine: %d KV blocks of %d tokens, step = %.2f ms + %.3f ms/prefill token + "
-                "%.3f ms/decoding sequence", runner.num_blocks, config.block_size, model.base_s * 1e3,
-                model.prefill_per_token_s * 1e3, model.decode_per_seq_s * 1e3)
+    logger.info("mock engine: %d KV blocks of %d tokens, step time %s", runner.num_blocks, config.block_size,
+                model.describe())
     send(Ready(runner.max_model_len, arch.vocab_size, runner.num_blocks, config.block_size, os.getpid()))
     return engine
 
@@ -145,7 +150,7 @@ def build_mock_engine(config: EngineConfig, model: StepModel, send: Callable[[Fr
 class MockEngineClient(ThreadEngineClient):
     """The --inproc engine thread, running the mock engine."""
 
-    def __init__(self, config: EngineConfig, on_message: OnMessage, on_death: OnDeath, model: StepModel):
+    def __init__(self, config: EngineConfig, on_message: OnMessage, on_death: OnDeath, model: StepSeconds):
         super().__init__(config, on_message, on_death)
         self.model = model
 

@@ -91,6 +91,11 @@ class StepTimeModel:
         """The Runner-facing form (MockRunner): a step's SeqInputs -> seconds."""
         return self.seconds(StepShape.of(seqs))
 
+    def describe(self) -> str:
+        src = self.source
+        return (f"profiled on {src.get('cpu', '?')} ({src.get('model', '?')}): {self.linear_s[0] * 1e3:.1f} ms at "
+                f"1 row, {self.linear_s[KNOTS.index(64)] * 1e3:.1f} ms at 64 rows, plus attention")
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"knots": list(KNOTS), **asdict(self)}, indent=1))
 
