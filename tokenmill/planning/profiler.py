@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.engine.step_time import StepShape, StepTimeModel, fit
+from tokenmill.kernels.cpu import cpu_name
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +79,12 @@ def profile(llm, budget_s: float = 240.0, progress: Callable[[str], None] | None
             done.append(label)
     finally:
         engine.runner = timed.inner
-    source = {"cpu": _cpu_name(), "machine": platform.machine(), "model": cfg.model, "dtype": cfg.dtype,
+    source = {"cpu": cpu_name(), "machine": platform.machine(), "model": cfg.model, "dtype": cfg.dtype,
               "quantization": cfg.quantization, "num_threads": cfg.num_threads,
               "max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
               "num_blocks": timed.inner.num_blocks, "block_size": timed.inner.block_size,
               "max_model_len": timed.inner.max_model_len, "budget_s": budget_s, "workloads": done}
     return fit(timed.samples, source), timed.samples
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def plot_fit(model: StepTimeModel, samples: list[tuple[StepShape, float]], path: str) -> None:

@@ -1,0 +1,165 @@
+"""Validate `tokenmill plan` against the real server: the same arrival traces through the simulator and through
+`tokenmill serve` on the default model; simulated against measured p50/p99 TTFT and TPOT and throughput, with
+the real run's own run-to-run noise beside each error.
+
+    python benchmarks/plan_validation.py                      # profile, then every scenario (~25 minutes)
+    python benchmarks/plan_validation.py --profile profile.json --duration 60 --repeats 2
+
+Scenarios: steady Poisson at 0.3, 0.6, 0.9 and 1.2x the capacity the simulator predicts, a burst on top of a
+steady load, and a compressed daily curve. Capacity is the simulator's completed requests/s under a flood of
+the scenario's request shape. The engine gets the cores; the load generator is asyncio/httpx in this process
+(no torch math), and the simulator runs only between real runs, never at the same moment.
+Writes benchmarks/results/plan_validation_<cpu>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tokenmill.bench.launch import ServerProcess, free_port
+from tokenmill.config import EngineConfig
+from tokenmill.engine.step_time import StepTimeModel
+from tokenmill.kernels.cpu import cpu_name
+from tokenmill.models.loader import open_model
+from tokenmill.planning import workload
+from tokenmill.planning.simulator import simulate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ENGINE_FLAGS = {"max_num_seqs": 32, "max_num_batched_tokens": 512}
+SIZES = workload.Sizes(prompt_tokens=96, output_tokens=48, spread=0.5)
+METRICS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p50"), ("tpot_s", "p99")]
+
+
+def flags() -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_FLAGS.items()]
+
+
+def profile(path: Path, budget: float) -> None:
+    subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "profile", "--out", str(path),
+                    "--budget", str(budget), *flags()], check=True)
+
+
+def scenarios(capacity: float, duration: float) -> dict[str, list[workload.Arrival]]:
+    out = {f"steady {x:.1f}x": workload.poisson(x * capacity, duration, SIZES, seed=int(x * 10))
+           for x in (0.3, 0.6, 0.9, 1.2)}
+    base = workload.poisson(0.5 * capacity, duration, SIZES, seed=21)
+    out["burst"] = workload.burst(base, duration / 3, int(capacity * duration / 6), SIZES, seed=22,
+                                  span=duration / 12)
+    # A day compressed into `duration`: night, morning ramp, midday peak at 1.1x, evening shoulder.
+    shape = [(0.0, 0.15), (0.2, 0.4), (0.35, 0.8), (0.5, 1.1), (0.65, 0.8), (0.8, 0.5), (0.9, 0.2)]
+    out["daily curve"] = workload.poisson([(f * duration, r * capacity) for f, r in shape], duration, SIZES, seed=23)
+    return out
+
+
+def simulated(arrivals, config, arch, model, num_blocks) -> dict:
+    res = simulate(arrivals, config=config, arch=arch, model=model, num_blocks=num_blocks)
+    return res.summary()
+
+
+def throughput(summary: dict, arrivals) -> float:
+    span = arrivals[-1].t if arrivals else 1.0
+    return summary["completed"] / max(span, 1e-9)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", help="an existing profile (default: profile now)")
+    ap.add_argument("--profile-budget", type=float, default=240)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per scenario")
+    ap.add_argument("--repeats", type=int, default=2, help="real runs per scenario (noise)")
+    ap.add_argument("--only", help="comma-separated scenario names")
+    args = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    tag = "amd" if "AMD" in cpu_name() else "intel" if "Intel" in cpu_name() else "cpu"
+    prof = Path(args.profile) if args.profile else RESULTS / f"plan_profile_{tag}.json"
+    if not args.profile:
+        profile(prof, args.profile_budget)
+    model = StepTimeModel.load(prof)
+    config = EngineConfig.from_kwargs(model="default", **ENGINE_FLAGS)
+    arch = open_model("default").arch
+    num_blocks = model.source.get("num_blocks")
+    flood = workload.poisson(50.0, 60.0, SIZES, seed=99)
+    capacity = simulated(flood, config, arch, model, num_blocks)["requests_per_s"]
+    print(f"simulated capacity: {capacity:.2f} requests/s of ~{SIZES.prompt_tokens} in / {SIZES.output_tokens} out")
+    cases = scenarios(capacity, args.duration)
+    if args.only:
+        cases = {k: v for k, v in cases.items() if k in args.only.split(",")}
+    rows = []
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / "plan_validation_server.log"
+    cmd = f"{sys.executable} -m tokenmill.entrypoints.cli serve --port {{port}} --no-inproc {' '.join(flags())}"
+    with ServerProcess(cmd, port, log) as server:
+        workload.replay(server.base_url, workload.poisson(2.0, 5.0, SIZES, seed=1), arch.vocab_size)  # warm-up
+        for name, arrivals in tqdm(cases.items(), desc="scenarios"):
+            reals = [workload.measured(workload.replay(server.base_url, arrivals, arch.vocab_size))
+                     for _ in range(args.repeats)]
+            sim = simulated(arrivals, config, arch, model, num_blocks)
+            row = {"scenario": name, "requests": len(arrivals), "real": reals, "sim": sim}
+            for metric, p in METRICS:
+                vals = [r[metric][p] for r in reals]
+                mean = statistics.fmean(vals)
+                row[f"{metric}.{p}"] = {"sim": sim[metric][p], "real": mean,
+                                        "error": sim[metric][p] / mean - 1 if mean else math.nan,
+                                        "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
+            tp_real = [throughput(r, arrivals) for r in reals]
+            tp_mean = statistics.fmean(tp_real)
+            row["throughput"] = {"sim": throughput(sim, arrivals), "real": tp_mean,
+                                 "error": throughput(sim, arrivals) / tp_mean - 1,
+                                 "noise": (max(tp_real) - min(tp_real)) / tp_mean if len(tp_real) > 1 else None}
+            rows.append(row)
+            print(_row_text(row), flush=True)
+    out = {"cpu": cpu_name(), "profile": model.source, "engine": ENGINE_FLAGS, "sizes": dataclasses.asdict(SIZES),
+           "capacity_rps": capacity, "duration_s": args.duration, "repeats": args.repeats, "rows": rows,
+           "command": "python benchmarks/plan_validation.py " + " ".join(sys.argv[1:])}
+    path = RESULTS / f"plan_validation_{tag}.json"
+    path.write_text(json.dumps(out, indent=1))
+    _plot(rows, path.with_suffix(".png"), cpu_name())
+    print(f"written {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def _row_text(row: dict) -> str:
+    def cell(key: str) -> str:
+        c = row[key]
+        noise = f" (noise {c['noise']:.0%})" if c.get("noise") is not None else ""
+        return f"{key} {c['error']:+.0%}{noise}"
+
+    return f"{row['scenario']:<14} " + "  ".join(cell(f"{m}.{p}") for m, p in METRICS) + "  " + cell("throughput")
+
+
+def _plot(rows: list[dict], path: Path, cpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [f"{m}.{p}" for m, p in METRICS] + ["throughput"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
+        xs = [i + k * width for i in range(len(rows))]
+        ax.bar(xs, [100 * r[key]["error"] for r in rows], width, label=key)
+        noise = [100 * (r[key]["noise"] or 0) for r in rows]
+        ax.errorbar(xs, [0] * len(rows), yerr=noise, fmt="none", ecolor="k", alpha=0.4, capsize=2)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["scenario"] for r in rows])
+    ax.set_ylabel("simulated / measured - 1 (%)")
+    ax.set_title(f"tokenmill plan against the real server ({cpu}); whiskers: run-to-run noise of the real runs")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
