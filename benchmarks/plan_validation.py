@@ -78,6 +78,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per scenario")
     ap.add_argument("--repeats", type=int, default=2, help="real runs per scenario (noise)")
     ap.add_argument("--only", help="comma-separated scenario names")
+    ap.add_argument("--replica-check", action="store_true",
+                    help="also check the replica question on the real router over mock replicas that take the "
+                         "profiled step time: the planner's fewest replicas N meets the SLO there, N-1 does not")
+    ap.add_argument("--slo", default="ttft=1s,tpot=250ms", help="SLO of the replica check (p99)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     tag = "amd" if "AMD" in cpu_name() else "intel" if "Intel" in cpu_name() else "cpu"
@@ -118,7 +122,8 @@ def main() -> int:
                                  "noise": (max(tp_real) - min(tp_real)) / tp_mean if len(tp_real) > 1 else None}
             rows.append(row)
             print(_row_text(row), flush=True)
-    out = {"cpu": cpu_name(), "profile": model.source, "engine": ENGINE_FLAGS, "sizes": dataclasses.asdict(SIZES),
+    replica_check = _replica_check(prof, model, config, arch, capacity, args) if args.replica_check else None
+    out = {"cpu": cpu_name(), "profile": model.source, "replica_check": replica_check, "engine": ENGINE_FLAGS, "sizes": dataclasses.asdict(SIZES),
            "capacity_rps": capacity, "duration_s": args.duration, "repeats": args.repeats, "rows": rows,
            "command": "python benchmarks/plan_validation.py " + " ".join(sys.argv[1:])}
     path = RESULTS / f"plan_validation_{tag}.json"
@@ -126,6 +131,37 @@ def main() -> int:
     _plot(rows, path.with_suffix(".png"), cpu_name())
     print(f"written {path} and {path.with_suffix('.png')}")
     return 0
+
+
+def _replica_check(prof: Path, model, config, arch, capacity: float, args) -> dict:
+    """Demand of 2.5 single replicas; the planner's fewest replicas for the SLO, then the real router (least-load)
+    over N and over N - 1 mock replicas, each stepping in the profiled time (two cores cannot hold N real ones)."""
+    from tokenmill.bench.metrics import parse_slo
+    from tokenmill.planning.simulator import Slo, find_replicas
+
+    slo = Slo(**{f"{k}_s": v for k, v in parse_slo(args.slo).items()})
+    arrivals = workload.poisson(2.5 * capacity, args.duration, SIZES, seed=31)
+
+    def sim(k: int):
+        return simulate(arrivals, config=config, arch=arch, model=model, replicas=k, routing="least-load",
+                        num_blocks=model.source.get("num_blocks"))
+
+    best, _ = find_replicas(sim, slo, 16)
+    out = {"rate_rps": 2.5 * capacity, "slo": dataclasses.asdict(slo), "planned_replicas": best, "runs": {}}
+    for k in (best, best - 1):
+        if k < 1:
+            continue
+        port = free_port()
+        cmd = (f"{sys.executable} -m tokenmill.entrypoints.cli router --port {{port}} --spawn {k} --mock "
+               f"--routing least-load --replica-args=--mock-profile={prof} {' '.join(flags())}")
+        with ServerProcess(cmd, port, Path(tempfile.gettempdir()) / "plan_validation_router.log") as router:
+            real = workload.measured(workload.replay(router.base_url, arrivals, arch.vocab_size))
+        meets = (real["rejected_429"] == 0 and real["completed"] == len(arrivals)
+                 and real["ttft_s"]["p99"] <= slo.ttft_s and real["tpot_s"]["p99"] <= slo.tpot_s)
+        out["runs"][k] = {"measured": real, "simulated": sim(k).summary(slo), "meets_slo": meets}
+        print(f"replica check: {k} replicas: p99 TTFT {real['ttft_s']['p99']:.2f}s, p99 TPOT "
+              f"{real['tpot_s']['p99'] * 1e3:.0f}ms -> {'meets' if meets else 'misses'} the SLO", flush=True)
+    return out
 
 
 def _row_text(row: dict) -> str:
