@@ -1,10 +1,12 @@
 """When to add or remove replicas: a pure function over a window of load observations.
 
-Three pressures, each the ratio of what is observed to its target (1.0 = exactly at target):
-  queue  requests waiting (in the replicas' queues and in the router) per replica / `queue`
-  kv     mean KV cache use of the replicas / `kv`
-  ttft   p90 time to first token of recent requests (as the router saw it, cold starts included) / `target`
-The pressure of an observation is the largest of the three.
+Pressures, each the ratio of what is observed to its target (1.0 = exactly at target):
+  queue      requests waiting (in the replicas' queues and in the router) per replica / `queue`
+  kv         mean KV cache use of the replicas / `kv`
+  ttft       p90 time to first token of recent requests (as the router saw it, cold starts included) / `target`
+  predicted  (--autoscale-signal predicted) replicas the planner says the recent demand needs to hold
+             `target` / replicas: it rises with the arrival rate, before any queue or TTFT shows the overload
+The pressure of an observation is the largest of them.
 
   * Up fast: when every observation of the last `up_delay` seconds is above 1 + `tolerance`, grow to
     ceil(replicas x smallest pressure in that window) (at least one more), capped at `max`; not again
@@ -77,6 +79,7 @@ class Observation:
     inflight: int = 0  # requests the router has accepted and not yet seen finish
     kv_usage: float = 0.0  # mean over ready replicas, 0..1
     ttft_p90: float | None = None  # over requests whose first token came since the last observation
+    needed: int | None = None  # replicas the planner predicts the recent demand needs (predicted signal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,8 @@ def pressure(obs: Observation, cfg: AutoscaleConfig) -> float:
     p = max(obs.waiting / (obs.replicas * cfg.queue), obs.kv_usage / cfg.kv)
     if obs.ttft_p90 is not None:
         p = max(p, obs.ttft_p90 / cfg.target)
+    if obs.needed is not None:
+        p = max(p, obs.needed / obs.replicas)
     return p
 
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -29,6 +30,7 @@ from starlette.responses import Response
 from tokenmill.cluster.autoscale_policy import AutoscaleConfig, Decision, Observation, decide, pressure
 from tokenmill.cluster.config import RouterConfig
 from tokenmill.cluster.metrics import RouterMetrics
+from tokenmill.cluster.policy import RequestFeatures
 from tokenmill.cluster.proxy import error_response
 from tokenmill.cluster.replicas import Replica, ReplicaSet, ReplicaState
 from tokenmill.cluster.router import Router
@@ -37,11 +39,16 @@ from tokenmill.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 _HISTORY = 1000  # scale events kept for /router/autoscaler
+PREDICT_WINDOW_S = 30.0  # the predicted signal plans for the demand of the last this many seconds
+PREDICT_EVERY_S = 5.0
+# (arrivals as (seconds into the window, prompt tokens, max tokens), window seconds) -> replicas needed.
+# Built by the entrypoint from the planner (tokenmill.planning.predictor): the cluster tier only calls it.
+Predictor = Callable[[list[tuple[float, int, int]], float], int]
 
 
 class Autoscaler:
     def __init__(self, replicas: ReplicaSet, supervisor: Any, cfg: AutoscaleConfig, metrics: RouterMetrics,
-                 interval: float = 1.0, drain_timeout: float = 60.0):
+                 interval: float = 1.0, drain_timeout: float = 60.0, predictor: Predictor | None = None):
         self.replicas = replicas
         self.supervisor = supervisor  # tokenmill.cluster.supervisor.Supervisor: add_replica / remove_replica
         self.cfg = cfg
@@ -54,6 +61,13 @@ class Autoscaler:
         self.events: deque[dict] = deque(maxlen=_HISTORY)
         self.last: Decision | None = None
         self._ttfts: list[float] = []
+        # The predicted signal: recent arrivals (monotonic t, prompt tokens, max tokens), and the replicas the
+        # predictor last said they need; refreshed on a worker thread every PREDICT_EVERY_S.
+        self.predictor = predictor
+        self.arrivals: deque[tuple[float, int, int]] = deque()
+        self.needed: int | None = None
+        self._predicting: asyncio.Task | None = None
+        self._predicted_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._removals: set[asyncio.Task] = set()
@@ -72,6 +86,30 @@ class Autoscaler:
     # -- inputs ----------------------------------------------------------------------------------------------
     def record_ttft(self, seconds: float) -> None:
         self._ttfts.append(seconds)
+
+    def record_arrival(self, now: float, prompt_tokens: int, max_tokens: int) -> None:
+        if self.predictor is not None:
+            self.arrivals.append((now, prompt_tokens, max_tokens))
+
+    def _refresh_prediction(self, now: float) -> None:
+        """Start a prediction over the last PREDICT_WINDOW_S of arrivals unless one is running or recent."""
+        while self.arrivals and self.arrivals[0][0] < now - PREDICT_WINDOW_S:
+            self.arrivals.popleft()
+        if self.predictor is None or now - self._predicted_at < PREDICT_EVERY_S or \
+                (self._predicting is not None and not self._predicting.done()):
+            return
+        self._predicted_at = now
+        demand = [(t - (now - PREDICT_WINDOW_S), p, o) for t, p, o in self.arrivals]
+        predictor = self.predictor
+
+        async def predict() -> None:
+            try:
+                self.needed = await asyncio.to_thread(predictor, demand, PREDICT_WINDOW_S)
+            except Exception:
+                logger.exception("the planner's prediction failed; scaling on observed load alone")
+                self.needed = None
+
+        self._predicting = asyncio.get_running_loop().create_task(predict())
 
     def poke(self) -> None:
         """Decide now instead of at the next tick (a request is waiting and no replica exists)."""
@@ -93,7 +131,7 @@ class Autoscaler:
             waiting=sum(r.stats.waiting for r in ready) + in_router,
             inflight=sum(r.in_flight for r in self.replicas.all()) + in_router,
             kv_usage=sum(r.stats.kv_usage for r in ready) / len(ready) if ready else 0.0,
-            ttft_p90=p90)
+            ttft_p90=p90, needed=self.needed)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,7 +139,7 @@ class Autoscaler:
         logger.info("autoscaler on: %s", self.cfg)
 
     async def stop(self) -> None:
-        for t in [self._task, *self._removals]:
+        for t in [self._task, self._predicting, *self._removals]:
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -119,6 +157,7 @@ class Autoscaler:
 
     async def step(self) -> Decision:
         now = time.monotonic()
+        self._refresh_prediction(now)
         obs = self.observe(now)
         self.window.append(obs)
         keep = max(self.cfg.up_delay, self.cfg.down_delay, self.cfg.idle) + 2 * self.interval
@@ -188,9 +227,10 @@ class Autoscaler:
 class AutoscalingRouter(Router):
     """The router with an autoscaler driving its supervisor (`--spawn N --autoscale ...`)."""
 
-    def __init__(self, config: RouterConfig, engine_config: EngineConfig):
+    def __init__(self, config: RouterConfig, engine_config: EngineConfig, predictor: Predictor | None = None):
         super().__init__(config, engine_config)
         assert config.autoscale is not None and config.spawn
+        self.predictor = predictor
         self.autoscale = AutoscaleConfig.parse(config.autoscale)
         self.autoscaler: Autoscaler | None = None
         first_token = self.forwarder.on_first_token
@@ -205,13 +245,19 @@ class AutoscalingRouter(Router):
     async def start(self) -> None:
         await super().start()
         self.autoscaler = Autoscaler(self.replicas, self.supervisor, self.autoscale, self.metrics,
-                                     self.config.autoscale_interval, self.config.drain_timeout)
+                                     self.config.autoscale_interval, self.config.drain_timeout, self.predictor)
         self.autoscaler.start()
 
     async def stop(self) -> None:
         if self.autoscaler is not None:
             await self.autoscaler.stop()
         await super().stop()
+
+    async def features(self, parsed: Any) -> RequestFeatures:
+        f = await super().features(parsed)
+        if self.autoscaler is not None and parsed is not None:
+            self.autoscaler.record_arrival(time.monotonic(), f.prompt_tokens, f.max_tokens)
+        return f
 
     async def forward(self, http: Request, method: str, path: str, body: bytes | None, parsed: Any,
                       stream: bool, arrival: float | None = None) -> Response:

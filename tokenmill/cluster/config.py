@@ -49,6 +49,12 @@ class RouterConfig(ExposureConfig):
               "up_delay / down_delay (seconds of overload / low load before acting), idle (seconds without "
               "requests before scaling to zero, when min=0), low, tolerance. --spawn N is the starting count.")
     autoscale_interval: float = _opt(1.0, "Seconds between autoscaler decisions.")
+    autoscale_signal: str = _opt(
+        "load", "What the autoscaler scales on: load (queue, KV use and TTFT as observed) or predicted (also the "
+        "replicas the planner predicts the last 30 s of demand needs to hold the TTFT target, with the step time "
+        "of --autoscale-profile: it scales as the arrival rate rises, before queues and TTFT show it).",
+        choices=["load", "predicted"])
+    autoscale_profile: str | None = _opt(None, "The `tokenmill profile` JSON the predicted signal simulates with.")
     drain_timeout: float = _opt(60.0, "Seconds a replica the autoscaler removes may take to finish its requests.")
     cold_start_timeout: float = _opt(
         120.0, "Seconds a request waits in the router for a replica when none is ready (scale from zero).")
@@ -78,6 +84,8 @@ class RouterConfig(ExposureConfig):
             if not max(1, auto.min) <= self.spawn <= auto.max:
                 raise ConfigError(f"--spawn {self.spawn} must lie within the autoscale range "
                                   f"[{max(1, auto.min)}, {auto.max}]")
+        if self.autoscale_signal == "predicted" and not self.autoscale_profile:
+            raise ConfigError("--autoscale-signal predicted needs --autoscale-profile (from `tokenmill profile`)")
         if self.autoscale_interval <= 0 or self.drain_timeout < 0 or self.cold_start_timeout <= 0:
             raise ConfigError("autoscale_interval and cold_start_timeout must be > 0, drain_timeout >= 0")
         for url in self.replica_urls:

@@ -95,6 +95,9 @@ class Router:
     async def features(self, body: Any) -> RequestFeatures:
         return await self.featurizer.features(body)
 
+    def install_routes(self, app: FastAPI) -> None:
+        """Routes beyond the common ones (the autoscaling router adds its status page)."""
+
     def pick(self, f: RequestFeatures, exclude: set[str]) -> tuple[Replica, Decision, int] | None:
         """The policy's replica among the routable ones not in `exclude`, and the prompt tokens it should
         have cached. Records the prompt's blocks in that replica's prefix index."""
@@ -229,8 +232,9 @@ def build_router_app(router: Router) -> FastAPI:
     return app
 
 
-def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
-    """Serve until SIGTERM/SIGINT (a second one forces exit); spawned replicas are stopped on the way out."""
+def run_router(router: Router) -> int:
+    """Serve `router` (a Router, or the autoscaling one the entrypoint chose) until SIGTERM/SIGINT (a second
+    one forces exit); spawned replicas are stopped on the way out."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -242,15 +246,9 @@ def run_router(config: RouterConfig, engine_config: EngineConfig) -> int:
             self.should_exit = True
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
-    if config.autoscale:
-        from tokenmill.cluster.autoscaler import AutoscalingRouter
-
-        router = AutoscalingRouter(config, engine_config)
-        app = build_router_app(router)
-        router.install_routes(app)
-    else:
-        router = Router(config, engine_config)
-        app = build_router_app(router)
+    config = router.config
+    app = build_router_app(router)
+    router.install_routes(app)
     uv = uvicorn_config(app, config, lambda reason: router.metrics.unrouted.labels(reason).inc(),
                         timeout_graceful_shutdown=30)
     logger.info("router on http://%s:%d: %s routing over %s", config.host, config.port, config.routing,

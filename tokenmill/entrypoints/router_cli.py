@@ -33,8 +33,20 @@ def add_router_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPa
     add_engine_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from tokenmill.cluster.router import run_router
+        from tokenmill.cluster.router import Router, run_router
 
-        return run_router(router_config(args), engine_config(args))
+        config, engine = router_config(args), engine_config(args)
+        if not config.autoscale:
+            return run_router(Router(config, engine))
+        from tokenmill.cluster.autoscale_policy import AutoscaleConfig
+        from tokenmill.cluster.autoscaler import AutoscalingRouter
+
+        predictor = None
+        if config.autoscale_signal == "predicted":
+            from tokenmill.planning.predictor import replicas_needed
+
+            predictor = replicas_needed(config.autoscale_profile, engine, config.routing,
+                                        AutoscaleConfig.parse(config.autoscale))
+        return run_router(AutoscalingRouter(config, engine, predictor))
 
     p.set_defaults(func=run)
