@@ -9,11 +9,11 @@ import random
 import pytest
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.step_time import KNOTS, StepShape, StepTimeModel, fit
 from tokenmill.errors import ConfigError
 from tokenmill.models.loader import open_model
 from tokenmill.planning import workload
 from tokenmill.planning.simulator import Slo, find_replicas, simulate
-from tokenmill.engine.step_time import KNOTS, StepShape, StepTimeModel, fit
 from tokenmill.server.mock_engine import StepModel
 
 
