@@ -1,11 +1,11 @@
 """Forwarding one request to a replica: retry before the first token, pass-through after it.
 
 A request goes to the replica the policy picked. If it fails before anything reached the client
-(connection refused or reset, timeout, 5xx or 429, or a stream whose error event before its first token
-says 5xx or 429), it is retried once on another replica. A 4xx the replica answered for the request
-itself (bad input, the request's own timeout), in a status or in a stream's error event, is passed through
-as it came and counts as the replica answering: only the replica's own failures count against its
-health. A non-streaming response is read whole before it is sent, so it is retried whenever it fails.
+(connection refused or reset, timeout, 502/503/504 or 429, or a stream whose error event before its first
+token says so), it is retried once on another replica. An error the replica answered for the request
+itself (a 4xx: bad input, the request's own timeout; or a 500: the request hit a bug), in a status or in a
+stream's error event, is passed through as it came and counts as the replica answering: only the
+replica's own failures count against its health. A non-streaming response is read whole before it is sent, so it is retried whenever it fails.
 Once a stream's first token event has gone out the response is committed: further bytes are relayed as
 they arrive (whole SSE events, never buffered beyond one), and a failure ends the stream with an
 OpenAI-style error event and `[DONE]`. A client that leaves closes the upstream connection, which the
@@ -142,9 +142,12 @@ def _first_event_state(buf: bytes) -> tuple[str, int | None]:
 
 
 def is_client_error(code: int | None) -> bool:
-    """A 4xx the replica answered for the request itself (bad input, its own timeout): the client's to see,
-    no fault of the replica. 429 (that replica is full) is not one: another replica may take it."""
-    return code is not None and 400 <= code < 500 and code != 429
+    """An error the replica answered for the request itself: a 4xx (bad input, its own timeout), or a 500 (this
+    request hit a bug there: the replica answered, so it is alive, and the same request would fail the same
+    way elsewhere). The client's to see, and no fault of the replica's health: otherwise three requests that
+    trip a bug would take a healthy replica out of rotation for everyone. 429 (that replica is full) is not
+    one: another replica may take it; nor are 502/503/504 (the replica or its engine is down or draining)."""
+    return code is not None and (400 <= code < 500 and code != 429 or code == 500)
 
 
 class Forwarder:
@@ -207,7 +210,7 @@ class Forwarder:
                 out = Response(content, status_code=status,
                                headers={k: v for k in _PASSED_BACK_HEADERS if (v := resp.headers.get(k))})
                 out.headers["x-tokenmill-replica"] = r.name
-                if status >= 500:
+                if status >= 500 and not is_client_error(status):
                     self._failed(r, "status_5xx", f"answered {status}")
                     return Retry("status_5xx", out)
                 if status == 429:

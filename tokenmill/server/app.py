@@ -64,8 +64,8 @@ def _drop_unknown(body: bytes, model: type[BaseModel]) -> bytes:
 
     try:
         data = json.loads(body)
-    except ValueError:
-        return body  # model_validate reports it as the type error it is
+    except (ValueError, RecursionError):
+        return body  # model_validate reports it as the error it is
     if not isinstance(data, dict):
         return body
     known = {f.alias or name for name, f in model.model_fields.items()} | set(model.model_fields)

@@ -41,9 +41,13 @@ def template_knows_tools(template: str | None) -> bool:
 
 
 def _arguments_object(text: str) -> Any:
+    """A client's tool-call arguments as the object they spell, for the template; the text as it came when it
+    is not JSON, nests too deeply, or holds lone surrogates (escaped in the text, unencodable once parsed)."""
     try:
-        return json.loads(text)
-    except ValueError:
+        obj = json.loads(text)
+        json.dumps(obj, ensure_ascii=False).encode()
+        return obj
+    except (ValueError, RecursionError):
         return text
 
 
@@ -124,7 +128,7 @@ def parse_tool_calls(text: str, offered: set[str]) -> tuple[str | None, list[Par
 def _one_call(body: str, offered: set[str]) -> ParsedCall | None:
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or obj.get("name") not in offered:
         return None

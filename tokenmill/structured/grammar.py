@@ -94,7 +94,7 @@ def _compile(kind: str, text: str) -> str:
             raise AssertionError(kind)
     except InvalidRequestError:
         raise
-    except ValueError as e:  # malformed schema JSON, GBNF that does not convert
+    except (ValueError, RecursionError) as e:  # malformed or too deeply nested schema JSON, GBNF that does not convert
         raise InvalidRequestError(f"invalid {kind} constraint: {e}", param=kind) from None
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
