@@ -27,7 +27,7 @@ from tokenmill.cluster.policy import (
     route,
 )
 from tokenmill.config import EngineConfig
-from tokenmill.planning.workload import Arrival, percentile, prompt_ids
+from tokenmill.planning.workload import Arrival, percentile, percentiles, prompt_ids
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.mock_engine import StepSeconds, mock_core
 
@@ -124,13 +124,10 @@ class SimResult:
         out_tokens = sum(r.tokens for r in done)
         span = max(self.span_s, 1e-9)
 
-        def pct(xs: list[float]) -> dict[str, float]:
-            return {"p50": percentile(xs, 50), "p90": percentile(xs, 90), "p99": percentile(xs, 99)}
-
         return {
             "replicas": self.replicas, "requests": len(self.records), "completed": len(done),
             "rejected_429": sum(r.rejected for r in self.records),
-            "ttft_s": pct(ttft), "tpot_s": pct(tpot), "e2e_s": pct(e2e),
+            "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "e2e_s": percentiles(e2e),
             "output_tokens_per_s": out_tokens / span, "requests_per_s": len(done) / span,
             "goodput_requests_per_s": len(good) / span,
             "utilisation": [b / span for b in self.busy_s],

@@ -4,13 +4,13 @@ from a CSV trace. The same arrivals drive the simulator and, in validation, the 
 from __future__ import annotations
 
 import csv
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenmill.bench.overload import percentile
 from tokenmill.errors import ConfigError
 
 
@@ -116,17 +116,6 @@ def save_trace(arrivals: Sequence[Arrival], path: str | Path) -> None:
                         a.prefix_tokens])
 
 
-def percentile(xs: Sequence[float], p: float) -> float:
-    """Linear-interpolated percentile p in [0, 100]; nan for no data."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def replay(url: str, arrivals: Sequence[Arrival], vocab: int, headers: dict[str, str] | None = None) -> list[Any]:
     """Send `arrivals` to a real server at their times (open loop), as token-id prompts of exactly their
     lengths, streamed; the bench harness's outcomes (status, ttft, token times) in arrival order."""
@@ -145,9 +134,11 @@ def measured(outcomes: Sequence[Any]) -> dict[str, Any]:
     ok = [o for o in outcomes if o.status == "ok"]
     tpot = [(o.token_times[-1] - o.token_times[0]) / (o.tokens - 1) for o in ok if o.tokens > 1]
 
-    def pct(xs: list[float]) -> dict[str, float]:
-        return {"p50": percentile(xs, 50), "p90": percentile(xs, 90), "p99": percentile(xs, 99)}
-
     return {"requests": len(outcomes), "completed": len(ok),
             "rejected_429": sum(o.status == "rejected" for o in outcomes),
-            "ttft_s": pct([o.ttft for o in ok]), "tpot_s": pct(tpot), "e2e_s": pct([o.done - o.sent for o in ok])}
+            "ttft_s": percentiles([o.ttft for o in ok]), "tpot_s": percentiles(tpot),
+            "e2e_s": percentiles([o.done - o.sent for o in ok])}
+
+
+def percentiles(xs: Sequence[float]) -> dict[str, float]:
+    return {"p50": percentile(xs, 50), "p90": percentile(xs, 90), "p99": percentile(xs, 99)}
