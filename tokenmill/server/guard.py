@@ -111,7 +111,8 @@ class Guard:
             if k == b"content-length" and v.isdigit() and int(v) > self.max_body:
                 return await self._too_large(scope, receive, send)
         # JSON only: a page can POST text/plain or a form to any origin without asking the browser's
-        # permission (a "simple" request); application/json needs a CORS preflight, which this server fails.
+        # permission (a "simple" request); application/json needs a CORS preflight, which this server fails unless
+        # --allowed-origins lists the page's origin.
         media = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
         if media != "application/json":
             self.on_reject("unsupported_media_type")
