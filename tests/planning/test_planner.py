@@ -125,3 +125,26 @@ def test_the_profile_round_trips(tmp_path):
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ConfigError, match="cannot read the step-time profile"):
         StepTimeModel.load(tmp_path / "broken.json")
+
+
+def test_the_autoscaler_decision_runs_in_the_simulation(arch):
+    """A quiet minute, a peak of several replicas' worth, a quiet tail: the simulated autoscaler (the router's
+    own decide()) grows the replica set during the peak, after up_delay plus the cold start, and shrinks it in
+    the tail, one replica at a time (during the peak too, when it overshot); every request completes."""
+    from tokenmill.cluster.autoscale_policy import AutoscaleConfig
+
+    model = StepModel(base_s=0.02, prefill_per_token_s=0.0002, decode_per_seq_s=0.001)
+    curve = [(0.0, 0.5), (30.0, 15.0), (90.0, 0.3), (210.0, 0.0)]
+    arrivals = workload.poisson(curve, 210.0, workload.Sizes(256, 64), seed=8)
+    cfg = AutoscaleConfig(min=1, max=4, target=1.0, queue=4, up_delay=2, down_delay=20)
+    res = simulate(arrivals, config=_config(), arch=arch, model=model, replicas=1, routing="least-load",
+                   autoscale=cfg, cold_start_s=5.0)
+    s = res.summary()
+    assert s["completed"] == len(arrivals)
+    ups = [e for e in res.scale_events if e["to"] > e["from"]]
+    downs = [e for e in res.scale_events if e["to"] < e["from"]]
+    assert ups and 30 < ups[0]["t"] < 45 and max(e["to"] for e in ups) >= 3, res.scale_events
+    assert downs and downs[-1]["to"] == 1 and downs[-1]["t"] > 90, res.scale_events  # back to one in the tail
+    assert all(e["from"] - e["to"] == 1 for e in downs) and min(e["t"] for e in downs) > ups[0]["t"]
+    fixed = simulate(arrivals, config=_config(), arch=arch, model=model, replicas=4, routing="least-load")
+    assert s["replica_hours"] < fixed.summary()["replica_hours"]  # it paid for fewer replica-hours than 4 fixed

@@ -92,6 +92,11 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
     add("--find-replicas", action="store_true", help="find the fewest replicas that meet --slo with no 429")
     add("--max-replicas", type=int, default=64)
     add("--routing", default="round-robin", choices=list(POLICIES), help="router policy (default: round-robin)")
+    add("--autoscale", help="simulate the router's autoscaler from --replicas (same spec as `tokenmill router "
+                            "--autoscale`, e.g. min=1,max=6,target=2,up_delay=5,down_delay=60)")
+    add("--autoscale-interval", type=float, default=1.0, help="seconds between autoscaler decisions (default: 1)")
+    add("--cold-start", type=float, default=15.0,
+        help="seconds from the autoscaler asking for a replica to its taking requests (default: 15)")
     add("--max-queued-requests", type=int, default=256, help="the server's admission cap (as `serve`)")
     add("--max-queued-tokens", type=int, default=262144, help="the server's admission cap (as `serve`)")
     add("--price-per-replica-hour", type=float, help="cost of one replica for an hour, for cost per token")
@@ -102,6 +107,7 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
 
 
 def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
+    from tokenmill.cluster.autoscale_policy import AutoscaleConfig
     from tokenmill.engine.step_time import StepTimeModel
     from tokenmill.models.loader import open_model
     from tokenmill.planning import report, workload
@@ -129,9 +135,14 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
     limits = Limits(args.max_queued_requests, args.max_queued_tokens)
     num_blocks = model.source.get("num_blocks") if config.kv_cache_memory is None else None
 
+    autoscale = AutoscaleConfig.parse(args.autoscale) if args.autoscale else None
+    if autoscale and args.find_replicas:
+        raise ConfigError("--find-replicas searches fixed replica counts; with --autoscale the autoscaler sets them")
+
     def run(k: int):
         res = simulate(arrivals, config=config, arch=arch, model=model, replicas=k, limits=limits,
-                       routing=args.routing, num_blocks=num_blocks)
+                       routing=args.routing, num_blocks=num_blocks, autoscale=autoscale,
+                       autoscale_interval=args.autoscale_interval, cold_start_s=args.cold_start)
         logger.info("%d replica(s): p99 TTFT %.3fs, %d rejected", k, res.summary(slo)["ttft_s"]["p99"],
                     res.summary(slo)["rejected_429"])
         return res
@@ -153,7 +164,8 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
     print(report.table(summary, cost))
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"summary": summary, "cost": cost, "slo": vars(slo), "profile": model.source}, f, indent=1)
+            json.dump({"summary": summary, "cost": cost, "slo": vars(slo), "profile": model.source,
+                       "scale_events": result.scale_events}, f, indent=1)
     if args.plot:
         report.plot(result, args.plot, f"{len(arrivals)} requests, {result.replicas} replica(s)")
     return 0 if summary["meets_slo"] or not args.slo else 1

@@ -24,6 +24,7 @@ def table(summary: dict[str, Any], cost: dict[str, float] | None = None) -> str:
         f"{summary['requests_per_s']:.2f} requests/s",
         f"goodput                  {summary['goodput_requests_per_s']:.2f} requests/s within the SLO",
         f"utilisation              {util}",
+        f"replica-hours            {summary['replica_hours']:.3f} ({summary['scale_events']} scale events)",
         f"meets the SLO            {'yes' if summary['meets_slo'] else 'no'}",
         f"simulated                {summary['simulated_s']:.0f} s in {summary['wall_s']:.1f} s "
         f"({summary['simulated_s'] / max(summary['wall_s'], 1e-9):.0f}x real time)",
@@ -58,6 +59,14 @@ def plot(result: SimResult, path: str, title: str, bin_s: float | None = None) -
         a2.plot(t, running, lw=0.8, label="running")
         a2.legend(loc="upper left")
     a2.set_ylabel("requests")
+    if result.scale_events:  # autoscaling: the replica count over time, on its own axis
+        first = result.scale_events[0]["from"]
+        ts = [0.0] + [e["t"] for e in result.scale_events] + [span]
+        ns = [first] + [e["to"] for e in result.scale_events] + [result.scale_events[-1]["to"]]
+        twin = a2.twinx()
+        twin.step(ts, ns, where="post", color="k", lw=1.2, label="replicas (asked for)")
+        twin.set_ylabel("replicas")
+        twin.legend(loc="upper right")
     ok = [(r.arrival.t, r.ttft * 1e3) for r in result.records if r.ttft is not None]
     if ok:
         a3.scatter(*zip(*ok, strict=True), s=3, alpha=0.5, label="TTFT")

@@ -14,10 +14,12 @@ back to back while it has work.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.cluster.autoscale_policy import AutoscaleConfig, Observation, decide
 from tokenmill.cluster.policy import (
     PolicyParams,
     PrefixIndex,
@@ -68,9 +70,13 @@ class RequestRecord:
 
 class _Replica:
     def __init__(self, index: int, config: EngineConfig, arch: Any, model: StepSeconds, num_blocks: int | None,
-                 prefix_index_blocks: int):
+                 prefix_index_blocks: int, born: float = 0.0, ready_at: float = 0.0):
         self.index = index
-        self.now = 0.0
+        self.now = ready_at
+        self.born = born  # when it was asked for (its cost starts), ready_at when it takes requests
+        self.ready_at = ready_at
+        self.gone_at: float | None = None  # removed after draining
+        self.draining = False
         self.busy_s = 0.0
         self.prefill_s = 0.0  # busy time attributed to prompt rows (for the cost split)
         self.engine = mock_core(config, arch, _Attributing(model, self), num_blocks=num_blocks,
@@ -114,6 +120,8 @@ class SimResult:
     prefill_s: float
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (t, waiting, running), all replicas
     wall_s: float = 0.0
+    replica_s: float = 0.0  # replica-seconds paid for (each replica from asked-for to removed)
+    scale_events: list[dict[str, Any]] = field(default_factory=list)  # autoscaling: t, from, to, reason
 
     def summary(self, slo: Slo = Slo()) -> dict[str, Any]:
         done = [r for r in self.records if r.end_t is not None]
@@ -131,6 +139,7 @@ class SimResult:
             "output_tokens_per_s": out_tokens / span, "requests_per_s": len(done) / span,
             "goodput_requests_per_s": len(good) / span,
             "utilisation": [b / span for b in self.busy_s],
+            "replica_hours": self.replica_s / 3600, "scale_events": len(self.scale_events),
             "meets_slo": bool(done) and percentile(ttft, 99) <= slo.ttft_s and
             (not tpot or percentile(tpot, 99) <= slo.tpot_s) and not any(r.rejected for r in self.records),
             "simulated_s": span, "wall_s": self.wall_s,
@@ -139,7 +148,7 @@ class SimResult:
     def cost(self, price_per_replica_hour: float) -> dict[str, float]:
         """Cost per million input and output tokens at this utilisation: the replicas' hours over the span,
         split between prompt and output by the busy time each took (idle time shared in the same ratio)."""
-        dollars = price_per_replica_hour * self.replicas * self.span_s / 3600
+        dollars = price_per_replica_hour * self.replica_s / 3600
         busy = sum(self.busy_s)
         share_in = self.prefill_s / busy if busy else 0.5
         done = [r for r in self.records if r.end_t is not None]
@@ -153,53 +162,124 @@ class SimResult:
 def simulate(arrivals: Sequence[Arrival], *, config: EngineConfig, arch: Any, model: StepSeconds,
              replicas: int = 1, limits: Limits = Limits(), routing: str = "round-robin",
              policy_params: PolicyParams = PolicyParams(), num_blocks: int | None = None,
-             prefix_index_blocks: int = 16384, on_progress: Callable[[float], None] | None = None) -> SimResult:
+             prefix_index_blocks: int = 16384, autoscale: AutoscaleConfig | None = None,
+             autoscale_interval: float = 1.0, cold_start_s: float = 10.0) -> SimResult:
     """Run `arrivals` (sorted by t) through `replicas` simulated replicas; every request completes or is
-    rejected (429)."""
-    import time
+    rejected (429). With `autoscale`, `replicas` is the starting count and the router's autoscaler decision
+    function (tokenmill.cluster.autoscale_policy.decide) runs every `autoscale_interval` seconds on what the
+    replicas report; a replica it adds takes requests `cold_start_s` later, one it removes drains first."""
+    return _Simulation(arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
+                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s).run()
 
-    wall0 = time.perf_counter()
-    reps = [_Replica(i, config, arch, model, num_blocks, prefix_index_blocks) for i in range(replicas)]
-    records = [RequestRecord(a) for a in arrivals]
-    by_id: dict[str, RequestRecord] = {}
-    timeline: list[tuple[float, int, int]] = []
-    i, n, seq = 0, len(arrivals), 0
-    vocab = arch.vocab_size
-    while True:
-        busy = [r for r in reps if r.engine.has_unfinished()]
-        next_step = min(busy, key=lambda r: r.now) if busy else None
-        if i < n and (next_step is None or arrivals[i].t <= next_step.now):
-            a, rec = arrivals[i], records[i]
-            ids = prompt_ids(a, i, vocab)
-            hashes = block_hashes(ids, config.block_size) if routing in ("prefix-aware", "kv-aware") else ()
-            views = [r.view(r.prefixes.match(hashes) * config.block_size if hashes else 0) for r in reps]
-            feat = RequestFeatures(a.prompt_tokens, a.output_tokens, hashes, seq, hash((seq, 7)) & 0xFFFF)
-            seq += 1
-            target = reps[int(route(routing, feat, views, policy_params).replica)] if replicas > 1 else reps[0]
-            rec.replica = target.index
-            if (len(target.queued) + 1 > limits.max_queued_requests
-                    or sum(target.queued.values()) + a.prompt_tokens > limits.max_queued_tokens):
-                rec.rejected = True
+
+class _Simulation:
+    def __init__(self, arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
+                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s):
+        self.arrivals, self.config, self.arch, self.model = arrivals, config, arch, model
+        self.limits, self.routing, self.params = limits, routing, policy_params
+        self.num_blocks, self.index_blocks = num_blocks, prefix_index_blocks
+        self.autoscale, self.interval, self.cold_start_s = autoscale, autoscale_interval, cold_start_s
+        self.reps: list[_Replica] = []
+        for _ in range(replicas):
+            self.reps.append(self._new_replica(0.0, 0.0))
+        self.now = 0.0  # the time of the event being handled
+        self.records = [RequestRecord(a) for a in arrivals]
+        self.by_id: dict[str, RequestRecord] = {}
+        self.pending: list[int] = []  # arrivals waiting in the router for a replica to be ready
+        self.timeline: list[tuple[float, int, int]] = []
+        self.window: deque[Observation] = deque()
+        self.last_change = 0.0
+        self.ttfts: list[float] = []  # first tokens since the last autoscaler observation
+        self.events: list[dict[str, Any]] = []
+        self.seq = 0
+
+    def _new_replica(self, born: float, ready_at: float) -> _Replica:
+        return _Replica(len(self.reps), self.config, self.arch, self.model, self.num_blocks,
+                        self.index_blocks, born, ready_at)
+
+    def _routable(self, now: float) -> list[_Replica]:
+        return [r for r in self.reps if not r.draining and r.gone_at is None and r.ready_at <= now]
+
+    def run(self) -> SimResult:
+        import time
+
+        wall0 = time.perf_counter()
+        i, n = 0, len(self.arrivals)
+        next_tick = self.interval if self.autoscale else math.inf
+        while True:
+            live = [r for r in self.reps if r.gone_at is None]
+            busy = [r for r in live if r.engine.has_unfinished()]
+            step = min(busy, key=lambda r: r.now) if busy else None
+            starting = [r.ready_at for r in live if r.ready_at > self.now and not r.draining]
+            ready = min(starting, default=math.inf) if self.pending else math.inf
+            t_arrival = self.arrivals[i].t if i < n else math.inf
+            t_step = step.now if step else math.inf
+            if i >= n and step is None and not self.pending:
+                break
+            t = min(t_arrival, t_step, next_tick, ready)
+            if t == math.inf:
+                break  # requests wait for a replica that nothing will start (no replicas, no autoscaler)
+            self.now = max(self.now, t)
+            if t == t_arrival:
+                self.pending.append(i)
+                i += 1
+                self._route_pending(t)
+            elif t == ready:
+                self._route_pending(t)
+            elif t == next_tick:
+                self._tick(t)
+                next_tick += self.interval
             else:
-                target.now = max(target.now, a.t)  # an idle replica wakes at the arrival
-                rid = f"sim-{i}"
-                target.engine.add_request(ids, SamplingParams(max_tokens=a.output_tokens, ignore_eos=True),
-                                          request_id=rid, priority=a.priority, arrival_time=a.t, tenant=a.tenant)
-                target.queued[rid] = a.prompt_tokens
-                target.outstanding[rid] = a.prompt_tokens + a.output_tokens
-                if hashes:
-                    target.prefixes.insert(hashes)
-                by_id[rid] = rec
-            i += 1
-            continue
-        if next_step is None:
-            break
-        r = next_step
+                self._step(step)
+        span = max([r.now for r in self.reps] + [a.t for a in self.arrivals[-1:]] + [0.0])
+        replica_s = sum((r.gone_at if r.gone_at is not None else span) - r.born for r in self.reps)
+        return SimResult(self.records, len(self.reps), span, [r.busy_s for r in self.reps],
+                         sum(r.prefill_s for r in self.reps), self.timeline, time.perf_counter() - wall0,
+                         max(replica_s, 0.0), self.events)
+
+    def _route_pending(self, now: float) -> None:
+        targets = self._routable(now)
+        if not targets:
+            return  # they wait in the router for a replica (scale from zero, or every one starting)
+        for k in self.pending:
+            self._admit(k, now, targets)
+        self.pending.clear()
+
+    def _admit(self, k: int, now: float, targets: list[_Replica]) -> None:
+        a, rec = self.arrivals[k], self.records[k]
+        ids = prompt_ids(a, k, self.arch.vocab_size)
+        bs = self.config.block_size
+        hashes = block_hashes(ids, bs) if self.routing in ("prefix-aware", "kv-aware") else ()
+        if len(targets) == 1:
+            target = targets[0]
+        else:
+            views = [r.view(r.prefixes.match(hashes) * bs if hashes else 0) for r in targets]
+            feat = RequestFeatures(a.prompt_tokens, a.output_tokens, hashes, self.seq, hash((self.seq, 7)) & 0xFFFF)
+            picked = route(self.routing, feat, views, self.params).replica
+            target = next(r for r in targets if str(r.index) == picked)
+        self.seq += 1
+        rec.replica = target.index
+        if (len(target.queued) + 1 > self.limits.max_queued_requests
+                or sum(target.queued.values()) + a.prompt_tokens > self.limits.max_queued_tokens):
+            rec.rejected = True
+            return
+        target.now = max(target.now, now)  # an idle replica wakes at the arrival
+        rid = f"sim-{k}"
+        target.engine.add_request(ids, SamplingParams(max_tokens=a.output_tokens, ignore_eos=True),
+                                  request_id=rid, priority=a.priority, arrival_time=a.t, tenant=a.tenant)
+        target.queued[rid] = a.prompt_tokens
+        target.outstanding[rid] = a.prompt_tokens + a.output_tokens
+        if hashes:
+            target.prefixes.insert(hashes)
+        self.by_id[rid] = rec
+
+    def _step(self, r: _Replica) -> None:
         for u in r.engine.step():
-            rec = by_id[u.request_id]
+            rec = self.by_id[u.request_id]
             if u.new_token_ids:
                 if rec.first_t is None:
                     rec.first_t = r.now
+                    self.ttfts.append(r.now - rec.arrival.t)
                     r.queued.pop(u.request_id, None)
                     r.outstanding[u.request_id] -= rec.arrival.prompt_tokens
                 rec.tokens += len(u.new_token_ids)
@@ -208,13 +288,41 @@ def simulate(arrivals: Sequence[Arrival], *, config: EngineConfig, arch: Any, mo
                 rec.end_t = r.now
                 r.queued.pop(u.request_id, None)
                 r.outstanding.pop(u.request_id, None)
-        stats = [x.engine.stats() for x in reps]
-        timeline.append((r.now, sum(s.num_waiting for s in stats), sum(s.num_running for s in stats)))
-        if on_progress is not None and len(timeline) % 256 == 0:
-            on_progress(r.now)
-    span = max([r.now for r in reps] + [a.t for a in arrivals[-1:]] + [0.0])
-    return SimResult(records, replicas, span, [r.busy_s for r in reps], sum(r.prefill_s for r in reps), timeline,
-                     time.perf_counter() - wall0)
+        if r.draining and not r.engine.has_unfinished():
+            r.gone_at = r.now
+        stats = [x.engine.stats() for x in self.reps if x.gone_at is None]
+        self.timeline.append((r.now, sum(s.num_waiting for s in stats) + len(self.pending),
+                              sum(s.num_running for s in stats)))
+
+    def _tick(self, now: float) -> None:
+        """One autoscaler decision, on what the replicas would report at `now` (as the router's Autoscaler)."""
+        cfg = self.autoscale
+        counted = [r for r in self.reps if r.gone_at is None and not r.draining]
+        ready = [r for r in counted if r.ready_at <= now]
+        stats = [r.engine.stats() for r in ready]
+        ttfts, self.ttfts = sorted(self.ttfts), []
+        obs = Observation(t=now, replicas=len(counted), starting=len(counted) - len(ready),
+                          waiting=sum(s.num_waiting for s in stats) + len(self.pending),
+                          inflight=sum(len(r.outstanding) for r in ready) + len(self.pending),
+                          kv_usage=sum(s.kv_cache_usage for s in stats) / len(stats) if stats else 0.0,
+                          ttft_p90=ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else None)
+        self.window.append(obs)
+        keep = max(cfg.up_delay, cfg.down_delay, cfg.idle) + 2 * self.interval
+        while self.window and self.window[0].t < now - keep:
+            self.window.popleft()
+        d = decide(self.window, obs.replicas, self.last_change, cfg)
+        if d.replicas == obs.replicas:
+            return
+        self.events.append({"t": now, "from": obs.replicas, "to": d.replicas, "reason": d.reason})
+        self.last_change = now
+        for _ in range(d.replicas - obs.replicas):
+            self.reps.append(self._new_replica(now, now + self.cold_start_s))
+        for _ in range(obs.replicas - d.replicas):  # the least loaded drains: no new requests, then gone
+            victim = min(counted, key=lambda r: (r.ready_at <= now, len(r.outstanding)))
+            counted.remove(victim)
+            victim.draining = True
+            if not victim.engine.has_unfinished():
+                victim.gone_at = max(now, victim.now)
 
 
 def find_replicas(run: Callable[[int], SimResult], slo: Slo, max_replicas: int = 64) -> tuple[int, list[SimResult]]:

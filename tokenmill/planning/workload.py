@@ -116,15 +116,17 @@ def save_trace(arrivals: Sequence[Arrival], path: str | Path) -> None:
                         a.prefix_tokens])
 
 
-def replay(url: str, arrivals: Sequence[Arrival], vocab: int, headers: dict[str, str] | None = None) -> list[Any]:
+def replay(url: str, arrivals: Sequence[Arrival], vocab: int, headers: dict[str, str] | None = None,
+           run: int = 0) -> list[Any]:
     """Send `arrivals` to a real server at their times (open loop), as token-id prompts of exactly their
-    lengths, streamed; the bench harness's outcomes (status, ttft, token times) in arrival order."""
+    lengths, streamed; the bench harness's outcomes (status, ttft, token times) in arrival order. `run` makes
+    the prompts of a repeated replay differ, so a second run finds nothing of the first in the prefix cache."""
     import asyncio
 
     from tokenmill.bench import overload
 
     reqs = [overload.Arrival(a.t, a.tenant, a.tenant, {
-        "prompt": prompt_ids(a, i, vocab), "max_tokens": a.output_tokens, "ignore_eos": True, "temperature": 0.0,
+        "prompt": prompt_ids(a, i + run * 1_000_003, vocab), "max_tokens": a.output_tokens, "ignore_eos": True, "temperature": 0.0,
         "stream": True, "logprobs": 0, "priority": a.priority, "user": a.tenant}) for i, a in enumerate(arrivals)]
     return asyncio.run(overload.run_open_loop(url, reqs, headers))
 
