@@ -119,6 +119,9 @@ class EngineConfig:
     # From `benchmarks/spec.py` (BENCHMARKS.md): ngram pays up to batch 4 on long inputs but only at batch 1 on chat.
     speculative_max_batch: int = _opt(1, "Speculate only in steps where at most this many requests are running; "
                                       "above it, verification costs more than it saves.")
+    record_steps: str | None = _opt(
+        None, "Append each engine step's shape (rows, sequences, context) and duration to this file as JSON lines: "
+        "what `tokenmill profile` fits the planner's step-time model to.")
     embedding_model: str | None = _opt(
         None, "Sentence-embedding model served beside the generative one on /v1/embeddings: a "
         "sentence-transformers BERT directory, or 'default' (all-MiniLM-L6-v2 from the PyPI wheel "

@@ -159,3 +159,55 @@ def _fit_once(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
 def _median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if s else math.nan
+
+
+class StepRecorder:
+    """Notes each engine step's shape and duration as a JSON line in a file: `serve --record-steps FILE`, which
+    `tokenmill profile` reads to fit this model on the steps of a real server, frontend and all beside it on
+    the cores. The duration is the whole step (scheduling, forward pass, bookkeeping) plus, when the engine
+    went straight on from the previous step, the engine loop's work in between (sending that step's output,
+    taking new requests): what a request waits per token."""
+
+    def __init__(self, path: str | Path):
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the engine's life, line-buffered
+        self._shape: StepShape | None = None
+        self._prev_end: float | None = None  # when the previous step ended, if work was left after it
+
+    def install(self, engine: Any) -> None:
+        runner = engine.runner
+        recorder = self
+
+        class _Noting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(runner, name)
+
+            def execute(self, seqs, interrupt=None):
+                recorder._shape = StepShape.of(seqs)
+                return runner.execute(seqs, interrupt)
+
+        engine.runner = _Noting()
+        step = engine.step
+
+        def timed_step(*args: Any, **kwargs: Any):
+            import time
+
+            self._shape = None
+            t0 = time.perf_counter()
+            out = step(*args, **kwargs)
+            end = time.perf_counter()
+            start = self._prev_end if self._prev_end is not None else t0
+            if self._shape is not None:
+                self.file.write(json.dumps({**asdict(self._shape), "seconds": end - start}) + "\n")
+            self._prev_end = end if engine.has_unfinished() else None
+            return out
+
+        engine.step = timed_step
+
+
+def read_recorded(path: str | Path) -> list[tuple[StepShape, float]]:
+    samples = []
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        seconds = d.pop("seconds")
+        samples.append((StepShape(**d), seconds))
+    return samples

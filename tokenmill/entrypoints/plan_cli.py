@@ -5,7 +5,6 @@ utilisation, cost, and the fewest replicas that hold an SLO)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -20,9 +19,9 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
                        engine_config: Callable[[argparse.Namespace], EngineConfig]) -> None:
     p = subparsers.add_parser(
         "profile", help="measure this machine's engine step time and fit the planner's step-time model",
-        description="Runs the engine as `serve` would (same engine flags) over decode batches, prompt chunks, "
-                    "long contexts and mixed steps, times every forward pass, and fits step time as a function "
-                    "of what a step holds. Writes the model as JSON (for `tokenmill plan`) and a plot of fitted "
+        description="Serves the model as `serve` would (same engine flags), drives it over HTTP with decode "
+                    "batches, prompt chunks, long contexts and mixed steps, times every engine step, and fits step "
+                    "time as a function of what a step holds. Writes the model as JSON (for `tokenmill plan`) and a plot of fitted "
                     "against measured step times. Run it on a quiet machine: another busy process on the cores "
                     "stretches steps.",
         epilog="example: tokenmill profile --out profile.json")
@@ -34,14 +33,11 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
     def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
-        from tokenmill.entrypoints.llm import LLM
         from tokenmill.planning.profiler import plot_fit, profile
 
-        cfg = engine_config(args)
-        llm = LLM(**dataclasses.asdict(cfg))
         bar = tqdm(desc="profiling", unit="workload")
-        model, samples = profile(llm, args.budget, progress=lambda label: (bar.set_postfix_str(label),
-                                                                           bar.update()))
+        model, samples = profile(engine_config(args), args.budget,
+                                 progress=lambda label: (bar.set_postfix_str(label), bar.update()))
         bar.close()
         model.save(args.out)
         png = args.plot or (args.out.rsplit(".", 1)[0] + ".png")

@@ -1,53 +1,31 @@
 """`tokenmill profile`: measure this machine's engine step time over the shapes serving produces, and fit the
 planner's step-time model to it.
 
-The real engine runs (same model, dtype, quantization, threads and scheduler limits as `serve` would use);
-only its runner is wrapped, to time each forward pass and note what it held. Workloads sweep the row count
-(decode batches of 1..max_num_seqs sequences, prefill chunks), the context decoding sequences attend over,
-and mixed steps, within a time budget.
+A real server runs (`tokenmill serve`, engine in its own process, the same engine flags), recording each
+engine step's shape and duration (`--record-steps`); this process drives it over HTTP as clients would, so
+the steps are timed with the frontend, the IPC and a client beside the engine on the cores, as in serving.
+Workloads sweep the row count (decode batches of 1..max_num_seqs sequences, prompt chunks), the context
+decoding sequences attend over, and mixed steps, within a time budget.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
-from tokenmill.engine.step_time import StepShape, StepTimeModel, fit
+from tokenmill.bench.launch import ServerProcess, free_port
+from tokenmill.cluster.supervisor import engine_flags
+from tokenmill.config import EngineConfig
+from tokenmill.engine.step_time import StepShape, StepTimeModel, fit, read_recorded
 from tokenmill.kernels.cpu import cpu_name
+from tokenmill.planning.workload import Arrival, replay
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TimedRunner:
-    """Wraps the engine's runner to note what each forward pass held; `timed_step` times the whole engine
-    step around it (scheduling and output bookkeeping belong to a step's cost as much as the forward pass)."""
-
-    inner: Any
-    samples: list[tuple[StepShape, float]] = field(default_factory=list)
-    _shape: StepShape | None = None
-
-    def execute(self, seqs, interrupt=None):
-        self._shape = StepShape.of(seqs)
-        return self.inner.execute(seqs, interrupt)
-
-    def timed_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args, **kwargs):
-            self._shape = None
-            t0 = time.perf_counter()
-            out = step(*args, **kwargs)
-            if self._shape is not None:
-                self.samples.append((self._shape, time.perf_counter() - t0))
-            return out
-
-        return run
-
-    def __getattr__(self, name: str) -> Any:  # release, propose, num_blocks, ...
-        return getattr(self.inner, name)
+WARMUP_STEPS = 8
 
 
 def _workloads(max_seqs: int, max_len: int) -> list[tuple[str, int, int, int]]:
@@ -60,44 +38,50 @@ def _workloads(max_seqs: int, max_len: int) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def profile(llm, budget_s: float = 240.0, progress: Callable[[str], None] | None = None,
+def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[str], None] | None = None,
             ) -> tuple[StepTimeModel, list[tuple[StepShape, float]]]:
-    """Run the workloads on `llm` (an entrypoints.llm.LLM) and fit. Warm-up steps are dropped."""
-    from tokenmill.sampling_params import SamplingParams
+    """Serve `config`, drive the workloads, fit what the engine recorded."""
+    from tokenmill.models.loader import open_model
 
-    engine = llm.engine
-    timed = TimedRunner(engine.runner)
-    engine.runner = timed
-    engine.step = timed.timed_step(engine.step)  # an instance attribute, shadowing the method until restored
-    cfg = llm.config
-    max_seqs = cfg.max_num_seqs or 256
-    max_len = engine.runner.max_model_len if hasattr(engine.runner, "max_model_len") else 2048
-    deadline = time.monotonic() + budget_s
-    done: list[str] = []
-    vocab = max(100, llm.tokenizer.vocab_size - 200)
-    try:
-        llm.generate([[11 + i for i in range(8)]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-        timed.samples.clear()
-        for k, (label, n, prompt_len, out_len) in enumerate(_workloads(max_seqs, max_len)):
-            if time.monotonic() > deadline:
-                logger.warning("profile budget spent: skipped %s and later workloads", label)
-                break
-            if progress:
-                progress(label)
-            # Distinct prompts (no prefix-cache hits: the planner's cold case); ignore_eos keeps lengths exact.
-            prompts = [[(k * 7919 + i * 104729 + j * 31) % vocab + 100 for j in range(prompt_len)] for i in range(n)]
-            llm.generate(prompts, SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0),
-                         use_tqdm=False)
-            done.append(label)
-    finally:
-        engine.runner = timed.inner
-        del engine.step
-    source = {"cpu": cpu_name(), "machine": platform.machine(), "model": cfg.model, "dtype": cfg.dtype,
-              "quantization": cfg.quantization, "num_threads": cfg.num_threads,
-              "max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
-              "num_blocks": timed.inner.num_blocks, "block_size": timed.inner.block_size,
-              "max_model_len": timed.inner.max_model_len, "budget_s": budget_s, "workloads": done}
-    return fit(timed.samples, source), timed.samples
+    arch = open_model(config.model).arch
+    max_len = config.max_model_len or arch.max_position_embeddings
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    with tempfile.TemporaryDirectory(prefix="tokenmill-profile-") as tmp:
+        record = Path(tmp) / "steps.jsonl"
+        cmd = " ".join([sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", "{port}",
+                        "--no-inproc", *engine_flags(config), "--record-steps", str(record)])
+        done: list[str] = []
+        deadline = time.monotonic() + budget_s
+        with ServerProcess(cmd, free_port(), Path(tmp) / "server.log") as server:
+            for k, (label, n, prompt_len, out_len) in enumerate(_workloads(config.max_num_seqs, max_len)):
+                if time.monotonic() > deadline:
+                    logger.warning("profile budget spent: skipped %s and later workloads", label)
+                    break
+                if progress:
+                    progress(label)
+                # All n at once, distinct prompts (the planner's cold case), exact lengths (ignore_eos).
+                outs = replay(server.base_url, [Arrival(0.0, prompt_len, out_len)] * n, arch.vocab_size, run=k)
+                if any(o.status != "ok" for o in outs):
+                    bad = next(o for o in outs if o.status != "ok")
+                    raise RuntimeError(f"profile workload {label} failed: {bad.http_status} {bad.message}")
+                done.append(label)
+        num_blocks = _num_blocks(Path(tmp) / "server.log")
+        samples = read_recorded(record)[WARMUP_STEPS:]
+    source = {"cpu": cpu_name(), "model": config.model, "dtype": config.dtype, "quantization": config.quantization,
+              "num_threads": config.num_threads, "max_num_seqs": config.max_num_seqs,
+              "max_num_batched_tokens": config.max_num_batched_tokens, "num_blocks": num_blocks,
+              "block_size": config.block_size, "max_model_len": max_len, "budget_s": budget_s,
+              "measured": "a real server's engine steps, driven over HTTP", "workloads": done}
+    return fit(samples, source), samples
+
+
+def _num_blocks(log: Path) -> int | None:
+    """The served engine's KV pool size, from the line the server logs when ready (the planner sizes its
+    simulated pool the same)."""
+    import re
+
+    found = re.findall(r"KV cache \d+ tokens \((\d+) blocks\)", log.read_text(errors="replace"))
+    return int(found[-1]) if found else None
 
 
 def plot_fit(model: StepTimeModel, samples: list[tuple[StepShape, float]], path: str) -> None:

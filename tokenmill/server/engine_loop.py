@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.step_time import StepRecorder
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.gc_control import freeze_startup_heap
 from tokenmill.lifetime import die_with_parent
@@ -221,6 +222,8 @@ def run_engine_process(config: EngineConfig, in_addr: str, out_addr: str, parent
     stage = "loading the model"
     try:
         engine, embedder = build_engine(config, send)
+        if config.record_steps:
+            StepRecorder(config.record_steps).install(engine)
         freeze_startup_heap()  # the model and torch's objects: no collection should walk them again
         logger.info("engine ready (pid %d, %d torch threads)", os.getpid(), default_num_threads(config))
         stage = "engine loop"
