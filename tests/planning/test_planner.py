@@ -148,3 +148,22 @@ def test_the_autoscaler_decision_runs_in_the_simulation(arch):
     assert all(e["from"] - e["to"] == 1 for e in downs) and min(e["t"] for e in downs) > ups[0]["t"]
     fixed = simulate(arrivals, config=_config(), arch=arch, model=model, replicas=4, routing="least-load")
     assert s["replica_hours"] < fixed.summary()["replica_hours"]  # it paid for fewer replica-hours than 4 fixed
+
+
+def test_the_step_recorder_notes_shape_and_duration(arch, tmp_path):
+    """serve --record-steps: each engine step's shape and its time (here the mock's modelled sleep), read back
+    as the profiler reads them."""
+    from tokenmill.engine.step_time import StepRecorder, read_recorded
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.server.mock_engine import mock_core
+
+    engine = mock_core(_config(), arch, StepModel(base_s=0.004, prefill_per_token_s=0.0, decode_per_seq_s=0.0))
+    StepRecorder(tmp_path / "steps.jsonl").install(engine)
+    for k in range(3):
+        engine.add_request([200 + k] * 40, SamplingParams(max_tokens=5, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    samples = read_recorded(tmp_path / "steps.jsonl")
+    assert samples[0][0].prefill_tokens == 120 and samples[0][0].sequences == 3
+    assert [s.decode_seqs for s, _ in samples[1:]] == [3, 3, 3, 3]
+    assert all(0.004 <= t < 0.1 for _, t in samples)
