@@ -9,8 +9,6 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from server_helpers import ServerProcess, start_server
 
 pytestmark = pytest.mark.slow
@@ -180,58 +178,8 @@ def test_good_request_still_served(http):
     assert r.json()["usage"]["completion_tokens"] <= 2
 
 
-# -- property-based fuzz over request bodies ---------------------------------------------------------------
-
-_json_leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
-)
-_json_value = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                               st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                           max_leaves=8)
-_FIELDS = ["model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-           "top_k", "min_p", "stop", "seed", "logprobs", "top_logprobs", "logit_bias", "stream", "stream_options",
-           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "priority",
-           "user", "echo", "suffix", "best_of", "tools", "stop_token_ids", "timeout", "ttft_target", "bogus_field"]
-# Values that keep a valid request short: generation length stays tiny whatever else the fuzzer picks.
-_small = st.integers(min_value=-3, max_value=3) | st.sampled_from([10**12, -(10**12), 2**64, "2", 1.5, [], True])
-
-
-@st.composite
-def _bodies(draw):
-    endpoint = draw(st.sampled_from(["completions", "chat/completions"]))
-    base: dict = ({"prompt": "Hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Hi"}]})
-    base["max_tokens"] = 2
-    for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=4, unique=True)):
-        if name in ("max_tokens", "max_completion_tokens", "min_tokens", "n"):
-            base[name] = draw(_small)
-        elif name == "prompt":
-            base[name] = draw(_json_value | st.lists(st.integers(min_value=-5, max_value=60000), max_size=6))
-        elif name == "messages":
-            base[name] = draw(_json_value | st.lists(st.fixed_dictionaries(
-                {"role": st.sampled_from(["user", "assistant", "system", "tool", ""]), "content": _json_value}),
-                max_size=3))
-        else:
-            base[name] = draw(_json_value)
-    if "max_tokens" not in base and "max_completion_tokens" not in base:
-        base["max_tokens"] = 2
-    return endpoint, base
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
-@given(case=_bodies())
-def test_fuzz_never_5xx(http, case):
-    endpoint, body = case
-    r = http.post(f"/v1/{endpoint}", json=body, timeout=60)
-    assert r.status_code < 500, (body, r.status_code, r.text)
-    if r.status_code == 200:
-        if body.get("stream") is True:
-            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
-        else:
-            assert r.json()["choices"]
-    else:
-        _error(r, r.status_code)
+# Property-based fuzzing over the whole request schema: tests/server/test_request_fuzz.py (1,000 requests
+# through the server and the router).
 
 
 def test_healthy_after_abuse(http):
