@@ -13,14 +13,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
-RAW_KINDS = {"slowloris", "silent", "slow_body", "never_reader", "leaver"}
+# Raw-socket kinds that must come round in 14 s. (A stream nobody reads is cut only once the socket buffers
+# fill, which the mock may not reach in a smoke run's time: its outcome is checked by the hostile-client tests.)
+RAW_KINDS = {"slowloris", "silent", "slow_body", "leaver"}
 
 
 def test_soak_smoke_run_against_the_mock(tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run(
         [sys.executable, str(SOAK), "--mock", "--duration", "14", "--baseline-duration", "4", "--window", "5",
-         "--slowloris", "4", "--hostile-rate", "8", "--max-queue-delay", "2", "--out", str(out), "--log",
+         "--slowloris", "4", "--hostile-rate", "8", "--max-queue-delay", "2", "--lost-after", "20", "--out", str(out), "--log",
          str(tmp_path / "server.log"), "--", "--header-timeout", "1", "--body-timeout", "2", "--write-timeout", "1"],
         capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
