@@ -25,27 +25,29 @@ class FlopModel:
         return cls(arch.num_layers * per_layer + arch.vocab_size * d,
                    4 * arch.num_layers * q, arch.sliding_window)
 
-    def _attended(self, position: int) -> int:
-        return position if self.window is None else min(position, self.window)
+    def _attended(self, lo: int, hi: int) -> int:
+        """Positions attended, summed over query positions whose context lengths run lo .. hi (inclusive):
+        each attends over its whole context, or the window if it is shorter. Closed form: no loop per token."""
+        if hi < lo:
+            return 0
+        w = hi + 1 if self.window is None else self.window
+        below = max(0, min(hi, w) - lo + 1)  # lengths under the window: lo .. min(hi, w)
+        first = lo
+        last = lo + below - 1
+        return (first + last) * below // 2 + (hi - lo + 1 - below) * w
 
     def prefill(self, prompt_tokens: int, cached_tokens: int = 0) -> float:
         """FLOPs to compute prompt positions cached_tokens .. prompt_tokens - 1 (each attends over itself and
         every earlier position)."""
         n = max(0, prompt_tokens - cached_tokens)
-        if self.window is None:  # sum of (p + 1) over the computed positions, closed form
-            attended = (prompt_tokens * (prompt_tokens + 1) - cached_tokens * (cached_tokens + 1)) // 2
-        else:
-            attended = sum(self._attended(p + 1) for p in range(cached_tokens, prompt_tokens))
+        attended = self._attended(cached_tokens + 1, prompt_tokens)
         return 2.0 * self.active_params * n + float(self.attention_per_position) * attended
 
     def decode(self, prompt_tokens: int, output_tokens: int) -> float:
         """FLOPs of the generated tokens: each but the first is a forward pass over its whole context (the
         first came out of the prompt's last pass)."""
         steps = max(0, output_tokens - 1)
-        if self.window is None:  # contexts prompt + 1 .. prompt + steps
-            attended = steps * prompt_tokens + steps * (steps + 1) // 2
-        else:
-            attended = sum(self._attended(prompt_tokens + k) for k in range(1, steps + 1))
+        attended = self._attended(prompt_tokens + 1, prompt_tokens + steps)  # contexts prompt + 1 .. + steps
         return 2.0 * self.active_params * steps + float(self.attention_per_position) * attended
 
     def request(self, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
