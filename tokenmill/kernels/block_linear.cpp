@@ -339,11 +339,3 @@ std::string isa() {
   return "scalar";
 #endif
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("q4_linear", &q4_linear,
-          "x [M,K] float, q4 groups of 8 interleaved rows (w = d*q + m), n outputs -> [M,n] float32, int8 activations");
-  mod.def("q8_linear", &q8_linear, "x [M,K] float -> [M,N] float32 over q8 blocks (w = d*q (+ m), m may be empty), int8 activations");
-  mod.def("quantize_activations", &quantize_activations, "x -> (int8 values, scales, scale * sums) per block of 32");
-  mod.def("isa", &isa, "the instruction set this build's dot products use");
-}

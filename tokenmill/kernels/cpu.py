@@ -22,10 +22,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-KERNELS = {  # module name -> source file
-    "tokenmill_paged_decode": Path(__file__).with_name("paged_decode.cpp"),
-    "tokenmill_block_linear": Path(__file__).with_name("block_linear.cpp"),
-    "tokenmill_fused": Path(__file__).with_name("fused.cpp"),
+_HERE = Path(__file__).parent
+# module name -> its sources, the compiled one first (it #includes the rest: one translation unit parses
+# torch's headers once, most of a build's time)
+KERNELS = {
+    "tokenmill_native": [_HERE / f for f in ("native.cpp", "block_linear.cpp", "fused.cpp", "paged_decode.cpp",
+                                             "decoder.cpp")],
 }
 BASE_CFLAGS = ["-O3", "-fopenmp"]
 # The ISAs we build for, best first: (name, /proc/cpuinfo flags it needs, compiler flags).
@@ -80,7 +82,7 @@ def kernel_build_id(name: str) -> str:
     import torch
 
     isa, cflags = cpu_isa()
-    key_src = KERNELS[name].read_bytes() + " ".join([*BASE_CFLAGS, *cflags, torch.__version__]).encode()
+    key_src = b"".join(p.read_bytes() for p in KERNELS[name]) + " ".join([*BASE_CFLAGS, *cflags, torch.__version__]).encode()
     return f"{name}-{isa}-{hashlib.sha256(key_src).hexdigest()[:16]}"
 
 
@@ -126,7 +128,7 @@ def _load(name: str):
         t0 = time.monotonic()
         build_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build_dir)
-        module = load(name=name, sources=[str(KERNELS[name])], build_directory=str(build_dir),
+        module = load(name=name, sources=[str(KERNELS[name][0])], build_directory=str(build_dir),
                       extra_cflags=[*BASE_CFLAGS, *cflags], extra_ldflags=["-fopenmp"], verbose=False)
         logger.info("compiled %s in %.0f s", name, time.monotonic() - t0)
         return module
@@ -136,18 +138,24 @@ def _load(name: str):
 
 
 def native():
-    """The paged decode-attention kernel, or None."""
-    return _load("tokenmill_paged_decode")
+    """The native module, or None. Every kernel lives in it; the accessors below name what a caller uses
+    (paged attention is called through this one)."""
+    return _load("tokenmill_native")
 
 
 def block_linear():
-    """The W4A8 / W8A8 block-quantized linear kernel, or None."""
-    return _load("tokenmill_block_linear")
+    """The W4A8 / W8A8 block-quantized linear kernel (block_linear.cpp), or None."""
+    return native()
 
 
 def fused():
-    """The fused element-wise ops (residual add + RMSNorm, rotary + KV write, SiLU * mul), or None."""
-    return _load("tokenmill_fused")
+    """The fused element-wise ops (fused.cpp: residual add + RMSNorm, rotary + KV write, SiLU * mul), or None."""
+    return native()
+
+
+def decoder():
+    """The whole-model forward pass on the kernels (decoder.cpp), or None."""
+    return native()
 
 
 def prebuild() -> dict[str, bool]:

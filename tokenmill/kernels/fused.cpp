@@ -173,11 +173,3 @@ void apply_token_bitmask_(torch::Tensor logits, const torch::Tensor& mask, const
     }
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("apply_token_bitmask_", &apply_token_bitmask_, "structured output: logits of tokens a mask forbids -> -inf");
-  m.def("rms_norm", &rms_norm, "RMSNorm over rows");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
-  m.def("rope_qkv_write", &rope_qkv_write, "rotary on q and k, k and v written to their cache slots; -> rotated q");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-}

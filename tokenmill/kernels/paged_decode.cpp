@@ -395,8 +395,3 @@ torch::Tensor paged_decode_int8(torch::Tensor q, torch::Tensor k_cache, torch::T
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
-  m.def("paged_decode_int8", &paged_decode_int8, "decode attention over an int8 paged KV cache with scales");
-}

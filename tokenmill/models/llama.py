@@ -6,6 +6,7 @@ each as they load, so a layer runs two fewer matmuls per step.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,10 +17,10 @@ from tqdm import tqdm
 
 from tokenmill.errors import ModelLoadError, StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.ops import pick_ops
+from tokenmill.layers.ops import FusedOps, pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
-from tokenmill.quant.block import RowKinds
+from tokenmill.quant.block import BlockLinear, RowKinds
 from tokenmill.quant.gguf import GGUFBlocks
 from tokenmill.quant.linear import FloatLinear, Linear, LinearBuilder
 
@@ -97,6 +98,8 @@ class LlamaModel:
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.scale = cfg.head_dim ** -0.5
         self.ops = pick_ops(self.rope, False, device)  # eager until load_weights knows the formats
+        self.native = None  # the whole forward pass as one native call, where it covers the model
+        self._native_caches: list | None = None  # the KV caches last handed to it
 
     # -- loading -----------------------------------------------------------------------------
     def _slots(self, name: str) -> list[tuple[torch.Tensor | LinearBuilder, int, int]]:
@@ -184,6 +187,37 @@ class LlamaModel:
         # keep the eager formulas, the exact reference.
         block = any(lin.kind in ("w4a8", "w8a8") for layer in self.layers for lin in (layer.qkv, layer.gate_up))
         self.ops = pick_ops(self.rope, block, self.device)
+        self.native = self._native_decoder()
+
+    def _native_decoder(self):
+        """decoder.cpp's forward pass over this model's tensors (shared, not copied), where it covers it: the
+        fused ops (block formats on CPU), every linear on the block kernel or a float matrix. It computes
+        what forward's Python loop computes, bit for bit; TOKENMILL_NATIVE_DECODER=0 keeps the loop."""
+        from tokenmill.kernels.cpu import decoder
+
+        kernels = decoder()
+        if (kernels is None or os.environ.get("TOKENMILL_NATIVE_DECODER") == "0"
+                or not isinstance(self.ops, FusedOps)):
+            return None
+
+        def spec(lin: Linear):
+            if isinstance(lin, BlockLinear):
+                m = lin.m if lin.q4 else lin._m_arg
+                return kernels.block_linear_spec(lin.qs, lin.d, m, lin.n, lin.q4, lin.bias, self.embed)
+            if isinstance(lin, FloatLinear):
+                return kernels.float_linear_spec(lin.weight, lin.bias)
+            return None
+
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        specs = [spec(lin) for lin in [*linears, self.lm_head]]
+        if any(s is None for s in specs):
+            return None
+        cfg = self.cfg
+        dec = kernels.Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, self.scale, self.embed, self.norm,
+                              self.rope.cos, self.rope.sin, specs[-1])
+        for i, layer in enumerate(self.layers):
+            dec.add_layer(*specs[4 * i:4 * i + 4], layer.in_norm, layer.post_norm)
+        return dec
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of linear-layer weights by format, and how many GGUF pieces were repacked as shipped."""
@@ -209,6 +243,9 @@ class LlamaModel:
         may run prompt positions on a dense copy; see BlockLinear). interrupt() is asked before each layer
         of the first half; when it says so, StepInterrupted is raised (the layers run so far wrote K/V for
         these positions, which the step that recomputes them overwrites)."""
+        if self.native is not None and len(kv_caches[0]) == 2 and meta.all_decode and \
+                (rows is None or rows.dense is None) and (logits_rows_kinds is None or logits_rows_kinds.dense is None):
+            return self._forward_native(input_ids, positions, meta, kv_caches, logits_rows, interrupt)
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         ops = self.ops
@@ -230,3 +267,16 @@ class LlamaModel:
         x = residual + delta
         x = ops.norm(x.index_select(0, logits_rows).contiguous(), self.norm, eps)
         return self.lm_head(x, logits_rows_kinds).float()
+
+    def _forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                        kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
+                        interrupt: Callable[[], bool] | None) -> torch.Tensor:
+        """forward as one native call: every row on the paged kernel, every linear on the block kernel (or float)."""
+        if kv_caches is not self._native_caches:  # a runner's caches are made once; a draft model has its own
+            self.native.set_kv_caches([list(c) for c in kv_caches])
+            self._native_caches = kv_caches
+        logits = self.native.forward(input_ids, positions, meta.slot_mapping, meta.decode_block_table,
+                                     meta.decode_lens, logits_rows, interrupt)
+        if logits is None:
+            raise StepInterrupted
+        return logits

@@ -67,7 +67,7 @@ def dense_from_rows(n: int, k: int, q4: bool, dtype: torch.dtype) -> int | None:
 
     # The kernel's build id (source, ISA, torch version) is in the key: a choice measured on an older
     # kernel is stale (one cached before the q4 interleave kept prefill on a dense copy that had become slower).
-    key = f"{cpu_name()}|{kernel_build_id('tokenmill_block_linear')}|{torch.get_num_threads()} threads|" \
+    key = f"{cpu_name()}|{kernel_build_id('tokenmill_native')}|{torch.get_num_threads()} threads|" \
           f"{'w4a8' if q4 else 'w8a8'} {n}x{k}|{str(dtype).removeprefix('torch.')}"
     path = _cache_path()
     # Two processes starting at once must not measure separately and disagree (the choice decides how

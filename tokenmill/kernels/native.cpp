@@ -1,0 +1,40 @@
+// The one native module: every CPU kernel compiled as a single translation unit, so torch's headers are
+// parsed once per build (they are most of a build's minute) and the decoder calls the kernels directly.
+#include <torch/extension.h>
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+
+#include "block_linear.cpp"
+#include "fused.cpp"
+#include "paged_decode.cpp"
+#include "decoder.cpp"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // block_linear.cpp
+  m.def("q4_linear", &q4_linear,
+        "x [M,K] float, q4 groups of 8 interleaved rows (w = d*q + m), n outputs -> [M,n] float32, int8 activations");
+  m.def("q8_linear", &q8_linear, "x [M,K] float -> [M,N] float32 over q8 blocks (w = d*q (+ m), m may be empty), int8 activations");
+  m.def("quantize_activations", &quantize_activations, "x -> (int8 values, scales, scale * sums) per block of 32");
+  m.def("isa", &isa, "the instruction set this build's dot products use");
+  // fused.cpp
+  m.def("apply_token_bitmask_", &apply_token_bitmask_, "structured output: logits of tokens a mask forbids -> -inf");
+  m.def("rms_norm", &rms_norm, "RMSNorm over rows");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
+  m.def("rope_qkv_write", &rope_qkv_write, "rotary on q and k, k and v written to their cache slots; -> rotated q");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  // paged_decode.cpp
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
+  m.def("paged_decode_int8", &paged_decode_int8, "decode attention over an int8 paged KV cache with scales");
+  // decoder.cpp
+  namespace py = pybind11;
+  using namespace tm_decoder;
+  py::class_<Linear>(m, "Linear");
+  m.def("block_linear_spec", &block_linear_spec, "a block-quantized matrix for the decoder (tensors shared)");
+  m.def("float_linear_spec", &float_linear_spec, "a float matrix for the decoder (tensor shared)");
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<int64_t, int64_t, double, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                    Linear>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("set_kv_caches", &Decoder::set_kv_caches)
+      .def("forward", &Decoder::forward);
+}
