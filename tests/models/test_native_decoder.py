@@ -87,7 +87,7 @@ def test_an_interrupt_stops_where_the_python_loop_stops(llm, stop_at):
     for name in ("native", "loop"):
         calls = []
 
-        def interrupt():
+        def interrupt(calls=calls):
             calls.append(1)
             return len(calls) == stop_at
         if name == "native":
