@@ -29,10 +29,16 @@ LLAMA = ROOT / "benchmarks" / "peers" / "llama_cpp.sh"
 
 
 def tokenmill_figures(fmt: str, offline_prompts: int) -> dict:
+    """fmt: a --quantization value, or one with the suffix "-pyloop": the same with the native decoder off
+    (LlamaModel.forward's Python loop over the same kernels)."""
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.workload import random_workload
 
-    llm = LLM("default", quantization=fmt, kv_cache_memory="2GiB", max_model_len=1024)
+    if fmt.endswith("-pyloop"):
+        os.environ["TOKENMILL_NATIVE_DECODER"] = "0"
+    else:
+        os.environ.pop("TOKENMILL_NATIVE_DECODER", None)
+    llm = LLM("default", quantization=fmt.removesuffix("-pyloop"), kv_cache_memory="2GiB", max_model_len=1024)
     vocab = llm.tokenizer.vocab_size
     one = random_workload(1, (128, 128), (128, 128), 100, vocab - 100, seed=1)[0].prompt_token_ids
     llm.generate([one], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
@@ -86,7 +92,7 @@ def llama_figures(qtype: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/decode_speed")
-    ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure")
+    ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure (suffix -pyloop: native decoder off)")
     ap.add_argument("--offline-prompts", type=int, default=200)
     ap.add_argument("--llama-quants", default="Q4_0,Q4_1,Q8_0")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ from tokenmill.quant.block import (
     RowKinds,
     dequantize,
     interleave_q4,
+    interleave_q8,
     piece_to_blocks,
     quantize_q4,
     quantize_q8,
@@ -96,7 +97,7 @@ def test_float16_scales_give_the_float32_result_bit_for_bit(q4):
     if q4:  # the same values with float32 scales, in the kernel's layout
         want = kernels.q4_linear(x, held.qs, *interleave_q4(qs, d, m)[1:], 45)
     else:
-        want = kernels.q8_linear(x, held.qs, d, torch.empty(0))
+        want = kernels.q8_linear(x, held.qs, interleave_q8(qs, d, None)[1], torch.empty(0), 45)
     assert torch.equal(held(x), want)
     assert torch.equal(held.dequantize(), dequantize(qs, d, m, q4))
     # Scales that float16 cannot hold stay float32.
@@ -105,7 +106,7 @@ def test_float16_scales_give_the_float32_result_bit_for_bit(q4):
 
 def test_q8_with_offsets_and_bias_and_the_dense_copy_for_prefill_rows():
     g = torch.Generator().manual_seed(1)
-    qs = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=g)
+    qs = torch.randint(-128, 128, (40, 64), dtype=torch.int8, generator=g)
     d = torch.rand(40, 2, generator=g) * 0.01
     m = torch.randn(40, 2, generator=g) * 0.01
     bias = torch.randn(40, generator=g)
@@ -166,6 +167,24 @@ def test_build_cache_is_keyed_by_isa(monkeypatch):
         assert cpu._build_dir("tokenmill_native") != path
     finally:
         cpu.cpu_isa.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("blocks", [1, 3, 18])
+@pytest.mark.parametrize("offsets", [False, True])
+def test_interleaving_the_q8_rows_is_lossless(rows, blocks, offsets):
+    from tokenmill.quant.block import deinterleave_q8
+
+    g = torch.Generator().manual_seed(rows * blocks)
+    qs = torch.randint(-128, 128, (rows, blocks * 32), dtype=torch.int8, generator=g)
+    d, m = torch.rand(rows, blocks, generator=g), (torch.rand(rows, blocks, generator=g) if offsets else None)
+    iq, idd, im = interleave_q8(qs, d, m)
+    assert iq.shape == (-(-rows // 8), blocks, 256)
+    # byte 32u + 4r + i of (group, block) is weight 4u + i of the group's row r
+    assert iq[0, blocks - 1, 32 * 7 + 4 * 0 + 3] == qs[0, (blocks - 1) * 32 + 4 * 7 + 3]
+    back = deinterleave_q8(iq, idd, im, rows)
+    assert torch.equal(back[0], qs) and torch.equal(back[1], d)
+    assert (back[2] is None) if m is None else torch.equal(back[2], m)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 13])

@@ -27,7 +27,7 @@ _HERE = Path(__file__).parent
 # torch's headers once, most of a build's time)
 KERNELS = {
     "tokenmill_native": [_HERE / f for f in ("native.cpp", "block_linear.cpp", "fused.cpp", "paged_decode.cpp",
-                                             "decoder.cpp")],
+                                             "decoder.cpp", "simd.h")],
 }
 BASE_CFLAGS = ["-O3", "-fopenmp"]
 # The ISAs we build for, best first: (name, /proc/cpuinfo flags it needs, compiler flags).

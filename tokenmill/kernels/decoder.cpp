@@ -9,8 +9,11 @@
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
 // over once. Only what this covers is built: block-quantized or float linear layers, a plain KV cache in
 // the model dtype, every query row on the paged kernel. Anything else stays on the Python path.
+#include <chrono>
 #include <functional>
+#include <map>
 #include <optional>
+#include <string>
 
 namespace tm_decoder {
 
@@ -49,6 +52,22 @@ struct Layer {
   torch::Tensor in_norm, post_norm;
 };
 
+// Lap times by kind of work, or nothing when not profiling.
+class Clock {
+ public:
+  explicit Clock(std::map<std::string, double>* into) : into_(into), t_(std::chrono::steady_clock::now()) {}
+  void lap(const char* what) {
+    if (into_ == nullptr) return;
+    const auto now = std::chrono::steady_clock::now();
+    (*into_)[what] += std::chrono::duration<double>(now - t_).count();
+    t_ = now;
+  }
+
+ private:
+  std::map<std::string, double>* into_;
+  std::chrono::steady_clock::time_point t_;
+};
+
 class Decoder {
  public:
   Decoder(int64_t num_heads, int64_t num_kv_heads, double eps, double scale, torch::Tensor embed,
@@ -78,6 +97,7 @@ class Decoder {
     pybind11::gil_scoped_release no_gil;  // interrupt() takes it back for its own call
     const int64_t T = ids.size(0);
     const int64_t stop_checks = interrupt ? static_cast<int64_t>(layers_.size()) / 2 : 0;
+    Clock clock(profile_ ? &times_ : nullptr);
     torch::Tensor residual = embed_.index_select(0, ids);
     torch::Tensor h = rms_norm(residual, layers_[0].in_norm, eps_);
     torch::Tensor delta;
@@ -87,15 +107,35 @@ class Decoder {
       if (delta.defined()) h = add_rms_norm_(delta, residual, L.in_norm, eps_);
       const torch::Tensor& kc = caches_[i][0];
       const torch::Tensor& vc = caches_[i][1];
-      torch::Tensor q = rope_qkv_write(L.qkv(h), positions, cos_, sin_, kc, vc, slots, H_, Hkv_);
+      clock.lap("elementwise");
+      torch::Tensor qkv = L.qkv(h);
+      clock.lap("linear");
+      torch::Tensor q = rope_qkv_write(qkv, positions, cos_, sin_, kc, vc, slots, H_, Hkv_);
+      clock.lap("elementwise");
       torch::Tensor attn = paged_decode(q, kc, vc, block_table, kv_lens, scale_).reshape({T, -1});
-      h = add_rms_norm_(L.o(attn), residual, L.post_norm, eps_);
-      delta = L.down(silu_mul(L.gate_up(h)));
+      clock.lap("attention");
+      torch::Tensor o = L.o(attn);
+      clock.lap("linear");
+      h = add_rms_norm_(o, residual, L.post_norm, eps_);
+      clock.lap("elementwise");
+      torch::Tensor gu = L.gate_up(h);
+      clock.lap("linear");
+      torch::Tensor act = silu_mul(gu);
+      clock.lap("elementwise");
+      delta = L.down(act);
+      clock.lap("linear");
     }
     torch::Tensor x = residual + delta;
     x = rms_norm(x.index_select(0, logits_rows).contiguous(), norm_, eps_);
-    return head_(x).to(at::kFloat);
+    clock.lap("elementwise");
+    torch::Tensor logits = head_(x).to(at::kFloat);
+    clock.lap("lm_head");
+    return logits;
   }
+
+  // Seconds spent per kind of work since the last call, when profiling is on (a lap costs ~20 ns).
+  std::map<std::string, double> take_profile() { return std::exchange(times_, {}); }
+  void set_profiling(bool on) { profile_ = on; }
 
  private:
   int64_t H_, Hkv_;
@@ -104,6 +144,8 @@ class Decoder {
   Linear head_;
   std::vector<Layer> layers_;
   std::vector<std::vector<torch::Tensor>> caches_;
+  bool profile_ = false;
+  std::map<std::string, double> times_;
 };
 
 }  // namespace tm_decoder

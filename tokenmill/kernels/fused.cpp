@@ -12,7 +12,11 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include "simd.h"
+#endif
 
 namespace {
 
@@ -118,6 +122,20 @@ torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor positions, torch::
   return q;
 }
 
+// silu(g) * u over n float32s: g / (1 + exp(-g)) * u, W at a time with the polynomial exp (~1e-7 relative).
+void silu_mul_f32(const float* g, const float* u, float* o, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const vf one = vset1(1.f), big = vset1(88.f);
+  for (; i + W <= n; i += W) {
+    const vf x = vload(g + i);
+    const vf e = vexp(vmin(vsub(vzero(), x), big));
+    vstore(o + i, vmul(vdiv(x, vadd(one, e)), vload(u + i)));
+  }
+#endif
+  for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 torch::Tensor silu_mul(torch::Tensor gu) {
   TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0, "gate_up must be contiguous [T, 2 I]");
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
@@ -130,6 +148,10 @@ torch::Tensor silu_mul(torch::Tensor gu) {
         const scalar_t* g = in + t * 2 * I;
         const scalar_t* u = g + I;
         scalar_t* o = out + t * I;
+        if constexpr (std::is_same_v<scalar_t, float>) {  // (the casts only make other types compile)
+          silu_mul_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(u), reinterpret_cast<float*>(o), I);
+          continue;
+        }
         for (int64_t i = 0; i < I; ++i) {
           const float x = f(g[i]);
           o[i] = static_cast<scalar_t>(x / (1.f + std::exp(-x)) * f(u[i]));

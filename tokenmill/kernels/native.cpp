@@ -13,7 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // block_linear.cpp
   m.def("q4_linear", &q4_linear,
         "x [M,K] float, q4 groups of 8 interleaved rows (w = d*q + m), n outputs -> [M,n] float32, int8 activations");
-  m.def("q8_linear", &q8_linear, "x [M,K] float -> [M,N] float32 over q8 blocks (w = d*q (+ m), m may be empty), int8 activations");
+  m.def("q8_linear", &q8_linear, "x [M,K] float, q8 groups of 8 interleaved rows (w = d*q (+ m), m may be empty), n outputs -> [M,n] float32, int8 activations");
   m.def("quantize_activations", &quantize_activations, "x -> (int8 values, scales, scale * sums) per block of 32");
   m.def("isa", &isa, "the instruction set this build's dot products use");
   // fused.cpp
@@ -28,13 +28,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // decoder.cpp
   namespace py = pybind11;
   using namespace tm_decoder;
-  py::class_<Linear>(m, "Linear");
+  py::class_<Linear>(m, "Linear", py::module_local());
   m.def("block_linear_spec", &block_linear_spec, "a block-quantized matrix for the decoder (tensors shared)");
   m.def("float_linear_spec", &float_linear_spec, "a float matrix for the decoder (tensor shared)");
-  py::class_<Decoder>(m, "Decoder")
+  py::class_<Decoder>(m, "Decoder", py::module_local())
       .def(py::init<int64_t, int64_t, double, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                     Linear>())
       .def("add_layer", &Decoder::add_layer)
       .def("set_kv_caches", &Decoder::set_kv_caches)
-      .def("forward", &Decoder::forward);
+      .def("forward", &Decoder::forward)
+      .def("set_profiling", &Decoder::set_profiling, "time each kind of work inside forward")
+      .def("take_profile", &Decoder::take_profile, "{kind: seconds} since the last take, and reset");
 }

@@ -4,7 +4,8 @@ Weights are kept in blocks of 32 inputs of one output row, as GGUF ships them, s
 load without requantizing:
 - w4a8: 4-bit values, w = d * q + m. Q4_1 is (d, m) as shipped; Q4_0 is w = d * (q - 8), so m = -8 d.
   Held with rows interleaved in groups of 8 (interleave_q4), the order the kernel reads them in.
-- w8a8: int8 [N, K], w = d * q (+ m when a Q4 piece was widened into it: q - 8 and m + 8 d, both exact).
+- w8a8: int8, w = d * q (+ m when a Q4 piece was widened into it: q - 8 and m + 8 d, both exact). Held with
+  rows interleaved in groups of 8 too (interleave_q8).
 d and m are float16 where exact (as GGUF ships them), else float32. The kernel quantizes activations to
 int8 per block of 32 and runs integer dot products, which is what makes one stream fast: these kernels
 read a quarter (w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them
@@ -44,7 +45,18 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
 
 
 DENSE_MIN_ROWS = 16  # the fewest rows a dense-copy GEMM is called with (BlockLinear._dense says why)
-GROUP = 8  # q4 rows interleaved per group: one row per 32-bit lane of an AVX2 vector
+GROUP = 8  # rows interleaved per group (q4 and q8): one row per 32-bit lane of an AVX2 vector
+
+
+def _lanes(t: torch.Tensor, g: int, nb: int) -> torch.Tensor:
+    """Per-block scales of 8g rows [8g, nb] -> [g, nb, 8]: a group's 8 rows side by side, one per lane."""
+    return t.reshape(g, GROUP, nb).transpose(1, 2).contiguous()
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of _lanes, padding rows dropped."""
+    g, nb, _ = t.shape
+    return t.transpose(1, 2).reshape(g * GROUP, nb)[:n]
 
 
 def interleave_q4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -65,8 +77,7 @@ def interleave_q4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tup
     q = q.reshape(g, GROUP, nb, 4, 2, 4)  # [group, row, block, u, low/high, i]
     byte = q[..., 0, :] | (q[..., 1, :] << 4)  # [group, row, block, u, i]
     qs = byte.permute(0, 2, 3, 1, 4).reshape(g, nb, 4 * GROUP * 4)
-    lanes = lambda t: t.reshape(g, GROUP, nb).transpose(1, 2).contiguous()  # noqa: E731
-    return qs.contiguous(), lanes(d), lanes(m)
+    return qs.contiguous(), _lanes(d, g, nb), _lanes(m, g, nb)
 
 
 def deinterleave_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -75,8 +86,31 @@ def deinterleave_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) 
     g, nb, _ = qs.shape
     byte = qs.reshape(g, nb, 4, GROUP, 4).permute(0, 3, 1, 2, 4)  # [group, row, block, u, i]
     q = torch.stack([byte & 0x0F, byte >> 4], dim=4).reshape(g * GROUP, nb * QK)[:n]
-    rows = lambda t: t.transpose(1, 2).reshape(g * GROUP, nb)[:n]  # noqa: E731
-    return pack_q4(q), rows(d), rows(m)
+    return pack_q4(q), _rows(d, n), _rows(m, n)
+
+
+def interleave_q8(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor | None]:
+    """int8 values [N, K] and per-block d (m or None) [N, K/32] -> the kernel's layout: rows in groups of 8 (zero
+    rows pad N), qs [N8/8, K/32, 256] where byte 32u + 4r + i of (group, block) holds weight 4u + i of the
+    group's row r; d and m [N8/8, K/32, 8]. Values and scales are moved, never changed."""
+    n, k = qs.shape
+    nb, pad = k // QK, -n % GROUP
+    if pad:
+        qs = torch.cat([qs, qs.new_zeros(pad, k)])
+        d = torch.cat([d, d.new_zeros(pad, nb)])
+        m = None if m is None else torch.cat([m, m.new_zeros(pad, nb)])
+    g = (n + pad) // GROUP
+    q = qs.reshape(g, GROUP, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, GROUP * QK)
+    return q.contiguous(), _lanes(d, g, nb), (None if m is None else _lanes(m, g, nb))
+
+
+def deinterleave_q8(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, n: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of interleave_q8, padding dropped: (int8 values [n, K], d, m or None [n, K/32])."""
+    g, nb, _ = qs.shape
+    q = qs.reshape(g, nb, 8, GROUP, 4).permute(0, 3, 1, 2, 4).reshape(g * GROUP, nb * QK)[:n]
+    return q, _rows(d, n), (None if m is None else _rows(m, n))
 
 
 def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,8 +207,8 @@ class BlockLinear:
         # Scales GGUF shipped as float16 stay float16 (exact, and a fifth fewer bytes per q4 row to read).
         if _exact_in_half(d) and (m is None or _exact_in_half(m)):
             d, m = d.half(), (None if m is None else m.half())
-        if q4:  # q4 values arrive in GGUF's nibble order and are held in the kernel's interleaved groups
-            qs, d, m = interleave_q4(qs, d, m)
+        # Values arrive row by row (q4 in GGUF's nibble order) and are held in the kernel's interleaved groups.
+        qs, d, m = interleave_q4(qs, d, m) if q4 else interleave_q8(qs, d, m)
         self.qs, self.d, self.m = qs.contiguous(), d.contiguous(), (None if m is None else m.contiguous())
         self.bias, self.dtype = bias, dtype
         self.dense = dense
@@ -216,14 +250,15 @@ class BlockLinear:
         if self.q4:
             y = self.kernels.q4_linear(x2, self.qs, self.d, self.m, self.n)
         else:
-            y = self.kernels.q8_linear(x2, self.qs, self.d, self._m_arg)
+            y = self.kernels.q8_linear(x2, self.qs, self.d, self._m_arg, self.n)
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         if self.q4:
             qs, d, m = deinterleave_q4(self.qs, self.d.float(), self.m.float(), self.n)
             return dequantize(qs, d, m, True)
-        return dequantize(self.qs, self.d.float(), None if self.m is None else self.m.float(), False)
+        qs, d, m = deinterleave_q8(self.qs, self.d.float(), None if self.m is None else self.m.float(), self.n)
+        return dequantize(qs, d, m, False)
 
     @property
     def nbytes(self) -> int:
