@@ -53,3 +53,29 @@ def test_rope_writes_rotated_k_and_v_into_their_slots():
     torch.testing.assert_close(k_slots, k_e, **TOL)
     assert torch.equal(v_slots, v_e)
     assert caches[1][0].count_nonzero() == k_e.count_nonzero()  # nothing written elsewhere
+
+
+def test_rope_into_an_int8_cache_quantizes_as_quantize_kv_does():
+    """An int8 cache gets the same rotated K (and V) quantized on write by quantize_kv's formula, bit for bit:
+    values, scales, and nothing written elsewhere."""
+    from tokenmill.quant.kv import quantize_kv
+
+    g = torch.Generator().manual_seed(1)
+    H, Hkv, D, bs = 9, 3, 64, 16
+    meta = AttentionMetadata.build([3, 0], [2, 2], [[4], [1]], bs, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([3, 4, 0, 1])
+    qkv = torch.randn(4, (H + 2 * Hkv) * D, generator=g) * 3
+    qkv[1, (H + 1) * D:(H + 2) * D] = 0  # an all-zero K head: the scale's floor
+    tables = ROPE.tables(positions, torch.float32)
+    plain = (torch.zeros(8, bs, Hkv, D), torch.zeros(8, bs, Hkv, D))
+    q_plain, _, _ = FUSED.rope_qkv(qkv, positions, tables, H, Hkv, D, plain, meta)
+    int8 = (torch.zeros(8, bs, Hkv, D, dtype=torch.int8), torch.zeros(8, bs, Hkv, D, dtype=torch.int8),
+            torch.zeros(8, bs, Hkv), torch.zeros(8, bs, Hkv))
+    q_int8, k, v = FUSED.rope_qkv(qkv, positions, tables, H, Hkv, D, int8, meta)
+    assert k is None and v is None and torch.equal(q_int8, q_plain)
+    slots = meta.slot_mapping
+    for cache, scales, plain_cache in ((int8[0], int8[2], plain[0]), (int8[1], int8[3], plain[1])):
+        want_q, want_s = quantize_kv(plain_cache.view(-1, Hkv, D)[slots])
+        assert torch.equal(cache.view(-1, Hkv, D)[slots], want_q)
+        assert torch.equal(scales.view(-1, Hkv)[slots], want_s)
+        assert cache.count_nonzero() == want_q.count_nonzero()

@@ -17,9 +17,11 @@ PROMPTS = ["The capital of France is", "def fib(n):\n    if n < 2:\n        retu
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n", "1, 2, 3, 4, 5,"]
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return LLM("default", kv_cache_memory="32MiB", max_model_len=512, max_num_batched_tokens=64)
+@pytest.fixture(scope="module", params=["auto", "int8"])
+def llm(request):
+    """The default model with a KV cache in the model dtype, and with an int8 one."""
+    return LLM("default", kv_cache_memory="32MiB", max_model_len=512, max_num_batched_tokens=64,
+               kv_cache_dtype=request.param)
 
 
 def _python_loop(model):
@@ -47,9 +49,13 @@ def test_native_forward_equals_the_python_loop(llm):
     runner = llm.engine.runner
     model = runner.model
     assert model.native is not None, "the default model on CPU should run on the native decoder"
+    g = torch.Generator().manual_seed(1)
     for layer in runner.kv_caches:  # earlier context for the rows that attend to a cached prefix
         for t in layer:
-            t.normal_(generator=torch.Generator().manual_seed(1))
+            if t.dtype == torch.int8:
+                t.copy_(torch.randint(-127, 128, t.shape, generator=g))
+            else:
+                t.uniform_(0.01, 1.0, generator=g) if t.dim() == 3 else t.normal_(generator=g)
     before = [tuple(t.clone() for t in layer) for layer in runner.kv_caches]
     ids, pos, meta, rows = _mixed_step(runner)
     native = model.forward(ids, pos, meta, runner.kv_caches, rows)

@@ -7,8 +7,8 @@
 // LlamaModel's Python loop computes it (tests/models/test_native_decoder.py holds the two together).
 //
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
-// over once. Only what this covers is built: block-quantized or float linear layers, a plain KV cache in
-// the model dtype, every query row on the paged kernel. Anything else stays on the Python path.
+// over once. Only what this covers is built: block-quantized or float linear layers, a KV cache in the model
+// dtype or int8, every query row on the paged kernel. Anything else stays on the Python path.
 #include <chrono>
 #include <functional>
 #include <map>
@@ -81,7 +81,8 @@ class Decoder {
 
   void set_kv_caches(std::vector<std::vector<torch::Tensor>> caches) {
     TORCH_CHECK(caches.size() == layers_.size(), "one (K, V) cache per layer expected");
-    for (const auto& c : caches) TORCH_CHECK(c.size() == 2, "a plain (K, V) cache per layer expected");
+    for (const auto& c : caches)
+      TORCH_CHECK(c.size() == 2 || c.size() == 4, "a (K, V) or int8 (K, V, K scales, V scales) cache per layer expected");
     caches_ = std::move(caches);
   }
 
@@ -110,9 +111,13 @@ class Decoder {
       clock.lap("elementwise");
       torch::Tensor qkv = L.qkv(h);
       clock.lap("linear");
-      torch::Tensor q = rope_qkv_write(qkv, positions, cos_, sin_, kc, vc, slots, H_, Hkv_);
+      const bool int8 = caches_[i].size() == 4;
+      const std::optional<torch::Tensor> ks = int8 ? std::optional(caches_[i][2]) : std::nullopt;
+      const std::optional<torch::Tensor> vs = int8 ? std::optional(caches_[i][3]) : std::nullopt;
+      torch::Tensor q = rope_qkv_write(qkv, positions, cos_, sin_, kc, vc, slots, H_, Hkv_, ks, vs);
       clock.lap("elementwise");
-      torch::Tensor attn = paged_decode(q, kc, vc, block_table, kv_lens, scale_).reshape({T, -1});
+      torch::Tensor attn = (int8 ? paged_decode_int8(q, kc, vc, *ks, *vs, block_table, kv_lens, scale_)
+                                 : paged_decode(q, kc, vc, block_table, kv_lens, scale_)).reshape({T, -1});
       clock.lap("attention");
       torch::Tensor o = L.o(attn);
       clock.lap("linear");

@@ -2,8 +2,9 @@
 // dispatch, ~2-5 us each) with one pass over the rows, parallel over tokens.
 //   rms_norm:        y = x * rsqrt(mean(x^2) + eps) * w
 //   add_rms_norm_:   residual += x (in place); y = rms_norm(residual)
-//   rope_qkv_write:  q, k rotated (Hugging Face's rotate_half layout), k and v written into their KV slots,
-//                    rotated q returned: the qkv output is read once and no k/v copy is made
+//   rope_qkv_write:  q, k rotated (Hugging Face's rotate_half layout), k and v written into their KV slots
+//                    (quantized on write into an int8 cache), rotated q returned: the qkv output is read once
+//                    and no k/v copy is made
 //   silu_mul:        y = silu(gate) * up over [gate | up] rows
 //   apply_token_bitmask_: structured output's masks on the logits (not a layer op; it lives with them)
 // Everything is computed in float32 (the row sum of squares too), so results match the eager float32
@@ -14,6 +15,8 @@
 #include <cmath>
 #include <type_traits>
 #include <limits>
+#include <optional>
+#include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include "simd.h"
 #endif
@@ -73,18 +76,36 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tens
   return y;
 }
 
+// One K or V row of a head into an int8 cache: s = max|x| / 127 (at least 1e-12), q = round-half-even(x / s)
+// clamped to +-127; the formula of tokenmill/quant/kv.py's quantize_kv, bit for bit.
+inline void quantize_kv_row(const float* x, int8_t* q, float* scale, int64_t D) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = std::max(amax / 127.f, 1e-12f);
+  for (int64_t i = 0; i < D; ++i) q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / s))));
+  *scale = s;
+}
+
 // qkv [T, (H + 2 Hkv) D]; cos/sin [max_pos, D] float32 (sin's first half negated, as RotaryEmbedding keeps
-// them); caches [blocks, bs, Hkv, D] in qkv's dtype; slots [T] -> q [T, H, D].
+// them); caches [blocks, bs, Hkv, D] in qkv's dtype, or int8 with k_scale / v_scale [blocks, bs, Hkv] float32
+// (quantized on write); slots [T] -> q [T, H, D].
 torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, int64_t H,
-                             int64_t Hkv) {
+                             int64_t Hkv, std::optional<torch::Tensor> k_scale, std::optional<torch::Tensor> v_scale) {
+  const bool int8 = k_scale.has_value();
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be contiguous [T, (H + 2 Hkv) D]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == qkv.scalar_type() &&
-              v_cache.scalar_type() == qkv.scalar_type(), "caches must be contiguous, in qkv's dtype");
+  const auto cache_dtype = int8 ? at::kChar : qkv.scalar_type();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == cache_dtype &&
+              v_cache.scalar_type() == cache_dtype, "caches must be contiguous, in qkv's dtype or int8 with scales");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
               sin.is_contiguous(), "rope tables must be contiguous float32");
   const int64_t T = qkv.size(0), D = k_cache.size(3);
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && k_cache.size(2) == Hkv && cos.size(1) == D, "shapes do not match");
+  if (int8)
+    TORCH_CHECK(v_scale.has_value() && k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                k_scale->numel() == k_cache.numel() / D && v_scale->numel() == k_scale->numel(),
+                "an int8 cache needs float32 scales, one per token per KV head");
   const auto pos = positions.to(at::kLong).contiguous();
   const auto sl = slots.to(at::kLong).contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -96,9 +117,11 @@ torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor positions, torch::
   const int64_t half = D / 2;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_qkv_write", [&] {
     const scalar_t* in = qkv.data_ptr<scalar_t>();
-    scalar_t *qp = q.data_ptr<scalar_t>(), *kc = k_cache.data_ptr<scalar_t>(), *vc = v_cache.data_ptr<scalar_t>();
+    scalar_t* qp = q.data_ptr<scalar_t>();
     const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
     at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> k_row(D);
+      std::vector<float> row_f(D);
       for (int64_t t = b; t < e; ++t) {
         const scalar_t* row = in + t * (H + 2 * Hkv) * D;
         const float* c = cp + pp[t] * D;
@@ -111,11 +134,25 @@ torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor positions, torch::
           }
         };
         for (int64_t h = 0; h < H; ++h) rotate(row + h * D, qp + (t * H + h) * D);
-        scalar_t* kd = kc + sp[t] * Hkv * D;
-        scalar_t* vd = vc + sp[t] * Hkv * D;
-        for (int64_t h = 0; h < Hkv; ++h) rotate(row + (H + h) * D, kd + h * D);
         const scalar_t* v = row + (H + Hkv) * D;
-        for (int64_t i = 0; i < Hkv * D; ++i) vd[i] = v[i];
+        if (!int8) {
+          scalar_t* kd = k_cache.data_ptr<scalar_t>() + sp[t] * Hkv * D;
+          scalar_t* vd = v_cache.data_ptr<scalar_t>() + sp[t] * Hkv * D;
+          for (int64_t h = 0; h < Hkv; ++h) rotate(row + (H + h) * D, kd + h * D);
+          for (int64_t i = 0; i < Hkv * D; ++i) vd[i] = v[i];
+          continue;
+        }
+        int8_t* kd = k_cache.data_ptr<int8_t>() + sp[t] * Hkv * D;
+        int8_t* vd = v_cache.data_ptr<int8_t>() + sp[t] * Hkv * D;
+        float* ks = k_scale->data_ptr<float>() + sp[t] * Hkv;
+        float* vs = v_scale->data_ptr<float>() + sp[t] * Hkv;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          rotate(row + (H + h) * D, k_row.data());  // rounded to the model dtype first, as the eager path does
+          for (int64_t i = 0; i < D; ++i) row_f[i] = f(k_row[i]);
+          quantize_kv_row(row_f.data(), kd + h * D, ks + h, D);
+          for (int64_t i = 0; i < D; ++i) row_f[i] = f(v[h * D + i]);
+          quantize_kv_row(row_f.data(), vd + h * D, vs + h, D);
+        }
       }
     });
   });

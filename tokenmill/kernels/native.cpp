@@ -10,6 +10,7 @@
 #include "decoder.cpp"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   // block_linear.cpp
   m.def("q4_linear", &q4_linear,
         "x [M,K] float, q4 groups of 8 interleaved rows (w = d*q + m), n outputs -> [M,n] float32, int8 activations");
@@ -20,13 +21,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply_token_bitmask_", &apply_token_bitmask_, "structured output: logits of tokens a mask forbids -> -inf");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
-  m.def("rope_qkv_write", &rope_qkv_write, "rotary on q and k, k and v written to their cache slots; -> rotated q");
+  m.def("rope_qkv_write", &rope_qkv_write, "rotary on q and k, k and v written to their cache slots; -> rotated q",
+        py::arg("qkv"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slots"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   // paged_decode.cpp
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
   m.def("paged_decode_int8", &paged_decode_int8, "decode attention over an int8 paged KV cache with scales");
   // decoder.cpp
-  namespace py = pybind11;
   using namespace tm_decoder;
   py::class_<Linear>(m, "Linear", py::module_local());
   m.def("block_linear_spec", &block_linear_spec, "a block-quantized matrix for the decoder (tensors shared)");

@@ -72,10 +72,9 @@ class FusedOps(EagerOps):
         return self.k.add_rms_norm_(delta, residual, weight, eps), residual
 
     def rope_qkv(self, qkv, positions, tables, num_heads, num_kv_heads, head_dim, kv_cache, meta):
-        if len(kv_cache) != 2:  # an int8 cache is quantized on write by the attention layer
-            return super().rope_qkv(qkv, positions, tables, num_heads, num_kv_heads, head_dim, kv_cache, meta)
+        # K and V go straight into the cache (an int8 one quantized on write, as quantize_kv does).
         q = self.k.rope_qkv_write(qkv, positions, self.rope.cos, self.rope.sin, kv_cache[0], kv_cache[1],
-                                  meta.slot_mapping, num_heads, num_kv_heads)
+                                  meta.slot_mapping, num_heads, num_kv_heads, *kv_cache[2:])
         return q, None, None
 
     def silu_mul(self, gate_up):

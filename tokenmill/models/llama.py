@@ -243,7 +243,7 @@ class LlamaModel:
         may run prompt positions on a dense copy; see BlockLinear). interrupt() is asked before each layer
         of the first half; when it says so, StepInterrupted is raised (the layers run so far wrote K/V for
         these positions, which the step that recomputes them overwrites)."""
-        if self.native is not None and len(kv_caches[0]) == 2 and meta.all_decode and \
+        if self.native is not None and meta.all_decode and \
                 (rows is None or rows.dense is None) and (logits_rows_kinds is None or logits_rows_kinds.dense is None):
             return self._forward_native(input_ids, positions, meta, kv_caches, logits_rows, interrupt)
         cfg = self.cfg
@@ -271,7 +271,8 @@ class LlamaModel:
     def _forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                         kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
                         interrupt: Callable[[], bool] | None) -> torch.Tensor:
-        """forward as one native call: every row on the paged kernel, every linear on the block kernel (or float)."""
+        """forward as one native call: every row on the paged kernel (a float or int8 cache), every linear on the block
+        kernel (or float)."""
         if kv_caches is not self._native_caches:  # a runner's caches are made once; a draft model has its own
             self.native.set_kv_caches([list(c) for c in kv_caches])
             self._native_caches = kv_caches
