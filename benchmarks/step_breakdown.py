@@ -6,7 +6,7 @@ The default model through the `LLM` engine, decode steps only (the prompts are p
 sequence decodes `--steps` tokens). Two runs per batch size, alternating `--rounds` times, each in its own
 process: the native decoder (one call per step, `kernels/decoder.cpp`) and the Python loop over the same
 kernels (`TOKENMILL_NATIVE_DECODER=0`). In the native run the decoder times each kind of kernel work
-itself (linear layers, LM head, attention, element-wise); the rest of a step is the runner, sampler and
+itself (linear layers, LM head, attention, element-wise; `--kv-cache-dtype int8` for the int8 cache); the rest of a step is the runner, sampler and
 scheduler ("Python and engine"). The Python loop runs the same kernels on the same shapes, so its kernel
 time is taken as the native run's, and what its forward pass takes beyond that is the per-op dispatch
 ("Python per-op dispatch"). Offline engine: no IPC. Writes OUT.json and OUT.png (stacked bars, ms per step).
@@ -25,14 +25,14 @@ from pathlib import Path
 KINDS = ["linear", "lm_head", "attention", "elementwise"]
 
 
-def measure(batch: int, steps: int) -> dict:
+def measure(batch: int, steps: int, kv_cache_dtype: str) -> dict:
     """In this process: decode `steps` tokens for `batch` sequences; ms per step by kind."""
     import time
 
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.workload import random_workload
 
-    llm = LLM("default", kv_cache_memory="1GiB", max_model_len=1024)
+    llm = LLM("default", kv_cache_memory="1GiB", max_model_len=1024, kv_cache_dtype=kv_cache_dtype)
     vocab = llm.tokenizer.vocab_size
     prompts = [w.prompt_token_ids for w in random_workload(batch, (128, 128), (1, 1), 100, vocab - 100, seed=1)]
     llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
@@ -70,9 +70,10 @@ def measure(batch: int, steps: int) -> dict:
             "forward_ms": 1e3 * sum(fw) / n, "kernels_ms": {k: 1e3 * prof.get(k, 0.0) / n for k in KINDS}}
 
 
-def run_child(batch: int, steps: int, native: bool) -> dict:
+def run_child(batch: int, steps: int, native: bool, kv_cache_dtype: str) -> dict:
     env = {**os.environ, "TOKENMILL_NATIVE_DECODER": "1" if native else "0"}
-    out = subprocess.run([sys.executable, __file__, "--child", str(batch), str(steps)], env=env, check=True,
+    out = subprocess.run([sys.executable, __file__, "--child", str(batch), str(steps), kv_cache_dtype], env=env,
+                         check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -119,7 +120,7 @@ def main() -> None:
         import logging
 
         logging.disable(logging.INFO)
-        print(json.dumps(measure(int(sys.argv[2]), int(sys.argv[3]))))
+        print(json.dumps(measure(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
         return
     from tokenmill.kernels.cpu import cpu_isa, cpu_name
 
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the engine's --kv-cache-dtype (auto or int8)")
     ap.add_argument("--out", default=f"benchmarks/results/step_breakdown_{cpu_isa()[0]}")
     args = ap.parse_args()
     results: dict = {}
@@ -134,7 +136,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"native": [], "loop": []}
         for r in range(args.rounds):
             for native in (True, False):
-                res = run_child(b, args.steps, native)
+                res = run_child(b, args.steps, native, args.kv_cache_dtype)
                 runs["native" if native else "loop"].append(res)
                 print(f"batch {b} round {r} {'native' if native else 'loop'}: step {res['step_ms']:.2f} ms, "
                       f"forward {res['forward_ms']:.2f} ms", flush=True)
