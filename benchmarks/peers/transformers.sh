@@ -21,25 +21,7 @@ MODEL_DIR="$CACHE/transformers-default-$DTYPE"
 build() {
   [ -f "$MODEL_DIR/config.json" ] && { echo "cached: $MODEL_DIR"; return; }
   "$PY" -c 'from transformers.utils.import_utils import is_serve_available as ok; assert ok(), "pip install \"transformers[serving]\""'
-  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$MODEL_DIR" "$DTYPE" <<'PYEOF'
-import sys
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from tokenmill.models.loader import open_model
-out, dtype = sys.argv[1], getattr(torch, sys.argv[2])
-src = open_model("default")
-gguf = src.path
-# transformers 5 keeps GGUF weights quantized and cannot save them; tokenmill's loader yields the same
-# tensors dequantized, under transformers' own names (checked token for token in tests/models).
-config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-missing, unexpected = model.load_state_dict(dict(src.iter_tensors()), strict=False)
-assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-model.tie_weights()
-model.save_pretrained(out)
-AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
-print("wrote", out)
-PYEOF
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$ROOT/benchmarks/peers/hf_dir.py" "$MODEL_DIR" "$DTYPE"
 }
 
 cmd="${1:-}"; shift || true
