@@ -46,6 +46,15 @@ def _mixed_step(runner):
 
 
 def test_native_forward_equals_the_python_loop(llm):
+    _check_forward(llm)
+
+
+def test_native_forward_equals_the_python_loop_in_bfloat16():
+    """The model dtype where the CPU has AMX (the default there): activations, KV and outputs in bfloat16."""
+    _check_forward(LLM("default", dtype="bfloat16", kv_cache_memory="8MiB", max_model_len=256))
+
+
+def _check_forward(llm):
     runner = llm.engine.runner
     model = runner.model
     assert model.native is not None, "the default model on CPU should run on the native decoder"
@@ -65,7 +74,7 @@ def test_native_forward_equals_the_python_loop(llm):
             t.copy_(s)
     with _python_loop(model):
         loop = model.forward(ids, pos, meta, runner.kv_caches, rows)
-    assert native.dtype == torch.float32 and native.shape == (4, model.cfg.vocab_size)
+    assert native.dtype == torch.float32 and native.shape == (4, model.cfg.vocab_size) and native.isfinite().all()
     assert torch.equal(native, loop)
     for a, b in zip(native_kv, runner.kv_caches, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -202,8 +202,7 @@ class LlamaModel:
 
         def spec(lin: Linear):
             if isinstance(lin, BlockLinear):
-                m = lin.m if lin.q4 else lin._m_arg
-                return kernels.block_linear_spec(lin.qs, lin.d, m, lin.n, lin.q4, lin.bias, self.embed)
+                return kernels.block_linear_spec(lin.qs, lin.d, lin.m_arg, lin.n, lin.q4, lin.bias, self.embed)
             if isinstance(lin, FloatLinear):
                 return kernels.float_linear_spec(lin.weight, lin.bias)
             return None

@@ -212,7 +212,7 @@ class BlockLinear:
         self.qs, self.d, self.m = qs.contiguous(), d.contiguous(), (None if m is None else m.contiguous())
         self.bias, self.dtype = bias, dtype
         self.dense = dense
-        self._m_arg = self.m if self.m is not None else torch.empty(0)  # q8: empty means no offsets
+        self.m_arg = self.m if self.m is not None else torch.empty(0)  # the kernel's m: empty means none (q8)
 
     def __call__(self, x: torch.Tensor, rows: RowKinds | None = None) -> torch.Tensor:
         """rows: which rows are prompt positions (run on the dense copy, when one is held) and which are
@@ -250,7 +250,7 @@ class BlockLinear:
         if self.q4:
             y = self.kernels.q4_linear(x2, self.qs, self.d, self.m, self.n)
         else:
-            y = self.kernels.q8_linear(x2, self.qs, self.d, self._m_arg, self.n)
+            y = self.kernels.q8_linear(x2, self.qs, self.d, self.m_arg, self.n)
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
