@@ -1,10 +1,11 @@
 // The whole forward pass of a Llama-family model on the native kernels, as one call per step.
 //
 // At batch 1 a layer's work is ten kernel calls of 2-30 us each; driven from Python, each also paid for the
-// interpreter, argument parsing and a tensor wrapper, about a third of a decode step on these CPUs. Here the
-// same calls are made from C++ with the GIL released: the same kernels (block_linear.cpp, fused.cpp,
-// paged_decode.cpp) on the same tensors in the same order, so every row comes out bit for bit as
-// LlamaModel's Python loop computes it (tests/models/test_native_decoder.py holds the two together).
+// interpreter, argument parsing and a tensor wrapper: a tenth to a quarter of a decode step on the AVX2
+// machine (benchmarks/step_breakdown.py). Here the same calls are made from C++ with the GIL released: the
+// same kernels (block_linear.cpp, fused.cpp, paged_decode.cpp) on the same tensors in the same order, so
+// every row comes out bit for bit as LlamaModel's Python loop computes it (tests/models/test_native_decoder.py
+// holds the two together).
 //
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
 // over once. Only what this covers is built: block-quantized or float linear layers, a KV cache in the model
@@ -14,6 +15,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace tm_decoder {
 
