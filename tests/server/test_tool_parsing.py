@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.tools import StreamedCalls, parse_tool_calls, render_messages, required_grammar
+from tokenmill.server.tools import StreamedCalls, closed_objects, parse_tool_calls, render_messages, required_grammar
 
 OFFERED = {"get_weather", "get_time"}
 TEXT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
@@ -50,6 +50,30 @@ def test_required_grammar_accepts_only_offered_calls():
     assert llguidance.LLMatcher.validate_grammar(grammar) == ""
     with pytest.raises(InvalidRequestError):
         required_grammar(tools, "missing", True)
+
+
+def test_required_arguments_take_only_declared_parameters():
+    """An object schema that does not say is closed; one that says (or has patternProperties) keeps its word;
+    nested objects, arrays and $defs likewise; the caller's schema is not changed."""
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string"},
+        "when": {"type": "object", "properties": {"day": {"type": "integer"}}},
+        "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+        "extra": {"type": "object", "additionalProperties": {"type": "object"}},
+        "ref": {"$ref": "#/$defs/place"}},
+        "$defs": {"place": {"properties": {"lat": {"type": "number"}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["when"]["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["extra"]["additionalProperties"] == {"type": "object", "additionalProperties": False}
+    assert closed["$defs"]["place"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema and closed_objects({"type": "object", "patternProperties": {
+        "^x": {}}}).get("additionalProperties") is None
+    assert closed_objects({"type": "object", "additionalProperties": True})["additionalProperties"] is True
+    grammar = required_grammar([{"type": "function", "function": {"name": "f", "parameters": schema}}], "f", False)
+    body = json.loads(grammar.split("%json", 1)[1].strip())
+    assert body["properties"]["arguments"] == closed
 
 
 def test_history_rendered_for_templates_without_tools():

@@ -98,13 +98,37 @@ def required_grammar(tools: list[dict[str, Any]], only: str | None, parallel: bo
         raise InvalidRequestError(f"tool_choice names {only!r}, which is not among the tools", param="tool_choice")
     options = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                 "properties": {"name": {"const": f["name"]},
-                               "arguments": f.get("parameters") or {"type": "object", "properties": {}}}}
+                               "arguments": closed_objects(f.get("parameters") or {"type": "object", "properties": {}})}}
                for f in chosen]
     schema = {**(options[0] if len(options) == 1 else {"anyOf": options}), "x-guidance": _COMPACT}
     repeat = "call (\"\\n\" call)*" if parallel and only is None else "call"
     return (f"start: {repeat}\n"
             f"call: {json.dumps(OPEN + chr(10))} body {json.dumps(chr(10) + CLOSE)}\n"
             f"body: %json {json.dumps(schema)}\n")
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of a JSON schema in which an object that does not say whether it takes undeclared properties
+    takes none. A required call's arguments are then only the parameters the function declares: without
+    this, JSON Schema's default lets a small model go on inventing keys until max_tokens cuts the call in
+    half (vLLM's xgrammar backend closes objects the same way by default)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k in ("items", "additionalProperties", "not", "if", "then", "else")
+           or k in _SUBSCHEMA_LISTS else v for k, v in schema.items()}
+    for k in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(k), dict):
+            out[k] = {name: closed_objects(s) for name, s in schema[k].items()}
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def parse_tool_calls(text: str, offered: set[str]) -> tuple[str | None, list[ParsedCall]]:
