@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.server.tools import StreamedCalls, closed_objects, parse_tool_calls, render_messages, required_grammar
+from tokenmill.server.tools import (
+    StreamedCalls,
+    closed_objects,
+    parse_tool_calls,
+    render_messages,
+    required_grammar,
+)
 
 OFFERED = {"get_weather", "get_time"}
 TEXT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
