@@ -51,7 +51,7 @@ def test_activation_quantizer_is_exactly_the_formula():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 33])
 def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     g = torch.Generator().manual_seed(rows)
-    n, k = 67, 160  # rows not a multiple of 8 (a padded q4 group; threads split mid-way), 5 blocks
+    n, k = 67, 160  # rows not a multiple of 8 or 16 (a padded group; threads split mid-way), 5 blocks
     w = torch.randn(n, k, generator=g) * 0.05
     qs, d, m = quantize_q4(w) if q4 else (*quantize_q8(w), None)
     lin = BlockLinear(qs, d, m, q4, None, torch.float32)
@@ -169,36 +169,40 @@ def test_build_cache_is_keyed_by_isa(monkeypatch):
         cpu.cpu_isa.cache_clear()
 
 
-@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("group", [8, 16])  # the AVX2 and the AVX-512 builds' layouts
+@pytest.mark.parametrize("rows", [1, 8, 13, 17])
 @pytest.mark.parametrize("blocks", [1, 3, 18])
 @pytest.mark.parametrize("offsets", [False, True])
-def test_interleaving_the_q8_rows_is_lossless(rows, blocks, offsets):
+def test_interleaving_the_q8_rows_is_lossless(rows, blocks, offsets, group):
     from tokenmill.quant.block import deinterleave_q8
 
     g = torch.Generator().manual_seed(rows * blocks)
     qs = torch.randint(-128, 128, (rows, blocks * 32), dtype=torch.int8, generator=g)
     d, m = torch.rand(rows, blocks, generator=g), (torch.rand(rows, blocks, generator=g) if offsets else None)
-    iq, idd, im = interleave_q8(qs, d, m)
-    assert iq.shape == (-(-rows // 8), blocks, 256)
-    # byte 32u + 4r + i of (group, block) is weight 4u + i of the group's row r
-    assert iq[0, blocks - 1, 32 * 7 + 4 * 0 + 3] == qs[0, (blocks - 1) * 32 + 4 * 7 + 3]
+    iq, idd, im = interleave_q8(qs, d, m, group)
+    assert iq.shape == (-(-rows // group), blocks, 32 * group)
+    # byte 4 G u + 4r + i of (group, block) is weight 4u + i of the group's row r
+    r = rows - 1
+    assert iq[r // group, blocks - 1, 4 * group * 7 + 4 * (r % group) + 3] == qs[r, (blocks - 1) * 32 + 4 * 7 + 3]
     back = deinterleave_q8(iq, idd, im, rows)
     assert torch.equal(back[0], qs) and torch.equal(back[1], d)
     assert (back[2] is None) if m is None else torch.equal(back[2], m)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("group", [8, 16])
+@pytest.mark.parametrize("rows", [1, 8, 13, 17])
 @pytest.mark.parametrize("blocks", [1, 3, 18])
-def test_interleaving_the_q4_rows_is_lossless(rows, blocks):
+def test_interleaving_the_q4_rows_is_lossless(rows, blocks, group):
     from tokenmill.quant.block import deinterleave_q4, interleave_q4, pack_q4
 
     q = torch.randint(0, 16, (rows, 32 * blocks), dtype=torch.uint8)
     packed, d, m = pack_q4(q), torch.randn(rows, blocks), torch.randn(rows, blocks)
-    qs, d8, m8 = interleave_q4(packed, d, m)
-    assert qs.shape == (-(-rows // 8), blocks, 128) and d8.shape == (-(-rows // 8), blocks, 8)
+    qs, d8, m8 = interleave_q4(packed, d, m, group)
+    assert qs.shape == (-(-rows // group), blocks, 16 * group) and d8.shape == (-(-rows // group), blocks, group)
     back = deinterleave_q4(qs, d8, m8, rows)
     assert all(torch.equal(a, b) for a, b in zip(back, (packed, d, m), strict=True))
-    # Lane r of group g is row 8g + r: weight 8u + i of a block in the low nibble of byte 32u + 4r + i.
-    r = rows - 1
-    assert (qs[r // 8, 0, 4 * (r % 8)] & 0x0F) == q[r, 0] and (qs[r // 8, 0, 4 * (r % 8)] >> 4) == q[r, 4]
-    assert d8[r // 8, blocks - 1, r % 8] == d[r, blocks - 1]
+    # Lane r of group g is row G g + r: weight 8u + i of a block in the low nibble of byte 4 G u + 4r + i.
+    r, u = rows - 1, blocks % 4
+    byte = qs[r // group, 0, 4 * group * u + 4 * (r % group) + 1]
+    assert (byte & 0x0F) == q[r, 8 * u + 1] and (byte >> 4) == q[r, 8 * u + 4 + 1]
+    assert d8[r // group, blocks - 1, r % group] == d[r, blocks - 1]

@@ -1,13 +1,14 @@
 // Linear layers over blocks of 32 weights with activations quantized to int8 per block of 32 (W4A8, W8A8).
 //
-// Weights (rows N, input columns K, K a multiple of 32), one block = 32 consecutive inputs of one row:
-//   q4: rows in groups of 8 (N padded with zero rows to a multiple of 8), interleaved so that one vector
-//       lane is one row: qs uint8 [N8/8, K/32, 128], where byte 32u + 4r + i of (group g, block b) holds
-//       weight 8u + i of row 8g + r's block b in its low nibble and weight 8u + 4 + i in its high nibble.
-//       d, m [N8/8, K/32, 8] likewise (one row per lane). w = d * q + m, q in 0..15, the shipped values
+// Weights (rows N, input columns K, K a multiple of 32), one block = 32 consecutive inputs of one row, rows in
+// groups of GR (8 on AVX2, 16 with AVX-512: one row per 32-bit lane of the build's vector; N padded with zero
+// rows to a multiple of GR), interleaved so that one vector lane is one row:
+//   q4: qs uint8 [N/GR, K/32, 16 GR], where byte 4 GR u + 4r + i of (group g, block b) holds weight 8u + i of
+//       row GR g + r's block b in its low nibble and weight 8u + 4 + i in its high nibble.
+//       d, m [N/GR, K/32, GR] likewise (one row per lane). w = d * q + m, q in 0..15, the shipped values
 //       (tokenmill/quant/block.py repacks GGUF's Q4_0/Q4_1 into this order without requantizing).
-//   q8: rows in groups of 8 likewise: qs int8 [N8/8, K/32, 256], where byte 32u + 4r + i of (group g, block b)
-//       holds weight 4u + i of row 8g + r's block b; d (and optional m) [N8/8, K/32, 8]; w = d * q (+ m).
+//   q8: qs int8 [N/GR, K/32, 32 GR], where byte 4 GR u + 4r + i of (group g, block b) holds weight 4u + i of
+//       row GR g + r's block b; d (and optional m) [N/GR, K/32, GR]; w = d * q (+ m).
 //   Scales are float32 or float16: GGUF ships float16 scales, and float16 -> float32 is exact.
 // Activations x [M, K] float32 are quantized once per call: per block, xd = max|x| / 127 and
 // xq = round-to-nearest-even(x / xd) in [-127, 127]; xs = xd * sum(xq) carries the block's sum for the m term.
@@ -16,12 +17,13 @@
 // float matmul. An activation row's result never depends on the other rows of the call (the same
 // instructions run for it at any M), so a position computes the same in any batch.
 //
-// Why the interleave: with one row per lane, a block's 8 row dots come out of one vector with no
-// horizontal sums, an activation's 4-byte group is broadcast once for 8 rows, and 8 rows' scales are one
+// Why the interleave: with one row per lane, a block's GR row dots come out of one vector with no
+// horizontal sums, an activation's 4-byte group is broadcast once for GR rows, and GR rows' scales are one
 // load: about half the instructions per weight of a row-at-a-time dot, which is what batch 1 is bound by.
 //
-// Built per ISA (tokenmill/kernels/cpu.py): AVX2 uses maddubs (+ madd); with AVX512-VNNI (or AVX-VNNI)
-// dpbusd does both; without AVX2 a scalar loop runs.
+// Built per ISA (tokenmill/kernels/cpu.py): AVX2 uses maddubs (+ madd), or dpbusd with AVX-VNNI; AVX-512 VNNI
+// runs 16-row groups on 512-bit vectors; without AVX2 a scalar loop runs. Each row's integer dots and float
+// fmas are the same in every build, so a row's result does not depend on the ISA either.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -38,7 +40,12 @@ namespace {
 
 constexpr int64_t QK = 32;
 constexpr int MR = 4;  // activation rows handled together for one weight row (q8) or group (q4)
-constexpr int64_t GR = 8;  // rows per interleaved group (q4 and q8)
+// Rows per interleaved group (q4 and q8): one row per 32-bit lane of the build's integer vector.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t GR = 16;
+#else
+constexpr int64_t GR = 8;
+#endif
 // Weights are read once per call, in order: software prefetch this far ahead. At batch 1 a layer's calls are
 // short (a thread's share of a 960-row matrix is ~170 KB), and the hardware prefetcher would spend part of
 // each one finding the stream: measured on the AVX2 machine, 4 KB ahead made the 30 layers' calls ~15 % faster.
@@ -106,7 +113,94 @@ inline __m256i dot4_acc(__m256i acc, __m256i u, __m256i s) {
 }
 #endif
 
-// ---- q4: one group of 8 interleaved rows against MR_ activation rows -----------------------------------
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ---- AVX-512 VNNI: the same per-row arithmetic on groups of 16 rows -------------------------------------
+// One 512-bit vector holds 16 rows' 4-byte groups; the integer dots are exact and each row's float
+// accumulation runs the same fmas in the same order as the 8-lane AVX2 code, so a row's result is the
+// same bit for bit whichever build computed it.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512i bcast4_512(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int MR_, typename S>
+void q4_group(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
+              int64_t K, float* out, int64_t ldo, int64_t valid) {
+  const int64_t nb = K / QK;
+  alignas(64) float res[MR_][GR];
+  __m512 acc[MR_], accm[MR_];
+  for (int r = 0; r < MR_; ++r) acc[r] = accm[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = wq + b * GR * 16;
+    for (int64_t line = 0; line < GR * 16; line += 64) prefetch(wb + PREFETCH_BYTES + line);
+    constexpr int64_t ahead = PREFETCH_BYTES / (GR * 16);  // blocks
+    prefetch(wd + (b + ahead) * GR);
+    if (wm != nullptr) prefetch(wm + (b + ahead) * GR);
+    __m512i w[8];  // w[2u]: weights 8u..8u+3 of each row, w[2u + 1]: 8u+4..8u+7
+    for (int u = 0; u < 4; ++u) {
+      const __m512i raw = _mm512_loadu_si512(wb + 64 * u);
+      w[2 * u] = _mm512_and_si512(raw, low);
+      w[2 * u + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+    const __m512 d = load16(wd + b * GR);
+    const __m512 m = wm != nullptr ? load16(wm + b * GR) : _mm512_setzero_ps();
+    for (int r = 0; r < MR_; ++r) {
+      const int8_t* x = xq + r * K + b * QK;
+      __m512i s = _mm512_setzero_si512();
+      for (int t = 0; t < 8; ++t) s = _mm512_dpbusd_epi32(s, w[t], bcast4_512(x + 4 * t));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+      if (wm != nullptr) accm[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * nb + b]), accm[r]);
+    }
+  }
+  for (int r = 0; r < MR_; ++r) _mm512_store_ps(res[r], _mm512_add_ps(acc[r], accm[r]));
+  for (int r = 0; r < MR_; ++r) std::memcpy(out + r * ldo, res[r], sizeof(float) * valid);
+}
+
+// dpbusd multiplies unsigned by signed bytes, and AVX-512 has no byte sign-flip: the activations go in as
+// x + 128 (unsigned) and 128 * sum(w), one more dpbusd per weight vector shared by every activation row,
+// comes off again. Both sums are exact in int32, so the dot is the same integer as AVX2's.
+template <int MR_, typename S>
+void q8_group(const int8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
+              int64_t K, float* out, int64_t ldo, int64_t valid) {
+  const int64_t nb = K / QK;
+  alignas(64) float res[MR_][GR];
+  __m512 acc[MR_], accm[MR_];
+  for (int r = 0; r < MR_; ++r) acc[r] = accm[r] = _mm512_setzero_ps();
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* wb = wq + b * GR * QK;
+    for (int64_t line = 0; line < GR * QK; line += 64) prefetch(wb + PREFETCH_BYTES + line);
+    constexpr int64_t ahead = PREFETCH_BYTES / (GR * QK);  // blocks
+    prefetch(wd + (b + ahead) * GR);
+    if (wm != nullptr) prefetch(wm + (b + ahead) * GR);
+    __m512i w[8];  // w[u]: weights 4u..4u+3 of each row
+    __m512i wsum = _mm512_setzero_si512();
+    for (int u = 0; u < 8; ++u) {
+      w[u] = _mm512_loadu_si512(wb + 64 * u);
+      wsum = _mm512_dpbusd_epi32(wsum, bias, w[u]);
+    }
+    const __m512 d = load16(wd + b * GR);
+    const __m512 m = wm != nullptr ? load16(wm + b * GR) : _mm512_setzero_ps();
+    for (int r = 0; r < MR_; ++r) {
+      const int8_t* x = xq + r * K + b * QK;
+      __m512i s = _mm512_setzero_si512();
+      for (int u = 0; u < 8; ++u) s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(bcast4_512(x + 4 * u), bias), w[u]);
+      s = _mm512_sub_epi32(s, wsum);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+      if (wm != nullptr) accm[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * nb + b]), accm[r]);
+    }
+  }
+  for (int r = 0; r < MR_; ++r) _mm512_store_ps(res[r], _mm512_add_ps(acc[r], accm[r]));
+  for (int r = 0; r < MR_; ++r) std::memcpy(out + r * ldo, res[r], sizeof(float) * valid);
+}
+#else
+// ---- q4: one group of GR interleaved rows against MR_ activation rows -----------------------------------
 template <int MR_, typename S>
 void q4_group(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
               int64_t K, float* out, int64_t ldo, int64_t valid) {
@@ -172,7 +266,7 @@ void q4_group(const uint8_t* wq, const S* wd, const S* wm, const int8_t* xq, con
   for (int r = 0; r < MR_; ++r) std::memcpy(out + r * ldo, res[r], sizeof(float) * valid);
 }
 
-// ---- q8: one group of 8 interleaved rows against MR_ activation rows -----------------------------------
+// ---- q8: one group of GR interleaved rows against MR_ activation rows -----------------------------------
 // Signs moved onto the activations so maddubs sees |w| as u8: a pair's sum stays within int16 (2 * 128 * 127),
 // but two pairs' would not, so each four-weight dot is widened to int32 at once (madd).
 template <int MR_, typename S>
@@ -225,7 +319,9 @@ void q8_group(const int8_t* wq, const S* wd, const S* wm, const int8_t* xq, cons
   for (int r = 0; r < MR_; ++r) std::memcpy(out + r * ldo, res[r], sizeof(float) * valid);
 }
 
-// Groups of 8 rows split across threads; each group runs its activation rows MR at a time (the same
+#endif  // AVX-512 VNNI
+
+// Groups of GR rows split across threads; each group runs its activation rows MR at a time (the same
 // instructions for a row whatever the others are). Q8: q8 (int8 values) or q4 (packed nibbles).
 template <bool Q8, typename S>
 void gemm_groups(const void* wq_, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
@@ -318,6 +414,8 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x_in) {
   quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
   return {xq, xd, xs};
 }
+
+int64_t group_rows() { return GR; }
 
 std::string isa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

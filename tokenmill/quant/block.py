@@ -3,9 +3,10 @@
 Weights are kept in blocks of 32 inputs of one output row, as GGUF ships them, so Q4_0/Q4_1/Q8_0 tensors
 load without requantizing:
 - w4a8: 4-bit values, w = d * q + m. Q4_1 is (d, m) as shipped; Q4_0 is w = d * (q - 8), so m = -8 d.
-  Held with rows interleaved in groups of 8 (interleave_q4), the order the kernel reads them in.
+  Held with rows interleaved in groups of 8 or 16 (interleave_q4: one row per lane of the kernel build's
+  vector, group_rows()), the order the kernel reads them in.
 - w8a8: int8, w = d * q (+ m when a Q4 piece was widened into it: q - 8 and m + 8 d, both exact). Held with
-  rows interleaved in groups of 8 too (interleave_q8).
+  rows interleaved in groups likewise (interleave_q8).
 d and m are float16 where exact (as GGUF ships them), else float32. The kernel quantizes activations to
 int8 per block of 32 and runs integer dot products, which is what makes one stream fast: these kernels
 read a quarter (w4a8) or half (w8a8) of float32's bytes at little compute. Activation rounding makes them
@@ -45,71 +46,83 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
 
 
 DENSE_MIN_ROWS = 16  # the fewest rows a dense-copy GEMM is called with (BlockLinear._dense says why)
-GROUP = 8  # rows interleaved per group (q4 and q8): one row per 32-bit lane of an AVX2 vector
 
 
-def _lanes(t: torch.Tensor, g: int, nb: int) -> torch.Tensor:
-    """Per-block scales of 8g rows [8g, nb] -> [g, nb, 8]: a group's 8 rows side by side, one per lane."""
-    return t.reshape(g, GROUP, nb).transpose(1, 2).contiguous()
+def group_rows() -> int:
+    """Rows interleaved per group (q4 and q8) in the kernel build this CPU runs: one row per 32-bit lane of its
+    vector, 8 with AVX2, 16 with AVX-512."""
+    kernels = block_linear()
+    return 8 if kernels is None else int(kernels.group_rows())
+
+
+def _lanes(t: torch.Tensor, g: int, nb: int, group: int) -> torch.Tensor:
+    """Per-block scales of `group` g rows [group g, nb] -> [g, nb, group]: a group's rows side by side, one per
+    lane."""
+    return t.reshape(g, group, nb).transpose(1, 2).contiguous()
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of _lanes, padding rows dropped."""
-    g, nb, _ = t.shape
-    return t.transpose(1, 2).reshape(g * GROUP, nb)[:n]
+    g, nb, group = t.shape
+    return t.transpose(1, 2).reshape(g * group, nb)[:n]
 
 
-def interleave_q4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
-    """GGUF-order nibbles [N, K/2] and per-block d, m [N, K/32] -> the kernel's layout: rows in groups of 8
-    (zero rows pad N to a multiple of 8), qs [N8/8, K/32, 128] where byte 32u + 4r + i of (group, block) holds
-    weight 8u + i of the group's row r (low nibble) and weight 8u + 4 + i (high nibble); d and m
-    [N8/8, K/32, 8], one row per lane. Values and scales are moved, never changed."""
+def interleave_q4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int | None = None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF-order nibbles [N, K/2] and per-block d, m [N, K/32] -> the kernel's layout: rows in groups of G
+    (group_rows() unless given; zero rows pad N to a multiple of G), qs [N/G, K/32, 16 G] where byte
+    4 G u + 4r + i of (group, block) holds weight 8u + i of the group's row r (low nibble) and weight 8u + 4 + i
+    (high nibble); d and m [N/G, K/32, G], one row per lane. Values and scales are moved, never changed."""
+    gr = group or group_rows()
     n, half = packed.shape
     nb = half * 2 // QK
-    pad = -n % GROUP
+    pad = -n % gr
     q = unpack_q4(packed)
     if pad:
         q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
         d = torch.cat([d, d.new_zeros(pad, nb)])
         m = torch.cat([m, m.new_zeros(pad, nb)])
-    g = (n + pad) // GROUP
-    q = q.reshape(g, GROUP, nb, 4, 2, 4)  # [group, row, block, u, low/high, i]
+    g = (n + pad) // gr
+    q = q.reshape(g, gr, nb, 4, 2, 4)  # [group, row, block, u, low/high, i]
     byte = q[..., 0, :] | (q[..., 1, :] << 4)  # [group, row, block, u, i]
-    qs = byte.permute(0, 2, 3, 1, 4).reshape(g, nb, 4 * GROUP * 4)
-    return qs.contiguous(), _lanes(d, g, nb), _lanes(m, g, nb)
+    qs = byte.permute(0, 2, 3, 1, 4).reshape(g, nb, 4 * gr * 4)
+    return qs.contiguous(), _lanes(d, g, nb, gr), _lanes(m, g, nb, gr)
 
 
 def deinterleave_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                          torch.Tensor]:
     """The inverse of interleave_q4, padding dropped: (GGUF-order nibbles [n, K/2], d, m [n, K/32])."""
     g, nb, _ = qs.shape
-    byte = qs.reshape(g, nb, 4, GROUP, 4).permute(0, 3, 1, 2, 4)  # [group, row, block, u, i]
-    q = torch.stack([byte & 0x0F, byte >> 4], dim=4).reshape(g * GROUP, nb * QK)[:n]
+    gr = d.shape[-1]
+    byte = qs.reshape(g, nb, 4, gr, 4).permute(0, 3, 1, 2, 4)  # [group, row, block, u, i]
+    q = torch.stack([byte & 0x0F, byte >> 4], dim=4).reshape(g * gr, nb * QK)[:n]
     return pack_q4(q), _rows(d, n), _rows(m, n)
 
 
-def interleave_q8(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor | None]:
-    """int8 values [N, K] and per-block d (m or None) [N, K/32] -> the kernel's layout: rows in groups of 8 (zero
-    rows pad N), qs [N8/8, K/32, 256] where byte 32u + 4r + i of (group, block) holds weight 4u + i of the
-    group's row r; d and m [N8/8, K/32, 8]. Values and scales are moved, never changed."""
+def interleave_q8(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, group: int | None = None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """int8 values [N, K] and per-block d (m or None) [N, K/32] -> the kernel's layout: rows in groups of G
+    (group_rows() unless given; zero rows pad N), qs [N/G, K/32, 32 G] where byte 4 G u + 4r + i of (group,
+    block) holds weight 4u + i of the group's row r; d and m [N/G, K/32, G]. Values and scales are moved, never
+    changed."""
+    gr = group or group_rows()
     n, k = qs.shape
-    nb, pad = k // QK, -n % GROUP
+    nb, pad = k // QK, -n % gr
     if pad:
         qs = torch.cat([qs, qs.new_zeros(pad, k)])
         d = torch.cat([d, d.new_zeros(pad, nb)])
         m = None if m is None else torch.cat([m, m.new_zeros(pad, nb)])
-    g = (n + pad) // GROUP
-    q = qs.reshape(g, GROUP, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, GROUP * QK)
-    return q.contiguous(), _lanes(d, g, nb), (None if m is None else _lanes(m, g, nb))
+    g = (n + pad) // gr
+    q = qs.reshape(g, gr, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, nb, gr * QK)
+    return q.contiguous(), _lanes(d, g, nb, gr), (None if m is None else _lanes(m, g, nb, gr))
 
 
 def deinterleave_q8(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, n: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The inverse of interleave_q8, padding dropped: (int8 values [n, K], d, m or None [n, K/32])."""
     g, nb, _ = qs.shape
-    q = qs.reshape(g, nb, 8, GROUP, 4).permute(0, 3, 1, 2, 4).reshape(g * GROUP, nb * QK)[:n]
+    gr = d.shape[-1]
+    q = qs.reshape(g, nb, 8, gr, 4).permute(0, 3, 1, 2, 4).reshape(g * gr, nb * QK)[:n]
     return q, _rows(d, n), (None if m is None else _rows(m, n))
 
 
