@@ -8,6 +8,7 @@
 // into a buffer.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -91,6 +92,81 @@ static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include "simd.h"
 
+// Scores of one block's n tokens for NG query heads that share a KV head: qv holds the heads' query vectors
+// (V each), s their score rows (stride bs); K row t of the block is kc + (row0 + t * Hkv) * D. Each key row is
+// loaded (and, from int8, widened) once for the NG heads. Per head and token the arithmetic is the same
+// whatever NG is: two partial sums (even and odd vectors, halving the chain of dependent FMAs), added, summed
+// across lanes, times the token's scale.
+template <int V, int NG, typename kv_t>
+static inline void scores(const vf* qv, float* s, int64_t bs, const kv_t* kc, const float* ks, int64_t row0,
+                          int64_t Hkv, int64_t n) {
+  constexpr int64_t D = V * W;
+  vf q[NG][V];
+  for (int g = 0; g < NG; ++g)
+    for (int v = 0; v < V; ++v) q[g][v] = qv[g * V + v];
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t row = row0 + t * Hkv;
+    const kv_t* kp = kc + row * D;
+    vf k[V];
+    for (int v = 0; v < V; ++v) k[v] = vload(kp + W * v);
+    const float scale = ks ? ks[row] : 1.f;
+    for (int g = 0; g < NG; ++g) {
+      vf dot0 = vmul(q[g][0], k[0]), dot1 = vmul(q[g][1], k[1]);
+      for (int v = 2; v < V; v += 2) {
+        dot0 = vfma(q[g][v], k[v], dot0);
+        dot1 = vfma(q[g][v + 1], k[v + 1], dot1);
+      }
+      s[g * bs + t] = vsum(vadd(dot0, dot1)) * scale;
+    }
+  }
+}
+
+// acc (V per head) += p * v over one block's n tokens in token order, for NG query heads sharing a KV head,
+// each value row loaded once for them.
+template <int V, int NG, typename kv_t>
+static inline void values(vf* acc, const float* s, int64_t bs, const kv_t* vc, const float* vs, int64_t row0,
+                          int64_t Hkv, int64_t n) {
+  constexpr int64_t D = V * W;
+  vf a[NG][V];
+  for (int g = 0; g < NG; ++g)
+    for (int v = 0; v < V; ++v) a[g][v] = acc[g * V + v];
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t row = row0 + t * Hkv;
+    const kv_t* vp = vc + row * D;
+    vf x[V];
+    for (int v = 0; v < V; ++v) x[v] = vload(vp + W * v);
+    const float scale = vs ? vs[row] : 1.f;
+    for (int g = 0; g < NG; ++g) {
+      const vf p = vset1(s[g * bs + t] * scale);
+      for (int v = 0; v < V; ++v) a[g][v] = vfma(p, x[v], a[g][v]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int v = 0; v < V; ++v) acc[g * V + v] = a[g][v];
+}
+
+// Calls f(first head, std::integral_constant<int, k>) over the query heads [qa, qb) that share a KV head, k at a
+// time: as many as the registers hold beside the loaded row (32 vectors with AVX-512, 16 with AVX2).
+template <int V, typename F>
+static inline void by_heads(int64_t qa, int64_t qb, F&& f) {
+#if defined(__AVX512F__)
+  constexpr int64_t regs = 32;
+#else
+  constexpr int64_t regs = 16;
+#endif
+  constexpr int64_t most = std::max<int64_t>(1, std::min<int64_t>(4, (regs - V) / V));
+  for (int64_t g = qa; g < qb;) {
+    const int64_t k = std::min(qb - g, most);
+    switch (k) {
+      case 4: f(g, std::integral_constant<int, 4>{}); break;
+      case 3: f(g, std::integral_constant<int, 3>{}); break;
+      case 2: f(g, std::integral_constant<int, 2>{}); break;
+      default: f(g, std::integral_constant<int, 1>{}); break;
+    }
+    g += k;
+  }
+}
+
 // SIMD path for head sizes that are a multiple of W (64 and 128 cover the supported models).
 // Per block of tokens: scores for every query head of the group, one max/exp pass, then the
 // probability-weighted V rows accumulated in registers.
@@ -148,28 +224,15 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const int64_t block = table[blk];
         auto tokens_of = [&](int64_t r) { return std::min(bs, lens[b0 + r] - blk * bs); };  // <= 0: none
-        // Scores: one query vector held in registers against the block's keys (read from L1 after the first
-        // query of the group).
+        // Scores: the query vectors of a KV head's query heads held in registers against the block's keys,
+        // each key row loaded (and, from int8, widened) once for all of them.
         for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t n = tokens_of(r);
-            for (int64_t qh = std::max(h * G, q0); qh < std::min((h + 1) * G, q1); ++qh) {
-              const int64_t i = r * H + qh;
-              vf qr[V];
-              for (int v = 0; v < V; ++v) qr[v] = qv[i * V + v];
-              for (int64_t t = 0; t < n; ++t) {
-                const int64_t row = (block * bs + t) * Hkv + h;
-                const kv_t* kp = kc + row * D;
-                // Two partial sums (even and odd vectors) halve the chain of dependent FMAs.
-                vf dot0 = vmul(qr[0], vload(kp)), dot1 = vmul(qr[1], vload(kp + W));
-                for (int v = 2; v < V; v += 2) {
-                  dot0 = vfma(qr[v], vload(kp + W * v), dot0);
-                  dot1 = vfma(qr[v + 1], vload(kp + W * (v + 1)), dot1);
-                }
-                s[i * bs + t] = vsum(vadd(dot0, dot1)) * (ks ? ks[row] : 1.f);
-              }
-            }
-          }
+          const int64_t qa = std::max(h * G, q0), qb = std::min((h + 1) * G, q1);
+          for (int64_t r = 0; r < nr; ++r)
+            by_heads<V>(qa, qb, [&](int64_t qh, auto ng) {
+              scores<V, decltype(ng)::value>(qv.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs, bs, kc,
+                                             ks, block * bs * Hkv + h, Hkv, tokens_of(r));
+            });
         }
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t n = tokens_of(r);
@@ -203,23 +266,15 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
             m[i] = bmax;
           }
         }
-        // Values: one accumulator held in registers over the block's tokens, in token order.
+        // Values: the accumulators of a KV head's query heads in registers over the block's tokens, in token
+        // order, each value row loaded once for all of them.
         for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t n = tokens_of(r);
-            for (int64_t qh = std::max(h * G, q0); qh < std::min((h + 1) * G, q1); ++qh) {
-              const int64_t i = r * H + qh;
-              vf a[V];
-              for (int v = 0; v < V; ++v) a[v] = acc[i * V + v];
-              for (int64_t t = 0; t < n; ++t) {
-                const int64_t row = (block * bs + t) * Hkv + h;
-                const kv_t* vp = vc + row * D;
-                const vf p = vset1(s[i * bs + t] * (vs ? vs[row] : 1.f));
-                for (int v = 0; v < V; ++v) a[v] = vfma(p, vload(vp + W * v), a[v]);
-              }
-              for (int v = 0; v < V; ++v) acc[i * V + v] = a[v];
-            }
-          }
+          const int64_t qa = std::max(h * G, q0), qb = std::min((h + 1) * G, q1);
+          for (int64_t r = 0; r < nr; ++r)
+            by_heads<V>(qa, qb, [&](int64_t qh, auto ng) {
+              values<V, decltype(ng)::value>(acc.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs, bs, vc,
+                                             vs, block * bs * Hkv + h, Hkv, tokens_of(r));
+            });
         }
       }
       for (int64_t r = 0; r < nr; ++r) {
