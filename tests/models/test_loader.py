@@ -374,7 +374,7 @@ def test_hf_bad_config_value(tmp_path):
 def test_gguf_unknown_architecture(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, arch="gpt2")
-    _assert_load_error(path, "unsupported architecture 'gpt2'")
+    _assert_load_error(path, "unsupported architecture 'gpt2' in a GGUF")
 
 
 def test_gguf_missing_tensor(tmp_path):

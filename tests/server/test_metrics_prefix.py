@@ -59,3 +59,23 @@ def test_live_server_speaks_vllm():
     finally:
         assert s.stop() == 0
         s.remove_log()
+
+
+def test_moe_expert_load_series_and_their_msgpack_round_trip():
+    """An MoE model's tokens per expert, by layer, reach /metrics; the stats survive the engine -> frontend
+    codec (int keys included)."""
+    from tokenmill.server.protocol import Updates, from_engine_codec
+
+    stats = _stats(10, 5)
+    stats.moe_expert_tokens = {0: [3, 0, 5], 2: [1, 1, 6]}
+    enc, dec = from_engine_codec()
+    back = dec.decode(enc.encode(Updates(0.0, [], stats))).stats
+    assert back.moe_expert_tokens == {0: [3, 0, 5], 2: [1, 1, 6]}
+    m = ServerMetrics("m")
+    m.engine.stats = back
+    values = parse_metrics(m.exposition("tokenmill").decode())
+    assert values['tokenmill:moe_expert_tokens_total{expert="2",layer="2"}'] == 6.0
+    assert values['tokenmill:moe_expert_tokens_total{expert="1",layer="0"}'] == 0.0
+    dense = ServerMetrics("m")
+    dense.engine.stats = _stats(10, 5)
+    assert "moe_expert_tokens" not in dense.exposition("tokenmill").decode()

@@ -77,6 +77,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)
+    # Mixture-of-experts models: tokens each expert has run, by MoE layer (the expert load).
+    moe_expert_tokens: dict[int, list[int]] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -162,7 +164,11 @@ class EngineCore:
                            self.kv.prefix_cache_hits, s.num_preemptions, self.prompt_tokens,
                            self.generation_tokens, self.num_steps, self.num_interrupted_steps, self.spec_num_drafts,
                            self.spec_num_draft_tokens, self.spec_num_accepted_tokens,
-                           list(self.spec_accepted_per_pos))
+                           list(self.spec_accepted_per_pos), self._expert_tokens())
+
+    def _expert_tokens(self) -> dict[int, list[int]]:
+        counts = getattr(self.runner, "expert_tokens", None)  # optional: a runner of a dense model has none
+        return counts() if counts is not None else {}
 
     # -- one step ----------------------------------------------------------------------------
     def _expire(self) -> None:

@@ -5,7 +5,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Architectures the model code implements, by the name GGUF metadata or config.json `model_type` uses.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP: a router picks top_k of num_experts SwiGLU experts per token.
+
+    Every supported architecture routes the same way, softmax over the router's logits then the top k, and
+    differs in whether the k weights are renormalised to sum to 1 (Mixtral always; Qwen-MoE and OLMoE by
+    norm_topk_prob). Qwen2-MoE adds a shared expert every token runs, scaled by sigmoid(shared gate)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    norm_topk_prob: bool
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP stays dense (Qwen2/3-MoE mlp_only_layers, sparse step)
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """Where an architecture's checkpoints keep the router and expert e's matrices, inside a layer."""
+
+    router: str
+    expert: str  # a prefix with {e}
+    gate: str
+    up: str
+    down: str
 
 
 @dataclass
@@ -27,8 +54,52 @@ class ModelArchConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     sliding_window: int | None = None  # None: full attention
+    # RMSNorm on q and k before rotary: "head" over each head (Qwen3), "all" over the whole projection (OLMoE)
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
+    moe: MoEConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i not in self.moe.dense_layers
+
+    def layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Layer i's tensors in Hugging Face naming (after "model.layers.{i}.") with their shapes."""
+        h, q, kv, d = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h)}
+        if self.attention_bias:
+            shapes |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+        shapes["self_attn.o_proj.weight"] = (h, q)
+        if self.qk_norm is not None:
+            shapes |= {"self_attn.q_norm.weight": (d if self.qk_norm == "head" else q,),
+                       "self_attn.k_norm.weight": (d if self.qk_norm == "head" else kv,)}
+        if self.is_moe_layer(i):
+            moe = self.moe
+            names = self.expert_names()
+            shapes[names.router] = (moe.num_experts, h)
+            for e in range(moe.num_experts):
+                p = names.expert.format(e=e)
+                shapes |= {p + names.gate: (moe.intermediate_size, h), p + names.up: (moe.intermediate_size, h),
+                           p + names.down: (h, moe.intermediate_size)}
+            if moe.shared_intermediate_size:
+                s = moe.shared_intermediate_size
+                shapes |= {"mlp.shared_expert.gate_proj.weight": (s, h), "mlp.shared_expert.up_proj.weight": (s, h),
+                           "mlp.shared_expert.down_proj.weight": (h, s), "mlp.shared_expert_gate.weight": (1, h)}
+        else:
+            shapes |= {"mlp.gate_proj.weight": (self.intermediate_size, h),
+                       "mlp.up_proj.weight": (self.intermediate_size, h),
+                       "mlp.down_proj.weight": (h, self.intermediate_size)}
+        shapes |= {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+        return shapes
+
+    def expert_names(self) -> ExpertNames:
+        if self.architecture == "mixtral":
+            return ExpertNames("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1.weight",
+                               "w3.weight", "w2.weight")
+        return ExpertNames("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj.weight", "up_proj.weight",
+                           "down_proj.weight")
 
     def kv_block_bytes(self, block_size: int, cache_dtype: str, itemsize: int) -> int:
         """Bytes one KV cache block takes: K and V, every layer and KV head. An int8 cache stores a float32

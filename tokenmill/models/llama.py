@@ -1,4 +1,6 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): GQA, RMSNorm, SwiGLU, tied embeddings.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): GQA, RMSNorm, SwiGLU, tied embeddings; and the
+mixture-of-experts models built on the same layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: models/moe.py for the
+experts, plus the q/k norms and clipping of the last two).
 
 Weights arrive tensor by tensor in Hugging Face naming; q/k/v and gate/up are fused into one matrix
 each as they load, so a layer runs two fewer matmuls per step.
@@ -17,9 +19,10 @@ from tqdm import tqdm
 
 from tokenmill.errors import ModelLoadError, StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.ops import FusedOps, pick_ops
+from tokenmill.layers.ops import EagerOps, FusedOps, pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
+from tokenmill.models.moe import MoEBlock
 from tokenmill.quant.block import BlockLinear, RowKinds
 from tokenmill.quant.gguf import GGUFBlocks
 from tokenmill.quant.linear import FloatLinear, Linear, LinearBuilder
@@ -37,19 +40,68 @@ class LlamaLayer:
         self.qkv_b = b(self.q_size + 2 * self.kv_size, h, "qkv")
         self.qkv_bias = e(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
         self.o_b = b(h, self.q_size, "o")
-        self.gate_up_b = b(2 * cfg.intermediate_size, h, "gate_up")
-        self.down_b = b(h, cfg.intermediate_size, "down")
+        # q/k RMSNorm before rotary: over each head (Qwen3) or the whole projection (OLMoE)
+        per_head = cfg.qk_norm == "head"
+        self.q_norm = e(d if per_head else self.q_size) if cfg.qk_norm else None
+        self.k_norm = e(d if per_head else self.kv_size) if cfg.qk_norm else None
+        self.moe = MoEBlock(cfg, dtype, device, quant, idx) if cfg.is_moe_layer(idx) else None
+        if self.moe is None:
+            self.gate_up_b = b(2 * cfg.intermediate_size, h, "gate_up")
+            self.down_b = b(h, cfg.intermediate_size, "down")
         self.in_norm = e(h)
         self.post_norm = e(h)
         self.qkv: Linear
         self.o: Linear
-        self.gate_up: Linear
-        self.down: Linear
+        self.gate_up: Linear | None = None  # the dense MLP (None in an MoE layer)
+        self.down: Linear | None = None
+
+    def slots(self, cfg: ModelArchConfig) -> dict[str, tuple[torch.Tensor | LinearBuilder, int, int]]:
+        """Hugging Face tensor name (inside the layer) -> (destination, first row, last row)."""
+        q, kv, h = self.q_size, self.kv_size, cfg.hidden_size
+        table = {
+            "self_attn.q_proj.weight": (self.qkv_b, 0, q),
+            "self_attn.k_proj.weight": (self.qkv_b, q, q + kv),
+            "self_attn.v_proj.weight": (self.qkv_b, q + kv, q + 2 * kv),
+            "self_attn.o_proj.weight": (self.o_b, 0, h),
+            "input_layernorm.weight": (self.in_norm, 0, h),
+            "post_attention_layernorm.weight": (self.post_norm, 0, h),
+        }
+        if self.qkv_bias is not None:
+            table |= {"self_attn.q_proj.bias": (self.qkv_bias, 0, q),
+                      "self_attn.k_proj.bias": (self.qkv_bias, q, q + kv),
+                      "self_attn.v_proj.bias": (self.qkv_bias, q + kv, q + 2 * kv)}
+        if self.q_norm is not None:
+            table |= {"self_attn.q_norm.weight": (self.q_norm, 0, self.q_norm.shape[0]),
+                      "self_attn.k_norm.weight": (self.k_norm, 0, self.k_norm.shape[0])}
+        if self.moe is not None:
+            return table | self.moe.slots(cfg)
+        inter = cfg.intermediate_size
+        return table | {"mlp.gate_proj.weight": (self.gate_up_b, 0, inter),
+                        "mlp.up_proj.weight": (self.gate_up_b, inter, 2 * inter),
+                        "mlp.down_proj.weight": (self.down_b, 0, h)}
+
+    def builders(self) -> list[LinearBuilder]:
+        mlp = self.moe.builders() if self.moe is not None else [self.gate_up_b, self.down_b]
+        return [self.qkv_b, self.o_b, *mlp]
+
+    def linears(self) -> list[Linear]:
+        mlp = self.moe.linears() if self.moe is not None else [self.gate_up, self.down]
+        return [self.qkv, self.o, *mlp]
 
     def finish(self) -> None:
         self.qkv = self.qkv_b.finish(self.qkv_bias)
-        self.o, self.gate_up, self.down = self.o_b.finish(), self.gate_up_b.finish(), self.down_b.finish()
-        del self.qkv_b, self.o_b, self.gate_up_b, self.down_b
+        self.o = self.o_b.finish()
+        del self.qkv_b, self.o_b
+        if self.moe is not None:
+            self.moe.finish()
+        else:
+            self.gate_up, self.down = self.gate_up_b.finish(), self.down_b.finish()
+            del self.gate_up_b, self.down_b
+
+    def mlp(self, h: torch.Tensor, ops: EagerOps, rows: RowKinds | None) -> torch.Tensor:
+        if self.moe is not None:
+            return self.moe(h, ops.silu_mul, rows)
+        return self.down(ops.silu_mul(self.gate_up(h, rows)), rows)
 
 
 @dataclass(frozen=True)
@@ -118,38 +170,15 @@ class LlamaModel:
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
         if not m or int(m.group(1)) >= len(self.layers):
             return []
-        layer, rest = self.layers[int(m.group(1))], m.group(2)
-        q, kv, inter, h = layer.q_size, layer.kv_size, self.cfg.intermediate_size, self.cfg.hidden_size
-        table = {
-            "self_attn.q_proj.weight": (layer.qkv_b, 0, q),
-            "self_attn.k_proj.weight": (layer.qkv_b, q, q + kv),
-            "self_attn.v_proj.weight": (layer.qkv_b, q + kv, q + 2 * kv),
-            "self_attn.o_proj.weight": (layer.o_b, 0, h),
-            "mlp.gate_proj.weight": (layer.gate_up_b, 0, inter),
-            "mlp.up_proj.weight": (layer.gate_up_b, inter, 2 * inter),
-            "mlp.down_proj.weight": (layer.down_b, 0, h),
-            "input_layernorm.weight": (layer.in_norm, 0, layer.in_norm.shape[0]),
-            "post_attention_layernorm.weight": (layer.post_norm, 0, layer.post_norm.shape[0]),
-        }
-        if layer.qkv_bias is not None:
-            table.update({
-                "self_attn.q_proj.bias": (layer.qkv_bias, 0, q),
-                "self_attn.k_proj.bias": (layer.qkv_bias, q, q + kv),
-                "self_attn.v_proj.bias": (layer.qkv_bias, q + kv, q + 2 * kv),
-            })
-        return [table[rest]] if rest in table else []
+        slot = self._layer_slots[int(m.group(1))].get(m.group(2))
+        return [slot] if slot is not None else []
 
     def expected_tensors(self) -> set[str]:
         names = {"model.embed_tokens.weight", "model.norm.weight"}
         if not self.cfg.tie_word_embeddings:
             names.add("lm_head.weight")
-        per = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-               "input_layernorm.weight", "post_attention_layernorm.weight"]
-        if self.cfg.attention_bias:
-            per += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
         for i in range(len(self.layers)):
-            names.update(f"model.layers.{i}.{p}" for p in per)
+            names.update(f"model.layers.{i}.{p}" for p in self.cfg.layer_shapes(i))
         return names
 
     @torch.no_grad()
@@ -157,6 +186,7 @@ class LlamaModel:
         """Tensors arrive one at a time (float, or GGUF blocks when quantizing); each is copied or
         quantized into place and dropped before the next arrives."""
         missing = self.expected_tensors()
+        self._layer_slots = [layer.slots(self.cfg) for layer in self.layers]
         # A bar on a terminal (quantizing a large model takes a while); nothing in logs.
         for name, t in tqdm(tensors, total=len(missing), desc="loading weights", unit="tensor", disable=None,
                             leave=False):
@@ -172,7 +202,8 @@ class LlamaModel:
                 missing.discard(name)
         if missing:
             raise ModelLoadError(source, f"missing tensor(s): {', '.join(sorted(missing)[:5])}")
-        builders = [b for layer in self.layers for b in (layer.qkv_b, layer.o_b, layer.gate_up_b, layer.down_b)]
+        self._layer_slots = []
+        builders = [b for layer in self.layers for b in layer.builders()]
         builders += [self.lm_head_b] if self.lm_head_b is not None else []
         for layer in self.layers:
             layer.finish()
@@ -185,7 +216,7 @@ class LlamaModel:
         self.lm_head_b = None
         # Block formats round anyway: their fast path also takes the fused element-wise ops. Float weights
         # keep the eager formulas, the exact reference.
-        block = any(lin.kind in ("w4a8", "w8a8") for layer in self.layers for lin in (layer.qkv, layer.gate_up))
+        block = any(lin.kind in ("w4a8", "w8a8") for layer in self.layers for lin in layer.linears())
         self.ops = pick_ops(self.rope, block, self.device)
         self.native = self._native_decoder()
 
@@ -197,7 +228,8 @@ class LlamaModel:
 
         kernels = decoder()
         if (kernels is None or os.environ.get("TOKENMILL_NATIVE_DECODER") == "0"
-                or not isinstance(self.ops, FusedOps)):
+                or not isinstance(self.ops, FusedOps) or self.cfg.moe is not None or self.cfg.qk_norm is not None
+                or self.cfg.clip_qkv is not None):  # the decoder runs the plain Llama layer only
             return None
 
         def spec(lin: Linear):
@@ -218,9 +250,13 @@ class LlamaModel:
             dec.add_layer(*specs[4 * i:4 * i + 4], layer.in_norm, layer.post_norm)
         return dec
 
+    def expert_tokens(self) -> dict[int, list[int]]:
+        """Tokens each expert has run since load, by MoE layer ({} for a dense model)."""
+        return {i: layer.moe.expert_tokens.tolist() for i, layer in enumerate(self.layers) if layer.moe is not None}
+
     def weight_report(self) -> dict[str, int]:
         """Bytes of linear-layer weights by format, and how many GGUF pieces were repacked as shipped."""
-        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        linears = [lin for layer in self.layers for lin in layer.linears()]
         linears.append(self.lm_head)
         out: dict[str, int] = {"gguf_pieces_repacked_as_shipped": self.repacked_pieces}
         for lin in linears:
@@ -258,14 +294,34 @@ class LlamaModel:
                 raise StepInterrupted
             if delta is not None:
                 h, residual = ops.add_norm(delta, residual, layer.in_norm, eps)
-            q, k, v = ops.rope_qkv(layer.qkv(h, rows), positions, tables, cfg.num_heads, cfg.num_kv_heads,
-                                   cfg.head_dim, kv_cache, meta)
+            qkv = layer.qkv(h, rows)
+            if layer.q_norm is not None or cfg.clip_qkv is not None:
+                qkv = self._norm_clip_qkv(layer, qkv)
+            q, k, v = ops.rope_qkv(qkv, positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache,
+                                   meta)
             attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
             h, residual = ops.add_norm(layer.o(attn, rows), residual, layer.post_norm, eps)
-            delta = layer.down(ops.silu_mul(layer.gate_up(h, rows)), rows)
+            delta = layer.mlp(h, ops, rows)
         x = residual + delta
         x = ops.norm(x.index_select(0, logits_rows).contiguous(), self.norm, eps)
         return self.lm_head(x, logits_rows_kinds).float()
+
+    def _norm_clip_qkv(self, layer: LlamaLayer, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3's per-head / OLMoE's whole-projection RMSNorm on q and k, then OLMoE's clipping of q, k, v."""
+        cfg = self.cfg
+        q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+        if layer.q_norm is not None:
+            t, d = qkv.shape[0], cfg.head_dim
+            if cfg.qk_norm == "head":
+                q = self.ops.norm(q.reshape(t, cfg.num_heads, d), layer.q_norm, cfg.rms_norm_eps).reshape(t, -1)
+                k = self.ops.norm(k.reshape(t, cfg.num_kv_heads, d), layer.k_norm, cfg.rms_norm_eps).reshape(t, -1)
+            else:
+                q = self.ops.norm(q.contiguous(), layer.q_norm, cfg.rms_norm_eps)
+                k = self.ops.norm(k.contiguous(), layer.k_norm, cfg.rms_norm_eps)
+        qkv = torch.cat([q, k, v], dim=-1)
+        if cfg.clip_qkv is not None:
+            qkv = qkv.clamp_(-cfg.clip_qkv, cfg.clip_qkv)
+        return qkv
 
     def _forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                         kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,

@@ -21,7 +21,7 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.models.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig
+from tokenmill.models.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig, MoEConfig
 
 if TYPE_CHECKING:
     import torch
@@ -399,23 +399,10 @@ def _gguf_to_hf_name(name: str) -> str | None:
 
 def expected_shapes(arch: ModelArchConfig, include_lm_head: bool) -> dict[str, tuple[int, ...]]:
     """Every tensor the HF model's state_dict holds, with its shape, in canonical order."""
-    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    h = arch.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
     for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        if arch.attention_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (q,)
-            shapes[p + "self_attn.k_proj.bias"] = (kv,)
-            shapes[p + "self_attn.v_proj.bias"] = (kv,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        shapes[p + "mlp.gate_proj.weight"] = (arch.intermediate_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (arch.intermediate_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, arch.intermediate_size)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in arch.layer_shapes(i).items()}
     shapes["model.norm.weight"] = (h,)
     if include_lm_head:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
@@ -559,6 +546,10 @@ _HF_CONFIG_KEYS: dict[str, _Rule] = {
     "rms_norm_eps": (float, 1e-12, 1.0), "rope_theta": (float, 1.0, 1e12),
     "tie_word_embeddings": (bool, 0, 1), "attention_bias": (bool, 0, 1), "use_sliding_window": (bool, 0, 1),
     "bos_token_id": _ID, "eos_token_id": _ID,
+    # mixture-of-experts and attention variants (Mixtral, Qwen2/3-MoE, OLMoE)
+    "num_local_experts": _SIZE, "num_experts": _SIZE, "num_experts_per_tok": _SIZE, "moe_intermediate_size": _SIZE,
+    "shared_expert_intermediate_size": (int, 0, _INT_LIMIT), "decoder_sparse_step": _SIZE,
+    "norm_topk_prob": (bool, 0, 1), "qkv_bias": (bool, 0, 1), "clip_qkv": (float, 1e-6, 1e12),
 }
 # Inside rope_scaling / rope_parameters: the values layers/rotary.py reads, where present.
 _HF_ROPE_KEYS: dict[str, _Rule] = {
@@ -595,15 +586,22 @@ def _uniform(path: Path, key: str, value: Any) -> Any:
 _REQUIRED = object()  # sentinel: a metadata key without a default
 
 
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # general.architecture values the GGUF reader maps
+
+
 def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     md = contents.metadata
     arch_name = md.get("general.architecture")
     if not isinstance(arch_name, str):
         raise ModelLoadError(path, "GGUF metadata lacks general.architecture")
-    if arch_name not in SUPPORTED_ARCHITECTURES:
+    if arch_name not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
-            path, f"unsupported architecture {arch_name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            path, f"unsupported architecture {arch_name!r} in a GGUF (supported: {', '.join(GGUF_ARCHITECTURES)}; "
+                  "mixture-of-experts models load from Hugging Face directories)"
         )
+    if md.get(f"{arch_name}.expert_count"):  # Mixtral ships as "llama" with experts
+        raise ModelLoadError(path, "mixture-of-experts GGUF files are not supported yet; load the model's Hugging "
+                                   "Face directory")
     if _checked(path, "split.count", md.get("split.count", 1), (int, 0, _INT_LIMIT)) > 1:
         raise ModelLoadError(path, "split (multi-file) GGUF models are not supported; merge them with gguf-split")
 
@@ -730,6 +728,10 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
         sliding = 0  # Qwen2 configs carry a sliding_window value that is off unless use_sliding_window
     if model_type == "llama":
         sliding = 0
+    if model_type in ("qwen2_moe", "qwen3_moe") and not get("use_sliding_window", False):
+        sliding = 0
+    num_layers = get("num_hidden_layers")
+    moe = _moe_from_config(config_path, cfg, model_type, num_layers, get)
     eos = _id_list(config_path, cfg.get("eos_token_id")) + _id_list(
         config_path.with_name("generation_config.json"), generation_cfg.get("eos_token_id"))
     return ModelArchConfig(
@@ -737,7 +739,7 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
         vocab_size=get("vocab_size"),
         hidden_size=hidden,
         intermediate_size=get("intermediate_size"),
-        num_layers=get("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=get("num_key_value_heads", num_heads),
         head_dim=get("head_dim", hidden // num_heads),
@@ -746,11 +748,39 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
         rope_scaling=rope_scaling,
         max_position_embeddings=get("max_position_embeddings", 2048),
         tie_word_embeddings=get("tie_word_embeddings", False),
-        attention_bias=True if model_type == "qwen2" else get("attention_bias", False),
+        attention_bias=True if model_type == "qwen2" else get("qkv_bias", get("attention_bias", False)),
         sliding_window=sliding or None,
+        qk_norm={"qwen3_moe": "head", "olmoe": "all"}.get(model_type),
+        clip_qkv=get("clip_qkv", None) if model_type == "olmoe" else None,
+        moe=moe,
         bos_token_id=get("bos_token_id", None),
         eos_token_ids=list(dict.fromkeys(eos)),
     )
+
+
+def _moe_from_config(config_path: Path, cfg: dict[str, Any], model_type: str, num_layers: int,
+                     get: Callable[..., Any]) -> MoEConfig | None:
+    """The experts of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config.json; None for a dense model."""
+    if model_type not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        return None
+    experts = get("num_local_experts", None) or get("num_experts")
+    top_k = get("num_experts_per_tok")
+    if top_k > experts:
+        raise ModelLoadError(config_path, f"num_experts_per_tok {top_k} exceeds the {experts} experts")
+    dense: set[int] = set()
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        only = cfg.get("mlp_only_layers") or []
+        if not isinstance(only, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers
+                                             for i in only):
+            raise ModelLoadError(config_path, f"bad value for mlp_only_layers: {_short(only)}")
+        step = get("decoder_sparse_step", 1)
+        dense = set(only) | {i for i in range(num_layers) if (i + 1) % step}
+    expert_size = get("moe_intermediate_size") if model_type in ("qwen2_moe", "qwen3_moe") else get("intermediate_size")
+    return MoEConfig(
+        num_experts=experts, top_k=top_k, intermediate_size=expert_size,
+        norm_topk_prob=True if model_type == "mixtral" else get("norm_topk_prob", False),
+        shared_intermediate_size=get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0,
+        dense_layers=tuple(sorted(dense)))
 
 
 # --------------------------------------------------------------------------------------------------------

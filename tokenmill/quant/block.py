@@ -199,6 +199,14 @@ class RowKinds:
         t = torch.tensor(is_prompt, device=device)
         return cls(t.nonzero().squeeze(1), (~t).nonzero().squeeze(1))
 
+    def subset(self, rows: torch.Tensor) -> RowKinds | None:
+        """The kinds of the rows `rows` (indices into this step's rows), in that order."""
+        n = int(rows.max()) + 1 if rows.numel() else 0
+        is_prompt = torch.zeros(max(n, 1), dtype=torch.bool, device=rows.device)
+        if self.dense is not None:
+            is_prompt[self.dense[self.dense < n]] = True
+        return RowKinds.from_mask(is_prompt[rows].tolist(), rows.device)
+
 
 def _exact_in_half(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.half().float(), t))

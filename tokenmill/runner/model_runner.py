@@ -159,13 +159,14 @@ class ModelRunner:
 
     def _make_thread_governor(self) -> ThreadGovernor | None:
         """A governor of the math thread count, where results cannot depend on it: every linear on a native
-        block kernel (no dense float copy for prompts), attention on the native kernel, no draft model."""
+        block kernel (no dense float copy for prompts), attention on the native kernel, no draft model, no
+        MoE router (a float GEMM)."""
         if not self.config.adapt_threads or self.device.type != "cpu" or self.split_prompt_rows:
             return None
         from tokenmill.kernels.cpu import native
 
-        linears = [lin for layer in self.model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if native() is None or self.config.speculative == "draft" or \
+        linears = [lin for layer in self.model.layers for lin in layer.linears()]
+        if native() is None or self.config.speculative == "draft" or self.model.cfg.moe is not None or \
                 any(lin.kind not in BLOCK_MODES for lin in [*linears, self.model.lm_head]):
             return None
         return ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
@@ -225,6 +226,10 @@ class ModelRunner:
     @property
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+
+    def expert_tokens(self) -> dict[int, list[int]]:
+        """The target model's expert load (tokens per expert, by MoE layer); {} for a dense model."""
+        return self.model.expert_tokens()
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -77,6 +77,13 @@ class _EngineStatsCollector(Collector):
         for i, n in enumerate(s.spec_accepted_per_pos):
             per_pos.add_metric([*values, str(i)], n)
         yield per_pos
+        if s.moe_expert_tokens:  # one series per (MoE layer, expert): bounded by the model's shape
+            experts = CounterMetricFamily("tokenmill:moe_expert_tokens", "Tokens routed to each expert, by MoE layer.",
+                                          labels=[*labels, "layer", "expert"])
+            for layer, counts in s.moe_expert_tokens.items():
+                for e, n in enumerate(counts):
+                    experts.add_metric([*values, str(layer), str(e)], n)
+            yield experts
 
 
 class ServerMetrics:

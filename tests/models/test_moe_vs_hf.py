@@ -1,0 +1,118 @@
+"""Small random-weight mixture-of-experts models (Mixtral, Qwen2-MoE with a shared expert and a dense layer,
+Qwen3-MoE with per-head q/k norms, OLMoE with whole-projection q/k norms and clipping), saved as Hugging Face
+directories: greedy tokens identical to transformers in float32 and top-5 logprobs within 1e-3, batched equal
+to one by one, and only the experts some token chose run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hf_reference import check_logprobs_close, hf_greedy
+
+from tokenmill import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 49152  # the default model's tokenizer is reused, so the vocabulary matches it
+COMMON = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+              max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              num_experts_per_tok=2)
+
+CASES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=96, num_local_experts=8, sliding_window=None)),
+    "qwen2-moe-shared": ("Qwen2MoeConfig", dict(
+        intermediate_size=160, moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=8,
+        mlp_only_layers=[1], norm_topk_prob=False, use_sliding_window=False)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(intermediate_size=160, moe_intermediate_size=64, num_experts=8, head_dim=32,
+                                         norm_topk_prob=True, use_sliding_window=False)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8, clip_qkv=3.0, norm_topk_prob=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, gguf_path):
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(d)
+    return d
+
+
+def build(case: str, out, tokenizer_dir):
+    import transformers
+
+    cfg_cls, extra = CASES[case]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(**COMMON, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p.abs().sum() == 0:  # biases start at zero: make them matter
+                p.normal_(0, 0.5)
+            elif p.dim() == 1:  # norms start at one: vary them (q/k norms among them)
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_moe_model_matches_transformers(case, tmp_path, tokenizer_dir):
+    model = build(case, tmp_path, tokenizer_dir)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB", max_num_batched_tokens=64)
+    layers = llm.engine.runner.model.layers
+    assert [layer.moe is not None for layer in layers] == ([True, False, True] if case == "qwen2-moe-shared"
+                                                           else [True] * 3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 37, 300)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=5, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)  # batched, the long prompt chunked
+    for n, (ids, out) in enumerate(zip(prompts, outs, strict=True)):
+        ref_tokens, ref_tops = hf_greedy(model, ids, 16)
+        o = out.outputs[0]
+        ours = [{t: lp.logprob for t, lp in d.items()} for d in o.logprobs]
+        assert o.token_ids == ref_tokens, f"{case} prompt {n}: greedy tokens differ"
+        check_logprobs_close(o.token_ids, ours, ref_tokens, ref_tops, atol=1e-3, name=f"{case} prompt {n}")
+        alone = llm.generate([ids], params, use_tqdm=False)[0].outputs[0]
+        assert alone.token_ids == o.token_ids, f"{case} prompt {n}: batched differs from alone"
+    moe = layers[0].moe
+    routed = int(moe.expert_tokens.sum())
+    assert routed > 0 and routed % moe.top_k == 0  # every token routed to exactly top_k experts
+
+
+def test_only_chosen_experts_run(tmp_path, tokenizer_dir):
+    """An expert no token of the step chose runs no matmul; each chosen one runs once per step."""
+    build("mixtral", tmp_path, tokenizer_dir)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB")
+    moe = llm.engine.runner.model.layers[0].moe
+    calls = [0] * moe.num_experts
+
+    def counting(e, lin):
+        def call(x, rows=None):
+            calls[e] += 1
+            return lin(x, rows)
+        return call
+
+    moe.gate_up = [counting(e, lin) for e, lin in enumerate(moe.gate_up)]
+    h = torch.randn(3, 128)
+    _, experts = moe.route(h)
+    moe(h, lambda gu: torch.nn.functional.silu(gu[:, :96]) * gu[:, 96:])
+    chosen = set(experts.flatten().tolist())
+    assert calls == [1 if e in chosen else 0 for e in range(moe.num_experts)]
+    assert len(chosen) < moe.num_experts  # 3 tokens x 2 of 8: some expert idles
+
+
+def test_moe_experts_run_in_the_block_formats(tmp_path, tokenizer_dir):
+    """Experts are ordinary linears: as w8a8 blocks (int8 activations) an MoE layer's output stays within a few
+    percent of the float layer's on the same input (the router stays float, so the routing is the same)."""
+    build("qwen2-moe-shared", tmp_path, tokenizer_dir)
+    ref = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB").engine.runner.model
+    model = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB", quantization="w8a8").engine.runner.model
+    assert {lin.kind for lin in model.layers[0].moe.linears()} == {"w8a8"}
+    h = torch.randn(6, 128, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ref.layers[0].moe.route(h)[1], model.layers[0].moe.route(h)[1])
+    want, got = ref.layers[0].mlp(h, ref.ops, None), model.layers[0].mlp(h, model.ops, None)
+    assert ((got - want).norm() / want.norm()).item() < 0.03
