@@ -116,3 +116,24 @@ def test_moe_experts_run_in_the_block_formats(tmp_path, tokenizer_dir):
     assert torch.equal(ref.layers[0].moe.route(h)[1], model.layers[0].moe.route(h)[1])
     want, got = ref.layers[0].mlp(h, ref.ops, None), model.layers[0].mlp(h, model.ops, None)
     assert ((got - want).norm() / want.norm()).item() < 0.03
+
+
+def test_moe_prefix_hit_and_preemption_keep_greedy_output(tmp_path, tokenizer_dir):
+    """An MoE model computes the same tokens after a prefix-cache hit as cold, and when preempted over and over
+    (recomputed) as when never preempted."""
+    build("mixtral", tmp_path, tokenizer_dir)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (12, 20, 9, 25, 15, 18)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    cold = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB", enable_prefix_caching=False)
+    ref = [o.outputs[0].token_ids for o in cold.generate(prompts, params, use_tqdm=False)]
+    warm = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB")
+    warm.generate(prompts, params, use_tqdm=False)
+    hits = warm.engine.stats().prefix_cache_hits
+    assert [o.outputs[0].token_ids for o in warm.generate(prompts, params, use_tqdm=False)] == ref
+    assert warm.engine.stats().prefix_cache_hits > hits
+    # 7 blocks of 16 tokens: three prompts fit, then their outputs outgrow the cache and preempt each other.
+    per_block = cold.engine.runner.model.cfg.kv_block_bytes(16, "auto", 4)
+    tight = LLM(str(tmp_path), dtype="float32", kv_cache_memory=7 * per_block, enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)] == ref
+    assert tight.engine.stats().num_preemptions >= 3
