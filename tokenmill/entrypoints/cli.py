@@ -1,4 +1,4 @@
-"""`tokenmill` command line: generate, serve, router, ray-serve, bench, eval, distill. Engine flags come from
+"""`tokenmill` command line: generate, serve, router, ray-serve, bench, eval, distill, upcycle. Engine flags come from
 EngineConfig's fields."""
 
 from __future__ import annotations
@@ -103,6 +103,56 @@ def add_distill_parser(sub) -> None:
     p.set_defaults(func=_cmd_distill)
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from tokenmill.training.upcycle import UpcycleConfig, upcycle
+
+    fields = {f.name for f in dataclasses.fields(UpcycleConfig)}
+    cfg = UpcycleConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        summary = upcycle(cfg)
+    except ValueError as e:
+        raise SystemExit(f"tokenmill: error: {e}") from None
+    q = summary["quality"]
+    print(json.dumps({"out": cfg.out, "loss_first": summary["losses"][0] if summary["losses"] else None,
+                      "loss_last": summary["losses"][-1] if summary["losses"] else None,
+                      "moe_perplexity": round(q["moe_perplexity"], 3), "dense_perplexity": round(q["dense_perplexity"], 3),
+                      "teacher_forced_agreement": round(q["teacher_forced_agreement"], 3),
+                      "seconds": round(summary["seconds"], 1)}))
+    return 0
+
+
+def add_upcycle_parser(sub) -> None:
+    from tokenmill.training.upcycle import UpcycleConfig
+
+    d = UpcycleConfig()
+    p = sub.add_parser("upcycle", help="turn a dense model's MLPs into a mixture of experts (Mixtral format)",
+                       description="Copy every MLP into N experts (with a little noise) behind a top-k router, train "
+                       "the router (and optionally the experts) by distillation from the dense model, write a "
+                       "Mixtral-format Hugging Face directory, and report its perplexity and greedy agreement "
+                       "against the dense model.")
+    add = p.add_argument
+    add("--model", default=d.model, help="the dense model: GGUF, HF directory or 'default' (default: default)")
+    add("--out", required=True, help="output directory")
+    add("--experts", type=int, default=d.experts, help=f"experts per layer (default: {d.experts})")
+    add("--top-k", type=int, default=d.top_k, help=f"experts each token runs (default: {d.top_k})")
+    add("--noise", type=float, default=d.noise, help=f"expert copies' noise, relative to each matrix's spread "
+                                                      f"(default: {d.noise})")
+    add("--train-experts", action="store_true", help="train the experts too, not only the router")
+    add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    add("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
+    add("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    add("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    add("--num-prompts", type=int, default=d.num_prompts, help=f"seed instructions the dense model answers "
+                                                               f"(default: {d.num_prompts})")
+    add("--samples-per-prompt", type=int, default=d.samples_per_prompt,
+        help=f"answers per instruction (default: {d.samples_per_prompt})")
+    add("--gen-tokens", type=int, default=d.gen_tokens, help=f"tokens per answer (default: {d.gen_tokens})")
+    add("--eval-prompts", type=int, default=d.eval_prompts,
+        help=f"instructions for the greedy agreement check (default: {d.eval_prompts})")
+    add("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd_upcycle)
+
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -140,6 +190,7 @@ def build_parser(argv: list[str] | None = None, environ: dict[str, str] | None =
     add_ray_serve_parser(sub, add_engine_args, engine_config)
     add_eval_parser(sub, add_engine_args, engine_config)
     add_distill_parser(sub)
+    add_upcycle_parser(sub)
     add_profile_parser(sub, add_engine_args, engine_config)
     add_plan_parser(sub, add_engine_args, engine_config)
     add_ledger_parser(sub)

@@ -189,8 +189,11 @@ class Student(torch.nn.Module):
                                                enable_gqa=self.heads != self.kv_heads)
             x = x + F.linear(a.transpose(1, 2).reshape(b, t, -1), L.o)
             hn = F.rms_norm(x, L.post_norm.shape, L.post_norm, self.eps)
-            x = x + F.linear(F.silu(F.linear(hn, L.gate)) * F.linear(hn, L.up), L.down)
+            x = x + self.mlp(L, hn)
         return F.rms_norm(x, self.norm.shape, self.norm, self.eps)
+
+    def mlp(self, L: torch.nn.Module, hn: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(hn, L.gate)) * F.linear(hn, L.up), L.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.embed)
@@ -203,16 +206,19 @@ class Student(torch.nn.Module):
         for name, p in self._hf_params().items():
             p.copy_(sd[name])
 
-    def _hf_params(self) -> dict[str, torch.nn.Parameter]:
+    def _hf_params(self) -> dict[str, torch.Tensor]:
         sd = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
-        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
         for i, L in enumerate(self.layers):
             for ours, hf in names.items():
                 sd[f"model.layers.{i}.{hf}.weight"] = getattr(L, ours)
             sd[f"model.layers.{i}.input_layernorm.weight"] = L.in_norm
             sd[f"model.layers.{i}.post_attention_layernorm.weight"] = L.post_norm
+            sd |= {f"model.layers.{i}.{name}": t for name, t in self._mlp_params(L).items()}
         return sd
+
+    def _mlp_params(self, L: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {"mlp.gate_proj.weight": L.gate, "mlp.up_proj.weight": L.up, "mlp.down_proj.weight": L.down}
 
 
 @torch.no_grad()
