@@ -137,3 +137,69 @@ def test_moe_prefix_hit_and_preemption_keep_greedy_output(tmp_path, tokenizer_di
     tight = LLM(str(tmp_path), dtype="float32", kv_cache_memory=7 * per_block, enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)] == ref
     assert tight.engine.stats().num_preemptions >= 3
+
+
+@pytest.mark.parametrize("expert_type", ["F32", "Q8_0"])
+def test_mixtral_gguf_reads_as_the_hf_directory(expert_type, tmp_path, tokenizer_dir):
+    """A Mixtral GGUF as llama.cpp writes it (arch llama with expert_count, q/k rows permuted, experts stacked in
+    one [experts, rows, cols] tensor per projection) reads back as the same tensors as its HF directory: expert
+    e's slice of each stack, bit for bit (Q8_0: as the blocks decode), and the same arch."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from tokenmill.models.loader import open_model
+
+    cfg = build("mixtral", tmp_path / "hf", tokenizer_dir).config
+    sd = {k: v.float().numpy() for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}  # HF names
+    heads, kv_heads, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts
+
+    def permute(w, n):  # llama.cpp's q/k row order: each head's halves interleaved
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    path = tmp_path / "mixtral.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, 1024),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, heads), (w.add_head_count_kv, kv_heads), (w.add_expert_count, e),
+                       (w.add_expert_used_count, cfg.num_experts_per_tok), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+                       (w.add_rope_freq_base, 1e6)]:
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    expect: dict[str, np.ndarray] = {}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    q_type = getattr(gguf.GGMLQuantizationType, expert_type)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], kv_heads))
+        for ours, theirs in [("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                             ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                             ("ffn_gate_inp", "block_sparse_moe.gate")]:
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
+        for ours, theirs in [("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")]:
+            stack = np.stack([sd[f"{p}block_sparse_moe.experts.{x}.{theirs}.weight"] for x in range(e)])
+            if expert_type == "F32":
+                w.add_tensor(f"blk.{i}.{ours}.weight", stack)
+            else:
+                packed = gguf.quants.quantize(stack, q_type)
+                w.add_tensor(f"blk.{i}.{ours}.weight", packed, raw_shape=packed.shape, raw_dtype=q_type)
+                stack = gguf.quants.dequantize(packed, q_type)
+            for x in range(e):
+                expect[f"{p}block_sparse_moe.experts.{x}.{theirs}.weight"] = stack[x]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    g, hf = open_model(path), open_model(tmp_path / "hf")
+    assert g.arch.moe == hf.arch.moe and g.arch.architecture == "mixtral"
+    ref = dict(hf.iter_tensors())
+    got = dict(g.iter_tensors())
+    assert set(got) == set(ref)
+    for name, t in got.items():
+        want = torch.from_numpy(expect[name]) if name in expect else ref[name].float()
+        assert torch.equal(t, want), name

@@ -376,7 +376,11 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",  # the router (Mixtral as llama.cpp stores it)
 }
+# Experts stacked in one tensor [experts, rows, cols]: expert e's slice is HF's block_sparse_moe.experts.{e}.*.
+_GGUF_EXPERT_NAMES = {"ffn_gate_exps.weight": "w1.weight", "ffn_up_exps.weight": "w3.weight",
+                      "ffn_down_exps.weight": "w2.weight"}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -395,6 +399,19 @@ def _gguf_to_hf_name(name: str) -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
     return None
+
+
+def _gguf_expert_slices(name: str, info: GGUFTensorInfo) -> dict[str, GGUFTensorInfo] | None:
+    """A stacked expert tensor -> one 2-D tensor per expert, each a byte range of the stack, in HF naming."""
+    parts = name.split(".", 2)
+    if not (len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_EXPERT_NAMES):
+        return None
+    if len(info.shape) != 3 or info.shape[0] < 1 or info.nbytes % info.shape[0]:
+        return {}  # not a stack: left for the shape check to report as missing experts
+    per = info.nbytes // info.shape[0]
+    return {f"model.layers.{parts[1]}.block_sparse_moe.experts.{e}.{_GGUF_EXPERT_NAMES[parts[2]]}":
+            GGUFTensorInfo(f"{name}[{e}]", info.shape[1:], info.qtype, info.offset + e * per, per)
+            for e in range(info.shape[0])}
 
 
 def expected_shapes(arch: ModelArchConfig, include_lm_head: bool) -> dict[str, tuple[int, ...]]:
@@ -455,7 +472,7 @@ class ModelSource:
             raise ModelLoadError(self.path, f"cannot read file: {e}") from None
         if len(mm) < max((t.offset + t.nbytes for t in self._index.values()), default=0):
             raise ModelLoadError(self.path, "file shrank after it was opened (truncated while loading?)")
-        is_llama = self.arch.architecture in ("llama", "mistral")  # only llama.cpp's llama arch permutes q/k
+        is_llama = self.arch.architecture in ("llama", "mistral", "mixtral")  # llama.cpp's llama arch permutes q/k
         for hf_name, info in self._index.items():
             qt = GGMLQuantizationType(info.qtype)
             raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
@@ -538,6 +555,7 @@ _GGUF_ARCH_KEYS: dict[str, _Rule] = {
     "attention.layer_norm_rms_epsilon": (float, 1e-12, 1.0), "rope.freq_base": (float, 1.0, 1e12),
     "rope.scaling.factor": (float, 1e-3, 1e6), "rope.scale_linear": (float, 1e-3, 1e6),
     "rope.scaling.type": (str, 0, 0),
+    "expert_count": (int, 0, 4096), "expert_used_count": _SIZE,
 }
 _HF_CONFIG_KEYS: dict[str, _Rule] = {
     "vocab_size": _SIZE, "hidden_size": _SIZE, "intermediate_size": _SIZE, "num_hidden_layers": _SIZE,
@@ -597,11 +615,8 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     if arch_name not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
             path, f"unsupported architecture {arch_name!r} in a GGUF (supported: {', '.join(GGUF_ARCHITECTURES)}; "
-                  "mixture-of-experts models load from Hugging Face directories)"
+                  "Qwen-MoE and OLMoE GGUFs are not read yet: load their Hugging Face directories)"
         )
-    if md.get(f"{arch_name}.expert_count"):  # Mixtral ships as "llama" with experts
-        raise ModelLoadError(path, "mixture-of-experts GGUF files are not supported yet; load the model's Hugging "
-                                   "Face directory")
     if _checked(path, "split.count", md.get("split.count", 1), (int, 0, _INT_LIMIT)) > 1:
         raise ModelLoadError(path, "split (multi-file) GGUF models are not supported; merge them with gguf-split")
 
@@ -653,6 +668,15 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     name = str(md.get("general.name", "")).lower()
     if arch_name == "llama" and "mistral" in name:
         architecture = "mistral"  # llama.cpp stores Mistral as llama; transformers maps it back the same way
+    moe = None
+    experts = get("expert_count", 0)
+    if experts:  # llama.cpp stores Mixtral as llama with experts: Mixtral's routing (softmax, top k, renormalised)
+        architecture = "mixtral"
+        top_k = get("expert_used_count")
+        if top_k > experts:
+            raise ModelLoadError(path, f"{arch_name}.expert_used_count {top_k} exceeds the {experts} experts")
+        moe = MoEConfig(num_experts=experts, top_k=top_k, intermediate_size=get("feed_forward_length"),
+                        norm_topk_prob=True)
 
     eos = [_checked(path, k, md[k], _ID) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                                     "tokenizer.ggml.eom_token_id") if k in md]
@@ -673,6 +697,7 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
         tie_word_embeddings="output.weight" not in contents.tensors,
         attention_bias="blk.0.attn_q.bias" in contents.tensors,
         sliding_window=get("attention.sliding_window", 0) or None,
+        moe=moe,
         bos_token_id=_checked(path, "tokenizer.ggml.bos_token_id", bos, _ID) if bos is not None else None,
         eos_token_ids=list(dict.fromkeys(eos)),
     )
@@ -829,6 +854,8 @@ def _open_gguf(path: Path) -> ModelSource:
         hf = _gguf_to_hf_name(name)
         if hf is not None:
             by_hf[hf] = info
+        elif (experts := _gguf_expert_slices(name, info)) is not None:
+            by_hf |= experts
         elif name not in _GGUF_IGNORED:
             logger.warning("%s: ignoring unexpected tensor %s", path, name)
     names = _check_shapes(path, arch, {n: i.shape for n, i in by_hf.items()})

@@ -94,11 +94,17 @@ class MoEStudent(Student):
         return p
 
 
+def check(cfg: UpcycleConfig) -> None:
+    """The settings' own errors, before any model loads."""
+    if cfg.experts < 1 or not 1 <= cfg.top_k <= cfg.experts:
+        raise ValueError(f"top_k must be from 1 to the number of experts ({cfg.experts}), got {cfg.top_k}")
+    if cfg.noise < 0 or cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 2:
+        raise ValueError("noise and steps must not be negative, batch size positive, sequence length at least 2")
+
+
 def mixtral_config(arch, cfg: UpcycleConfig, eos_token_ids: list[int], bos: int | None) -> dict:
     if arch.architecture not in ("llama", "mistral") or arch.rope_scaling is not None or arch.attention_bias:
         raise ValueError("upcycling takes a plain Llama-architecture model (no rope scaling, no attention bias)")
-    if not 1 <= cfg.top_k <= cfg.experts:
-        raise ValueError(f"top_k must be from 1 to the number of experts ({cfg.experts}), got {cfg.top_k}")
     return {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": arch.vocab_size,
         "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
@@ -159,6 +165,7 @@ def quality(model_dir: str, dense: str, cfg: UpcycleConfig) -> dict:
 def upcycle(cfg: UpcycleConfig) -> dict:
     from tokenmill import LLM
 
+    check(cfg)
     torch.manual_seed(cfg.seed)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out).expanduser()
