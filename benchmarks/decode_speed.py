@@ -11,7 +11,8 @@ One thing runs at a time (never tokenmill and a peer at once), all on the defaul
   over its total time), each quantization.
 --single-rounds R then visits every system R more times for single-stream speed alone, alternating, and
 reports medians (the single figures above move by a fifth between runs on these VMs).
-Needs the llama.cpp peer built (`benchmarks/peers/llama_cpp.sh build`). Writes OUT.json and OUT.md.
+--model GGUF runs both systems on that one file instead (e.g. an upcycled MoE converted by llama.cpp's own
+script). Needs the llama.cpp peer built (`benchmarks/peers/llama_cpp.sh build`). Writes OUT.json and OUT.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tokenmill.kernels.cpu import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT / "benchmarks" / "peers" / "llama_cpp.sh"
+MODEL = "default"  # --model
 
 
 def tokenmill_llm(fmt: str):
@@ -39,7 +41,7 @@ def tokenmill_llm(fmt: str):
         os.environ["TOKENMILL_NATIVE_DECODER"] = "0"
     else:
         os.environ.pop("TOKENMILL_NATIVE_DECODER", None)
-    return LLM("default", quantization=fmt.removesuffix("-pyloop"), kv_cache_memory="2GiB", max_model_len=1024)
+    return LLM(MODEL, quantization=fmt.removesuffix("-pyloop"), kv_cache_memory="2GiB", max_model_len=1024)
 
 
 def single_stream(llm) -> float:
@@ -81,6 +83,8 @@ def tokenmill_figures(fmt: str, offline_prompts: int) -> dict:
 
 
 def llama_model(qtype: str) -> str:
+    if MODEL != "default":  # --model: llama.cpp runs the very file tokenmill runs
+        return MODEL
     if qtype == "Q4_1":
         return subprocess.check_output([str(ROOT / ".venv/bin/python"), "-c",
                                         "from tokenmill.models.loader import resolve_model_path as r; print(r('default'))"],
@@ -136,10 +140,17 @@ def main() -> None:
     ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure (suffix -pyloop: native decoder off)")
     ap.add_argument("--offline-prompts", type=int, default=200)
     ap.add_argument("--llama-quants", default="Q4_0,Q4_1,Q8_0")
+    ap.add_argument("--model", default="default",
+                    help="a GGUF both systems run as it is (e.g. an upcycled MoE converted by llama.cpp's script); "
+                         "--llama-quants then names it")
     ap.add_argument("--single-rounds", type=int, default=0,
                     help="then this many alternating rounds of single-stream runs only (medians reported)")
     args = ap.parse_args()
-    res: dict = {"cpu": cpu_name(), "tokenmill": {}, "llama.cpp": {}}
+    global MODEL
+    MODEL = args.model
+    if MODEL != "default" and args.llama_quants == ap.get_default("llama_quants"):
+        args.llama_quants = Path(MODEL).name
+    res: dict = {"cpu": cpu_name(), "model": MODEL, "tokenmill": {}, "llama.cpp": {}}
     for fmt in args.formats.split(","):
         res["tokenmill"][fmt] = tokenmill_figures(fmt, args.offline_prompts)
         print(fmt, res["tokenmill"][fmt], flush=True)

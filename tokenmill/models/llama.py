@@ -252,7 +252,7 @@ class LlamaModel:
 
     def expert_tokens(self) -> dict[int, list[int]]:
         """Tokens each expert has run since load, by MoE layer ({} for a dense model)."""
-        return {i: layer.moe.expert_tokens.tolist() for i, layer in enumerate(self.layers) if layer.moe is not None}
+        return {i: list(layer.moe.expert_tokens) for i, layer in enumerate(self.layers) if layer.moe is not None}
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of linear-layer weights by format, and how many GGUF pieces were repacked as shipped."""

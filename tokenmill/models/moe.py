@@ -45,8 +45,8 @@ class MoEBlock:
         self.shared_gate = torch.empty(1, h, dtype=dtype, device=device) if s else None
         self.shared_gate_up: Linear | None = None
         self.shared_down: Linear | None = None
-        # Tokens each expert has run since the last take_expert_tokens() (the /metrics expert load).
-        self.expert_tokens = torch.zeros(moe.num_experts, dtype=torch.int64)
+        # Tokens each expert has run since load (the /metrics expert load); plain ints, no tensor op per step.
+        self.expert_tokens = [0] * moe.num_experts
 
     def slots(self, cfg: ModelArchConfig) -> dict[str, tuple[torch.Tensor | LinearBuilder, int, int]]:
         """Hugging Face tensor name (inside the layer) -> (destination, first row, last row)."""
@@ -94,10 +94,11 @@ class MoEBlock:
         """h [T, hidden] -> the MLP's output [T, hidden]; rows: prompt/output kinds, passed to each linear (an
         expert's rows are a subset of the step's, so the kinds are re-derived for the subset)."""
         weights, experts = self.route(h)
+        if h.shape[0] == 1:
+            return self._one_token(h, weights, experts, silu_mul, rows)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
         counts = torch.bincount(flat, minlength=self.num_experts)
-        self.expert_tokens += counts
         tokens = order // self.top_k
         pair_weights = weights.reshape(-1)[order].unsqueeze(1)
         out = torch.zeros_like(h)
@@ -105,12 +106,26 @@ class MoEBlock:
         for e, n in enumerate(counts.tolist()):  # a loop over experts, never over tokens
             if n == 0:
                 continue
+            self.expert_tokens[e] += n
             sel = tokens[start:start + n]
             sub = None if rows is None else rows.subset(sel)
             y = self.down[e](silu_mul(self.gate_up[e](h.index_select(0, sel), sub)), sub)
             out.index_add_(0, sel, y * pair_weights[start:start + n])
             start += n
-        if self.shared_gate_up is not None:
-            shared = self.shared_down(silu_mul(self.shared_gate_up(h, rows)), rows)
-            out = out + torch.sigmoid(F.linear(h, self.shared_gate)) * shared
-        return out
+        return self._add_shared(h, out, silu_mul, rows)
+
+    def _one_token(self, h, weights, experts, silu_mul, rows) -> torch.Tensor:
+        """A step of one token (single-stream decode): its experts in ascending order, without the sort, gather
+        and scatter; the same sums as the general path (0 + a + b is a + b)."""
+        out = None
+        for e, w in sorted(zip(experts[0].tolist(), weights[0].tolist(), strict=True)):
+            self.expert_tokens[e] += 1
+            y = self.down[e](silu_mul(self.gate_up[e](h, rows)), rows) * w
+            out = y if out is None else out + y
+        return self._add_shared(h, out, silu_mul, rows)
+
+    def _add_shared(self, h, out, silu_mul, rows) -> torch.Tensor:
+        if self.shared_gate_up is None:
+            return out
+        shared = self.shared_down(silu_mul(self.shared_gate_up(h, rows)), rows)
+        return out + torch.sigmoid(F.linear(h, self.shared_gate)) * shared
