@@ -118,6 +118,22 @@ def test_moe_experts_run_in_the_block_formats(tmp_path, tokenizer_dir):
     assert ((got - want).norm() / want.norm()).item() < 0.03
 
 
+@pytest.mark.parametrize("case", ["qwen3-moe", "olmoe"])
+def test_qk_norms_on_the_fused_ops_match_the_eager_ones(case, tmp_path, tokenizer_dir):
+    """The block formats take the fused element-wise ops: the q/k norms (per head, whole projection) and the
+    clipping computed with them match the eager formulas."""
+    from tokenmill.layers.ops import EagerOps
+
+    build(case, tmp_path, tokenizer_dir)
+    model = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB", quantization="w8a8").engine.runner.model
+    assert model.ops.name == "fused"
+    layer = model.layers[0]
+    qkv = torch.randn(5, layer.q_size + 2 * layer.kv_size, generator=torch.Generator().manual_seed(4)) * 3
+    fused = model._norm_clip_qkv(layer, qkv.clone())
+    model.ops = EagerOps(model.rope)
+    torch.testing.assert_close(fused, model._norm_clip_qkv(layer, qkv.clone()), rtol=1e-5, atol=1e-5)
+
+
 def test_moe_prefix_hit_and_preemption_keep_greedy_output(tmp_path, tokenizer_dir):
     """An MoE model computes the same tokens after a prefix-cache hit as cold, and when preempted over and over
     (recomputed) as when never preempted."""

@@ -313,8 +313,8 @@ class LlamaModel:
         if layer.q_norm is not None:
             t, d = qkv.shape[0], cfg.head_dim
             if cfg.qk_norm == "head":
-                q = self.ops.norm(q.reshape(t, cfg.num_heads, d), layer.q_norm, cfg.rms_norm_eps).reshape(t, -1)
-                k = self.ops.norm(k.reshape(t, cfg.num_kv_heads, d), layer.k_norm, cfg.rms_norm_eps).reshape(t, -1)
+                q = self.ops.norm(q.reshape(-1, d), layer.q_norm, cfg.rms_norm_eps).reshape(t, -1)
+                k = self.ops.norm(k.reshape(-1, d), layer.k_norm, cfg.rms_norm_eps).reshape(t, -1)
             else:
                 q = self.ops.norm(q.contiguous(), layer.q_norm, cfg.rms_norm_eps)
                 k = self.ops.norm(k.contiguous(), layer.k_norm, cfg.rms_norm_eps)

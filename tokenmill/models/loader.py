@@ -773,7 +773,9 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
         rope_scaling=rope_scaling,
         max_position_embeddings=get("max_position_embeddings", 2048),
         tie_word_embeddings=get("tie_word_embeddings", False),
-        attention_bias=True if model_type == "qwen2" else get("qkv_bias", get("attention_bias", False)),
+        # Qwen2 and Qwen2-MoE put biases on q/k/v (transformers 5 writes Qwen2-MoE's as qkv_bias; 4.x configs lack it)
+        attention_bias=True if model_type == "qwen2" else get("qkv_bias", True) if model_type == "qwen2_moe"
+        else get("attention_bias", False),
         sliding_window=sliding or None,
         qk_norm={"qwen3_moe": "head", "olmoe": "all"}.get(model_type),
         clip_qkv=get("clip_qkv", None) if model_type == "olmoe" else None,
