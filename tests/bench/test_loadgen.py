@@ -25,6 +25,9 @@ from tokenmill.bench.metrics import compute
 FAKE = Path(__file__).with_name("fake_openai_server.py")
 REPO = Path(__file__).resolve().parents[2]
 SLACK = 0.25  # seconds a busy machine may add to a scripted delay
+# The fake sleeps at least each delay, but the client times arrivals: a first token that reaches it late makes
+# the span after it look that much shorter (seen at 0.3995 s against a scripted 0.4 on a loaded machine).
+JITTER = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_ttft_tpot_itl_follow_the_script(fake_url):
         assert r.tokens_source == "usage" and r.output_tokens == out and len(r.chunks) == out
         assert r.served_by == "fake-0"
         assert ttft <= r.ttft <= ttft + SLACK
-        assert (out - 1) * gap <= r.e2e - r.ttft <= (out - 1) * gap + SLACK
+        assert (out - 1) * gap - JITTER <= r.e2e - r.ttft <= (out - 1) * gap + SLACK
         assert r.tpot == pytest.approx((r.e2e - r.ttft) / (out - 1))
     assert ttft <= m["ttft_s"]["median"] <= ttft + SLACK
     assert gap * 0.9 <= m["itl_s"]["mean"] <= gap + SLACK / (out - 1)

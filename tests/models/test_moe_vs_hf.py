@@ -118,6 +118,36 @@ def test_moe_experts_run_in_the_block_formats(tmp_path, tokenizer_dir):
     assert ((got - want).norm() / want.norm()).item() < 0.03
 
 
+@pytest.mark.parametrize("case", ["mixtral", "qwen2-moe-shared"])
+def test_native_decoder_runs_moe_layers_bit_for_bit(case, tmp_path, tokenizer_dir):
+    """In the block formats an MoE model's decode steps run on the native decoder (routing, the one-token path,
+    the grouped path, the shared expert) and give what the Python loop gives, bit for bit; both count the
+    expert load."""
+    build(case, tmp_path, tokenizer_dir)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory="32MiB", quantization="w8a8",
+              enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    assert model.native is not None
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (7, 19, 30)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=5, ignore_eos=True)
+
+    def run(batch):
+        outs = llm.generate(batch, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                for o in outs]
+
+    native = run(prompts) + run(prompts[:1])  # decode steps of 3 rows (grouped) and of 1 (one token)
+    counted = sum(model.expert_tokens()[0])
+    assert sum(model.native.expert_tokens()[0]) > 0  # the decode steps ran natively
+    saved, model.native = model.native, None
+    try:
+        assert run(prompts) + run(prompts[:1]) == native
+    finally:
+        model.native = saved
+    assert sum(model.expert_tokens()[0]) == 2 * counted
+
+
 @pytest.mark.parametrize("case", ["qwen3-moe", "olmoe"])
 def test_qk_norms_on_the_fused_ops_match_the_eager_ones(case, tmp_path, tokenizer_dir):
     """The block formats take the fused element-wise ops: the q/k norms (per head, whole projection) and the

@@ -10,6 +10,7 @@
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
 // over once. Only what this covers is built: block-quantized or float linear layers, a KV cache in the model
 // dtype or int8, every query row on the paged kernel. Anything else stays on the Python path.
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <map>
@@ -49,9 +50,66 @@ Linear float_linear_spec(torch::Tensor w, std::optional<torch::Tensor> bias) {
   return l;
 }
 
+// A mixture-of-experts MLP, computed as models/moe.py's MoEBlock computes it (the same ATen ops in the same
+// order): softmax over the router's logits in float32, the top k (renormalised where the model says), then the
+// step's (token, expert) pairs sorted by expert, each chosen expert run once on its tokens and added in
+// ascending expert order; one token skips the sort. An optional shared expert gated by a sigmoid.
+struct MoE {
+  torch::Tensor router;  // [experts, hidden], the model dtype
+  std::vector<Linear> gate_up, down;
+  int64_t top_k = 1;
+  bool renormalize = false;
+  bool shared = false;
+  Linear shared_gate_up, shared_down;
+  torch::Tensor shared_gate;  // [1, hidden]
+  std::vector<int64_t> tokens;  // tokens each expert ran (the expert load)
+
+  torch::Tensor operator()(const torch::Tensor& h) {
+    torch::Tensor probs = at::softmax(at::linear(h, router).to(at::kFloat), -1);
+    auto [weights, experts] = at::topk(probs, top_k, -1);
+    if (renormalize) weights = weights / weights.sum(-1, true);
+    weights = weights.to(h.scalar_type());
+    torch::Tensor out;
+    if (h.size(0) == 1) {
+      std::vector<std::pair<int64_t, double>> chosen;
+      const auto e = experts.contiguous();
+      const auto w = weights.to(at::kDouble).contiguous();
+      for (int64_t j = 0; j < top_k; ++j) chosen.emplace_back(e.data_ptr<int64_t>()[j], w.data_ptr<double>()[j]);
+      std::sort(chosen.begin(), chosen.end());
+      for (const auto& [x, wt] : chosen) {
+        tokens[x] += 1;
+        torch::Tensor y = down[x](silu_mul(gate_up[x](h))) * wt;
+        out = out.defined() ? out + y : y;
+      }
+    } else {
+      const torch::Tensor flat = experts.reshape(-1);
+      const torch::Tensor order = at::argsort(flat, /*stable=*/true);
+      const torch::Tensor counts = at::bincount(flat, {}, static_cast<int64_t>(gate_up.size())).contiguous();
+      const torch::Tensor rows = at::floor_divide(order, top_k);
+      const torch::Tensor pair_weights = weights.reshape(-1).index_select(0, order).unsqueeze(1);
+      out = at::zeros_like(h);
+      int64_t start = 0;
+      const int64_t* n_of = counts.data_ptr<int64_t>();
+      for (size_t x = 0; x < gate_up.size(); ++x) {
+        const int64_t n = n_of[x];
+        if (n == 0) continue;
+        tokens[x] += n;
+        const torch::Tensor sel = rows.slice(0, start, start + n);
+        torch::Tensor y = down[x](silu_mul(gate_up[x](h.index_select(0, sel))));
+        out.index_add_(0, sel, y * pair_weights.slice(0, start, start + n));
+        start += n;
+      }
+    }
+    if (!shared) return out;
+    torch::Tensor s = shared_down(silu_mul(shared_gate_up(h)));
+    return out + at::sigmoid(at::linear(h, shared_gate)) * s;
+  }
+};
+
 struct Layer {
   Linear qkv, o, gate_up, down;
   torch::Tensor in_norm, post_norm;
+  std::optional<MoE> moe;  // set: the MLP is a mixture of experts (gate_up, down unused)
 };
 
 // Lap times by kind of work, or nothing when not profiling.
@@ -78,7 +136,32 @@ class Decoder {
         sin_(sin), head_(head) {}
 
   void add_layer(Linear qkv, Linear o, Linear gate_up, Linear down, torch::Tensor in_norm, torch::Tensor post_norm) {
-    layers_.push_back({qkv, o, gate_up, down, in_norm, post_norm});
+    layers_.push_back({qkv, o, gate_up, down, in_norm, post_norm, std::nullopt});
+  }
+
+  // A layer whose MLP is a mixture of experts; shared_* are None without a shared expert.
+  void add_moe_layer(Linear qkv, Linear o, torch::Tensor in_norm, torch::Tensor post_norm, torch::Tensor router,
+                     std::vector<Linear> gate_up, std::vector<Linear> down, int64_t top_k, bool renormalize,
+                     std::optional<Linear> shared_gate_up, std::optional<Linear> shared_down,
+                     std::optional<torch::Tensor> shared_gate) {
+    TORCH_CHECK(gate_up.size() == down.size() && gate_up.size() == static_cast<size_t>(router.size(0)),
+                "one gate_up and one down per expert, as many as the router's rows");
+    MoE moe;
+    moe.router = router, moe.gate_up = std::move(gate_up), moe.down = std::move(down), moe.top_k = top_k;
+    moe.renormalize = renormalize, moe.tokens.assign(moe.gate_up.size(), 0);
+    if (shared_gate_up && shared_down && shared_gate) {
+      moe.shared = true, moe.shared_gate_up = *shared_gate_up, moe.shared_down = *shared_down;
+      moe.shared_gate = *shared_gate;
+    }
+    layers_.push_back({qkv, o, Linear{}, Linear{}, in_norm, post_norm, std::move(moe)});
+  }
+
+  // Tokens each expert ran on this decoder, by layer index ({} for a dense model).
+  std::map<int64_t, std::vector<int64_t>> expert_tokens() const {
+    std::map<int64_t, std::vector<int64_t>> out;
+    for (size_t i = 0; i < layers_.size(); ++i)
+      if (layers_[i].moe) out[static_cast<int64_t>(i)] = layers_[i].moe->tokens;
+    return out;
   }
 
   void set_kv_caches(std::vector<std::vector<torch::Tensor>> caches) {
@@ -105,7 +188,7 @@ class Decoder {
     torch::Tensor h = rms_norm(residual, layers_[0].in_norm, eps_);
     torch::Tensor delta;
     for (size_t i = 0; i < layers_.size(); ++i) {
-      const Layer& L = layers_[i];
+      Layer& L = layers_[i];
       if (static_cast<int64_t>(i) < stop_checks && (*interrupt)()) return std::nullopt;
       if (delta.defined()) h = add_rms_norm_(delta, residual, L.in_norm, eps_);
       const torch::Tensor& kc = caches_[i][0];
@@ -125,6 +208,11 @@ class Decoder {
       clock.lap("linear");
       h = add_rms_norm_(o, residual, L.post_norm, eps_);
       clock.lap("elementwise");
+      if (L.moe) {
+        delta = (*L.moe)(h);
+        clock.lap("experts");
+        continue;
+      }
       torch::Tensor gu = L.gate_up(h);
       clock.lap("linear");
       torch::Tensor act = silu_mul(gu);

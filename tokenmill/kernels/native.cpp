@@ -39,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, double, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                     Linear>())
       .def("add_layer", &Decoder::add_layer)
+      .def("add_moe_layer", &Decoder::add_moe_layer, "a layer whose MLP is a mixture of experts")
+      .def("expert_tokens", &Decoder::expert_tokens, "tokens each expert ran, by MoE layer")
       .def("set_kv_caches", &Decoder::set_kv_caches)
       .def("forward", &Decoder::forward)
       .def("set_profiling", &Decoder::set_profiling, "time each kind of work inside forward")

@@ -228,8 +228,8 @@ class LlamaModel:
 
         kernels = decoder()
         if (kernels is None or os.environ.get("TOKENMILL_NATIVE_DECODER") == "0"
-                or not isinstance(self.ops, FusedOps) or self.cfg.moe is not None or self.cfg.qk_norm is not None
-                or self.cfg.clip_qkv is not None):  # the decoder runs the plain Llama layer only
+                or not isinstance(self.ops, FusedOps) or self.cfg.qk_norm is not None
+                or self.cfg.clip_qkv is not None):  # the decoder runs Llama's attention (dense or MoE MLP) only
             return None
 
         def spec(lin: Linear):
@@ -239,20 +239,33 @@ class LlamaModel:
                 return kernels.float_linear_spec(lin.weight, lin.bias)
             return None
 
-        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        specs = [spec(lin) for lin in [*linears, self.lm_head]]
-        if any(s is None for s in specs):
+        linears = [lin for layer in self.layers for lin in layer.linears()]
+        if any(spec(lin) is None for lin in [*linears, self.lm_head]):
             return None
         cfg = self.cfg
         dec = kernels.Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, self.scale, self.embed, self.norm,
-                              self.rope.cos, self.rope.sin, specs[-1])
-        for i, layer in enumerate(self.layers):
-            dec.add_layer(*specs[4 * i:4 * i + 4], layer.in_norm, layer.post_norm)
+                              self.rope.cos, self.rope.sin, spec(self.lm_head))
+        for layer in self.layers:
+            moe = layer.moe
+            if moe is None:
+                dec.add_layer(spec(layer.qkv), spec(layer.o), spec(layer.gate_up), spec(layer.down), layer.in_norm,
+                              layer.post_norm)
+                continue
+            shared = moe.shared_gate_up is not None
+            dec.add_moe_layer(spec(layer.qkv), spec(layer.o), layer.in_norm, layer.post_norm, moe.router,
+                              [spec(lin) for lin in moe.gate_up], [spec(lin) for lin in moe.down], moe.top_k,
+                              moe.renormalize, spec(moe.shared_gate_up) if shared else None,
+                              spec(moe.shared_down) if shared else None, moe.shared_gate if shared else None)
         return dec
 
     def expert_tokens(self) -> dict[int, list[int]]:
         """Tokens each expert has run since load, by MoE layer ({} for a dense model)."""
-        return {i: list(layer.moe.expert_tokens) for i, layer in enumerate(self.layers) if layer.moe is not None}
+        if self.cfg.moe is None:
+            return {}
+        native = self.native.expert_tokens() if self.native is not None else {}
+        return {i: [a + b for a, b in zip(layer.moe.expert_tokens, native.get(i, [0] * len(layer.moe.expert_tokens)),
+                                          strict=True)]
+                for i, layer in enumerate(self.layers) if layer.moe is not None}
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of linear-layer weights by format, and how many GGUF pieces were repacked as shipped."""
