@@ -33,15 +33,17 @@ MODEL = "default"  # --model
 
 
 def tokenmill_llm(fmt: str):
-    """fmt: a --quantization value, or one with the suffix "-pyloop": the same with the native decoder off
-    (LlamaModel.forward's Python loop over the same kernels)."""
+    """fmt: a --quantization value, optionally with ":int8" (an int8 KV cache instead of one in the model dtype)
+    and then "-pyloop" (the native decoder off: LlamaModel.forward's Python loop over the same kernels)."""
     from tokenmill import LLM
 
     if fmt.endswith("-pyloop"):
         os.environ["TOKENMILL_NATIVE_DECODER"] = "0"
     else:
         os.environ.pop("TOKENMILL_NATIVE_DECODER", None)
-    return LLM(MODEL, quantization=fmt.removesuffix("-pyloop"), kv_cache_memory="2GiB", max_model_len=1024)
+    quantization, _, kv = fmt.removesuffix("-pyloop").partition(":")
+    return LLM(MODEL, quantization=quantization, kv_cache_dtype=kv or "auto", kv_cache_memory="2GiB",
+               max_model_len=1024)
 
 
 def single_stream(llm) -> float:
@@ -137,7 +139,8 @@ def llama_figures(qtype: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/decode_speed")
-    ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure (suffix -pyloop: native decoder off)")
+    ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure (suffix :int8: an int8 KV cache; "
+                         "-pyloop: native decoder off)")
     ap.add_argument("--offline-prompts", type=int, default=200)
     ap.add_argument("--llama-quants", default="Q4_0,Q4_1,Q8_0")
     ap.add_argument("--model", default="default",

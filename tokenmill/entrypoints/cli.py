@@ -104,7 +104,8 @@ def add_distill_parser(sub) -> None:
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> int:
-    from tokenmill.training.upcycle import UpcycleConfig, upcycle
+    from tokenmill.training.upcycle import upcycle
+    from tokenmill.training.upcycle_config import UpcycleConfig
 
     fields = {f.name for f in dataclasses.fields(UpcycleConfig)}
     cfg = UpcycleConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -122,7 +123,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
 
 def add_upcycle_parser(sub) -> None:
-    from tokenmill.training.upcycle import UpcycleConfig
+    from tokenmill.training.upcycle_config import UpcycleConfig
 
     d = UpcycleConfig()
     p = sub.add_parser("upcycle", help="turn a dense model's MLPs into a mixture of experts (Mixtral format)",
