@@ -70,6 +70,6 @@ case "$cmd" in
     port="$1"; shift
     build >&2
     exec "$VENV/bin/vllm" serve "$MODEL_DIR" --dtype "$DTYPE" --host 127.0.0.1 --port "$port" \
-      --max-model-len 1024 --disable-log-requests "$@" ;;
+      --max-model-len 1024 "$@" ;;
   *) echo "usage: $0 {build|throughput [N]|latency|serve PORT}" >&2; exit 2 ;;
 esac
