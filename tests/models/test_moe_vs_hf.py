@@ -185,49 +185,84 @@ def test_moe_prefix_hit_and_preemption_keep_greedy_output(tmp_path, tokenizer_di
     assert tight.engine.stats().num_preemptions >= 3
 
 
-@pytest.mark.parametrize("expert_type", ["F32", "Q8_0"])
-def test_mixtral_gguf_reads_as_the_hf_directory(expert_type, tmp_path, tokenizer_dir):
-    """A Mixtral GGUF as llama.cpp writes it (arch llama with expert_count, q/k rows permuted, experts stacked in
-    one [experts, rows, cols] tensor per projection) reads back as the same tensors as its HF directory: expert
-    e's slice of each stack, bit for bit (Q8_0: as the blocks decode), and the same arch."""
+# How llama.cpp's converter names each architecture's tensors (written out here, independently of the loader).
+GGUF_ARCH = {"mixtral": "llama", "qwen2-moe-shared": "qwen2moe", "qwen3-moe": "qwen3moe", "olmoe": "olmoe"}
+GGUF_NAMES = {"self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight", "input_layernorm.weight": "attn_norm.weight",
+              "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+              "block_sparse_moe.gate.weight": "ffn_gate_inp.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+              "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+              "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+              "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+              "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
+
+
+@pytest.mark.parametrize("case, expert_type", [("mixtral", "F32"), ("mixtral", "Q8_0"), ("qwen2-moe-shared", "Q8_0"),
+                                               ("qwen3-moe", "F32"), ("olmoe", "F32")])
+def test_moe_gguf_reads_as_the_hf_directory(case, expert_type, tmp_path, tokenizer_dir):
+    """An MoE GGUF as llama.cpp writes it reads back as the same tensors as its HF directory, and the same
+    arch: Mixtral as llama with expert_count and q/k rows permuted; Qwen2-MoE with its shared expert (the gate
+    a 1-D tensor) and a dense layer; Qwen3-MoE's and OLMoE's q/k norms, OLMoE's clamp. Experts are stacked in one
+    [experts, rows, cols] tensor per projection; expert e's slice comes back bit for bit (Q8_0: as it decodes)."""
     import gguf
     import numpy as np
     from safetensors.torch import load_file
 
     from tokenmill.models.loader import open_model
 
-    cfg = build("mixtral", tmp_path / "hf", tokenizer_dir).config
+    cfg = build(case, tmp_path / "hf", tokenizer_dir).config
     sd = {k: v.float().numpy() for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}  # HF names
-    heads, kv_heads, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts
+    heads, kv_heads, arch = cfg.num_attention_heads, cfg.num_key_value_heads, GGUF_ARCH[case]
+    e = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    mixtral = case == "mixtral"
 
-    def permute(w, n):  # llama.cpp's q/k row order: each head's halves interleaved
-        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    def permute(w, n):  # llama.cpp's q/k row order for its llama arch: each head's halves interleaved
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape) if mixtral else w
 
-    path = tmp_path / "mixtral.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in [(w.add_block_count, cfg.num_hidden_layers), (w.add_context_length, 1024),
-                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
-                       (w.add_head_count, heads), (w.add_head_count_kv, kv_heads), (w.add_expert_count, e),
-                       (w.add_expert_used_count, cfg.num_experts_per_tok), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
-                       (w.add_rope_freq_base, 1e6)]:
-        add(value)
+    path = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(1024)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    w.add_value_length(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    w.add_expert_count(e)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if not mixtral and case != "olmoe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if case == "qwen2-moe-shared":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if case == "olmoe":
+        w.add_clamp_kqv(cfg.clip_qkv)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(1e6)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
-    expect: dict[str, np.ndarray] = {}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     q_type = getattr(gguf.GGMLQuantizationType, expert_type)
+    expect: dict[str, np.ndarray] = {}
+    experts = ("block_sparse_moe.experts", ("w1", "w3", "w2")) if mixtral else \
+        ("mlp.experts", ("gate_proj", "up_proj", "down_proj"))
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], heads))
         w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], kv_heads))
-        for ours, theirs in [("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                             ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                             ("ffn_gate_inp", "block_sparse_moe.gate")]:
-            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
-        for ours, theirs in [("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")]:
-            stack = np.stack([sd[f"{p}block_sparse_moe.experts.{x}.{theirs}.weight"] for x in range(e)])
+        for hf, ours in GGUF_NAMES.items():
+            if p + hf in sd:
+                t = sd[p + hf]
+                w.add_tensor(f"blk.{i}.{ours}", t.reshape(-1) if hf == "mlp.shared_expert_gate.weight" else t)
+        if f"{p}{experts[0]}.0.{experts[1][0]}.weight" not in sd:
+            continue  # a dense layer
+        for ours, theirs in zip(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), experts[1], strict=True):
+            stack = np.stack([sd[f"{p}{experts[0]}.{x}.{theirs}.weight"] for x in range(e)])
             if expert_type == "F32":
                 w.add_tensor(f"blk.{i}.{ours}.weight", stack)
             else:
@@ -235,14 +270,15 @@ def test_mixtral_gguf_reads_as_the_hf_directory(expert_type, tmp_path, tokenizer
                 w.add_tensor(f"blk.{i}.{ours}.weight", packed, raw_shape=packed.shape, raw_dtype=q_type)
                 stack = gguf.quants.dequantize(packed, q_type)
             for x in range(e):
-                expect[f"{p}block_sparse_moe.experts.{x}.{theirs}.weight"] = stack[x]
+                expect[f"{p}{experts[0]}.{x}.{theirs}.weight"] = stack[x]
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
     g, hf = open_model(path), open_model(tmp_path / "hf")
-    assert g.arch.moe == hf.arch.moe and g.arch.architecture == "mixtral"
+    for key in ("architecture", "moe", "qk_norm", "clip_qkv", "head_dim", "attention_bias"):
+        assert getattr(g.arch, key) == getattr(hf.arch, key), key
     ref = dict(hf.iter_tensors())
     got = dict(g.iter_tensors())
     assert set(got) == set(ref)

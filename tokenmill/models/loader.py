@@ -376,11 +376,20 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
-    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",  # the router (Mixtral as llama.cpp stores it)
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
-# Experts stacked in one tensor [experts, rows, cols]: expert e's slice is HF's block_sparse_moe.experts.{e}.*.
-_GGUF_EXPERT_NAMES = {"ffn_gate_exps.weight": "w1.weight", "ffn_up_exps.weight": "w3.weight",
-                      "ffn_down_exps.weight": "w2.weight"}
+# Mixture-of-experts tensors, named per architecture (ModelArchConfig.expert_names): the router, and the experts
+# stacked in one tensor [experts, rows, cols] per projection, expert e's slice being HF's expert e.
+_GGUF_ROUTER = "ffn_gate_inp.weight"
+_GGUF_EXPERT_STACKS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
+# llama.cpp's MoE architectures: the HF model type, and whether the top-k weights are renormalised (llama.cpp
+# fixes it per architecture; the GGUF does not say).
+_GGUF_MOE_ARCHS = {"qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True), "olmoe": ("olmoe", False)}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -392,24 +401,30 @@ _GGUF_IGNORED = {"rope_freqs.weight"}
 _HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _gguf_to_hf_name(name: str) -> str | None:
+def _gguf_to_hf_name(name: str, arch: ModelArchConfig) -> str | None:
     if name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        if parts[2] in _GGUF_LAYER_NAMES:
+            return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+        if parts[2] == _GGUF_ROUTER and arch.moe is not None:
+            return f"model.layers.{parts[1]}.{arch.expert_names().router}"
     return None
 
 
-def _gguf_expert_slices(name: str, info: GGUFTensorInfo) -> dict[str, GGUFTensorInfo] | None:
+def _gguf_expert_slices(name: str, info: GGUFTensorInfo, arch: ModelArchConfig) -> dict[str, GGUFTensorInfo] | None:
     """A stacked expert tensor -> one 2-D tensor per expert, each a byte range of the stack, in HF naming."""
     parts = name.split(".", 2)
-    if not (len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_EXPERT_NAMES):
+    if not (len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_EXPERT_STACKS
+            and arch.moe is not None):
         return None
     if len(info.shape) != 3 or info.shape[0] < 1 or info.nbytes % info.shape[0]:
         return {}  # not a stack: left for the shape check to report as missing experts
+    names = arch.expert_names()
+    which = getattr(names, _GGUF_EXPERT_STACKS[parts[2]])
     per = info.nbytes // info.shape[0]
-    return {f"model.layers.{parts[1]}.block_sparse_moe.experts.{e}.{_GGUF_EXPERT_NAMES[parts[2]]}":
+    return {f"model.layers.{parts[1]}.{names.expert.format(e=e)}{which}":
             GGUFTensorInfo(f"{name}[{e}]", info.shape[1:], info.qtype, info.offset + e * per, per)
             for e in range(info.shape[0])}
 
@@ -555,7 +570,8 @@ _GGUF_ARCH_KEYS: dict[str, _Rule] = {
     "attention.layer_norm_rms_epsilon": (float, 1e-12, 1.0), "rope.freq_base": (float, 1.0, 1e12),
     "rope.scaling.factor": (float, 1e-3, 1e6), "rope.scale_linear": (float, 1e-3, 1e6),
     "rope.scaling.type": (str, 0, 0),
-    "expert_count": (int, 0, 4096), "expert_used_count": _SIZE,
+    "expert_count": (int, 0, 4096), "expert_used_count": _SIZE, "expert_feed_forward_length": _SIZE,
+    "expert_shared_feed_forward_length": (int, 0, _INT_LIMIT), "attention.clamp_kqv": (float, 1e-6, 1e12),
 }
 _HF_CONFIG_KEYS: dict[str, _Rule] = {
     "vocab_size": _SIZE, "hidden_size": _SIZE, "intermediate_size": _SIZE, "num_hidden_layers": _SIZE,
@@ -604,7 +620,8 @@ def _uniform(path: Path, key: str, value: Any) -> Any:
 _REQUIRED = object()  # sentinel: a metadata key without a default
 
 
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # general.architecture values the GGUF reader maps
+# general.architecture values the GGUF reader maps (llama with expert_count is Mixtral)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2moe", "qwen3moe", "olmoe")
 
 
 def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
@@ -614,8 +631,7 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
         raise ModelLoadError(path, "GGUF metadata lacks general.architecture")
     if arch_name not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
-            path, f"unsupported architecture {arch_name!r} in a GGUF (supported: {', '.join(GGUF_ARCHITECTURES)}; "
-                  "Qwen-MoE and OLMoE GGUFs are not read yet: load their Hugging Face directories)"
+            path, f"unsupported architecture {arch_name!r} in a GGUF (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
     if _checked(path, "split.count", md.get("split.count", 1), (int, 0, _INT_LIMIT)) > 1:
         raise ModelLoadError(path, "split (multi-file) GGUF models are not supported; merge them with gguf-split")
@@ -668,15 +684,23 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     name = str(md.get("general.name", "")).lower()
     if arch_name == "llama" and "mistral" in name:
         architecture = "mistral"  # llama.cpp stores Mistral as llama; transformers maps it back the same way
-    moe = None
+    moe, qk_norm, clip_qkv = None, None, None
     experts = get("expert_count", 0)
-    if experts:  # llama.cpp stores Mixtral as llama with experts: Mixtral's routing (softmax, top k, renormalised)
-        architecture = "mixtral"
+    if arch_name in _GGUF_MOE_ARCHS and not experts:
+        raise ModelLoadError(path, f"GGUF metadata lacks {arch_name}.expert_count")
+    if experts:  # llama.cpp stores Mixtral as llama with experts (softmax, top k, renormalised)
+        architecture, renormalize = _GGUF_MOE_ARCHS.get(arch_name, ("mixtral", True))
         top_k = get("expert_used_count")
         if top_k > experts:
             raise ModelLoadError(path, f"{arch_name}.expert_used_count {top_k} exceeds the {experts} experts")
-        moe = MoEConfig(num_experts=experts, top_k=top_k, intermediate_size=get("feed_forward_length"),
-                        norm_topk_prob=True)
+        layers = get("block_count")
+        moe = MoEConfig(num_experts=experts, top_k=top_k,
+                        intermediate_size=get("expert_feed_forward_length", get("feed_forward_length")),
+                        norm_topk_prob=renormalize,
+                        shared_intermediate_size=get("expert_shared_feed_forward_length", 0),
+                        dense_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in contents.tensors))
+        qk_norm = {"qwen3_moe": "head", "olmoe": "all"}.get(architecture)
+        clip_qkv = get("attention.clamp_kqv", None) if architecture == "olmoe" else None
 
     eos = [_checked(path, k, md[k], _ID) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                                     "tokenizer.ggml.eom_token_id") if k in md]
@@ -697,6 +721,8 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
         tie_word_embeddings="output.weight" not in contents.tensors,
         attention_bias="blk.0.attn_q.bias" in contents.tensors,
         sliding_window=get("attention.sliding_window", 0) or None,
+        qk_norm=qk_norm,
+        clip_qkv=clip_qkv,
         moe=moe,
         bos_token_id=_checked(path, "tokenizer.ggml.bos_token_id", bos, _ID) if bos is not None else None,
         eos_token_ids=list(dict.fromkeys(eos)),
@@ -853,10 +879,12 @@ def _open_gguf(path: Path) -> ModelSource:
         raise ModelLoadError(path, f"bad GGUF metadata value: {e}") from None
     by_hf: dict[str, GGUFTensorInfo] = {}
     for name, info in contents.tensors.items():
-        hf = _gguf_to_hf_name(name)
+        hf = _gguf_to_hf_name(name, arch)
+        if hf is not None and hf.endswith("shared_expert_gate.weight") and len(info.shape) == 1:
+            info = GGUFTensorInfo(info.name, (1, info.shape[0]), info.qtype, info.offset, info.nbytes)  # {n_embd}
         if hf is not None:
             by_hf[hf] = info
-        elif (experts := _gguf_expert_slices(name, info)) is not None:
+        elif (experts := _gguf_expert_slices(name, info, arch)) is not None:
             by_hf |= experts
         elif name not in _GGUF_IGNORED:
             logger.warning("%s: ignoring unexpected tensor %s", path, name)
