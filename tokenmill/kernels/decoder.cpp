@@ -8,8 +8,9 @@
 // holds the two together).
 //
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
-// over once. Only what this covers is built: block-quantized or float linear layers, a KV cache in the model
-// dtype or int8, every query row on the paged kernel. Anything else stays on the Python path.
+// over once. Only what this covers is built: block-quantized or float linear layers, a dense or
+// mixture-of-experts MLP, q/k norms and clamping (Qwen3, OLMoE), a KV cache in the model dtype or int8, every
+// query row on the paged kernel. Anything else stays on the Python path.
 #include <algorithm>
 #include <chrono>
 #include <functional>
@@ -106,10 +107,38 @@ struct MoE {
   }
 };
 
+// Qwen3's per-head / OLMoE's whole-projection RMSNorm on q and k, then OLMoE's clamp of q, k, v: as
+// LlamaModel._norm_clip_qkv computes them.
+struct QKNorm {
+  torch::Tensor q, k;  // undefined: no norm (a clamp only)
+  bool per_head = false;
+  std::optional<double> clip;
+  int64_t q_size = 0, kv_size = 0, head_dim = 0;
+
+  torch::Tensor operator()(const torch::Tensor& qkv, double eps) const {
+    const auto parts = qkv.split_with_sizes({q_size, kv_size, kv_size}, -1);
+    torch::Tensor q = parts[0], k = parts[1];
+    if (this->q.defined()) {
+      const int64_t T = qkv.size(0);
+      if (per_head) {
+        q = rms_norm(q.reshape({-1, head_dim}), this->q, eps).reshape({T, -1});
+        k = rms_norm(k.reshape({-1, head_dim}), this->k, eps).reshape({T, -1});
+      } else {
+        q = rms_norm(q.contiguous(), this->q, eps);
+        k = rms_norm(k.contiguous(), this->k, eps);
+      }
+    }
+    torch::Tensor out = at::cat({q, k, parts[2]}, -1);
+    if (clip) out.clamp_(-*clip, *clip);
+    return out;
+  }
+};
+
 struct Layer {
   Linear qkv, o, gate_up, down;
   torch::Tensor in_norm, post_norm;
   std::optional<MoE> moe;  // set: the MLP is a mixture of experts (gate_up, down unused)
+  std::optional<QKNorm> qk;  // set: q/k norms and/or a clamp between the qkv projection and rotary
 };
 
 // Lap times by kind of work, or nothing when not profiling.
@@ -136,7 +165,17 @@ class Decoder {
         sin_(sin), head_(head) {}
 
   void add_layer(Linear qkv, Linear o, Linear gate_up, Linear down, torch::Tensor in_norm, torch::Tensor post_norm) {
-    layers_.push_back({qkv, o, gate_up, down, in_norm, post_norm, std::nullopt});
+    layers_.push_back({qkv, o, gate_up, down, in_norm, post_norm, std::nullopt, std::nullopt});
+  }
+
+  // The last added layer's q/k norms (None: none) and clamp (None: none).
+  void set_qk_norm(std::optional<torch::Tensor> q_norm, std::optional<torch::Tensor> k_norm, bool per_head,
+                   std::optional<double> clip, int64_t q_size, int64_t kv_size, int64_t head_dim) {
+    TORCH_CHECK(!layers_.empty(), "add the layer first");
+    QKNorm n;
+    if (q_norm && k_norm) n.q = *q_norm, n.k = *k_norm;
+    n.per_head = per_head, n.clip = clip, n.q_size = q_size, n.kv_size = kv_size, n.head_dim = head_dim;
+    layers_.back().qk = n;
   }
 
   // A layer whose MLP is a mixture of experts; shared_* are None without a shared expert.
@@ -153,7 +192,7 @@ class Decoder {
       moe.shared = true, moe.shared_gate_up = *shared_gate_up, moe.shared_down = *shared_down;
       moe.shared_gate = *shared_gate;
     }
-    layers_.push_back({qkv, o, Linear{}, Linear{}, in_norm, post_norm, std::move(moe)});
+    layers_.push_back({qkv, o, Linear{}, Linear{}, in_norm, post_norm, std::move(moe), std::nullopt});
   }
 
   // Tokens each expert ran on this decoder, by layer index ({} for a dense model).
@@ -196,6 +235,7 @@ class Decoder {
       clock.lap("elementwise");
       torch::Tensor qkv = L.qkv(h);
       clock.lap("linear");
+      if (L.qk) qkv = (*L.qk)(qkv, eps_);
       const bool int8 = caches_[i].size() == 4;
       const std::optional<torch::Tensor> ks = int8 ? std::optional(caches_[i][2]) : std::nullopt;
       const std::optional<torch::Tensor> vs = int8 ? std::optional(caches_[i][3]) : std::nullopt;

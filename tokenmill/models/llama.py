@@ -228,8 +228,7 @@ class LlamaModel:
 
         kernels = decoder()
         if (kernels is None or os.environ.get("TOKENMILL_NATIVE_DECODER") == "0"
-                or not isinstance(self.ops, FusedOps) or self.cfg.qk_norm is not None
-                or self.cfg.clip_qkv is not None):  # the decoder runs Llama's attention (dense or MoE MLP) only
+                or not isinstance(self.ops, FusedOps)):
             return None
 
         def spec(lin: Linear):
@@ -250,12 +249,15 @@ class LlamaModel:
             if moe is None:
                 dec.add_layer(spec(layer.qkv), spec(layer.o), spec(layer.gate_up), spec(layer.down), layer.in_norm,
                               layer.post_norm)
-                continue
-            shared = moe.shared_gate_up is not None
-            dec.add_moe_layer(spec(layer.qkv), spec(layer.o), layer.in_norm, layer.post_norm, moe.router,
-                              [spec(lin) for lin in moe.gate_up], [spec(lin) for lin in moe.down], moe.top_k,
-                              moe.renormalize, spec(moe.shared_gate_up) if shared else None,
-                              spec(moe.shared_down) if shared else None, moe.shared_gate if shared else None)
+            else:
+                shared = moe.shared_gate_up is not None
+                dec.add_moe_layer(spec(layer.qkv), spec(layer.o), layer.in_norm, layer.post_norm, moe.router,
+                                  [spec(lin) for lin in moe.gate_up], [spec(lin) for lin in moe.down], moe.top_k,
+                                  moe.renormalize, spec(moe.shared_gate_up) if shared else None,
+                                  spec(moe.shared_down) if shared else None, moe.shared_gate if shared else None)
+            if layer.q_norm is not None or cfg.clip_qkv is not None:
+                dec.set_qk_norm(layer.q_norm, layer.k_norm, cfg.qk_norm == "head", cfg.clip_qkv, layer.q_size,
+                                layer.kv_size, cfg.head_dim)
         return dec
 
     def expert_tokens(self) -> dict[int, list[int]]:
