@@ -167,3 +167,22 @@ def test_the_step_recorder_notes_shape_and_duration(arch, tmp_path):
     assert samples[0][0].prefill_tokens == 120 and samples[0][0].sequences == 3
     assert [s.decode_seqs for s, _ in samples[1:]] == [3, 3, 3, 3]
     assert all(0.004 <= t < 0.1 for _, t in samples)
+
+
+def test_predictive_admission_turns_away_what_would_wait_too_long(arch):
+    """--max-queue-delay in the simulation: the frontend's own prediction (work ahead over the measured drain
+    rate) turns arrivals away under overload, so the admitted ones' first tokens stay near the limit, where
+    without it the queue, and every TTFT, keeps growing."""
+    from tokenmill.planning.simulator import Limits
+
+    model = StepModel(base_s=0.02, prefill_per_token_s=0.0004, decode_per_seq_s=0.001)
+    arrivals = workload.poisson(12.0, 60.0, workload.Sizes(256, 32), seed=9)  # well past this model's capacity
+    plain = simulate(arrivals, config=_config(), arch=arch, model=model)
+    limited = simulate(arrivals, config=_config(), arch=arch, model=model, limits=Limits(max_queue_delay=1.0))
+    p, q = plain.summary(), limited.summary()
+    assert q["rejected_429"] > p["rejected_429"] + len(arrivals) // 4  # the plain run's 429s: the queue caps
+
+    assert q["completed"] + q["rejected_429"] == len(arrivals)
+    admitted = sorted(r.ttft for r in limited.records if r.ttft is not None)
+    assert admitted[int(0.9 * len(admitted))] <= 1.5, admitted[-5:]  # p90 near the 1 s limit
+    assert max(r.ttft for r in plain.records if r.ttft is not None) > 10 * 1.0

@@ -95,6 +95,8 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
         help="seconds from the autoscaler asking for a replica to its taking requests (default: 15)")
     add("--max-queued-requests", type=int, default=256, help="the server's admission cap (as `serve`)")
     add("--max-queued-tokens", type=int, default=262144, help="the server's admission cap (as `serve`)")
+    add("--max-queue-delay", type=float, default=None,
+        help="seconds: 429 when the predicted wait for a first token exceeds it (as `serve`; default: off)")
     add("--price-per-replica-hour", type=float, help="cost of one replica for an hour, for cost per token")
     add("--json", dest="json_out", help="write the prediction as JSON here")
     add("--plot", help="PNG of demand, queue and TTFT over time")
@@ -128,7 +130,7 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
     slo = _slo(args.slo)
     arch = open_model(config.model).arch
     logging.getLogger("tokenmill.engine").setLevel(logging.WARNING)  # simulated preemptions are not news
-    limits = Limits(args.max_queued_requests, args.max_queued_tokens)
+    limits = Limits(args.max_queued_requests, args.max_queued_tokens, args.max_queue_delay)
     num_blocks = model.source.get("num_blocks") if config.kv_cache_memory is None else None
 
     autoscale = AutoscaleConfig.parse(args.autoscale) if args.autoscale else None

@@ -31,6 +31,15 @@ from tokenmill.cluster.policy import (
 from tokenmill.config import EngineConfig
 from tokenmill.planning.workload import Arrival, percentile, percentiles, prompt_ids
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.admission import (
+    PRIORITY_ORDERED,
+    ArrivalMeter,
+    DrainMeter,
+    QueuedWork,
+    predict_wait,
+    work_ahead,
+)
+from tokenmill.server.admission import decide as admission_decide
 from tokenmill.server.mock_engine import StepSeconds, mock_core
 
 
@@ -40,6 +49,7 @@ class Limits:
 
     max_queued_requests: int = 256
     max_queued_tokens: int = 262144
+    max_queue_delay: float | None = None  # --max-queue-delay: 429 when the predicted wait exceeds it
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,10 @@ class _Replica:
         self.engine = mock_core(config, arch, _Attributing(model, self), num_blocks=num_blocks,
                                 sleep=self._advance, clock=lambda: self.now)
         self.queued: dict[str, int] = {}  # admitted, no first token yet: request id -> prompt tokens
+        # The frontend's predictive admission, fed as the frontend feeds it (tokenmill/server/admission.py).
+        self.queued_work: dict[str, QueuedWork] = {}
+        self.drain = DrainMeter()
+        self.arrived = ArrivalMeter()
         self.outstanding: dict[str, int] = {}  # the router's view: prefill not done + output not yet sent
         self.prefixes = PrefixIndex(prefix_index_blocks)
 
@@ -263,31 +277,46 @@ class _Simulation:
                 or sum(target.queued.values()) + a.prompt_tokens > self.limits.max_queued_tokens):
             rec.rejected = True
             return
+        work = QueuedWork(a.priority, math.inf, a.tenant or "", a.prompt_tokens)
+        if self.limits.max_queue_delay is not None:  # as the frontend: the same arithmetic on the same meters
+            policy = self.config.scheduling_policy
+            ahead = work_ahead(policy, target.queued_work.values(), work)
+            overtaking = target.arrived.rate_above(now, a.priority) if policy in PRIORITY_ORDERED else 0.0
+            if admission_decide(predict_wait(ahead, target.drain.rate, overtaking), None,
+                                self.limits.max_queue_delay, nothing_ahead=ahead <= a.prompt_tokens) is not None:
+                rec.rejected = True
+                return
+        target.arrived.observe(now, a.priority, a.prompt_tokens)
         target.now = max(target.now, now)  # an idle replica wakes at the arrival
         rid = f"sim-{k}"
         target.engine.add_request(ids, SamplingParams(max_tokens=a.output_tokens, ignore_eos=True),
                                   request_id=rid, priority=a.priority, arrival_time=a.t, tenant=a.tenant)
         target.queued[rid] = a.prompt_tokens
+        target.queued_work[rid] = work
         target.outstanding[rid] = a.prompt_tokens + a.output_tokens
         if hashes:
             target.prefixes.insert(hashes)
         self.by_id[rid] = rec
 
     def _step(self, r: _Replica) -> None:
+        backlogged, drained = bool(r.queued), 0
         for u in r.engine.step():
             rec = self.by_id[u.request_id]
             if u.new_token_ids:
                 if rec.first_t is None:
                     rec.first_t = r.now
                     self.ttfts.append(r.now - rec.arrival.t)
-                    r.queued.pop(u.request_id, None)
+                    drained += r.queued.pop(u.request_id, 0)
+                    r.queued_work.pop(u.request_id, None)
                     r.outstanding[u.request_id] -= rec.arrival.prompt_tokens
                 rec.tokens += len(u.new_token_ids)
                 r.outstanding[u.request_id] -= len(u.new_token_ids)
             if u.finish_reason is not None:
                 rec.end_t = r.now
                 r.queued.pop(u.request_id, None)
+                r.queued_work.pop(u.request_id, None)
                 r.outstanding.pop(u.request_id, None)
+        r.drain.observe(r.now, drained, backlogged)
         if r.draining and not r.engine.has_unfinished():
             r.gone_at = r.now
         stats = [x.engine.stats() for x in self.reps if x.gone_at is None]
