@@ -22,7 +22,7 @@ def test_upcycle_writes_a_mixtral_that_transformers_and_tokenmill_agree_on(tmp_p
     out = tmp_path / "moe"
     r = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "upcycle", "--out", str(out), "--experts",
                         "4", "--top-k", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--num-prompts",
-                        "2", "--samples-per-prompt", "1", "--gen-tokens", "16", "--eval-prompts", "2"],
+                        "2", "--samples-per-prompt", "1", "--gen-tokens", "16", "--eval-prompts", "2", "--train-experts"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "upcycle.json").read_text())

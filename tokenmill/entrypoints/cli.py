@@ -142,7 +142,9 @@ def add_upcycle_parser(sub) -> None:
     add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     add("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
     add("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
-    add("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    add("--lr", type=float, default=d.lr, help=f"the router's peak learning rate (default: {d.lr})")
+    add("--expert-lr", type=float, default=d.expert_lr,
+        help=f"the experts' peak learning rate with --train-experts (default: {d.expert_lr})")
     add("--num-prompts", type=int, default=d.num_prompts, help=f"seed instructions the dense model answers "
                                                                f"(default: {d.num_prompts})")
     add("--samples-per-prompt", type=int, default=d.samples_per_prompt,

@@ -161,19 +161,24 @@ def upcycle(cfg: UpcycleConfig) -> dict:
     student = MoEStudent(hf)
     init_from_dense(student, llm.engine.runner.model, cfg.noise, gen)
     del llm
-    trained = [p for L in student.layers for p in ([L.router] + ([L.w1, L.w2, L.w3] if cfg.train_experts else []))]
+    # The router starts from nothing and takes a large step; the experts are trained copies, which Adam's
+    # first steps (each weight moved by ~lr) would wreck at the router's rate.
+    groups = [{"params": [L.router for L in student.layers], "peak": cfg.lr}]
+    if cfg.train_experts:
+        groups.append({"params": [p for L in student.layers for p in (L.w1, L.w2, L.w3)], "peak": cfg.expert_lr})
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in trained:
-        p.requires_grad_(True)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
     logger.info("upcycled: %d experts, top %d; training %.1fM parameters on %d teacher answers", cfg.experts,
-                cfg.top_k, sum(p.numel() for p in trained) / 1e6, len(examples))
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+                cfg.top_k, sum(p.numel() for g in groups for p in g["params"]) / 1e6, len(examples))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="upcycle", unit="step")
     for step in bar:
         for g in opt.param_groups:  # cosine decay to a tenth
-            g["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, cfg.steps))))
+            g["lr"] = g["peak"] * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, cfg.steps))))
         loss = distill_loss(student, *make_batch(examples, cfg.batch_size, cfg.seq_len, rng))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,7 +16,8 @@ class UpcycleConfig:
     steps: int = 60
     batch_size: int = 4
     seq_len: int = 128
-    lr: float = 1e-2
+    lr: float = 1e-2  # the router's peak learning rate
+    expert_lr: float = 1e-5  # the experts' (--train-experts): they start trained
     num_prompts: int | None = 24
     samples_per_prompt: int = 2
     gen_tokens: int = 96
