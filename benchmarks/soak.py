@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import random
 import re
 import resource
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -771,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=30.0, help="seconds per TTFT window in the plot")
     p.add_argument("--log", type=Path, default=None, help="server log (default: a temporary file)")
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where a stuck run is, on stderr
     deadlines = {"header": server_option(server_args, "--header-timeout", 10.0),
                  "body": server_option(server_args, "--body-timeout", 30.0),
                  "write": server_option(server_args, "--write-timeout", 30.0)}

@@ -4,8 +4,10 @@ it runs, every hostile kind gets an answer that is right for it, and the gate pa
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,34 @@ SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
 RAW_KINDS = {"slowloris", "silent", "slow_body", "leaver"}
 
 
+def run_soak(out: Path, log: Path) -> tuple[int | None, str]:
+    """(exit code or None when it ran past its time, output). A run past its time is asked for its threads'
+    stacks (soak.py dumps them on SIGUSR1) before it is killed."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SOAK), "--mock", "--duration", "14", "--baseline-duration", "4", "--window", "5",
+         "--slowloris", "4", "--hostile-rate", "8", "--max-queue-delay", "2", "--lost-after", "20", "--out", str(out),
+         "--log", str(log), "--", "--header-timeout", "1", "--body-timeout", "2", "--write-timeout", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        return proc.wait(150), proc.stdout.read()
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        return None, proc.communicate()[0]
+
+
 def test_soak_smoke_run_against_the_mock(tmp_path):
     out = tmp_path / "soak.json"
-    proc = subprocess.run(
-        [sys.executable, str(SOAK), "--mock", "--duration", "14", "--baseline-duration", "4", "--window", "5",
-         "--slowloris", "4", "--hostile-rate", "8", "--max-queue-delay", "2", "--lost-after", "20", "--out", str(out), "--log",
-         str(tmp_path / "server.log"), "--", "--header-timeout", "1", "--body-timeout", "2", "--write-timeout", "1"],
-        capture_output=True, text=True, timeout=180, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    code, output = run_soak(out, tmp_path / "server.log")
+    if code is None:
+        # Rarely (one fresh-clone run in four on a 2-core VM, twice so far) the load generator stops making
+        # progress in its first phase, an await that never returns on the client's side. One retry keeps CI
+        # from failing on it; the stuck run's stacks stay in the message if the retry fails too.
+        first = output
+        code, output = run_soak(out, tmp_path / "server-retry.log")
+        output = f"{output}\n--- the first run, stuck ---\n{first[-6000:]}"
+    assert code == 0, output[-8000:]
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert report["verdict"]["pass"] and report["server_log_problems"] == []
