@@ -13,71 +13,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from tokenmill.bench.launch import free_port
+from tokenmill.bench.launch import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """The server and everything it started (vLLM's engine core, tokenmill's engine process)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def measure(name: str, launch: list[str], env: dict, args, out_dir: Path) -> dict:
-    port = free_port()
-    cmd = [c.replace("{port}", str(port)) for c in launch]
-    log = open(out_dir / f"{slug(name)}.log", "w")  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, 900)
-        result = out_dir / f"{slug(name)}.json"
-        subprocess.run([str(Path(sys.executable).with_name("tokenmill")), "bench", "serve", "--base-url", url,
-                        "--dataset", "random", "--input-len", "128", "128", "--output-len", "128", "128",
-                        "--num-prompts", str(args.prompts), "--max-concurrency", "32", "--label", name,
+def measure(name: str, launch: str, env: dict, args, out_dir: Path) -> dict:
+    """Start the server alone (tokenmill.bench.launch.ServerProcess: its own log, ready on /health, stopped with
+    its children), drive it with `tokenmill bench serve`, stop it."""
+    result = out_dir / f"{slug(name)}.json"
+    with ServerProcess(launch, free_port(), out_dir / f"{slug(name)}.log", env=env) as server:
+        subprocess.run([str(Path(sys.executable).with_name("tokenmill")), "bench", "serve", "--base-url",
+                        server.base_url, "--dataset", "random", "--input-len", "128", "128", "--output-len", "128",
+                        "128", "--num-prompts", str(args.prompts), "--max-concurrency", "32", "--label", name,
                         "--out", str(result)], check=True, stdout=subprocess.DEVNULL)
-        m = json.loads(result.read_text())["metrics"]
-    finally:
-        stop(proc)
-        log.close()
+    m = json.loads(result.read_text())["metrics"]
     return {"output_tok_s": m["output_throughput"], "ttft_p50_s": m["ttft_s"]["median"],
             "ttft_p99_s": m["ttft_s"]["p99"], "tpot_p50_s": m["tpot_s"]["median"], "completed": m["completed"]}
 
@@ -95,17 +55,17 @@ def main() -> None:
 
     out_dir = args.out.with_suffix("")  # each system's server log and load-generator JSON
     out_dir.mkdir(parents=True, exist_ok=True)
-    tm = str(Path(sys.executable).with_name("tokenmill"))
-    systems = [("tokenmill", [tm, "serve", "--model", "default", "--port", "{port}"], {})]
-    systems += [(f"tokenmill {extra}", [tm, "serve", "--model", "default", "--port", "{port}", *shlex.split(extra)], {})
+    tm = shlex.quote(str(Path(sys.executable).with_name("tokenmill")))
+    systems = [("tokenmill", f"{tm} serve --model default --port {{port}}", {})]
+    systems += [(f"tokenmill {extra}", f"{tm} serve --model default --port {{port}} {extra}", {})
                 for extra in args.tokenmill_extra]
-    systems += [(f"vLLM CPU ({args.vllm_dtype})", ["bash", str(PEERS / "vllm_cpu.sh"), "serve", "{port}"],
+    systems += [(f"vLLM CPU ({args.vllm_dtype})", f"bash {shlex.quote(str(PEERS / 'vllm_cpu.sh'))} serve {{port}}",
                  {"VLLM_DTYPE": args.vllm_dtype}),
-                (f"llama-server ({args.llama_quant})", ["bash", str(PEERS / "llama_cpp.sh"), "serve", "{port}",
-                                                         args.llama_quant], {})]
+                (f"llama-server ({args.llama_quant})",
+                 f"bash {shlex.quote(str(PEERS / 'llama_cpp.sh'))} serve {{port}} {shlex.quote(args.llama_quant)}", {})]
     res = {"cpu": cpu_name(), "prompts": args.prompts, "systems": {}}
     for name, launch, extra_env in systems:
-        res["systems"][name] = measure(name, launch, {**os.environ, **extra_env}, args, out_dir)
+        res["systems"][name] = measure(name, launch, extra_env, args, out_dir)
         print(name, res["systems"][name], flush=True)
     base = res["systems"]["tokenmill"]["output_tok_s"]
     print(f"CPU: {res['cpu']}; {args.prompts} requests, 128 in / 128 out, 32 concurrent streams")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable
 
 from tokenmill.config import EngineConfig
@@ -127,6 +128,8 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
         arrivals = workload.burst(arrivals, at, int(count), sizes, args.demand_seed + 1, span[0] if span else 1.0)
     if not arrivals:
         raise ConfigError("the demand has no arrivals")
+    if args.max_queue_delay is not None and not 0 < args.max_queue_delay < math.inf:
+        raise ConfigError(f"--max-queue-delay must be a positive number of seconds, got {args.max_queue_delay}")
     slo = _slo(args.slo)
     arch = open_model(config.model).arch
     logging.getLogger("tokenmill.engine").setLevel(logging.WARNING)  # simulated preemptions are not news
