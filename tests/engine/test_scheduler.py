@@ -129,7 +129,7 @@ def test_a_prefix_hit_too_long_to_revive_is_shortened_not_refused():
     kv.free(a)  # its blocks stay cached in the free list
     assert kv.allocate_admission(Request("b", [50] * 5, greedy(4), 64), 16) == (0, 5)
     again = Request("a2", list(range(1, 17)), greedy(4), 64)
-    assert kv.pool.num_free_blocks == 3 and len(kv._cached_prefix(again)) == 3
+    assert kv.pool.num_free_blocks == 3 and len(kv._cached_prefix(again)[0]) == 3
     assert kv.allocate_admission(again, 4) == (8, 4)
     assert kv.prefix_cache_hits == 8 and kv.pool.num_free_blocks == 0
 

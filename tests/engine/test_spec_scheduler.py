@@ -85,7 +85,7 @@ def test_rejected_tokens_roll_back_computed_count_and_free_blocks():
         last = runner.steps[-1][0]
         # After every step: everything but the newest token computed, and no block past it held.
         assert req.num_computed_tokens == req.num_tokens - 1
-        assert len(eng.kv.req_blocks["a"]) == cdiv(req.num_tokens, 2)
+        assert len(eng.kv.req_blocks["a"][0]) == cdiv(req.num_tokens, 2)
         if last.num_spec:
             accepted = eng.stats().spec_num_accepted_tokens
             saw_rejection |= accepted < eng.stats().spec_num_draft_tokens

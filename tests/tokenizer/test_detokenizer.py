@@ -120,7 +120,9 @@ def test_stream_equals_text(tok, text):
     # SmolLM2's byte vocabulary lacks 21 byte values (lead bytes 0xF1/0xF2, 0xC0/0xC1, 0xF5-0xFF and six
     # control characters): text using them does not survive encoding, in transformers either.
     lossy = any(0xC0000 > ord(c) >= 0x40000 or ord(c) in (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D) for c in text)
-    if not lossy:
+    # A special token's spelling ("<|im_end|>", which hypothesis takes from the source as a likely string) is
+    # encoded as that token, and decoding skips special tokens.
+    if not lossy and not any(t in text for t in tok._special_texts):
         assert d.text == text
 
 

@@ -2,11 +2,14 @@
 
 A free block that still carries a hash stays in the map: it can be revived by a prefix hit until an
 allocation evicts it (lazy LRU: the free list's head is the least recently freed block).
+
+With a sliding-window KV group (kv_cache_manager.py), block 0 is the null block: it stands in the block
+tables for blocks a group no longer needs, and is never on the free list, allocated, freed or cached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 
 class Block:
@@ -15,7 +18,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.block_hash: int | None = None
+        self.block_hash: Hashable | None = None  # its key in the prefix cache
         self.prev_free: Block | None = None
         self.next_free: Block | None = None
 
@@ -73,14 +76,17 @@ def hash_block(parent_hash: int | None, tokens: Sequence[int], extra: object = N
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
-        if num_blocks < 1:
-            raise ValueError("the KV cache needs at least one block")
+    def __init__(self, num_blocks: int, enable_caching: bool = True, reserve_null_block: bool = False):
+        if num_blocks < 1 + reserve_null_block:
+            raise ValueError("the KV cache needs at least one usable block")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks)
-        self.cached: dict[int, Block] = {}  # block hash -> block holding those tokens' KV
+        # Kept off the free list with ref_count 0, so freeing or touching it fails loudly.
+        self.null_block: Block | None = self.blocks[0] if reserve_null_block else None
+        self.num_usable_blocks = num_blocks - reserve_null_block
+        self.free_queue = FreeBlockQueue(self.blocks[1:] if reserve_null_block else self.blocks)
+        self.cached: dict[Hashable, Block] = {}  # block hash (cache key) -> block holding those tokens' KV
 
     @property
     def num_free_blocks(self) -> int:
@@ -88,10 +94,10 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        """Share of blocks held by live requests (free-but-cached blocks count as free)."""
-        return 1.0 - self.free_queue.num_free / self.num_blocks
+        """Share of usable blocks held by live requests (free-but-cached blocks count as free)."""
+        return 1.0 - self.free_queue.num_free / self.num_usable_blocks
 
-    def get_cached(self, block_hash: int) -> Block | None:
+    def get_cached(self, block_hash: Hashable) -> Block | None:
         return self.cached.get(block_hash)
 
     def allocate(self, n: int) -> list[Block]:
@@ -122,7 +128,9 @@ class BlockPool:
             if b.ref_count == 0:
                 self.free_queue.append(b)
 
-    def cache_block(self, block: Block, block_hash: int) -> None:
+    def cache_block(self, block: Block, block_hash: Hashable) -> None:
+        if block is self.null_block:
+            raise RuntimeError("the null block holds no tokens' KV: it is never cached")
         if block.block_hash is not None:
             return
         if block_hash in self.cached:

@@ -92,7 +92,9 @@ class EngineCore:
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_model_len = runner.max_model_len
         self.clock = clock
-        self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        # One KV group (full attention) unless the runner splits the layers (sliding-window models).
+        self.kv = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching,
+                                 windows=getattr(runner, "kv_group_windows", (None,)))
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, policy, clock)
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, request id)
         self._ids = itertools.count()
@@ -130,7 +132,7 @@ class EngineCore:
                 f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
                 "and at least one must be left for the output", param="prompt")
         total = min(self.max_model_len, n + params.max_tokens)
-        if not self.kv.can_fit(total):
+        if not self.kv.can_fit(total, self.scheduler.max_num_batched_tokens):
             raise InvalidRequestError(
                 f"prompt + max_tokens ({total} tokens) does not fit in the KV cache "
                 f"({self.kv.pool.num_blocks * self.kv.block_size} tokens)", param="max_tokens")

@@ -129,7 +129,7 @@ class Scheduler:
         seated: list[tuple[tuple, int, Request]] = []
         policy = self.policy
         free_slots = self.max_num_seqs - len(self.running)
-        free_tokens = self.kv.pool.num_free_blocks * self.kv.block_size
+        free_tokens = self.kv.free_tokens()
         # The waiting list is sorted by waiting_key (re-sorted at this step's start where keys move), and
         # nothing has been charged yet this step: its order is the policy's. A copy, as victims join it.
         for req in list(self.waiting):
@@ -144,7 +144,7 @@ class Scheduler:
             victim = self._victim_for(req)
             if victim is None:
                 break
-            free_tokens += len(self.kv.req_blocks.get(victim.request_id, ())) * self.kv.block_size - first_chunk
+            free_tokens += self.kv.held_tokens(victim) - first_chunk
             self._preempt(victim, f"to seat {req.request_id}, which the policy ranks above it")
             victims.append(victim)
             seated.append((policy.waiting_key(req), first_chunk, req))

@@ -241,8 +241,8 @@ class Decoder {
       const std::optional<torch::Tensor> vs = int8 ? std::optional(caches_[i][3]) : std::nullopt;
       torch::Tensor q = rope_qkv_write(qkv, positions, cos_, sin_, kc, vc, slots, H_, Hkv_, ks, vs);
       clock.lap("elementwise");
-      torch::Tensor attn = (int8 ? paged_decode_int8(q, kc, vc, *ks, *vs, block_table, kv_lens, scale_)
-                                 : paged_decode(q, kc, vc, block_table, kv_lens, scale_)).reshape({T, -1});
+      torch::Tensor attn = (int8 ? paged_decode_int8(q, kc, vc, *ks, *vs, block_table, kv_lens, scale_, 0)
+                                 : paged_decode(q, kc, vc, block_table, kv_lens, scale_, 0)).reshape({T, -1});
       clock.lap("attention");
       torch::Tensor o = L.o(attn);
       clock.lap("linear");

@@ -28,8 +28,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_scale") = py::none());
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   // paged_decode.cpp
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
-  m.def("paged_decode_int8", &paged_decode_int8, "decode attention over an int8 paged KV cache with scales");
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (window > 0: a sliding window)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("ctx_lens"),
+        py::arg("scale"), py::arg("window") = 0);
+  m.def("paged_decode_int8", &paged_decode_int8,
+        "decode attention over an int8 paged KV cache with scales (window > 0: a sliding window)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"), py::arg("block_tables"),
+        py::arg("ctx_lens"), py::arg("scale"), py::arg("window") = 0);
   // decoder.cpp
   using namespace tm_decoder;
   py::class_<Linear>(m, "Linear", py::module_local());

@@ -6,6 +6,8 @@
 // scale per token per KV head (ks/vs [blocks, bs, Hkv]): a score is scale_k * dot(q, k_int8) and a
 // token's probability is multiplied by scale_v before it weights v_int8, so nothing is dequantized
 // into a buffer.
+// A sliding window (window > 0) limits a row of KV length len to its last `window` tokens, positions
+// len - window .. len - 1 (Hugging Face's sliding_window: keys closer than `window` to the query).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -18,16 +20,18 @@
 template <typename T>
 static inline float to_f(T x) { return static_cast<float>(x); }
 
+static inline int64_t first_key(int64_t len, int64_t window) { return window > 0 ? std::max<int64_t>(0, len - window) : 0; }
+
 template <typename scalar_t, typename kv_t>
 static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
                           const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
-                          int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+                          int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale, int64_t window) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), m(G), l(G), s(G * bs), kv(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
-      const int64_t len = lens[b];
+      const int64_t len = lens[b], first = first_key(len, window);
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qp = q + (b * H + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qp[d]) * scale;
@@ -36,11 +40,12 @@ static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t nblk = (len + bs - 1) / bs;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
+      for (int64_t blk = first / bs; blk < nblk; ++blk) {
         const int64_t block = tables[b * max_blocks + blk];
         const int64_t n = std::min(bs, len - blk * bs);
+        const int64_t t0 = std::max<int64_t>(0, first - blk * bs);  // tokens before the window
         // Scores of this block's tokens for every query head of the group.
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           const int64_t row = (block * bs + t) * Hkv + h;
           const kv_t* kp = kc + row * D;
           const float kscale = ks ? ks[row] : 1.f;
@@ -55,19 +60,19 @@ static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
         }
         for (int64_t g = 0; g < G; ++g) {
           float bmax = m[g];
-          for (int64_t t = 0; t < n; ++t) bmax = std::max(bmax, s[g * bs + t]);
+          for (int64_t t = t0; t < n; ++t) bmax = std::max(bmax, s[g * bs + t]);
           const float corr = std::exp(m[g] - bmax);
           l[g] *= corr;
           float* ag = acc.data() + g * D;
           for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = t0; t < n; ++t) {
             const float p = std::exp(s[g * bs + t] - bmax);
             s[g * bs + t] = p;
             l[g] += p;
           }
           m[g] = bmax;
         }
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           const int64_t row = (block * bs + t) * Hkv + h;
           const kv_t* vp = vc + row * D;
           const float vscale = vs ? vs[row] : 1.f;
@@ -167,7 +172,7 @@ static inline void by_heads(int64_t qa, int64_t qb, F&& f) {
   }
 }
 
-// SIMD path for head sizes that are a multiple of W (64 and 128 cover the supported models).
+// SIMD path for head sizes that are a multiple of W (64, 128 and Gemma's 256 cover the supported models).
 // Per block of tokens: scores for every query head of the group, one max/exp pass, then the
 // probability-weighted V rows accumulated in registers.
 // Consecutive rows with the same block table (a prompt chunk's positions, a verified draft) run as one task
@@ -177,7 +182,7 @@ static inline void by_heads(int64_t qa, int64_t qb, F&& f) {
 template <typename scalar_t, typename kv_t, int D>
 static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
                         const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
-                        int64_t Hkv, int64_t bs, int64_t max_blocks, float scale) {
+                        int64_t Hkv, int64_t bs, int64_t max_blocks, float scale, int64_t window) {
   constexpr int V = D / W;
   constexpr int64_t R = 8;
   const int64_t G = H / Hkv;
@@ -204,9 +209,10 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
       const int64_t run = task / splits, q0 = (task % splits) * q_per, q1 = q0 + q_per;  // query heads
       const int64_t h0 = q0 / G, h1 = (q1 - 1) / G + 1;  // and the KV heads they read
       const int64_t b0 = run_start[run], nr = run_start[run + 1] - b0;
-      int64_t max_len = 0;
+      int64_t max_len = 0, min_first = std::numeric_limits<int64_t>::max();
       for (int64_t r = 0; r < nr; ++r) {
         max_len = std::max(max_len, lens[b0 + r]);
+        min_first = std::min(min_first, first_key(lens[b0 + r], window));
         for (int64_t qh = q0; qh < q1; ++qh) {
           const int64_t i = r * H + qh;
           const scalar_t* qp = q + ((b0 + r) * H + qh) * D;
@@ -221,25 +227,29 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
       }
       const int64_t* table = tables + b0 * max_blocks;
       const int64_t nblk = (max_len + bs - 1) / bs;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
+      for (int64_t blk = min_first / bs; blk < nblk; ++blk) {
         const int64_t block = table[blk];
         auto tokens_of = [&](int64_t r) { return std::min(bs, lens[b0 + r] - blk * bs); };  // <= 0: none
+        // the row's tokens of this block before its window, skipped (>= tokens_of: none left)
+        auto skipped_of = [&](int64_t r) { return std::max<int64_t>(0, first_key(lens[b0 + r], window) - blk * bs); };
         // Scores: the query vectors of a KV head's query heads held in registers against the block's keys,
         // each key row loaded (and, from int8, widened) once for all of them.
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t qa = std::max(h * G, q0), qb = std::min((h + 1) * G, q1);
-          for (int64_t r = 0; r < nr; ++r)
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t t0 = skipped_of(r);
             by_heads<V>(qa, qb, [&](int64_t qh, auto ng) {
-              scores<V, decltype(ng)::value>(qv.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs, bs, kc,
-                                             ks, block * bs * Hkv + h, Hkv, tokens_of(r));
+              scores<V, decltype(ng)::value>(qv.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs + t0, bs,
+                                             kc, ks, (block * bs + t0) * Hkv + h, Hkv, tokens_of(r) - t0);
             });
+          }
         }
         for (int64_t r = 0; r < nr; ++r) {
-          const int64_t n = tokens_of(r);
+          const int64_t t0 = skipped_of(r), n = tokens_of(r) - t0;  // the row's tokens of this block
           if (n <= 0) continue;
           for (int64_t qh = q0; qh < q1; ++qh) {
             const int64_t i = r * H + qh;
-            float* sq = s.data() + i * bs;
+            float* sq = s.data() + i * bs + t0;
             float bmax = m[i];  // a max is exact in any order: vectorized
             int64_t t = 0;
             if (n >= W) {
@@ -270,11 +280,13 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
         // order, each value row loaded once for all of them.
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t qa = std::max(h * G, q0), qb = std::min((h + 1) * G, q1);
-          for (int64_t r = 0; r < nr; ++r)
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t t0 = skipped_of(r);
             by_heads<V>(qa, qb, [&](int64_t qh, auto ng) {
-              values<V, decltype(ng)::value>(acc.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs, bs, vc,
-                                             vs, block * bs * Hkv + h, Hkv, tokens_of(r));
+              values<V, decltype(ng)::value>(acc.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs + t0, bs,
+                                             vc, vs, (block * bs + t0) * Hkv + h, Hkv, tokens_of(r) - t0);
             });
+          }
         }
       }
       for (int64_t r = 0; r < nr; ++r) {
@@ -293,14 +305,18 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
 template <typename scalar_t, typename kv_t>
 static bool try_fast(const scalar_t* q, const kv_t* kc, const kv_t* vc, const float* ks, const float* vs,
                      const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv,
-                     int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+                     int64_t D, int64_t bs, int64_t max_blocks, float scale, int64_t window) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (D == 64) {
-      decode_simd<scalar_t, kv_t, 64>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      decode_simd<scalar_t, kv_t, 64>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale, window);
       return true;
     }
     if (D == 128) {
-      decode_simd<scalar_t, kv_t, 128>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale);
+      decode_simd<scalar_t, kv_t, 128>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale, window);
+      return true;
+    }
+    if (D == 256) {  // Gemma 3
+      decode_simd<scalar_t, kv_t, 256>(q, kc, vc, ks, vs, tables, lens, out, B, H, Hkv, bs, max_blocks, scale, window);
       return true;
     }
   }
@@ -309,7 +325,7 @@ static bool try_fast(const scalar_t* q, const kv_t* kc, const kv_t* vc, const fl
 #else
 template <typename scalar_t, typename kv_t>
 static bool try_fast(const scalar_t*, const kv_t*, const kv_t*, const float*, const float*, const int64_t*,
-                     const int64_t*, scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+                     const int64_t*, scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t) {
   return false;
 }
 #endif
@@ -318,7 +334,7 @@ static bool try_fast(const scalar_t*, const kv_t*, const kv_t*, const float*, co
 template <typename scalar_t, typename kv_t>
 static void run_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const float* ks, const float* vs, const torch::Tensor& tables, const torch::Tensor& lens,
-                       torch::Tensor& out, double scale) {
+                       torch::Tensor& out, double scale, int64_t window) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -328,10 +344,10 @@ static void run_decode(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   if (try_fast<scalar_t, kv_t>(qp, kp, vp, ks, vs, tp, lp, op, B, H, Hkv, D, bs, tables.size(1),
-                               static_cast<float>(scale)))
+                               static_cast<float>(scale), window))
     return;
   decode_kernel<scalar_t, kv_t>(qp, kp, vp, ks, vs, tp, lp, op, B, H, Hkv, D, bs, tables.size(1),
-                                static_cast<float>(scale));
+                                static_cast<float>(scale), window);
 }
 
 static void check_shapes(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
@@ -341,7 +357,7 @@ static void check_shapes(const torch::Tensor& q, const torch::Tensor& k_cache, c
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor ctx_lens, double scale) {
+                           torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
   check_shapes(q, k_cache, v_cache);
   q = q.contiguous();
@@ -349,14 +365,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto lens = ctx_lens.to(torch::kLong).contiguous();
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    run_decode<scalar_t, scalar_t>(q, k_cache, v_cache, nullptr, nullptr, tables, lens, out, scale);
+    run_decode<scalar_t, scalar_t>(q, k_cache, v_cache, nullptr, nullptr, tables, lens, out, scale, window);
   });
   return out;
 }
 
 torch::Tensor paged_decode_int8(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scale,
                                 torch::Tensor v_scale, torch::Tensor block_tables, torch::Tensor ctx_lens,
-                                double scale) {
+                                double scale, int64_t window) {
   TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar, "int8 caches expected");
   TORCH_CHECK(k_scale.scalar_type() == at::kFloat && v_scale.scalar_type() == at::kFloat, "float32 scales expected");
   TORCH_CHECK(k_scale.is_contiguous() && v_scale.is_contiguous(), "scales must be contiguous");
@@ -369,7 +385,7 @@ torch::Tensor paged_decode_int8(torch::Tensor q, torch::Tensor k_cache, torch::T
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_int8", [&] {
     run_decode<scalar_t, int8_t>(q, k_cache, v_cache, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(),
-                                 tables, lens, out, scale);
+                                 tables, lens, out, scale, window);
   });
   return out;
 }

@@ -126,8 +126,12 @@ def _gather_kv(cache: torch.Tensor, scales: torch.Tensor | None, block_table: to
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    window: int | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for this step's tokens (None: already in the cache) -> [T, H*D].
+
+    window: a sliding window, the query at position p reading positions p - window + 1 .. p only (the blocks
+    before them may have been freed: their table entries are never read).
 
     Writes this step's K/V into the cache first, so each query sees its own token and every token
     computed before it, including other sequences' blocks shared through the prefix cache.
@@ -152,22 +156,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     kv = (k_cache, v_cache, k_scale, v_scale)
 
     if meta.all_decode:
-        return _decode(q, kv, meta, scale, group).reshape(t, h * d)
+        return _decode(q, kv, meta, scale, group, window).reshape(t, h * d)
 
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], kv, meta, scale, group)
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], kv, meta, scale, group, window)
     for c in meta.prefills:
         qc = q[c.tok_start:c.tok_end].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
         kc = _gather_kv(k_cache, k_scale, c.block_ids, q.dtype)[:, :c.kv_len].unsqueeze(0)  # [1, Hkv, L, D]
         vc = _gather_kv(v_cache, v_scale, c.block_ids, q.dtype)[:, :c.kv_len].unsqueeze(0)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
+        mask = c.mask
+        if window is not None:
+            q_pos = torch.arange(c.kv_len - (c.tok_end - c.tok_start), c.kv_len, device=q.device)[:, None]
+            k_pos = torch.arange(c.kv_len, device=q.device)[None, :]
+            mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=group > 1)
         out[c.tok_start:c.tok_end] = o[0].transpose(0, 1)
     return out.reshape(t, h * d)
 
 
-def _decode(q: torch.Tensor, kv: tuple, meta: AttentionMetadata, scale: float, group: int) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv: tuple, meta: AttentionMetadata, scale: float, group: int,
+            window: int | None) -> torch.Tensor:
     """One query token per sequence."""
     k_cache, v_cache, k_scale, v_scale = kv
     if q.device.type == "cpu":
@@ -175,21 +185,25 @@ def _decode(q: torch.Tensor, kv: tuple, meta: AttentionMetadata, scale: float, g
         if kernels is not None:  # reads the blocks in place: no gathered copy of the KV
             if k_scale is not None:
                 return kernels.paged_decode_int8(q, k_cache, v_cache, k_scale, v_scale, meta.decode_block_table,
-                                                 meta.decode_lens, scale)
-            return kernels.paged_decode(q, k_cache, v_cache, meta.decode_block_table, meta.decode_lens, scale)
-    return decode_reference(q, k_cache, v_cache, meta, scale, group, k_scale, v_scale)
+                                                 meta.decode_lens, scale, window or 0)
+            return kernels.paged_decode(q, k_cache, v_cache, meta.decode_block_table, meta.decode_lens, scale,
+                                        window or 0)
+    return decode_reference(q, k_cache, v_cache, meta, scale, group, k_scale, v_scale, window)
 
 
 def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float, group: int, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Plain PyTorch decode: gather each sequence's blocks, pad, mask. The query heads sharing a KV
     head are laid along the query axis, so grouped-query attention needs no repeated K/V."""
     b, h, d = q.shape
     hkv = h // group
     kd = _gather_kv(k_cache, k_scale, meta.decode_block_table, q.dtype)  # [B, Hkv, L, D]
     vd = _gather_kv(v_cache, v_scale, meta.decode_block_table, q.dtype)
-    valid = torch.arange(kd.shape[2], device=q.device)[None, :] < meta.decode_lens[:, None]
+    key = torch.arange(kd.shape[2], device=q.device)[None, :]
+    valid = key < meta.decode_lens[:, None]
+    if window is not None:
+        valid &= key >= meta.decode_lens[:, None] - window
     mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
     qd = q.view(b, hkv, group, d)
     o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale)

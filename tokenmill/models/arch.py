@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Architectures the model code implements, by the name GGUF metadata or config.json `model_type` uses.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma3_text")
+# Hugging Face model types read as another: Gemma 3's multimodal config holds the text model in text_config.
+ARCHITECTURE_ALIASES = {"gemma3": "gemma3_text"}
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,50 @@ class ModelArchConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     sliding_window: int | None = None  # None: full attention
+    # per layer "sliding_attention" or "full_attention" (Gemma 3); empty: every layer slides when sliding_window is set
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None  # the sliding layers' own rope base (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root (Gemma); None: head_dim's
+    hidden_act: str = "silu"  # the MLP gate's activation: silu, or gelu_pytorch_tanh (Gemma)
     # RMSNorm on q and k before rotary: "head" over each head (Qwen3), "all" over the whole projection (OLMoE)
     qk_norm: str | None = None
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
     moe: MoEConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma's layer: norms before and after attention and MLP, weights as (1 + w), scaled embeddings."""
+        return self.architecture == "gemma3_text"
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window in tokens (a query at p reads positions > p - window), None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types:
+            return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+        return self.sliding_window
+
+    def kv_groups(self) -> list[tuple[int | None, tuple[int, ...]]]:
+        """The KV cache's layer groups, (window, layers), all of one size: a block of the paged cache belongs to
+        one group and holds the KV of each of its layers, so a sliding group frees blocks that fall out of its
+        window while a full-attention group keeps them. One group of every layer when all attend alike. Else
+        the size is the rarer kind's count (Gemma 3 270M: its 3 full layers, and 5 groups of 3 sliding ones),
+        a last short group padded (its missing layers' memory unused)."""
+        by_window: dict[int | None, list[int]] = {}
+        for i in range(self.num_layers):
+            by_window.setdefault(self.layer_window(i), []).append(i)
+        if len(by_window) == 1:
+            (window, layers), = by_window.items()
+            return [(window, tuple(layers))]
+        size = min(len(layers) for layers in by_window.values())
+        return [(window, tuple(layers[j:j + size])) for window, layers in by_window.items()
+                for j in range(0, len(layers), size)]
+
+    @property
+    def kv_group_size(self) -> int:
+        return max(len(layers) for _, layers in self.kv_groups())
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and i not in self.moe.dense_layers
@@ -92,6 +132,8 @@ class ModelArchConfig:
                        "mlp.up_proj.weight": (self.intermediate_size, h),
                        "mlp.down_proj.weight": (h, self.intermediate_size)}
         shapes |= {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+        if self.is_gemma:
+            shapes |= {"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)}
         return shapes
 
     def expert_names(self) -> ExpertNames:
@@ -102,8 +144,8 @@ class ModelArchConfig:
                            "down_proj.weight")
 
     def kv_block_bytes(self, block_size: int, cache_dtype: str, itemsize: int) -> int:
-        """Bytes one KV cache block takes: K and V, every layer and KV head. An int8 cache stores a float32
-        scale per token and head beside the values (tokenmill/quant/kv.py); otherwise the model dtype's
+        """Bytes one KV cache block takes: K and V, every layer of a KV group and KV head. An int8 cache stores a
+        float32 scale per token and head beside the values (tokenmill/quant/kv.py); otherwise the model dtype's
         `itemsize` bytes per value."""
         per_token_head = self.head_dim + 4 if cache_dtype == "int8" else self.head_dim * itemsize
-        return 2 * self.num_layers * block_size * self.num_kv_heads * per_token_head
+        return 2 * self.kv_group_size * block_size * self.num_kv_heads * per_token_head

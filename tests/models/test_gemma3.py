@@ -1,0 +1,168 @@
+"""Gemma 3 against transformers in float32: a small random-weight model (a 16-token window, so short prompts
+outgrow it) and the real Gemma 3 270M GGUF from its wheels (8 prompts, four longer than its 512-token window).
+Greedy tokens identical, top-5 logprobs within 1e-3, batched equal to alone, a prefix-cache hit equal to cold,
+preempted equal to unpreempted (the small model); and the sliding layers' KV groups hold only their window's
+blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hf_reference import check_logprobs_close, hf_greedy
+
+from tokenmill import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 49152  # the small model reuses the default model's tokenizer
+S, F = "sliding_attention", "full_attention"
+SMALL = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=48, sliding_window=16,
+             layer_types=[S, S, F, S, S, F], max_position_embeddings=1024, rms_norm_eps=1e-6,
+             tie_word_embeddings=True, initializer_range=0.1,
+             rope_parameters={F: {"rope_type": "default", "rope_theta": 1e6},
+                              S: {"rope_type": "default", "rope_theta": 1e4}})
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory, gguf_path):
+    """A random Gemma 3 saved as a Hugging Face directory, norms varied (they start at zero: 1 + w = 1)."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("gemma3-small")
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**SMALL)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out)
+    return out, model
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _check_against(model, llm, prompts, max_tokens, name):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)  # batched, long prompts chunked
+    for n, (ids, out) in enumerate(zip(prompts, outs, strict=True)):
+        ref_tokens, ref_tops = hf_greedy(model, ids, max_tokens)
+        o = out.outputs[0]
+        ours = [{t: lp.logprob for t, lp in d.items()} for d in o.logprobs]
+        assert o.token_ids == ref_tokens, f"{name} prompt {n} ({len(ids)} tokens): greedy tokens differ"
+        check_logprobs_close(o.token_ids, ours, ref_tokens, ref_tops, atol=1e-3, name=f"{name} prompt {n}")
+        alone = llm.generate([ids], params, use_tqdm=False)[0].outputs[0]
+        assert alone.token_ids == o.token_ids, f"{name} prompt {n}: batched differs from alone"
+    return outs
+
+
+def test_small_gemma3_matches_transformers(small_dir):
+    path, model = small_dir
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    assert runner.kv_group_windows == (16, 16, None)  # two groups of two sliding layers, one of the two global
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 15, 16, 17, 40, 300)]
+    _check_against(model, llm, prompts, 24, "small gemma3")
+
+
+def test_small_gemma3_prefix_hit_and_preemption(small_dir):
+    path, _ = small_dir
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist()
+               for n in (40, 70, 33, 90, 55, 64, 20, 12, 48, 30, 17, 66)]
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    cold = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", enable_prefix_caching=False)
+    ref = _tokens(cold.generate(prompts, params, use_tqdm=False))
+    warm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB")
+    warm.generate(prompts, params, use_tqdm=False)
+    hits = warm.engine.stats().prefix_cache_hits
+    assert _tokens(warm.generate(prompts, params, use_tqdm=False)) == ref
+    assert warm.engine.stats().prefix_cache_hits > hits
+    # 36 blocks of 16 tokens: a request holds up to 10 full-group blocks for its 150 tokens plus 2-3 per sliding
+    # group, so a few run at once and outgrow the cache as they decode.
+    per_block = cold.engine.runner.model.cfg.kv_block_bytes(16, "auto", 4)
+    tight = LLM(str(path), dtype="float32", kv_cache_memory=37 * per_block, enable_prefix_caching=False)
+    assert _tokens(tight.generate(prompts, params, use_tqdm=False)) == ref
+    assert tight.engine.stats().num_preemptions >= 3
+
+
+def _decode_blocks(llm, prompt, max_tokens):
+    """The most KV blocks one request holds while it decodes, stepping the engine by hand: from its second output
+    token on (the step that computes the prompt's last chunk still holds the blocks that chunk's window needed)."""
+    eng = llm.engine
+    pool = eng.kv.pool
+    eng.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    peak, outputs = 0, 0
+    while eng.has_unfinished():
+        if outputs >= 2:
+            peak = max(peak, pool.num_usable_blocks - pool.num_free_blocks)
+        outputs += sum(len(u.new_token_ids) for u in eng.step())
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------- Gemma 3 270M
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    from tokenmill.models.bundled import gemma3_gguf
+
+    return gemma3_gguf()
+
+
+@pytest.fixture(scope="module")
+def gemma3_prompts(gemma3_path):
+    """8 prompts of held-out text from different offsets (no shared prefix), 4 past the 512-token window."""
+    from tokenmill.models.loader import open_model
+    from tokenmill.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_source(open_model(str(gemma3_path)))
+    text = (Path(__file__).parents[2] / "tokenmill" / "eval" / "data" / "heldout.txt").read_text()
+    ids = tok.encode(text, add_special_tokens=False)
+    lengths = (6, 40, 150, 400, 520, 700, 900, 1100)
+    bos = [tok.bos_token_id]
+    return [bos + ids[7 * i:7 * i + n] for i, n in enumerate(lengths)]
+
+
+@pytest.fixture(scope="module")
+def gemma3_llm(gemma3_path):
+    return LLM(str(gemma3_path), dtype="float32", quantization="none", kv_cache_memory="160MiB",
+               max_num_batched_tokens=512)
+
+
+def test_gemma3_270m_matches_transformers(gemma3_path, gemma3_prompts, gemma3_llm):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name,
+                                                           dtype=torch.float32).eval()
+    assert any(len(p) > 512 for p in gemma3_prompts)
+    first = _check_against(hf, gemma3_llm, gemma3_prompts, 10, "gemma3 270m")
+    # the same prompts again: their prefixes are cached now, and the tokens come out the same (the logprobs within
+    # float32 GEMM rounding: a step of other rows sums in another order)
+    hits = gemma3_llm.engine.stats().prefix_cache_hits
+    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=5, ignore_eos=True)
+    again = gemma3_llm.generate(gemma3_prompts, params, use_tqdm=False)
+    assert gemma3_llm.engine.stats().prefix_cache_hits > hits
+    for a, b in zip(first, again, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for da, db in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert da.keys() == db.keys()
+            assert all(abs(da[t].logprob - db[t].logprob) < 1e-4 for t in da)
+
+
+def test_gemma3_270m_long_request_frees_sliding_blocks(gemma3_llm, gemma3_prompts):
+    """A 1,100-token prompt decoding 60 tokens: the 3 global layers keep every block (73), the 15 sliding ones, in 5
+    groups, only their window's (33 or 34 each): about half the 6 x 73 blocks of full attention everywhere."""
+    gemma3_llm.engine.kv.reset_prefix_cache()
+    prompt = gemma3_prompts[-1]
+    total = -(-(len(prompt) + 60) // 16)
+    windows = gemma3_llm.engine.runner.kv_group_windows
+    assert windows.count(None) == 1 and windows.count(512) == 5
+    held = _decode_blocks(gemma3_llm, prompt, 60)
+    assert total + 5 * 32 <= held <= total + 5 * (512 // 16 + 2)

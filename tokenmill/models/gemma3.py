@@ -1,0 +1,109 @@
+"""Gemma 3 (text): the Llama layer's parts arranged Gemma's way.
+
+What differs from models/llama.py: embeddings scaled by sqrt(hidden); RMSNorm weights stored as w and applied as
+(1 + w), in float32; a norm before and after both attention and the MLP (the residual adds the normed output);
+per-head q/k norms; a GELU-tanh gated MLP; attention scaled by query_pre_attn_scalar; and two kinds of layer,
+five sliding-window layers (local rope base) to each global one (the model's rope base). The sliding layers'
+KV lives in their own groups of the paged cache, which free blocks that fall out of the window
+(ModelArchConfig.kv_groups, engine/kv_cache_manager.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.errors import StepInterrupted
+from tokenmill.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.layers.ops import EagerOps
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.arch import ModelArchConfig
+from tokenmill.models.llama import LlamaLayer, LlamaModel, QuantSpec
+from tokenmill.quant.block import RowKinds
+from tokenmill.quant.linear import LinearBuilder
+
+
+def gemma_norm(x: torch.Tensor, one_plus_w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm as Hugging Face computes it: normalise and scale in float32, then back to x's dtype."""
+    return F.rms_norm(x.float(), one_plus_w.shape, one_plus_w, eps).to(x.dtype)
+
+
+class Gemma3Layer(LlamaLayer):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, quant: QuantSpec, idx: int):
+        super().__init__(cfg, dtype, device, quant, idx)
+        h = cfg.hidden_size
+        self.pre_mlp_norm = torch.empty(h, dtype=dtype, device=device)
+        self.post_mlp_norm = torch.empty(h, dtype=dtype, device=device)
+        self.window = cfg.layer_window(idx)
+        # (1 + w) in float32 for each norm, made once the weights are in (finish)
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def slots(self, cfg: ModelArchConfig) -> dict[str, tuple[torch.Tensor | LinearBuilder, int, int]]:
+        h = cfg.hidden_size
+        return super().slots(cfg) | {"pre_feedforward_layernorm.weight": (self.pre_mlp_norm, 0, h),
+                                     "post_feedforward_layernorm.weight": (self.post_mlp_norm, 0, h)}
+
+    def finish(self) -> None:
+        super().finish()
+        self.norms = {name: 1.0 + w.float() for name, w in (
+            ("in", self.in_norm), ("post_attn", self.post_norm), ("pre_mlp", self.pre_mlp_norm),
+            ("post_mlp", self.post_mlp_norm), ("q", self.q_norm), ("k", self.k_norm))}
+
+
+class Gemma3Model(LlamaModel):
+    layer_class = Gemma3Layer
+
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                 quant: QuantSpec | None = None):
+        super().__init__(cfg, dtype, device, max_positions, quant)
+        self.rope_local = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_local_theta or cfg.rope_theta, None,
+                                          device)
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        # HF keeps sqrt(hidden) as a float32 tensor and multiplies in the weights' dtype
+        self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32).to(dtype)
+        self.act = (lambda g: F.gelu(g, approximate="tanh")) if cfg.hidden_act == "gelu_pytorch_tanh" else F.silu
+        self.final_norm: torch.Tensor | None = None
+
+    def load_weights(self, tensors, source: str) -> None:
+        super().load_weights(tensors, source)
+        self.final_norm = 1.0 + self.norm.float()
+        self.ops = EagerOps(self.rope)  # the reference formulas: no fused Gemma kernels yet
+
+    def _native_decoder(self):
+        return None  # decoder.cpp runs the Llama layer only
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | list[AttentionMetadata], kv_caches: list[tuple[torch.Tensor, ...]],
+                logits_rows: torch.Tensor, interrupt: Callable[[], bool] | None = None, rows: RowKinds | None = None,
+                logits_rows_kinds: RowKinds | None = None) -> torch.Tensor:
+        """As LlamaModel.forward; `meta` is one AttentionMetadata per KV group (one for all layers when a list
+        is not given)."""
+        cfg = self.cfg
+        eps, d = cfg.rms_norm_eps, cfg.head_dim
+        metas = meta if isinstance(meta, list) else [meta] * len(self.kv_groups)
+        global_tables = self.rope.tables(positions, self.dtype)
+        local_tables = self.rope_local.tables(positions, self.dtype)
+        residual = F.embedding(input_ids, self.embed) * self.embed_scale
+        t = residual.shape[0]
+        stop_checks = len(self.layers) // 2 if interrupt is not None else 0
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i < stop_checks and interrupt():
+                raise StepInterrupted
+            n = layer.norms
+            qkv = layer.qkv(gemma_norm(residual, n["in"], eps), rows)
+            q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+            q = gemma_norm(q.reshape(-1, d), n["q"], eps).reshape(t, -1)
+            k = gemma_norm(k.reshape(-1, d), n["k"], eps).reshape(t, -1)
+            tables = local_tables if layer.window is not None else global_tables
+            q, k, v = self.ops.rope_qkv(torch.cat([q, k, v], dim=-1), positions, tables, cfg.num_heads,
+                                        cfg.num_kv_heads, d, kv_cache, metas[self.layer_group[i]])
+            attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], metas[self.layer_group[i]], self.scale,
+                                   *kv_cache[2:], window=layer.window)
+            residual = residual + gemma_norm(layer.o(attn, rows), n["post_attn"], eps)
+            gate, up = layer.gate_up(gemma_norm(residual, n["pre_mlp"], eps), rows).chunk(2, dim=-1)
+            residual = residual + gemma_norm(layer.down(self.act(gate) * up, rows), n["post_mlp"], eps)
+        x = gemma_norm(residual.index_select(0, logits_rows).contiguous(), self.final_norm, eps)
+        return self.lm_head(x, logits_rows_kinds).float()
