@@ -166,3 +166,17 @@ def test_gemma3_270m_long_request_frees_sliding_blocks(gemma3_llm, gemma3_prompt
     assert windows.count(None) == 1 and windows.count(512) == 5
     held = _decode_blocks(gemma3_llm, prompt, 60)
     assert total + 5 * 32 <= held <= total + 5 * (512 // 16 + 2)
+
+
+def test_gemma3_270m_auto_runs_its_k_quants_on_the_block_kernel(gemma3_path, gemma3_prompts):
+    """Under --quantization auto the GGUF's Q5_0 / Q4_K / Q6_K matrices run as w8a8 blocks and its Q8_0 embedding as
+    the w8a8 head: no float matrix is left (float32 would hold 1 GB)."""
+    from tokenmill.kernels.cpu import block_linear
+
+    if block_linear() is None:
+        pytest.skip("no compiler here: the block kernel is not built")
+    llm = LLM(str(gemma3_path), kv_cache_memory="64MiB")
+    report = llm.engine.runner.model.weight_report()
+    assert report.get("none_bytes", 0) == 0 and report["w8a8_bytes"] > 0, report
+    out = llm.generate([gemma3_prompts[3]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8

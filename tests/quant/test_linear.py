@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from tokenmill.quant.gguf import GGUFBlocks
+from tokenmill.quant.gguf import GGUFBlocks, GGUFDecoded
 from tokenmill.quant.linear import (
     Int4Linear,
     LinearBuilder,
@@ -173,6 +173,29 @@ def test_q8_0_and_other_groups_are_requantized_within_bound():
         assert b.exact_pieces == 0
         bound = output_bound(x, int8_elem_bound(ref) if mode == "int8" else int4_elem_bound(ref, group))
         assert ((b.finish()(x) - x @ ref.T).abs() <= bound + 1e-4).all()
+
+
+def test_other_gguf_quantizations_run_as_w8a8_under_auto():
+    """Q5_0 / Q5_1 (and the K-quants, which gguf-py cannot write: Gemma 3's file has them, test_gemma3.py) have no
+    layout of ours: --quantization auto puts them on the w8a8 block kernel, requantized from their decoded values
+    (8 bits holding at most 6), not float."""
+    from tokenmill.kernels.cpu import block_linear
+
+    if block_linear() is None:
+        pytest.skip("no compiler here: the block kernel is not built")
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    for qtype in (T.Q5_0, T.Q5_1):
+        ref = torch.from_numpy(dequantize(quantize(w, qtype), qtype).copy())
+        b = LinearBuilder(64, 256, "auto", 32, torch.float32, CPU, "test")
+        b.add(0, 64, GGUFDecoded(int(qtype), ref, (64, 256)))
+        assert b.block_mode() == "w8a8"
+        lin = b.finish()
+        assert lin.kind == "w8a8" and b.exact_pieces == 0
+        # the kernel also quantizes activations per block of 32: a loose bound, but far below a float/int mix-up
+        err = (lin(x) - x @ ref.T).abs().max()
+        assert err < 0.05 * (x @ ref.T).abs().max(), qtype.name
 
 
 @pytest.mark.slow

@@ -406,6 +406,8 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Unquantized GGUF types (F32, F16, BF16, F64): a matrix in one of them stays float under --quantization auto.
+_GGUF_FLOAT_TYPES = {0, 1, 30, 28}
 # Tensors some GGUF files carry that the HF layout computes instead.
 _GGUF_IGNORED = {"rope_freqs.weight"}
 # Buffers old HF checkpoints saved next to the weights; HF recomputes them.
@@ -488,7 +490,7 @@ class ModelSource:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        from tokenmill.quant.gguf import REPACKABLE, GGUFBlocks
+        from tokenmill.quant.gguf import REPACKABLE, GGUFBlocks, GGUFDecoded
 
         try:
             with open(self.path, "rb") as f:
@@ -529,6 +531,8 @@ class ModelSource:
                 tensor = _unpermute_rope_rows(tensor, self.arch.num_kv_heads)
             elif self.arch.is_gemma and hf_name.endswith("norm.weight"):
                 tensor = tensor - 1  # llama.cpp stores Gemma's norm weights as 1 + w; HF keeps w, as we do
+            if keep_blocks and len(info.shape) == 2 and qt not in _GGUF_FLOAT_TYPES:
+                tensor = GGUFDecoded(info.qtype, tensor, info.shape)  # shipped quantized (see GGUFDecoded)
             yield hf_name, tensor
 
     def _iter_safetensors(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -72,3 +72,21 @@ class GGUFBlocks:
     def permute_rows(self, perm_fn) -> GGUFBlocks:
         """Apply a row permutation (e.g. llama.cpp's q/k rope un-permutation) to whole rows of blocks."""
         return GGUFBlocks(self.qtype, perm_fn(self.raw), self.shape)
+
+
+class GGUFDecoded(GGUFBlocks):
+    """A 2-D GGUF tensor shipped in a type our layouts do not hold as is (Q5_0, the K-quants...), decoded to
+    float32 (`raw`): still marked as quantized, so `--quantization auto` requantizes it to 8-bit blocks (at most
+    6 bits of precision going into 8) instead of keeping a float matrix 4x the size."""
+
+    def decode(self):
+        raise TypeError("a decoded GGUF tensor has no blocks of ours")
+
+    def dequantize(self) -> torch.Tensor:
+        return self.raw
+
+    def to_int4(self, group: int) -> None:
+        return None
+
+    def permute_rows(self, perm_fn) -> GGUFDecoded:
+        return GGUFDecoded(self.qtype, perm_fn(self.raw), self.shape)

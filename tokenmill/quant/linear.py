@@ -241,7 +241,8 @@ class LinearBuilder:
 
     def block_mode(self) -> str:
         """What an auto builder packs into: the format its pieces were shipped in, when a native kernel
-        runs it (Q4_0/Q4_1 -> w4a8, with Q8_0 among them -> w8a8), else the model's float dtype."""
+        runs it (Q4_0/Q4_1 -> w4a8, with Q8_0 or another GGUF quantization among them -> w8a8), else the
+        model's float dtype."""
         if self.mode != "auto":
             if self.k % 32:
                 logger.warning("%s: %d input columns are not a multiple of 32; kept in %s", self.name, self.k,
@@ -255,7 +256,7 @@ class LinearBuilder:
 
         if block_linear() is None:
             return "none"
-        return "w4a8" if types <= {Q4_0, Q4_1} else "w8a8" if types <= {Q4_0, Q4_1, Q8_0} else "none"
+        return "w4a8" if types <= {Q4_0, Q4_1} else "w8a8"
 
     def _finish_collected(self, bias: torch.Tensor | None, dense: torch.Tensor | None) -> Linear:
         mode = self.block_mode()
