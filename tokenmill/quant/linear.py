@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tokenmill.quant.block import BLOCK_MODES, BlockLinear, is_exact, piece_to_blocks
 from tokenmill.quant.block import dequantize as block_dequantize
-from tokenmill.quant.gguf import Q4_0, Q4_1, Q8_0, GGUFBlocks
+from tokenmill.quant.gguf import Q4_0, Q4_1, GGUFBlocks
 
 logger = logging.getLogger(__name__)
 
