@@ -24,11 +24,17 @@ PY="${PY:-$ROOT/.venv/bin/python}"
 COMMON_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
   -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF)
+# The optional AVX-512 extensions and AVX-VNNI only where the CPU has them (Zen 4 has AVX-512 VNNI but not the
+# VEX-encoded AVX-VNNI, and a binary built with it dies there); the build directory is named by what is left out.
+has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
 if grep -q avx512f /proc/cpuinfo; then
-  BUILD="$SRC/build-avx512"
+  OPT=(AVX_VNNI=$(has avx_vnni) AVX512_VBMI=$(has avx512vbmi) AVX512_VNNI=$(has avx512_vnni)
+       AVX512_BF16=$(has avx512_bf16))
+  MISSING="$(printf '%s\n' "${OPT[@]}" | sed -n 's/=OFF$//p' | tr 'A-Z_\n' 'a-z--' | sed 's/-$//')"
+  BUILD="$SRC/build-avx512${MISSING:+-no-$MISSING}"
   CMAKE_FLAGS=("${COMMON_FLAGS[@]}" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-    -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
-    -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    -DGGML_BMI2=ON -DGGML_AVX512=ON "${OPT[@]/#/-DGGML_}" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+    -DGGML_AMX_BF16=OFF)
 else
   BUILD="$SRC/build-native"
   CMAKE_FLAGS=("${COMMON_FLAGS[@]}" -DGGML_NATIVE=ON)

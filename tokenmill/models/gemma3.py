@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tokenmill.errors import StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.ops import EagerOps
+from tokenmill.layers.ops import pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
 from tokenmill.models.llama import LlamaLayer, LlamaModel, QuantSpec
@@ -65,11 +65,16 @@ class Gemma3Model(LlamaModel):
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32).to(dtype)
         self.act = (lambda g: F.gelu(g, approximate="tanh")) if cfg.hidden_act == "gelu_pytorch_tanh" else F.silu
         self.final_norm: torch.Tensor | None = None
+        self.ops_local = self.ops  # the sliding layers' rotary (set with self.ops once the formats are known)
 
     def load_weights(self, tensors, source: str) -> None:
         super().load_weights(tensors, source)
         self.final_norm = 1.0 + self.norm.float()
-        self.ops = EagerOps(self.rope)  # the reference formulas: no fused Gemma kernels yet
+        # Block formats round anyway: rotary + KV write as one native call then (a set of ops per rope base);
+        # float weights keep the eager formulas, the exact reference.
+        block = any(lin.kind in ("w4a8", "w8a8") for layer in self.layers for lin in layer.linears())
+        self.ops = pick_ops(self.rope, block, self.device)
+        self.ops_local = pick_ops(self.rope_local, block, self.device)
 
     def _native_decoder(self):
         return None  # decoder.cpp runs the Llama layer only
@@ -97,9 +102,9 @@ class Gemma3Model(LlamaModel):
             q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
             q = gemma_norm(q.reshape(-1, d), n["q"], eps).reshape(t, -1)
             k = gemma_norm(k.reshape(-1, d), n["k"], eps).reshape(t, -1)
-            tables = local_tables if layer.window is not None else global_tables
-            q, k, v = self.ops.rope_qkv(torch.cat([q, k, v], dim=-1), positions, tables, cfg.num_heads,
-                                        cfg.num_kv_heads, d, kv_cache, metas[self.layer_group[i]])
+            ops, tables = (self.ops_local, local_tables) if layer.window is not None else (self.ops, global_tables)
+            q, k, v = ops.rope_qkv(torch.cat([q, k, v], dim=-1), positions, tables, cfg.num_heads, cfg.num_kv_heads,
+                                   d, kv_cache, metas[self.layer_group[i]])
             attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], metas[self.layer_group[i]], self.scale,
                                    *kv_cache[2:], window=layer.window)
             residual = residual + gemma_norm(layer.o(attn, rows), n["post_attn"], eps)
