@@ -12,7 +12,7 @@ One thing runs at a time (never tokenmill and a peer at once), all on the defaul
 --single-rounds R then visits every system R more times for single-stream speed alone, alternating, and
 reports medians (the single figures above move by a fifth between runs on these VMs).
 --model GGUF runs both systems on that one file instead (e.g. an upcycled MoE converted by llama.cpp's own
-script). Needs the llama.cpp peer built (`benchmarks/peers/llama_cpp.sh build`). Writes OUT.json and OUT.md.
+script, or `--model gemma3`). Needs the llama.cpp peer built (`benchmarks/peers/llama_cpp.sh build`). Writes OUT.json and OUT.md.
 """
 
 from __future__ import annotations
@@ -151,6 +151,10 @@ def main() -> None:
     args = ap.parse_args()
     global MODEL
     MODEL = args.model
+    if MODEL != "default":
+        from tokenmill.models.loader import resolve_model_path
+
+        MODEL = str(resolve_model_path(MODEL))  # a short name (gemma3) -> its file, which llama.cpp runs too
     if MODEL != "default" and args.llama_quants == ap.get_default("llama_quants"):
         args.llama_quants = Path(MODEL).name
     res: dict = {"cpu": cpu_name(), "model": MODEL, "tokenmill": {}, "llama.cpp": {}}

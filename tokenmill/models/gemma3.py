@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tokenmill.errors import StepInterrupted
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.ops import pick_ops
+from tokenmill.layers.ops import FusedOps, pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
 from tokenmill.models.llama import LlamaLayer, LlamaModel, QuantSpec
@@ -66,6 +66,7 @@ class Gemma3Model(LlamaModel):
         self.act = (lambda g: F.gelu(g, approximate="tanh")) if cfg.hidden_act == "gelu_pytorch_tanh" else F.silu
         self.final_norm: torch.Tensor | None = None
         self.ops_local = self.ops  # the sliding layers' rotary (set with self.ops once the formats are known)
+        self.norm_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = gemma_norm
 
     def load_weights(self, tensors, source: str) -> None:
         super().load_weights(tensors, source)
@@ -75,6 +76,12 @@ class Gemma3Model(LlamaModel):
         block = any(lin.kind in ("w4a8", "w8a8") for layer in self.layers for lin in layer.linears())
         self.ops = pick_ops(self.rope, block, self.device)
         self.ops_local = pick_ops(self.rope_local, block, self.device)
+        if isinstance(self.ops, FusedOps):  # the norms as one native call each too, (1 + w) in the model dtype
+            kernels = self.ops.k
+            self.norm_fn = lambda x, w, eps: kernels.rms_norm(x.contiguous(), w, eps)  # noqa: E731
+            for layer in self.layers:
+                layer.norms = {name: w.to(self.dtype) for name, w in layer.norms.items()}
+            self.final_norm = self.final_norm.to(self.dtype)
 
     def _native_decoder(self):
         return None  # decoder.cpp runs the Llama layer only
@@ -89,6 +96,7 @@ class Gemma3Model(LlamaModel):
         cfg = self.cfg
         eps, d = cfg.rms_norm_eps, cfg.head_dim
         metas = meta if isinstance(meta, list) else [meta] * len(self.kv_groups)
+        norm = self.norm_fn
         global_tables = self.rope.tables(positions, self.dtype)
         local_tables = self.rope_local.tables(positions, self.dtype)
         residual = F.embedding(input_ids, self.embed) * self.embed_scale
@@ -98,17 +106,17 @@ class Gemma3Model(LlamaModel):
             if i < stop_checks and interrupt():
                 raise StepInterrupted
             n = layer.norms
-            qkv = layer.qkv(gemma_norm(residual, n["in"], eps), rows)
+            qkv = layer.qkv(norm(residual, n["in"], eps), rows)
             q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            q = gemma_norm(q.reshape(-1, d), n["q"], eps).reshape(t, -1)
-            k = gemma_norm(k.reshape(-1, d), n["k"], eps).reshape(t, -1)
+            q = norm(q.reshape(-1, d), n["q"], eps).reshape(t, -1)
+            k = norm(k.reshape(-1, d), n["k"], eps).reshape(t, -1)
             ops, tables = (self.ops_local, local_tables) if layer.window is not None else (self.ops, global_tables)
             q, k, v = ops.rope_qkv(torch.cat([q, k, v], dim=-1), positions, tables, cfg.num_heads, cfg.num_kv_heads,
                                    d, kv_cache, metas[self.layer_group[i]])
             attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], metas[self.layer_group[i]], self.scale,
                                    *kv_cache[2:], window=layer.window)
-            residual = residual + gemma_norm(layer.o(attn, rows), n["post_attn"], eps)
-            gate, up = layer.gate_up(gemma_norm(residual, n["pre_mlp"], eps), rows).chunk(2, dim=-1)
-            residual = residual + gemma_norm(layer.down(self.act(gate) * up, rows), n["post_mlp"], eps)
-        x = gemma_norm(residual.index_select(0, logits_rows).contiguous(), self.final_norm, eps)
+            residual = residual + norm(layer.o(attn, rows), n["post_attn"], eps)
+            gate, up = layer.gate_up(norm(residual, n["pre_mlp"], eps), rows).chunk(2, dim=-1)
+            residual = residual + norm(layer.down(self.act(gate) * up, rows), n["post_mlp"], eps)
+        x = norm(residual.index_select(0, logits_rows).contiguous(), self.final_norm, eps)
         return self.lm_head(x, logits_rows_kinds).float()
