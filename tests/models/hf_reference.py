@@ -9,7 +9,7 @@ import torch
 def hf_greedy(model, prompt_ids: list[int], max_new: int, topk: int = 5):
     """Returns (tokens, per-step top-k {id: logprob}) decoding greedily with the KV cache."""
     ids = torch.tensor([prompt_ids])
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # the prompt's last logits only (a 262k vocab)
     past = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
     logits = out.logits[0, -1].float()
     tokens, tops = [], []

@@ -156,27 +156,46 @@ def test_gemma3_270m_matches_transformers(gemma3_path, gemma3_prompts, gemma3_ll
             assert all(abs(da[t].logprob - db[t].logprob) < 1e-4 for t in da)
 
 
-def test_gemma3_270m_long_request_frees_sliding_blocks(gemma3_llm, gemma3_prompts):
-    """A 1,100-token prompt decoding 60 tokens: the 3 global layers keep every block (73), the 15 sliding ones, in 5
-    groups, only their window's (33 or 34 each): about half the 6 x 73 blocks of full attention everywhere."""
-    gemma3_llm.engine.kv.reset_prefix_cache()
-    prompt = gemma3_prompts[-1]
-    total = -(-(len(prompt) + 60) // 16)
-    windows = gemma3_llm.engine.runner.kv_group_windows
-    assert windows.count(None) == 1 and windows.count(512) == 5
-    held = _decode_blocks(gemma3_llm, prompt, 60)
-    assert total + 5 * 32 <= held <= total + 5 * (512 // 16 + 2)
-
-
-def test_gemma3_270m_auto_runs_its_k_quants_on_the_block_kernel(gemma3_path, gemma3_prompts):
+def test_gemma3_270m_auto_format_and_sliding_blocks_freed(gemma3_path, gemma3_prompts):
     """Under --quantization auto the GGUF's Q5_0 / Q4_K / Q6_K matrices run as w8a8 blocks and its Q8_0 embedding as
-    the w8a8 head: no float matrix is left (float32 would hold 1 GB)."""
+    the w8a8 head: no float matrix is left (float32 would hold 1 GB). A 1,100-token prompt decoding 30 tokens: the
+    3 global layers keep every block (71), the 15 sliding ones, in 5 groups, only their window's (33 or 34 each):
+    about half the 6 x 71 blocks of full attention everywhere."""
     from tokenmill.kernels.cpu import block_linear
 
     if block_linear() is None:
         pytest.skip("no compiler here: the block kernel is not built")
-    llm = LLM(str(gemma3_path), kv_cache_memory="64MiB")
+    llm = LLM(str(gemma3_path), kv_cache_memory="160MiB", max_num_batched_tokens=512)
     report = llm.engine.runner.model.weight_report()
     assert report.get("none_bytes", 0) == 0 and report["w8a8_bytes"] > 0, report
-    out = llm.generate([gemma3_prompts[3]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 8
+    windows = llm.engine.runner.kv_group_windows
+    assert windows.count(None) == 1 and windows.count(512) == 5
+    prompt = gemma3_prompts[-1]
+    total = -(-(len(prompt) + 30) // 16)
+    held = _decode_blocks(llm, prompt, 30)
+    assert total + 5 * 32 <= held <= total + 5 * (512 // 16 + 2)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_small_gemma3_native_decoder_equals_the_loop(small_dir, kv, monkeypatch):
+    """On the block formats the whole Gemma step runs in decoder.cpp; it computes what Gemma3Model's Python loop
+    computes over the same kernels, bit for bit: the same tokens and the same logprobs, prompts past the window
+    among them, with a plain or an int8 KV cache."""
+    from tokenmill.kernels.cpu import decoder
+
+    if decoder() is None:
+        pytest.skip("no compiler here: the native decoder is not built")
+    path, _ = small_dir
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 17, 70, 150)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=5, ignore_eos=True)
+    runs = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv("TOKENMILL_NATIVE_DECODER", native)
+        llm = LLM(str(path), dtype="float32", quantization="w8a8", kv_cache_dtype=kv, kv_cache_memory="16MiB",
+                  max_num_batched_tokens=64)
+        assert (llm.engine.runner.model.native is not None) == (native == "1")
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[native] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                        for o in outs]
+    assert runs["1"] == runs["0"]

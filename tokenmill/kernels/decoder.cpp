@@ -10,7 +10,9 @@
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
 // over once. Only what this covers is built: block-quantized or float linear layers, a dense or
 // mixture-of-experts MLP, q/k norms and clamping (Qwen3, OLMoE), a KV cache in the model dtype or int8, every
-// query row on the paged kernel. Anything else stays on the Python path.
+// query row on the paged kernel; or Gemma 3's layer (Gemma3Model's loop: norms around attention and MLP,
+// GELU-tanh, sliding layers with their own rope and window, KV groups with their own block tables). Anything
+// else stays on the Python path.
 #include <algorithm>
 #include <chrono>
 #include <functional>
@@ -141,6 +143,14 @@ struct Layer {
   std::optional<QKNorm> qk;  // set: q/k norms and/or a clamp between the qkv projection and rotary
 };
 
+// Gemma 3's layer: every norm weight is (1 + w) already, in the model dtype.
+struct GemmaLayer {
+  Linear qkv, o, gate_up, down;
+  torch::Tensor in_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm;
+  int64_t window = 0;  // 0: full attention; else a sliding window, with the local rope
+  int64_t group = 0;  // its KV group: which slots / block tables / lengths it reads
+};
+
 // Lap times by kind of work, or nothing when not profiling.
 class Clock {
  public:
@@ -195,6 +205,19 @@ class Decoder {
     layers_.push_back({qkv, o, Linear{}, Linear{}, in_norm, post_norm, std::move(moe), std::nullopt});
   }
 
+  // Gemma 3: the embedding scale (a 0-dim tensor in the model dtype), the sliding layers' rope tables, head size.
+  void set_gemma(torch::Tensor embed_scale, torch::Tensor local_cos, torch::Tensor local_sin, int64_t head_dim) {
+    embed_scale_ = embed_scale, local_cos_ = local_cos, local_sin_ = local_sin, head_dim_ = head_dim;
+  }
+
+  void add_gemma_layer(Linear qkv, Linear o, Linear gate_up, Linear down, torch::Tensor in_norm,
+                       torch::Tensor post_attn_norm, torch::Tensor pre_mlp_norm, torch::Tensor post_mlp_norm,
+                       torch::Tensor q_norm, torch::Tensor k_norm, int64_t window, int64_t group) {
+    TORCH_CHECK(embed_scale_.defined() && layers_.empty(), "set_gemma first, and no Llama layers");
+    gemma_.push_back({qkv, o, gate_up, down, in_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, q_norm, k_norm,
+                      window, group});
+  }
+
   // Tokens each expert ran on this decoder, by layer index ({} for a dense model).
   std::map<int64_t, std::vector<int64_t>> expert_tokens() const {
     std::map<int64_t, std::vector<int64_t>> out;
@@ -204,22 +227,30 @@ class Decoder {
   }
 
   void set_kv_caches(std::vector<std::vector<torch::Tensor>> caches) {
-    TORCH_CHECK(caches.size() == layers_.size(), "one (K, V) cache per layer expected");
+    TORCH_CHECK(caches.size() == num_layers(), "one (K, V) cache per layer expected");
     for (const auto& c : caches)
       TORCH_CHECK(c.size() == 2 || c.size() == 4, "a (K, V) or int8 (K, V, K scales, V scales) cache per layer expected");
     caches_ = std::move(caches);
   }
 
-  // ids, positions, slots [T]; block table [T, max_blocks] and KV length [T] of every row (each row attends
-  // to its sequence up to its own position); logits_rows: the rows whose logits are wanted. interrupt, when
-  // given, is asked before each layer of the first half; if it says so, None comes back (the layers run so
-  // far wrote K/V for these positions only, which the step that redoes them overwrites).
+  // ids, positions [T]; per KV group, slots [T], block table [T, max_blocks] and KV length [T] of every row
+  // (each row attends to its sequence up to its own position); logits_rows: the rows whose logits are wanted.
+  // interrupt, when given, is asked before each layer of the first half; if it says so, None comes back (the
+  // layers run so far wrote K/V for these positions only, which the step that redoes them overwrites).
   std::optional<torch::Tensor> forward(const torch::Tensor& ids, const torch::Tensor& positions,
-                                       const torch::Tensor& slots, const torch::Tensor& block_table,
-                                       const torch::Tensor& kv_lens, const torch::Tensor& logits_rows,
+                                       const std::vector<torch::Tensor>& group_slots,
+                                       const std::vector<torch::Tensor>& group_tables,
+                                       const std::vector<torch::Tensor>& group_lens, const torch::Tensor& logits_rows,
                                        const std::optional<std::function<bool()>>& interrupt) {
-    TORCH_CHECK(caches_.size() == layers_.size(), "set_kv_caches first");
+    TORCH_CHECK(caches_.size() == num_layers(), "set_kv_caches first");
+    TORCH_CHECK(!group_slots.empty() && group_slots.size() == group_tables.size() &&
+                group_slots.size() == group_lens.size(), "slots, tables and lengths for every KV group");
     pybind11::gil_scoped_release no_gil;  // interrupt() takes it back for its own call
+    if (!gemma_.empty()) return forward_gemma(ids, positions, group_slots, group_tables, group_lens, logits_rows,
+                                              interrupt);
+    const torch::Tensor& slots = group_slots[0];
+    const torch::Tensor& block_table = group_tables[0];
+    const torch::Tensor& kv_lens = group_lens[0];
     const int64_t T = ids.size(0);
     const int64_t stop_checks = interrupt ? static_cast<int64_t>(layers_.size()) / 2 : 0;
     Clock clock(profile_ ? &times_ : nullptr);
@@ -268,6 +299,64 @@ class Decoder {
     return logits;
   }
 
+  // Gemma3Model.forward's loop on the fused kernels, op for op.
+  std::optional<torch::Tensor> forward_gemma(const torch::Tensor& ids, const torch::Tensor& positions,
+                                             const std::vector<torch::Tensor>& slots,
+                                             const std::vector<torch::Tensor>& tables,
+                                             const std::vector<torch::Tensor>& lens, const torch::Tensor& logits_rows,
+                                             const std::optional<std::function<bool()>>& interrupt) {
+    const int64_t T = ids.size(0), d = head_dim_;
+    const int64_t q_size = H_ * d, kv_size = Hkv_ * d;
+    const int64_t stop_checks = interrupt ? static_cast<int64_t>(gemma_.size()) / 2 : 0;
+    Clock clock(profile_ ? &times_ : nullptr);
+    torch::Tensor residual = embed_.index_select(0, ids) * embed_scale_;
+    for (size_t i = 0; i < gemma_.size(); ++i) {
+      GemmaLayer& L = gemma_[i];
+      if (static_cast<int64_t>(i) < stop_checks && (*interrupt)()) return std::nullopt;
+      TORCH_CHECK(L.group < static_cast<int64_t>(slots.size()), "no block tables for KV group ", L.group);
+      const torch::Tensor& kc = caches_[i][0];
+      const torch::Tensor& vc = caches_[i][1];
+      torch::Tensor h = rms_norm(residual, L.in_norm, eps_);
+      clock.lap("elementwise");
+      torch::Tensor qkv = L.qkv(h);
+      clock.lap("linear");
+      const auto parts = qkv.split_with_sizes({q_size, kv_size, kv_size}, -1);
+      torch::Tensor q = rms_norm(parts[0].reshape({-1, d}).contiguous(), L.q_norm, eps_).reshape({T, -1});
+      torch::Tensor k = rms_norm(parts[1].reshape({-1, d}).contiguous(), L.k_norm, eps_).reshape({T, -1});
+      qkv = at::cat({q, k, parts[2]}, -1);
+      const bool int8 = caches_[i].size() == 4;
+      const std::optional<torch::Tensor> ks = int8 ? std::optional(caches_[i][2]) : std::nullopt;
+      const std::optional<torch::Tensor> vs = int8 ? std::optional(caches_[i][3]) : std::nullopt;
+      const bool local = L.window > 0;
+      q = rope_qkv_write(qkv, positions, local ? local_cos_ : cos_, local ? local_sin_ : sin_, kc, vc, slots[L.group],
+                         H_, Hkv_, ks, vs);
+      clock.lap("elementwise");
+      const torch::Tensor& table = tables[L.group];
+      const torch::Tensor& kv_lens = lens[L.group];
+      torch::Tensor attn = (int8 ? paged_decode_int8(q, kc, vc, *ks, *vs, table, kv_lens, scale_, L.window)
+                                 : paged_decode(q, kc, vc, table, kv_lens, scale_, L.window)).reshape({T, -1});
+      clock.lap("attention");
+      torch::Tensor o = L.o(attn);
+      clock.lap("linear");
+      residual = residual + rms_norm(o, L.post_attn_norm, eps_);
+      h = rms_norm(residual, L.pre_mlp_norm, eps_);
+      clock.lap("elementwise");
+      const auto gate_up = L.gate_up(h).chunk(2, -1);
+      clock.lap("linear");
+      torch::Tensor act = at::gelu(gate_up[0], "tanh") * gate_up[1];
+      clock.lap("elementwise");
+      torch::Tensor down = L.down(act);
+      clock.lap("linear");
+      residual = residual + rms_norm(down, L.post_mlp_norm, eps_);
+      clock.lap("elementwise");
+    }
+    torch::Tensor x = rms_norm(residual.index_select(0, logits_rows).contiguous(), norm_, eps_);
+    clock.lap("elementwise");
+    torch::Tensor logits = head_(x).to(at::kFloat);
+    clock.lap("lm_head");
+    return logits;
+  }
+
   // Seconds spent per kind of work since the last call, when profiling is on (a lap costs ~20 ns).
   std::map<std::string, double> take_profile() { return std::exchange(times_, {}); }
   void set_profiling(bool on) { profile_ = on; }
@@ -278,7 +367,12 @@ class Decoder {
   torch::Tensor embed_, norm_, cos_, sin_;
   Linear head_;
   std::vector<Layer> layers_;
+  std::vector<GemmaLayer> gemma_;  // a Gemma 3 model's layers instead of layers_
+  torch::Tensor embed_scale_, local_cos_, local_sin_;
+  int64_t head_dim_ = 0;
   std::vector<std::vector<torch::Tensor>> caches_;
+
+  size_t num_layers() const { return gemma_.empty() ? layers_.size() : gemma_.size(); }
   bool profile_ = false;
   std::map<std::string, double> times_;
 };

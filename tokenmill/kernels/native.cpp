@@ -46,6 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Decoder::add_layer)
       .def("add_moe_layer", &Decoder::add_moe_layer, "a layer whose MLP is a mixture of experts")
       .def("set_qk_norm", &Decoder::set_qk_norm, "the last layer's q/k norms and clamp (Qwen3, OLMoE)")
+      .def("set_gemma", &Decoder::set_gemma, "Gemma 3: embedding scale, the sliding layers' rope tables, head size")
+      .def("add_gemma_layer", &Decoder::add_gemma_layer, "a Gemma 3 layer: its norms, window (0: full), KV group")
       .def("expert_tokens", &Decoder::expert_tokens, "tokens each expert ran, by MoE layer")
       .def("set_kv_caches", &Decoder::set_kv_caches)
       .def("forward", &Decoder::forward)

@@ -10,6 +10,7 @@ KV lives in their own groups of the paged cache, which free blocks that fall out
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.ops import FusedOps, pick_ops
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch import ModelArchConfig
-from tokenmill.models.llama import LlamaLayer, LlamaModel, QuantSpec
+from tokenmill.models.llama import LlamaLayer, LlamaModel, QuantSpec, linear_spec
 from tokenmill.quant.block import RowKinds
 from tokenmill.quant.linear import LinearBuilder
 
@@ -82,9 +83,29 @@ class Gemma3Model(LlamaModel):
             for layer in self.layers:
                 layer.norms = {name: w.to(self.dtype) for name, w in layer.norms.items()}
             self.final_norm = self.final_norm.to(self.dtype)
+        self.native = self._native_decoder()
 
     def _native_decoder(self):
-        return None  # decoder.cpp runs the Llama layer only
+        """decoder.cpp's Gemma loop, where it covers the model: the fused ops (block formats on CPU), every
+        linear on the block kernel or a float matrix. It computes what forward's loop computes, bit for bit."""
+        from tokenmill.kernels.cpu import decoder
+
+        kernels = decoder()
+        if (kernels is None or os.environ.get("TOKENMILL_NATIVE_DECODER") == "0" or self.final_norm is None
+                or not isinstance(self.ops, FusedOps)):
+            return None  # (LlamaModel.load_weights asks before the Gemma norms and ops are set: not yet)
+        spec = lambda lin: linear_spec(kernels, lin, self.embed)  # noqa: E731
+        if any(spec(lin) is None for lin in [*(lin for layer in self.layers for lin in layer.linears()), self.lm_head]):
+            return None
+        cfg = self.cfg
+        dec = kernels.Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, self.scale, self.embed,
+                              self.final_norm, self.rope.cos, self.rope.sin, spec(self.lm_head))
+        dec.set_gemma(self.embed_scale, self.rope_local.cos, self.rope_local.sin, cfg.head_dim)
+        for i, layer in enumerate(self.layers):
+            n = layer.norms
+            dec.add_gemma_layer(*(spec(lin) for lin in layer.linears()), n["in"], n["post_attn"], n["pre_mlp"],
+                                n["post_mlp"], n["q"], n["k"], layer.window or 0, self.layer_group[i])
+        return dec
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -96,6 +117,8 @@ class Gemma3Model(LlamaModel):
         cfg = self.cfg
         eps, d = cfg.rms_norm_eps, cfg.head_dim
         metas = meta if isinstance(meta, list) else [meta] * len(self.kv_groups)
+        if self._native_covers(metas, rows, logits_rows_kinds):
+            return self._forward_native(input_ids, positions, metas, kv_caches, logits_rows, interrupt)
         norm = self.norm_fn
         global_tables = self.rope.tables(positions, self.dtype)
         local_tables = self.rope_local.tables(positions, self.dtype)

@@ -104,6 +104,16 @@ class LlamaLayer:
         return self.down(ops.silu_mul(self.gate_up(h, rows)), rows)
 
 
+def linear_spec(kernels, lin: Linear, dtype_like: torch.Tensor):
+    """A linear for the native decoder (its tensors shared): the block kernel's or a float matrix; None for a
+    format it does not run (torch's int8 / int4)."""
+    if isinstance(lin, BlockLinear):
+        return kernels.block_linear_spec(lin.qs, lin.d, lin.m_arg, lin.n, lin.q4, lin.bias, dtype_like)
+    if isinstance(lin, FloatLinear):
+        return kernels.float_linear_spec(lin.weight, lin.bias)
+    return None
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How the linear layers store their weights: auto (as shipped: GGUF Q4/Q8 blocks run as w4a8/w8a8, float
@@ -241,12 +251,7 @@ class LlamaModel:
                 or not isinstance(self.ops, FusedOps) or any(w is not None for w in self.windows)):
             return None
 
-        def spec(lin: Linear):
-            if isinstance(lin, BlockLinear):
-                return kernels.block_linear_spec(lin.qs, lin.d, lin.m_arg, lin.n, lin.q4, lin.bias, self.embed)
-            if isinstance(lin, FloatLinear):
-                return kernels.float_linear_spec(lin.weight, lin.bias)
-            return None
+        spec = lambda lin: linear_spec(kernels, lin, self.embed)  # noqa: E731
 
         linears = [lin for layer in self.layers for lin in layer.linears()]
         if any(spec(lin) is None for lin in [*linears, self.lm_head]):
@@ -305,10 +310,8 @@ class LlamaModel:
         of the first half; when it says so, StepInterrupted is raised (the layers run so far wrote K/V for
         these positions, which the step that recomputes them overwrites)."""
         metas = meta if isinstance(meta, list) else [meta] * len(self.kv_groups)
-        meta = metas[0]
-        if self.native is not None and meta.all_decode and \
-                (rows is None or rows.dense is None) and (logits_rows_kinds is None or logits_rows_kinds.dense is None):
-            return self._forward_native(input_ids, positions, meta, kv_caches, logits_rows, interrupt)
+        if self._native_covers(metas, rows, logits_rows_kinds):
+            return self._forward_native(input_ids, positions, metas, kv_caches, logits_rows, interrupt)
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         ops = self.ops
@@ -352,16 +355,24 @@ class LlamaModel:
             qkv = qkv.clamp_(-cfg.clip_qkv, cfg.clip_qkv)
         return qkv
 
-    def _forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def _native_covers(self, metas: list[AttentionMetadata], rows: RowKinds | None,
+                       logits_rows_kinds: RowKinds | None) -> bool:
+        """Can the native decoder run this step: every row on the paged kernel, none on a dense copy?"""
+        return (self.native is not None and all(m.all_decode for m in metas)
+                and (rows is None or rows.dense is None)
+                and (logits_rows_kinds is None or logits_rows_kinds.dense is None))
+
+    def _forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, metas: list[AttentionMetadata],
                         kv_caches: list[tuple[torch.Tensor, ...]], logits_rows: torch.Tensor,
                         interrupt: Callable[[], bool] | None) -> torch.Tensor:
         """forward as one native call: every row on the paged kernel (a float or int8 cache), every linear on the block
-        kernel (or float)."""
+        kernel (or float); per KV group its slots, block tables and lengths."""
         if kv_caches is not self._native_caches:  # a runner's caches are made once; a draft model has its own
             self.native.set_kv_caches([list(c) for c in kv_caches])
             self._native_caches = kv_caches
-        logits = self.native.forward(input_ids, positions, meta.slot_mapping, meta.decode_block_table,
-                                     meta.decode_lens, logits_rows, interrupt)
+        logits = self.native.forward(input_ids, positions, [m.slot_mapping for m in metas],
+                                     [m.decode_block_table for m in metas], [m.decode_lens for m in metas],
+                                     logits_rows, interrupt)
         if logits is None:
             raise StepInterrupted
         return logits
