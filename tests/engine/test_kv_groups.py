@@ -327,3 +327,13 @@ def test_one_full_attention_group_allocates_exactly_as_before_groups():
     assert seen == [(0, 8), [[0, 1, 2, 3, 4, 5]], [[0, 1, 2, 3, 4]], (12, 4), [[0, 1, 2, 6]], (0, 30),
                     [[7, 8, 9, 10, 11, 5, 4, 3]], None, [[]], (12, 4), [[0, 1, 2, 6]], 8]
     assert_consistent(kv)
+
+
+def test_max_request_tokens_is_can_fits_bound():
+    """The error message's capacity: the most tokens can_fit admits, per layout."""
+    one = KVCacheManager(10, 4)
+    assert one.max_request_tokens(8) == 40 and one.can_fit(40, 8) and not one.can_fit(41, 8)
+    mixed = KVCacheManager(31, 4, windows=(None, 8, 8))  # 30 usable beside the null block
+    n = mixed.max_request_tokens(8)
+    assert mixed.can_fit(n, 8) and not mixed.can_fit(n + 1, 8)
+    assert 30 * 4 // 3 < n < 30 * 4  # more than three full groups would hold, less than one alone

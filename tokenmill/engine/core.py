@@ -132,10 +132,11 @@ class EngineCore:
                 f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
                 "and at least one must be left for the output", param="prompt")
         total = min(self.max_model_len, n + params.max_tokens)
-        if not self.kv.can_fit(total, self.scheduler.max_num_batched_tokens):
+        chunk = self.scheduler.max_num_batched_tokens
+        if not self.kv.can_fit(total, chunk):
             raise InvalidRequestError(
                 f"prompt + max_tokens ({total} tokens) does not fit in the KV cache "
-                f"({self.kv.pool.num_blocks * self.kv.block_size} tokens)", param="max_tokens")
+                f"({self.kv.max_request_tokens(chunk)} tokens for one request)", param="max_tokens")
         if ttft_target is not None and not 0 < ttft_target < math.inf:
             raise InvalidRequestError(f"ttft_target must be a positive number of seconds, got {ttft_target!r}",
                                       param="ttft_target")

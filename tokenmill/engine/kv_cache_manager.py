@@ -162,6 +162,17 @@ class KVCacheManager:
             need += full if w is None else min(full, cdiv(w + chunk - 2, self.block_size) + 1)
         return need <= self.pool.num_usable_blocks
 
+    def max_request_tokens(self, max_chunk_tokens: int | None = None) -> int:
+        """The most tokens one request can hold alone in the pool (can_fit's bound), for error messages. With no
+        full-attention group a windowed request never outgrows its window: the pool's token count is given."""
+        if all(w is not None for w in self.windows):
+            return self.pool.num_usable_blocks * self.block_size
+        lo, hi = 0, self.pool.num_usable_blocks * self.block_size  # a full group needs a block per block_size
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.can_fit(mid, max_chunk_tokens) else (lo, mid - 1)
+        return lo
+
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        computed_blocks: list[list[Block]] | None = None) -> bool:
         """Reserve KV slots for num_new_tokens more tokens of req in every group. A windowed group first

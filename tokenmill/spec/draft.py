@@ -18,8 +18,8 @@ import torch
 from tokenmill.engine.block_pool import Block, BlockPool
 from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
-from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import ModelSource
+from tokenmill.models.registry import model_class
 from tokenmill.runner.batch import ProposeInput
 from tokenmill.runner.model_runner import attention_entries
 from tokenmill.runner.sampler import argmax_rows
@@ -48,7 +48,9 @@ class DraftProposer:
         self.max_len = min(max_model_len, arch.max_position_embeddings)
         self.device = device
         self.dtype = dtype
-        self.model = LlamaModel(arch, dtype, device, self.max_len)
+        # Its own cache: a tensor pair per layer and one block table, every block kept (a sliding layer's window
+        # is applied in attention), so one AttentionMetadata serves every layer.
+        self.model = model_class(arch)(arch, dtype, device, self.max_len)
         self.model.load_weights(source.iter_tensors(), str(source.path))
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching=False)
