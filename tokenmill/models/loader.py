@@ -731,8 +731,11 @@ def _arch_from_gguf(path: Path, contents: GGUFContents) -> ModelArchConfig:
     if arch_name == "gemma3":
         architecture, qk_norm = "gemma3_text", "head"
         layers = get("block_count")
+        # the attention scale's divisor is the head size, except Gemma 3 27B's (62 layers): hidden / heads, as its
+        # config's query_pre_attn_scalar says and llama.cpp hard-codes (the GGUF does not store it)
+        scalar = hidden / num_heads if layers == 62 else head_dim
         gemma = dict(layer_types=_gemma3_layer_types(layers), rope_local_theta=_GEMMA3_LOCAL_ROPE_THETA,
-                     query_pre_attn_scalar=float(head_dim), hidden_act="gelu_pytorch_tanh")
+                     query_pre_attn_scalar=float(scalar), hidden_act="gelu_pytorch_tanh")
         eos += _gemma_turn_end(tokens)
     return ModelArchConfig(
         architecture=architecture,
