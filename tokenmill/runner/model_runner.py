@@ -146,7 +146,8 @@ class ModelRunner:
         groups = arch.kv_groups()
         self.kv_group_windows = tuple(window for window, _ in groups)
         shape = (self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        z = lambda s, dt: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731  zeros: a freed block reads as 0
+        # zeros: the null block is never written, so a path that gathers it and masks it never meets a NaN
+        z = lambda s, dt: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731
         if self.kv_int8:  # (K, V, K scales, V scales): one float32 scale per token per KV head
             slots = [(z(shape, torch.int8), z(shape, torch.int8), z(shape[:3], torch.float32),
                       z(shape[:3], torch.float32)) for _ in range(arch.kv_group_size)]
