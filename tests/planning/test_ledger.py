@@ -115,3 +115,24 @@ def test_the_ledger_refuses_snapshots_of_different_runs():
         rate(a, b)
     assert rate(a) == pytest.approx(10 / 9)
     assert crossover(b, 0.0, 100.0)["date_utc"] is None and crossover(b, 1.0, 20.0)["passed"]
+
+
+def test_the_ledger_takes_a_distill_runs_counted_compute(tmp_path, capsys):
+    """`tokenmill ledger --training-compute DIR`: the total a distill run wrote, against a saved /v1/usage."""
+    import json
+
+    from tokenmill.entrypoints.cli import main
+
+    (tmp_path / "training_compute.json").write_text(json.dumps(
+        {"total_flops": 3e12, "student_training_flops": 2e12, "teacher_generation_flops": 1e12}))
+    usage = tmp_path / "usage.json"
+    usage.write_text(json.dumps({"since": 0.0, "now": 100.0, "uptime_s": 100.0,
+                                 "total": {"flops": 1e12, "requests": 10}, "model": None}))
+    for source in (tmp_path, tmp_path / "training_compute.json"):
+        out = tmp_path / "report.json"
+        assert main(["ledger", "--usage", str(usage), "--training-compute", str(source), "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["training_flops"] == 3e12
+        assert report["seconds_from_now"] == pytest.approx(200.0)  # 2e12 left at 1e10 FLOPs/s
+    assert main(["ledger", "--usage", str(usage), "--training-compute", str(tmp_path / "missing")]) == 2
+    assert "cannot read the training compute" in capsys.readouterr().err

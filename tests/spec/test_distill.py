@@ -62,3 +62,35 @@ def test_student_directory_loads_and_matches_training_model(distilled):
     assert llm.tokenizer.encode(text) == plain.tokenizer.encode(text)
     assert llm.tokenizer.chat_template == plain.tokenizer.chat_template
 
+
+
+def test_the_runs_compute_equals_the_closed_form(distilled):
+    """training_compute.json against the arithmetic written out here from the run's settings: 3 x (2 x params
+    x tokens + causal attention) for training, each teacher answer's prefill and decode for the data."""
+    from tokenmill.models.loader import open_model
+
+    summary = json.loads((distilled / "distill.json").read_text())
+    c = json.loads((distilled / "training_compute.json").read_text())
+    assert summary["compute"] == c
+    h = json.loads((distilled / "config.json").read_text())
+    d, L, V, inter = h["hidden_size"], h["num_hidden_layers"], h["vocab_size"], h["intermediate_size"]
+    q, kv = h["num_attention_heads"] * h["head_dim"], h["num_key_value_heads"] * h["head_dim"]
+    n = L * (d * (q + 2 * kv) + q * d + 3 * d * inter) + V * d  # linears + the (tied) LM head
+    assert summary["parameters"] == n + (2 * L + 1) * d  # + the norms: the weights the trainer holds
+    steps, batch, seq = 25, 4, 40  # the fixture's settings
+    forward = 2 * n * seq + 4 * L * q * seq * (seq + 1) // 2
+    assert c["student_training_flops"] == 3 * steps * batch * forward
+    assert c["student"]["tokens_trained"] == steps * batch * seq
+
+    t = open_model("default").arch
+    tq, tkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    nt = t.num_layers * (t.hidden_size * (tq + 2 * tkv) + tq * t.hidden_size
+                         + 3 * t.hidden_size * t.intermediate_size) + t.vocab_size * t.hidden_size
+    answers = c["teacher"]["answer_lengths"]
+    assert len(answers) == summary["teacher_answers"] == 4  # 2 prompts x 2 samples
+    assert sum(o for _, o in answers) == summary["teacher_target_tokens"]
+    gen = 0
+    for p, o in answers:  # prompt positions 1..p, then generated tokens 2..o over contexts p+1 .. p+o-1
+        gen += 2 * nt * (p + o - 1) + 4 * t.num_layers * tq * (p * (p + 1) // 2 + sum(range(p + 1, p + o)))
+    assert c["teacher_generation_flops"] == gen
+    assert c["total_flops"] == c["student_training_flops"] + c["teacher_generation_flops"]

@@ -62,7 +62,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     options = {"num_threads": args.num_threads} if args.num_threads else {}
     summary = distill(cfg, options)
     print(json.dumps({"out": cfg.out, "loss_first": summary["losses"][0], "loss_last": summary["losses"][-1],
-                      "parameters": summary["parameters"], "seconds": round(summary["seconds"], 1)}))
+                      "parameters": summary["parameters"], "seconds": round(summary["seconds"], 1),
+                      "compute_flops": summary["compute"]["total_flops"]}))
     return 0
 
 
@@ -76,7 +77,8 @@ def add_distill_parser(sub) -> None:
                        "writes a Hugging Face directory for --speculative draft --draft-model DIR.")
     add = p.add_argument
     add("--teacher", default=d.teacher, help="teacher model: GGUF, HF directory or 'default' (default: default)")
-    add("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer, loss.png)")
+    add("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer, loss.png, "
+        "training_compute.json: the FLOPs the run spent, for tokenmill ledger --training-compute)")
     add("--layers", type=int, default=d.layers, help=f"student layers (default: {d.layers})")
     add("--hidden", type=int, default=d.hidden, help=f"student hidden size (default: {d.hidden})")
     add("--heads", type=int, default=None, help="attention heads (default: hidden / 64)")

@@ -178,7 +178,8 @@ def add_ledger_parser(subparsers) -> None:
         description="Reads a running server's GET /v1/usage (FLOPs counted per finished request: 2 per active "
                     "weight per token plus attention, cached prompt tokens free) and reports the inference "
                     "compute per day at the observed traffic and the date cumulative inference compute passes "
-                    "the training compute (given, or 6 x active parameters x training tokens).",
+                    "the training compute (given, counted by tokenmill distill, or 6 x active parameters x "
+                    "training tokens).",
         epilog="example: tokenmill ledger --url http://127.0.0.1:8000 --training-tokens 2e12 --sample-seconds 60")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="the server (its /v1/usage)")
@@ -186,12 +187,31 @@ def add_ledger_parser(subparsers) -> None:
     train = p.add_mutually_exclusive_group(required=True)
     train.add_argument("--training-flops", type=float, help="compute that trained the model, FLOPs")
     train.add_argument("--training-tokens", type=float, help="tokens it was trained on (6 x params x tokens)")
+    train.add_argument("--training-compute", metavar="DIR_OR_JSON",
+                       help="the compute a run counted: a `tokenmill distill` output directory or its "
+                            "training_compute.json (its total: training plus the teacher's data)")
     p.add_argument("--sample-seconds", type=float, default=0.0,
                    help="with --url: measure the rate over this many seconds now, instead of the server's "
                         "lifetime average")
     p.add_argument("--api-key", help="the server's API key (or $TOKENMILL_API_KEY)")
     p.add_argument("--json", dest="json_out", help="write the report as JSON here")
     p.set_defaults(func=run_ledger)
+
+
+def training_compute_flops(path: str) -> float:
+    """The total of a training_compute.json (`tokenmill distill` writes one into its output directory)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "training_compute.json"
+    try:
+        total = float(json.loads(p.read_text())["total_flops"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read the training compute from {p}: {e}") from None
+    if not total > 0:
+        raise ConfigError(f"the training compute in {p} is not positive: {total}")
+    return total
 
 
 def run_ledger(args: argparse.Namespace) -> int:
@@ -228,6 +248,8 @@ def run_ledger(args: argparse.Namespace) -> int:
     latest = second or first
     if args.training_flops is not None:
         training = args.training_flops
+    elif args.training_compute is not None:
+        training = training_compute_flops(args.training_compute)
     else:
         if not latest.get("model"):
             raise ConfigError("the server does not know its model's parameter count; give --training-flops")

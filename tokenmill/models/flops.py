@@ -56,3 +56,9 @@ class FlopModel:
     def training(self, tokens: float) -> float:
         """The usual estimate of training compute: 6 FLOPs per parameter per token (forward and backward)."""
         return 6.0 * self.active_params * tokens
+
+    def training_sequences(self, count: int, seq_len: int) -> float:
+        """FLOPs to train on `count` sequences of `seq_len` tokens, counted as the ledger counts inference: a
+        forward pass over every position (2 per active weight, plus causal attention), and twice that again for
+        the backward pass (3x in all: 6 x params x tokens, attention included)."""
+        return 3.0 * count * self.prefill(seq_len)

@@ -9,7 +9,16 @@
    probabilities renormalised over those 20, which carry nearly all of its mass), AdamW, cosine decay.
 4. Output: a Hugging Face directory (config.json, model.safetensors, tokenizer.json +
    tokenizer_config.json, generation_config.json) that `--speculative draft --draft-model DIR` and
-   `--model DIR` load, plus loss.png and distill.json (settings and the loss curve).
+   `--model DIR` load, plus loss.png, distill.json (settings, the loss curve, the compute) and
+   training_compute.json: the FLOPs this run spent (tokenmill.models.flops, counted as the server's
+   ledger counts inference), which `tokenmill ledger --training-compute DIR` compares with serving:
+   - training the student: every step's batch_size x seq_len positions (padding included: it is computed)
+     through a forward pass (2 per active weight plus causal attention) and the backward pass (twice the
+     forward): 3 x forward, i.e. 6 x params x tokens with attention;
+   - the teacher's data: each answer as the server would count it (its prompt's prefill and its
+     generated tokens, 2 per active weight plus attention; the top-20 logprobs come from logits computed
+     anyway). Answers sampled from one prompt are each counted with the whole prompt: the prefix cache may
+     have spared part of it, which the file reports (teacher_prefix_cache_hit_tokens) beside the count.
 """
 
 from __future__ import annotations
@@ -280,6 +289,42 @@ def plot_loss(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
+def compute_count(cfg: DistillConfig, student_hf: dict, teacher_arch, examples: list[Example],
+                  teacher_cache_hits: int = 0) -> dict:
+    """The FLOPs a run spends: training the student and generating the teacher's data (see the module's
+    docstring), the parts, the total and what they were counted from."""
+    from tokenmill.models.arch import ModelArchConfig
+    from tokenmill.models.flops import FlopModel
+
+    h = student_hf
+    student = FlopModel.of(ModelArchConfig(
+        "llama", h["vocab_size"], h["hidden_size"], h["intermediate_size"], h["num_hidden_layers"],
+        h["num_attention_heads"], h["num_key_value_heads"], h["head_dim"]))
+    teacher = FlopModel.of(teacher_arch)
+    sequences = cfg.steps * cfg.batch_size
+    train = student.training_sequences(sequences, cfg.seq_len)
+    answers = [(e.first_target, len(e.top_ids)) for e in examples]
+    gen = sum(teacher.request(p, o) for p, o in answers)
+    return {
+        "total_flops": train + gen,
+        "student_training_flops": train,
+        "teacher_generation_flops": gen,
+        "student": {"active_params": student.active_params,
+                    "attention_flops_per_position": student.attention_per_position,
+                    "steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                    "tokens_trained": sequences * cfg.seq_len},
+        "teacher": {"active_params": teacher.active_params,
+                    "attention_flops_per_position": teacher.attention_per_position,
+                    "answers": len(answers), "prompt_tokens": sum(p for p, _ in answers),
+                    "generated_tokens": sum(o for _, o in answers),
+                    "answer_lengths": [[p, o] for p, o in answers],
+                    "teacher_prefix_cache_hit_tokens": teacher_cache_hits},
+        "counted_as": "training: 3 x (2 x active params x tokens + causal attention), every step's batch_size x "
+                      "seq_len positions; teacher: each answer's prefill and decode as the server's ledger "
+                      "counts a request (2 x active params per token + attention)",
+    }
+
+
 def distill(cfg: DistillConfig, teacher_options: dict | None = None) -> dict:
     """Generate teacher data, train the student, write the HF directory. Returns the summary it saves."""
     from tokenmill import LLM
@@ -292,7 +337,9 @@ def distill(cfg: DistillConfig, teacher_options: dict | None = None) -> dict:
               **(teacher_options or {}))
     teacher_arch = llm.replica.source.arch
     tokenizer = llm.tokenizer
+    hits_before = llm.engine.stats().prefix_cache_hits
     examples = teacher_examples(llm, cfg)
+    teacher_cache_hits = llm.engine.stats().prefix_cache_hits - hits_before
     teacher_embed = llm.engine.runner.model.embed.detach().float().clone()
     del llm  # free the teacher before training
     n_targets = sum(len(e.top_ids) for e in examples)
@@ -328,8 +375,13 @@ def distill(cfg: DistillConfig, teacher_options: dict | None = None) -> dict:
 
     save_student(student, hf, tokenizer, tokenizer.eos_token_ids, out)
     plot_loss(losses, out / "loss.png")
+    compute = compute_count(cfg, hf, teacher_arch, examples, teacher_cache_hits)
+    (out / "training_compute.json").write_text(json.dumps(compute, indent=1))
     summary = {"config": asdict(cfg), "student": hf, "parameters": n_params, "teacher_answers": len(examples),
-               "teacher_target_tokens": n_targets, "losses": losses, "seconds": time.monotonic() - t0}
+               "teacher_target_tokens": n_targets, "compute": compute, "losses": losses,
+               "seconds": time.monotonic() - t0}
     (out / "distill.json").write_text(json.dumps(summary, indent=1))
-    logger.info("wrote %s (loss %.3f -> %.3f) in %.0f s", out, losses[0], losses[-1], summary["seconds"])
+    logger.info("wrote %s (loss %.3f -> %.3f) in %.0f s; compute %.4g FLOPs (training %.4g, teacher data %.4g)",
+                out, losses[0], losses[-1], summary["seconds"], compute["total_flops"],
+                compute["student_training_flops"], compute["teacher_generation_flops"])
     return summary
