@@ -6,6 +6,7 @@ Every field is also a keyword argument of `tokenmill.LLM` (`--kv-cache-memory` -
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 
@@ -112,11 +113,14 @@ class EngineConfig:
         "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scales; ~4x the tokens "
         "of float32 in the same memory).", choices=["auto", "int8"])
     speculative: str = _opt("none", "Speculative decoding: 'ngram' proposes tokens by prompt lookup, 'draft' runs "
-                            "--draft-model; the target verifies all proposals in its one forward pass.",
-                            choices=["none", "ngram", "draft"])
+                            "--draft-model, 'early-exit' runs the model's own first layers under --exit-head; the "
+                            "target verifies all proposals in its one forward pass.",
+                            choices=["none", "ngram", "draft", "early-exit"])
     num_speculative_tokens: int = _opt(4, "Tokens proposed per request and step when speculating.")
     draft_model: str | None = _opt(None, "Draft model for --speculative draft (HF directory or GGUF file) sharing "
                                    "the target's tokenizer, e.g. one written by `tokenmill distill`.")
+    exit_head: str | None = _opt(None, "Exit head for --speculative early-exit: a directory written by `tokenmill "
+                                 "distill --exit-layer L` for this model (the first L layers draft through it).")
     # From `benchmarks/spec.py` (BENCHMARKS.md): ngram pays up to batch 4 on long inputs but only at batch 1 on chat.
     speculative_max_batch: int = _opt(1, "Speculate only in steps where at most this many requests are running; "
                                       "above it, verification costs more than it saves.")
@@ -162,8 +166,8 @@ class EngineConfig:
         if not 0 <= self.fair_burst < math.inf:
             raise ConfigError("fair_burst must be a finite number >= 0")
         parse_slo_classes(self.slo_classes)  # raises ConfigError naming the bad item
-        if self.speculative not in ("none", "ngram", "draft"):
-            raise ConfigError(f"speculative must be none, ngram or draft, got {self.speculative!r}")
+        if self.speculative not in ("none", "ngram", "draft", "early-exit"):
+            raise ConfigError(f"speculative must be none, ngram, draft or early-exit, got {self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ConfigError("num_speculative_tokens must be >= 1")
         if self.speculative_max_batch < 1:
@@ -172,6 +176,12 @@ class EngineConfig:
             raise ConfigError("--speculative draft needs --draft-model DIR")
         if self.draft_model and self.speculative != "draft":
             raise ConfigError("--draft-model is only used with --speculative draft")
+        if self.speculative == "early-exit" and not self.exit_head:
+            raise ConfigError("--speculative early-exit needs --exit-head DIR (from `tokenmill distill --exit-layer L`)")
+        if self.exit_head and self.speculative != "early-exit":
+            raise ConfigError("--exit-head is only used with --speculative early-exit")
+        if self.exit_head and not os.path.exists(os.path.expanduser(self.exit_head)):
+            raise ConfigError(f"--exit-head {self.exit_head}: no such file or directory")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

@@ -61,6 +61,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
     options = {"num_threads": args.num_threads} if args.num_threads else {}
     summary = distill(cfg, options)
+    if cfg.exit_layer:
+        print(json.dumps({"out": cfg.out, "seconds": round(summary["seconds"], 1), "heads": {
+            n: {k: h[k] for k in ("out", "held_out_agreement_before", "held_out_agreement_after")}
+            for n, h in summary["heads"].items()}}))
+        return 0
     print(json.dumps({"out": cfg.out, "loss_first": summary["losses"][0], "loss_last": summary["losses"][-1],
                       "parameters": summary["parameters"], "seconds": round(summary["seconds"], 1),
                       "compute_flops": summary["compute"]["total_flops"]}))
@@ -101,6 +106,12 @@ def add_distill_parser(sub) -> None:
         help=f"teacher KV cache while generating (default: {d.teacher_kv_cache_memory})")
     add("--teacher-dtype", default=d.teacher_dtype, choices=["auto", "float32", "bfloat16"],
         help="teacher dtype while generating (default: auto)")
+    add("--exit-layer", type=int, nargs="+", default=None, metavar="L",
+        help="instead of a student, train an exit head on the teacher's hidden state after layer L for "
+        "--speculative early-exit (several: one OUT/layer-L directory each, from one pass over the data)")
+    add("--exit-vocab", type=int, default=d.exit_vocab,
+        help=f"exit head rows: the tokens the teacher data uses most, then the lowest ids; 0: the whole "
+        f"vocabulary (default: {d.exit_vocab})")
     add("--num-threads", type=int, default=None, help="torch threads (default: all this process may use)")
     p.set_defaults(func=_cmd_distill)
 

@@ -26,3 +26,5 @@ class DistillConfig:
     seed: int = 0
     teacher_kv_cache_memory: str = "512MiB"
     teacher_dtype: str = "auto"
+    exit_layer: list[int] | None = None  # train early-exit heads after these layers instead of a student
+    exit_vocab: int = 8192  # rows of an exit head: the most used tokens (0: the whole vocabulary)
