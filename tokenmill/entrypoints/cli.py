@@ -1,4 +1,4 @@
-"""`tokenmill` command line: generate, serve, router, ray-serve, bench, eval, distill, upcycle. Engine flags come from
+"""`tokenmill` command line: generate, serve, router, ray-serve, bench, eval, distill, upcycle, rag. Engine flags come from
 EngineConfig's fields."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
 from tokenmill.entrypoints.config_args import add_config_args, config_from_args, external_defaults
 from tokenmill.entrypoints.plan_cli import add_ledger_parser, add_plan_parser, add_profile_parser
+from tokenmill.entrypoints.rag_cli import add_rag_parser
 from tokenmill.entrypoints.ray_cli import add_ray_serve_parser
 from tokenmill.entrypoints.router_cli import add_router_parser
 from tokenmill.entrypoints.server_cli import add_serve_parser
@@ -210,6 +211,7 @@ def build_parser(argv: list[str] | None = None, environ: dict[str, str] | None =
     add_profile_parser(sub, add_engine_args, engine_config)
     add_plan_parser(sub, add_engine_args, engine_config)
     add_ledger_parser(sub)
+    add_rag_parser(sub, add_engine_args, engine_config)
     for p in sub.choices.values():  # also after the subcommand, as vLLM takes them
         p.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help="as before the subcommand")
         p.add_argument("--config", default=argparse.SUPPRESS, help="as before the subcommand")

@@ -196,6 +196,16 @@ class ChatCompletionRequest(_SamplingFields):
     }
 
 
+class RagOptions(_Strict):
+    top_k: Int64 | None = None  # passages retrieved (default 4)
+    max_context_tokens: Int64 | None = None  # the model's tokens the passages may take (default 1024)
+    hybrid: bool | None = None  # dense + BM25 fused by rank (default); false: dense only
+
+
+class RagChatCompletionRequest(ChatCompletionRequest):
+    rag: RagOptions | None = None
+
+
 class EmbeddingRequest(_Strict):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None

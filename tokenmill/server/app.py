@@ -3,6 +3,7 @@ middleware (tokenmill/server/guard.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from tokenmill.server.api_models import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RagChatCompletionRequest,
     TokenizeRequest,
 )
 from tokenmill.server.config import ServerConfig
@@ -151,6 +153,29 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
         return await serving.chat(await parse(request, ChatCompletionRequest), request, arrival)
+
+    @app.post("/v1/rag/chat/completions", openapi_extra=_body_schema(RagChatCompletionRequest))
+    async def rag_chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        req = await parse(request, RagChatCompletionRequest)
+        frontend.check_available()
+        rag = frontend.rag
+        if rag is None:
+            raise InvalidRequestError("this server has no retrieval index (start it with --rag-index)", param="rag")
+        serving._check_model(req.model)
+        assert frontend.embeddings is not None and frontend.client is not None
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        options = req.rag.model_dump() if req.rag is not None else {}
+        context, seconds = await rag.retrieve(frontend.embeddings, frontend.client.send, messages, options)
+        metrics.rag_retrieval.observe(seconds)
+        metrics.rag_context_tokens.observe(context.tokens)
+        chat = ChatCompletionRequest.model_validate_json(json.dumps(
+            {**req.model_dump(mode="json", exclude_none=True, exclude={"rag", "messages"}),
+             "messages": rag.augment(messages, context)}))
+        extra = {"citations": rag.citations(context),
+                 "rag": {"context_tokens": context.tokens, "retrieval_seconds": round(seconds, 6),
+                         "mode": "dense" if options.get("hybrid") is False else "hybrid"}}
+        return await serving.chat(chat, request, arrival, extra)
 
     @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:

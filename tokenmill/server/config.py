@@ -99,6 +99,9 @@ class ServerConfig(ExposureConfig):
         "after which it is taken as wedged: /health answers 503, new requests get 503 and in-flight ones fail "
         "with 503, until it speaks again. Requests' own deadlines are enforced here too, so a wedged engine's "
         "requests still end 408 on time. 0 turns the silence check off.")
+    rag_index: str | None = _opt(
+        None, "A retrieval index built by `tokenmill rag index`: adds POST /v1/rag/chat/completions, which answers "
+        "from the passages it retrieves and cites them. Loads the index's embedding model (as --embedding-model).")
     mock: bool = _opt(False, "Serve a mock engine: the real API, scheduler, prefix cache and metrics, but no model "
                              "(steps sleep for a modelled time and emit ordinary tokens; no torch; of the engine flags "
                              "that shape the model only --dtype matters, for sizing the KV cache). For testing "

@@ -42,6 +42,7 @@ from tokenmill.server.admission import (
 )
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.embeddings import EmbeddingService
+from tokenmill.server.rag import RagService
 from tokenmill.server.engine_client import EngineClient, ProcessEngineClient, ThreadEngineClient
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import AddRejected, AddRequest, Embedded, Failed, FromEngine, Ready, Updates
@@ -130,6 +131,7 @@ class Frontend:
         self.state = State.STARTING
         self.tokenizer: Tokenizer | None = None
         self.embeddings: EmbeddingService | None = None  # with --embedding-model
+        self.rag: RagService | None = None  # with --rag-index
         self.sampling_defaults: dict[str, float | int] = {}  # the model's generation_config.json, if used
         self.info: Ready | None = None
         self.stats: EngineStats | None = None
@@ -178,6 +180,8 @@ class Frontend:
                 logger.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
             if self.engine_config.embedding_model:
                 self.embeddings = await asyncio.to_thread(EmbeddingService, self.engine_config.embedding_model)
+            if self.config.rag_index:
+                self.rag = await asyncio.to_thread(RagService, self.config.rag_index, self.tokenizer)
             self.info = await self._ready
         except Exception as e:
             if self.state is not State.DEAD:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from types import FrameType
@@ -10,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from tokenmill.config import EngineConfig
+from tokenmill.errors import ConfigError
 from tokenmill.server.app import build_app
 from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
@@ -62,8 +64,23 @@ def served_name(engine_config: EngineConfig, server_config: ServerConfig) -> str
     return server_config.served_model_name or engine_config.model
 
 
+def with_rag_embedding(engine_config: EngineConfig, server_config: ServerConfig) -> EngineConfig:
+    """--rag-index: the engine loads the index's embedding model (its questions are embedded by the model its
+    passages were)."""
+    if not server_config.rag_index:
+        return engine_config
+    from tokenmill.rag.store import index_embedding_model
+
+    wanted = index_embedding_model(server_config.rag_index)
+    if engine_config.embedding_model not in (None, wanted):
+        raise ConfigError(f"--rag-index {server_config.rag_index} was built with the embedding model {wanted!r}, "
+                          f"not --embedding-model {engine_config.embedding_model!r}")
+    return dataclasses.replace(engine_config, embedding_model=wanted)
+
+
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Serve until drained or stopped; 0 after a clean stop, 1 when the engine died or failed to start."""
+    engine_config = with_rag_embedding(engine_config, server_config)
     name = served_name(engine_config, server_config)
     frontend = Frontend(engine_config, server_config, name)
     app = build_app(frontend, server_config, name)

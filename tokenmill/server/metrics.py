@@ -117,6 +117,10 @@ class ServerMetrics:
                                       _TOKEN_BUCKETS)
         self.time_per_output_token = hist("request_time_per_output_token_seconds", "A finished request's decode "
                                           "time over its output tokens after the first, seconds.", _ITL_BUCKETS)
+        self.rag_retrieval = hist("rag_retrieval_seconds", "/v1/rag: embedding the question and searching the "
+                                  "index, seconds.", _ITL_BUCKETS)
+        self.rag_context_tokens = hist("rag_context_tokens", "/v1/rag: the model's tokens of retrieved passages "
+                                       "placed in a prompt.", _TOKEN_BUCKETS)
         self.iteration_tokens = hist("iteration_tokens_total", "Tokens (prompt and output) one engine step "
                                      "processed.", _TOKEN_BUCKETS)
         self._last_step_tokens: int | None = None

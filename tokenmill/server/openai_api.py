@@ -309,7 +309,9 @@ class OpenAIServing:
             "id": rid, "object": "text_completion", "created": fmt.created, "model": self.served_model_name,
             "choices": [fmt.choice(s) for s in handle.seqs], "usage": _usage(prompts, handle, prompt_only)})
 
-    async def chat(self, req: ChatCompletionRequest, http: Request, arrival: float) -> Response:
+    async def chat(self, req: ChatCompletionRequest, http: Request, arrival: float,
+                   extra: dict[str, Any] | None = None) -> Response:
+        """extra: fields added to the answer (when streaming, to a first chunk with no choices)."""
         fe = self.frontend
         fe.check_available()
         self._check_model(req.model)
@@ -350,12 +352,12 @@ class OpenAIServing:
         fmt = _ChatFormat(self, rid, params, offered)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(handle, [ids], fmt, include_usage, chat=True)
+            return self._stream(handle, [ids], fmt, include_usage, chat=True, extra=extra)
         if not await self._wait(handle, http):
             return Response(status_code=499)
         return await _answer(handle, fmt, lambda: {
             "id": rid, "object": "chat.completion", "created": fmt.created, "model": self.served_model_name,
-            "choices": [fmt.choice(s) for s in handle.seqs], "usage": _usage([ids], handle)})
+            "choices": [fmt.choice(s) for s in handle.seqs], "usage": _usage([ids], handle), **(extra or {})})
 
     # -- waiting and streaming -------------------------------------------------------------------------------
     async def _wait(self, handle: RequestHandle, http: Request) -> bool:
@@ -378,11 +380,14 @@ class OpenAIServing:
         return True
 
     def _stream(self, handle: RequestHandle, prompts: list[list[int]], fmt: _Format, include_usage: bool,
-                chat: bool) -> StreamingResponse:
+                chat: bool, extra: dict[str, Any] | None = None) -> StreamingResponse:
         async def events() -> AsyncIterator[bytes]:
             q = handle.queue
             assert q is not None
             try:
+                if extra:
+                    yield _sse({"id": fmt.rid, "object": fmt.chunk_object, "created": fmt.created,
+                                "model": self.served_model_name, "choices": [], **extra})
                 if chat:
                     yield b"".join(fmt.start_chunk(s, include_usage) for s in handle.seqs)
                 end = False
@@ -447,10 +452,16 @@ async def _disconnected(http: Request) -> None:
             return
 
 
-def _usage(prompts: list[list[int]], handle: RequestHandle, prompt_only: bool = False) -> dict[str, int]:
+def _usage(prompts: list[list[int]], handle: RequestHandle, prompt_only: bool = False) -> dict[str, Any]:
     prompt = sum(len(p) for p in prompts)
     completion = 0 if prompt_only else sum(len(s.state.output.token_ids) for s in handle.seqs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if len(prompts) == 1 and handle.seqs:
+        # OpenAI's field: prompt tokens whose KV the prefix cache served (the first choice's; later ones of n
+        # find the first's blocks)
+        usage["prompt_tokens_details"] = {"cached_tokens": handle.seqs[0].state.num_cached_tokens}
+    return usage
 
 
 def error_body(e: BaseException) -> dict[str, Any]:
