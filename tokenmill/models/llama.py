@@ -8,6 +8,7 @@ each as they load, so a layer runs two fewer matmuls per step.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -274,6 +275,21 @@ class LlamaModel:
                 dec.set_qk_norm(layer.q_norm, layer.k_norm, cfg.qk_norm == "head", cfg.clip_qkv, layer.q_size,
                                 layer.kv_size, cfg.head_dim)
         return dec
+
+    def early_exit_view(self, num_layers: int, norm: torch.Tensor, lm_head: Linear) -> LlamaModel:
+        """This model's first num_layers layers (their weights shared, not copied) under another final norm and
+        head: a model in its own right (forward over num_layers KV caches, the native decoder where this model
+        has one), which early-exit speculation drafts with."""
+        if type(self) is not LlamaModel:
+            raise TypeError(f"early exit runs Llama-family models, not {type(self).__name__}")
+        view = copy.copy(self)
+        view.layers = self.layers[:num_layers]
+        view.layer_group = self.layer_group[:num_layers]
+        view.windows = self.windows[:num_layers]
+        view.norm, view.lm_head = norm, lm_head
+        view._native_caches = None
+        view.native = view._native_decoder() if self.native is not None else None
+        return view
 
     def expert_tokens(self) -> dict[int, list[int]]:
         """Tokens each expert has run since load, by MoE layer ({} for a dense model)."""

@@ -212,8 +212,15 @@ class ModelRunner:
             # As many tokens as the target's cache, plus room for every running request's proposals.
             k = self.config.num_speculative_tokens
             extra = self.config.max_num_seqs * -(-k // self.block_size)
-            return DraftProposer(open_model(self.config.draft_model), self.arch.vocab_size, self.dtype, self.device,
-                                 self.num_blocks + extra, self.block_size, self.max_model_len)
+            return DraftProposer.from_source(open_model(self.config.draft_model), self.arch.vocab_size, self.dtype,
+                                             self.device, self.num_blocks + extra, self.block_size, self.max_model_len)
+        if kind == "early-exit":
+            from tokenmill.spec.early_exit import early_exit_proposer
+
+            k = self.config.num_speculative_tokens
+            extra = self.config.max_num_seqs * -(-k // self.block_size)
+            return early_exit_proposer(self.model, self.config.exit_head, self.num_blocks + extra, self.block_size,
+                                       self.max_model_len)
         return None
 
     def propose(self, inputs: list[ProposeInput]) -> dict[str, list[int]]:

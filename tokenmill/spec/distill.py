@@ -19,6 +19,8 @@
      generated tokens, 2 per active weight plus attention; the top-20 logprobs come from logits computed
      anyway). Answers sampled from one prompt are each counted with the whole prompt: the prefix cache may
      have spared part of it, which the file reports (teacher_prefix_cache_hit_tokens) beside the count.
+
+With `exit_layer` it trains exit heads for early-exit self-speculation instead (spec/early_exit.py).
 """
 
 from __future__ import annotations
@@ -179,7 +181,9 @@ class Student(torch.nn.Module):
         inv = 1.0 / (hf["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         self.register_buffer("inv_freq", inv.float(), persistent=False)
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, keep: list[int] | None = None):
+        """The final normed hidden states [B, T, hidden]; with keep, {n: the residual stream after layer n}
+        for each n in keep (1-based) instead."""
         b, t = ids.shape
         freqs = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)
         cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
@@ -189,7 +193,8 @@ class Student(torch.nn.Module):
             return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
         x = F.embedding(ids, self.embed)
-        for L in self.layers:
+        kept = {}
+        for n, L in enumerate(self.layers, 1):
             hn = F.rms_norm(x, L.in_norm.shape, L.in_norm, self.eps)
             q = F.linear(hn, L.q).view(b, t, self.heads, self.head_dim).transpose(1, 2)
             k = F.linear(hn, L.k).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -199,6 +204,10 @@ class Student(torch.nn.Module):
             x = x + F.linear(a.transpose(1, 2).reshape(b, t, -1), L.o)
             hn = F.rms_norm(x, L.post_norm.shape, L.post_norm, self.eps)
             x = x + self.mlp(L, hn)
+            if keep is not None and n in keep:
+                kept[n] = x
+        if keep is not None:
+            return kept
         return F.rms_norm(x, self.norm.shape, self.norm, self.eps)
 
     def mlp(self, L: torch.nn.Module, hn: torch.Tensor) -> torch.Tensor:
@@ -338,8 +347,16 @@ def distill(cfg: DistillConfig, teacher_options: dict | None = None) -> dict:
     teacher_arch = llm.replica.source.arch
     tokenizer = llm.tokenizer
     hits_before = llm.engine.stats().prefix_cache_hits
+    if cfg.exit_layer:
+        from tokenmill.spec.early_exit import check_exit_layers
+
+        check_exit_layers(cfg.exit_layer, teacher_arch, cfg.teacher)
     examples = teacher_examples(llm, cfg)
     teacher_cache_hits = llm.engine.stats().prefix_cache_hits - hits_before
+    if cfg.exit_layer:  # an exit head for early-exit self-speculation instead of a student
+        from tokenmill.spec.early_exit import train_exit_heads
+
+        return train_exit_heads(cfg, llm, examples, t0)
     teacher_embed = llm.engine.runner.model.embed.detach().float().clone()
     del llm  # free the teacher before training
     n_targets = sum(len(e.top_ids) for e in examples)

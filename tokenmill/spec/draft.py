@@ -6,6 +6,10 @@ tokens it has not seen (the whole prompt of a new request, the tokens accepted s
 proposal, everything after it was evicted), in one batched pass that also yields the first proposal,
 then decodes the rest one token per pass. Its KV for its own proposals is never trusted: the next call
 recomputes from the last real token, so rejected proposals need no rollback here.
+
+The proposer runs any model with `LlamaModel.forward`'s signature: a draft model of its own
+(`DraftProposer.from_source`), or a view of the target's first layers with an exit head
+(`spec/early_exit.py`), whose logits may cover a subset of the vocabulary (`token_ids` maps them back).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from tokenmill.engine.block_pool import Block, BlockPool
 from tokenmill.errors import ConfigError
 from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.models.llama import LlamaModel
 from tokenmill.models.loader import ModelSource
 from tokenmill.models.registry import model_class
 from tokenmill.runner.batch import ProposeInput
@@ -36,8 +41,29 @@ class _DraftSeq:
 
 
 class DraftProposer:
-    def __init__(self, source: ModelSource, target_vocab_size: int, dtype: torch.dtype, device: torch.device,
-                 num_blocks: int, block_size: int, max_model_len: int):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_len: int,
+                 token_ids: torch.Tensor | None = None):
+        """model: run greedily over its own paged KV cache (num_blocks blocks, a tensor pair per layer);
+        token_ids: the vocabulary id of each logits column, where the model's head covers a subset."""
+        self.model = model
+        self.max_len = max_len
+        self.device = model.device
+        self.dtype = model.dtype
+        self.token_ids = token_ids
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching=False)
+        # Its own cache: a tensor pair per layer and one block table, every block kept (a sliding layer's window
+        # is applied in attention), so one AttentionMetadata serves every layer.
+        arch = model.cfg
+        shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+        z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.kv_caches = [(z(), z()) for _ in range(len(model.layers))]
+        self.seqs: OrderedDict[str, _DraftSeq] = OrderedDict()  # least recently used first
+
+    @classmethod
+    def from_source(cls, source: ModelSource, target_vocab_size: int, dtype: torch.dtype, device: torch.device,
+                    num_blocks: int, block_size: int, max_model_len: int) -> DraftProposer:
+        """A draft model of its own (--draft-model), sharing the target's tokenizer."""
         arch = source.arch
         if arch.vocab_size != target_vocab_size:
             raise ConfigError(f"draft model {source.path} has a vocabulary of {arch.vocab_size} tokens, the "
@@ -45,21 +71,12 @@ class DraftProposer:
         if arch.max_position_embeddings < max_model_len:
             logger.warning("draft model context %d < max_model_len %d: no proposals past its context",
                            arch.max_position_embeddings, max_model_len)
-        self.max_len = min(max_model_len, arch.max_position_embeddings)
-        self.device = device
-        self.dtype = dtype
-        # Its own cache: a tensor pair per layer and one block table, every block kept (a sliding layer's window
-        # is applied in attention), so one AttentionMetadata serves every layer.
-        self.model = model_class(arch)(arch, dtype, device, self.max_len)
-        self.model.load_weights(source.iter_tensors(), str(source.path))
-        self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching=False)
-        shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(arch.num_layers)]
-        self.seqs: OrderedDict[str, _DraftSeq] = OrderedDict()  # least recently used first
+        max_len = min(max_model_len, arch.max_position_embeddings)
+        model = model_class(arch)(arch, dtype, device, max_len)
+        model.load_weights(source.iter_tensors(), str(source.path))
         logger.info("draft model %s: %d layers, hidden %d; draft KV cache %d blocks", source.path.name,
                     arch.num_layers, arch.hidden_size, num_blocks)
+        return cls(model, num_blocks, block_size, max_len)
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -101,7 +118,8 @@ class DraftProposer:
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_caches,
                                     torch.tensor(last_rows, dtype=torch.long, device=dev))
-        return argmax_rows(logits).tolist()
+        best = argmax_rows(logits)
+        return (best if self.token_ids is None else self.token_ids[best]).tolist()
 
     def propose(self, inputs: list[ProposeInput]) -> dict[str, list[int]]:
         keep = {p.request_id for p in inputs}
