@@ -10,7 +10,8 @@ Runs, one server at a time, the default model (`tokenmill serve`, its defaults) 
   full context   every subset document in the system message (numbered as RAG numbers its passages), the
                  question as the user message: POST /v1/chat/completions;
   RAG (subset)   --rag-index over the subset: POST /v1/rag/chat/completions, --top-k passages;
-  RAG (corpus)   --rag-index over the whole corpus (where full context cannot run at all);
+  RAG (corpus)   --rag-index over the whole corpus (where full context cannot run at all), with the passages in
+                 the index's order (the default) and, for comparison, best first (`rag.order: score`);
 each at 1 and at 16 concurrent streams (closed loop: each stream asks its next question when answered), each
 run on a freshly started server, with the prefix cache on (the server's default: full context then pays for
 its documents once, on the first question), and again with it off (--no-enable-prefix-caching: each request
@@ -149,21 +150,22 @@ def main() -> int:
         return [({**sampling, "messages": [{"role": "system", "content": system},
                                            {"role": "user", "content": q.text}]}, q.answer, q.source) for q in qs]
 
-    def rag_items(qs):
-        return [({**sampling, "messages": [{"role": "user", "content": q.text}], "rag": rag_opts}, q.answer, q.source)
-                for q in qs]
+    def rag_items(qs, order="index"):
+        return [({**sampling, "messages": [{"role": "user", "content": q.text}], "rag": {**rag_opts, "order": order}},
+                 q.answer, q.source) for q in qs]
 
     streams = [int(s) for s in args.streams.split(",")]
     rows = []
     for caching in (True, False):
-        for index, qs, kinds in (("subset", sub_q, ("full context", "RAG (subset)")),
-                                 ("corpus", all_q, ("RAG (corpus)",))):
+        corpus_kinds = ("RAG (corpus)", "RAG (corpus), best first") if caching else ("RAG (corpus)",)
+        for index, qs, kinds in (("subset", sub_q, ("full context", "RAG (subset)")), ("corpus", all_q, corpus_kinds)):
             flags = f"--kv-cache-memory 6GiB {args.server_args}" + ("" if caching else " --no-enable-prefix-caching")
             cmd = (f"{sys.executable} -m tokenmill.entrypoints.cli serve --port {{port}} --log-level WARNING "
                    f"--rag-index {work / (index + '.index')} {flags}")
             for kind in kinds:
                 path = "/v1/chat/completions" if kind == "full context" else "/v1/rag/chat/completions"
-                items = full_items(qs) if kind == "full context" else rag_items(qs)
+                items = (full_items(qs) if kind == "full context"
+                         else rag_items(qs, "score" if kind.endswith("best first") else "index"))
                 for n in streams:
                     # A fresh server each time: no run finds the prefix cache warmed by another.
                     port = free_port()
@@ -189,11 +191,12 @@ def main() -> int:
 def report(r: dict) -> str:
     lines = [f"CPU: {r['cpu']}. Corpus {r['documents']} documents, {r['corpus_tokens']} tokens; subset "
              f"{r['subset_documents']} documents, {r['subset_tokens']} tokens.", "",
-             "| workload | prefix cache | streams | exact match | prompt tokens | cached | TTFT p50 s | TTFT p99 s "
-             "| requests/s | output tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | prefix cache | streams | exact match | answer's document retrieved | prompt tokens | cached "
+             "| TTFT p50 s | TTFT p99 s | requests/s | output tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
+        found = "—" if x["retrieved_answer_source"] is None else f"{x['retrieved_answer_source']:.0%}"
         lines.append(f"| {x['kind']} | {'on' if x['prefix_cache'] else 'off'} | {x['streams']} | "
-                     f"{x['exact_match']:.1%} | {x['prompt_tokens_mean']:.0f} | {x['cached_share']:.0%} | "
+                     f"{x['exact_match']:.1%} | {found} | {x['prompt_tokens_mean']:.0f} | {x['cached_share']:.0%} | "
                      f"{x['ttft_p50']:.3f} | {x['ttft_p99']:.3f} | {x['requests_per_s']:.2f} | "
                      f"{x['output_tokens_per_s']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -58,12 +58,18 @@ def test_rag_chat_answers_from_cited_passages_and_reuses_their_kv(server):
         model="default", max_tokens=4, temperature=0, extra_body={"rag": {"top_k": 1, "hybrid": False}},
         messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": fact.question}])
     assert r3.model_extra["rag"]["mode"] == "dense" and len(r3.model_extra["citations"]) == 1
+    # Best first on request: the same passages, by score.
+    r5 = client.chat.completions.create(model="default", messages=[{"role": "user", "content": fact.question}],
+                                        max_tokens=1, extra_body={"rag": {"top_k": 2, "order": "score"}})
+    scored = r5.model_extra["citations"]
+    assert {c["chunk_id"] for c in scored} == {c["chunk_id"] for c in cites}
+    assert [c["score"] for c in scored] == sorted((c["score"] for c in scored), reverse=True)
     # A budget too small for any passage: no passages, still an answer.
     r4 = client.chat.completions.create(model="default", messages=[{"role": "user", "content": fact.question}],
                                         max_tokens=4, temperature=0, extra_body={"rag": {"max_context_tokens": 5}})
     assert r4.model_extra["citations"] == [] and r4.model_extra["rag"]["context_tokens"] == 0
     m = parse_metrics(httpx.get(f"{server.url}/metrics").text)
-    assert m["tokenmill:rag_retrieval_seconds_count"] == 4
+    assert m["tokenmill:rag_retrieval_seconds_count"] == 5
 
 
 def test_streaming_sends_the_citations_first(server):
@@ -84,6 +90,7 @@ def test_streaming_sends_the_citations_first(server):
     ({"messages": [{"role": "user", "content": "hi"}], "rag": {"top_k": 1000}}, "rag.top_k"),
     ({"messages": [{"role": "user", "content": "hi"}], "rag": {"max_context_tokens": 0}}, "max_context_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "rag": {"fuzzy": True}}, "rag.fuzzy"),
+    ({"messages": [{"role": "user", "content": "hi"}], "rag": {"order": "random"}}, "rag.order"),
     ({"messages": [{"role": "system", "content": "no question"}]}, "user message"),
     ({"messages": [{"role": "user", "content": "   "}]}, "user message"),
 ])

@@ -29,9 +29,10 @@ def passage(label: int, hit: Hit) -> str:
 
 
 def build_context(hits: list[Hit], count_tokens: Callable[[int, str], int], max_context_tokens: int,
-                  instruction: str = INSTRUCTION) -> Context:
+                  instruction: str = INSTRUCTION, order: str = "index") -> Context:
     """hits best first. count_tokens(chunk_id, text) -> the generating model's tokens for a passage (the label's
-    few tokens are counted with it: labels are at most 4 digits)."""
+    few tokens are counted with it: labels are at most 4 digits). order: 'index' (the prefix cache's) or
+    'score' (best first, as most RAG frameworks place them)."""
     chosen: list[Hit] = []
     used = 0
     for hit in hits:
@@ -39,7 +40,8 @@ def build_context(hits: list[Hit], count_tokens: Callable[[int, str], int], max_
         if used + n <= max_context_tokens:
             chosen.append(hit)
             used += n
-    chosen.sort(key=lambda h: h.chunk_id)
+    if order == "index":
+        chosen.sort(key=lambda h: h.chunk_id)
     body = "\n\n".join(passage(i + 1, h) for i, h in enumerate(chosen))
     return Context(f"{instruction}\n\n{body}" if chosen else instruction, chosen, used)
 

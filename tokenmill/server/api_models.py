@@ -200,6 +200,7 @@ class RagOptions(_Strict):
     top_k: Int64 | None = None  # passages retrieved (default 4)
     max_context_tokens: Int64 | None = None  # the model's tokens the passages may take (default 1024)
     hybrid: bool | None = None  # dense + BM25 fused by rank (default); false: dense only
+    order: Literal["index", "score"] | None = None  # passages in the index's order (default: prefix-cache hits) or best first
 
 
 class RagChatCompletionRequest(ChatCompletionRequest):

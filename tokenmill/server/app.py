@@ -174,7 +174,8 @@ def build_app(frontend: Frontend, config: ServerConfig, served_model_name: str, 
              "messages": rag.augment(messages, context)}))
         extra = {"citations": rag.citations(context),
                  "rag": {"context_tokens": context.tokens, "retrieval_seconds": round(seconds, 6),
-                         "mode": "dense" if options.get("hybrid") is False else "hybrid"}}
+                         "mode": "dense" if options.get("hybrid") is False else "hybrid",
+                         "order": options.get("order") or "index"}}
         return await serving.chat(chat, request, arrival, extra)
 
     @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))

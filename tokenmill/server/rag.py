@@ -55,7 +55,7 @@ class RagService:
         vector = np.asarray((await embeddings.embed(send, [ids]))[0], dtype=np.float32)
         hits = await asyncio.to_thread(self.store.search, query, vector, top_k,
                                        "dense" if hybrid is False else "hybrid")
-        context = build_context(hits, self.count_tokens, budget)
+        context = build_context(hits, self.count_tokens, budget, order=options.get("order") or "index")
         return context, time.monotonic() - start
 
     @staticmethod
