@@ -196,6 +196,10 @@ def build_router_app(router: Router) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await post(request, True)
 
+    @app.post("/v1/rag/chat/completions")  # replicas started with --rag-index; the router sees the question only
+    async def rag_chat_completions(request: Request) -> Response:
+        return await post(request, True)
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         return await post(request, False)
