@@ -42,10 +42,10 @@ from tokenmill.server.admission import (
 )
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.embeddings import EmbeddingService
-from tokenmill.server.rag import RagService
 from tokenmill.server.engine_client import EngineClient, ProcessEngineClient, ThreadEngineClient
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import AddRejected, AddRequest, Embedded, Failed, FromEngine, Ready, Updates
+from tokenmill.server.rag import RagService
 from tokenmill.server.usage import UsageLedger
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
