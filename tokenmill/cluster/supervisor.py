@@ -103,14 +103,16 @@ class Supervisor:
         for _ in range(n):
             await self.add_replica()
 
-    async def add_replica(self) -> str:
-        """Start one more local replica; it joins the rotation when its /health passes. Returns its name."""
-        name = f"replica-{self._next}"
-        self._next += 1
+    async def add_replica(self, name: str | None = None, extra_args: tuple[str, ...] = ()) -> str:
+        """Start one more local replica (`extra_args` after the common flags: the cascade's own --model); it joins
+        the rotation when its /health passes. Returns its name."""
+        if name is None:
+            name = f"replica-{self._next}"
+            self._next += 1
         port = free_port()
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "--log-level", str(level), "serve",
-               "--host", "127.0.0.1", "--port", str(port), *self.serve_args]
+               "--host", "127.0.0.1", "--port", str(port), *self.serve_args, *extra_args]
         rp = ReplicaProcess(name, port, cmd, self.log_dir / f"{name}.log")
         self.children[name] = rp
         await self._launch(rp)

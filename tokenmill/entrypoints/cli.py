@@ -12,6 +12,7 @@ import sys
 
 from tokenmill.bench.cli import add_bench_parser
 from tokenmill.config import EngineConfig
+from tokenmill.entrypoints.cascade_cli import add_cascade_parser
 from tokenmill.entrypoints.config_args import add_config_args, config_from_args, external_defaults
 from tokenmill.entrypoints.plan_cli import add_ledger_parser, add_plan_parser, add_profile_parser
 from tokenmill.entrypoints.rag_cli import add_rag_parser
@@ -212,6 +213,7 @@ def build_parser(argv: list[str] | None = None, environ: dict[str, str] | None =
     add_plan_parser(sub, add_engine_args, engine_config)
     add_ledger_parser(sub)
     add_rag_parser(sub, add_engine_args, engine_config)
+    add_cascade_parser(sub, add_engine_args, engine_config)
     for p in sub.choices.values():  # also after the subcommand, as vLLM takes them
         p.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help="as before the subcommand")
         p.add_argument("--config", default=argparse.SUPPRESS, help="as before the subcommand")
