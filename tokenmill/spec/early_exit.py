@@ -225,7 +225,8 @@ def train_exit_heads(cfg, llm, examples, t0: float) -> dict:
     k = min(len(t) for ex in examples for t in ex.top_ids)
     top_ids = torch.tensor([t[:k] for ex in examples for t in ex.top_ids])
     top_lps = torch.tensor([t[:k] for ex in examples for t in ex.top_logprobs])
-    cols, mask = col_of[top_ids], col_of[top_ids] >= 0
+    mask = col_of[top_ids] >= 0
+    cols = col_of[top_ids].clamp(min=0)  # (masked out where the head lacks the token)
     n = top_ids.shape[0]
     rng = random.Random(cfg.seed)
     order = list(range(n))
