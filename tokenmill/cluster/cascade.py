@@ -83,6 +83,7 @@ class CascadeRouter(Router):
             engine_config = replace(engine_config, model=cascade.models[0])  # the small model's tokenizer
         super().__init__(config, engine_config)
         self.cascade = cascade
+        self.min_ready = 2
         self.fit = fit if fit is not None else (CascadeFit.load(cascade.cascade_fit) if cascade.cascade_fit else None)
         self.signal = cascade.cascade_signal
         if self.signal == "router" and (self.fit is None or self.fit.router is None):

@@ -62,6 +62,7 @@ class Router:
                                    lambda r: self.metrics.stream_errors.labels(r.name).inc())
         self.featurizer = Featurizer(self.block_size, hash_prompts=self.uses_prefix)
         self.supervisor = None  # tokenmill.cluster.supervisor.Supervisor with --spawn
+        self.min_ready = 1  # healthy replicas /health needs to say ok (the cascade needs both of its own)
         self._tokenizer_task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -215,9 +216,10 @@ def build_router_app(router: Router) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         n = len(router.replicas.routable())
-        body = {"status": "ok" if n else "no_healthy_replica", "healthy_replicas": n,
+        ok = n >= router.min_ready
+        body = {"status": "ok" if ok else "no_healthy_replica", "healthy_replicas": n,
                 "replicas": len(router.replicas.all())}
-        return Response(json.dumps(body), status_code=200 if n else 503, media_type="application/json")
+        return Response(json.dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
     @app.get("/dashboard")
     async def dashboard() -> Response:
