@@ -17,8 +17,10 @@
      forward): 3 x forward, i.e. 6 x params x tokens with attention;
    - the teacher's data: each answer as the server would count it (its prompt's prefill and its
      generated tokens, 2 per active weight plus attention; the top-20 logprobs come from logits computed
-     anyway). Answers sampled from one prompt are each counted with the whole prompt: the prefix cache may
-     have spared part of it, which the file reports (teacher_prefix_cache_hit_tokens) beside the count.
+     anyway). The answers sampled from one prompt share its first blocks through the prefix cache: the
+     tokens the teacher's engine found there (teacher_prefix_cache_hit_tokens) are not counted at 2 per
+     weight; their attention (under 1 % of their cost at these lengths) stays counted, since the engine
+     does not say which answer each hit belonged to.
 
 With `exit_layer` it trains exit heads for early-exit self-speculation instead (spec/early_exit.py).
 """
@@ -313,7 +315,7 @@ def compute_count(cfg: DistillConfig, student_hf: dict, teacher_arch, examples: 
     sequences = cfg.steps * cfg.batch_size
     train = student.training_sequences(sequences, cfg.seq_len)
     answers = [(e.first_target, len(e.top_ids)) for e in examples]
-    gen = sum(teacher.request(p, o) for p, o in answers)
+    gen = sum(teacher.request(p, o) for p, o in answers) - 2.0 * teacher.active_params * teacher_cache_hits
     return {
         "total_flops": train + gen,
         "student_training_flops": train,
@@ -330,7 +332,8 @@ def compute_count(cfg: DistillConfig, student_hf: dict, teacher_arch, examples: 
                     "teacher_prefix_cache_hit_tokens": teacher_cache_hits},
         "counted_as": "training: 3 x (2 x active params x tokens + causal attention), every step's batch_size x "
                       "seq_len positions; teacher: each answer's prefill and decode as the server's ledger "
-                      "counts a request (2 x active params per token + attention)",
+                      "counts a request (2 x active params per token + attention), less 2 x active params per "
+                      "prompt token the prefix cache spared",
     }
 
 
