@@ -186,3 +186,22 @@ def test_predictive_admission_turns_away_what_would_wait_too_long(arch):
     admitted = sorted(r.ttft for r in limited.records if r.ttft is not None)
     assert admitted[int(0.9 * len(admitted))] <= 1.5, admitted[-5:]  # p90 near the 1 s limit
     assert max(r.ttft for r in plain.records if r.ttft is not None) > 10 * 1.0
+
+
+@pytest.mark.parametrize("interruptible", [True, False])
+def test_an_arrival_that_outranks_the_step_in_flight_abandons_it_as_the_engine_does(arch, interruptible):
+    """The step in flight polls for arrivals at the runner's check points (every 1/16 of the step, in its first
+    half): a priority-0 arrival during a priority-1 prompt's chunk has the step abandoned and redone with it
+    first (--interruptible-steps); without, it waits for the step's end."""
+    model = StepModel(base_s=0.010, prefill_per_token_s=0.001, decode_per_seq_s=0.0)
+    low = workload.Arrival(0.0, 1000, 2, priority=1)  # chunks of 512 tokens: 0.522 s a step
+    high = workload.Arrival(0.1, 32, 2, priority=0)
+    cfg = _config(scheduling_policy="priority", interruptible_steps=interruptible)
+    res = simulate([low, high], config=cfg, arch=arch, model=model)
+    step = 0.010 + 0.512
+    if interruptible:  # seen at the 5th check point (4/16 of the step gone), then 32 + 480 prompt tokens
+        assert res.records[1].first_t == pytest.approx(4 * step / 16 + step)
+        # The abandoned quarter step is busy time too: then 32 + 480, 1 decode + 511, the last 9, one decode.
+        assert res.busy_s[0] == pytest.approx(4 * step / 16 + step + 0.521 + 0.019 + 0.010)
+    else:  # the chunk in flight ends, then 32 + 480 prompt tokens
+        assert res.records[1].first_t == pytest.approx(2 * step)

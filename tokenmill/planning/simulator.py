@@ -7,8 +7,12 @@ clock that jumps instead of sleeping. In front of the replicas: the server's adm
 prefix index). No torch, no sockets: a simulated hour takes seconds.
 
 Events are processed in time order: an arrival at time T is routed and admitted at T, and joins its replica's
-next step (a replica mid-step finishes that step first, as the real engine does); each replica runs its steps
-back to back while it has work.
+next step; each replica runs its steps back to back while it has work. A step in flight polls for arrivals as
+the server's engine loop does (EngineCore.step(poll), at the runner's check points in its first half): one due
+by then joins the scheduler at once, and under --interruptible-steps the step is abandoned and redone for it
+when the policy ranks it above the step's work. An arrival is taken mid-step only when no other event (another
+replica's step, an autoscaler tick, a replica coming up) falls before it, so every decision still sees the
+state at its own time; otherwise it waits for its turn, as before.
 """
 
 from __future__ import annotations
@@ -206,6 +210,8 @@ class _Simulation:
         self.ttfts: list[float] = []  # first tokens since the last autoscaler observation
         self.events: list[dict[str, Any]] = []
         self.seq = 0
+        self.i = 0  # the next arrival to handle
+        self.next_tick = math.inf
 
     def _new_replica(self, born: float, ready_at: float) -> _Replica:
         return _Replica(len(self.reps), self.config, self.arch, self.model, self.num_blocks,
@@ -218,9 +224,10 @@ class _Simulation:
         import time
 
         wall0 = time.perf_counter()
-        i, n = 0, len(self.arrivals)
-        next_tick = self.interval if self.autoscale else math.inf
+        n = len(self.arrivals)
+        self.next_tick = self.interval if self.autoscale else math.inf
         while True:
+            i, next_tick = self.i, self.next_tick
             live = [r for r in self.reps if r.gone_at is None]
             busy = [r for r in live if r.engine.has_unfinished()]
             step = min(busy, key=lambda r: r.now) if busy else None
@@ -236,13 +243,13 @@ class _Simulation:
             self.now = max(self.now, t)
             if t == t_arrival:
                 self.pending.append(i)
-                i += 1
+                self.i += 1
                 self._route_pending(t)
             elif t == ready:
                 self._route_pending(t)
             elif t == next_tick:
                 self._tick(t)
-                next_tick += self.interval
+                self.next_tick += self.interval
             else:
                 self._step(step)
         span = max([r.now for r in self.reps] + [a.t for a in self.arrivals[-1:]] + [0.0])
@@ -298,9 +305,25 @@ class _Simulation:
             target.prefixes.insert(hashes)
         self.by_id[rid] = rec
 
+    def _poll(self, r: _Replica) -> bool:
+        """While `r` steps (its clock inside the step): handle the arrivals due by now, if no other event comes
+        before them. True when one was admitted (to any replica: the engine asks its policy about its own)."""
+        before = len(r.queued)
+        while self.i < len(self.arrivals) and not self.pending:
+            t = self.arrivals[self.i].t
+            others = [x.now for x in self.reps if x is not r and x.gone_at is None and x.engine.has_unfinished()]
+            if t > r.now or t >= min(others, default=math.inf) or t >= self.next_tick or any(
+                    self.now < x.ready_at <= t for x in self.reps if x.gone_at is None and not x.draining):
+                break
+            self.now = max(self.now, t)
+            self.pending.append(self.i)
+            self.i += 1
+            self._route_pending(t)
+        return len(r.queued) > before
+
     def _step(self, r: _Replica) -> None:
         backlogged, drained = bool(r.queued), 0
-        for u in r.engine.step():
+        for u in r.engine.step(lambda: self._poll(r)):
             rec = self.by_id[u.request_id]
             if u.new_token_ids:
                 if rec.first_t is None:
