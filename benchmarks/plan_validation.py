@@ -5,16 +5,28 @@ the real run's own run-to-run noise beside each error.
     python benchmarks/plan_validation.py                      # profile, then every scenario (~25 minutes)
     python benchmarks/plan_validation.py --profile profile.json --duration 60 --repeats 2
 
+    python benchmarks/plan_validation.py --tag zen4 --only "fair flood,shared prefix x2"   # some traces
+
 Scenarios: steady Poisson at 0.3, 0.6, 0.9 and 1.2x the capacity the simulator predicts, a burst on top of a
-steady load, and a compressed daily curve. Capacity is the simulator's completed requests/s under a flood of
-the scenario's request shape. The engine gets the cores; the load generator is asyncio/httpx in this process
-(no torch math), and the simulator runs only between real runs, never at the same moment.
-Writes benchmarks/results/plan_validation_<cpu>.json and .png.
+steady load, a compressed daily curve (these three kinds on one `tokenmill serve`); a tenant flood under the
+fair policy (three light tenants at 0.1x capacity each beside one sending 0.9x: `serve --scheduling-policy
+fair`, a fresh tenant name per run so no run inherits another's fair-share counters; rows for the light
+tenants and for the flooder); and a shared-prefix workload behind `tokenmill router --routing prefix-aware`
+over 2 replicas (four system prefixes of 512 tokens before 64 tokens of each request's own, at 0.6x the two
+replicas' simulated capacity). The 2 replicas are `serve --mock --mock-profile` processes stepping in the
+profiled time, not real engines: two cores cannot hold two real engines beside the router and the load
+generator, so that trace checks the routing, prefix caching and scheduling on a virtual clock against the
+real router and servers, not the step-time model. Each of its runs gets a fresh router and replicas (empty
+prefix caches). Capacity is the simulator's completed requests/s under a flood of the scenario's request
+shape. The engine gets the cores; the load generator is asyncio/httpx in this process (no torch math), and
+the simulator runs only between real runs, never at the same moment.
+Writes benchmarks/results/plan_validation_<tag>.json and .png (tag: --tag, else the CPU's vendor).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,6 +61,38 @@ def profile(path: Path, budget: float) -> None:
                     "--budget", str(budget), *flags()], check=True)
 
 
+LIGHT_TENANTS = ("light-a", "light-b", "light-c")
+PREFIX_SIZES = workload.Sizes(prompt_tokens=64, output_tokens=48, spread=0.5)  # each request's own part
+PREFIX_TOKENS, PREFIX_GROUPS = 512, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A trace, where it runs ("server": the plain server; "fair": a server under the fair policy; "router": the
+    router over 2 mock replicas, prefix-aware) and the tenant groups it reports (name, tenant prefix)."""
+
+    arrivals: list[workload.Arrival]
+    kind: str = "server"
+    groups: tuple[tuple[str, str], ...] = (("", ""),)
+
+
+def fair_flood(capacity: float, duration: float) -> list[workload.Arrival]:
+    lights = [a for k, t in enumerate(LIGHT_TENANTS)
+              for a in workload.poisson(0.1 * capacity, duration, SIZES, seed=41 + k, tenant=t)]
+    flood = workload.poisson(0.9 * capacity, duration, SIZES, seed=45, tenant="flood")
+    return sorted(lights + flood, key=lambda a: a.t)
+
+
+def shared_prefix(rate: float, duration: float, seed: int = 51) -> list[workload.Arrival]:
+    """Poisson arrivals, each with one of PREFIX_GROUPS system prefixes (chosen at random) before its own part."""
+    import random
+
+    rng = random.Random(seed + 1)
+    return [dataclasses.replace(a, prompt_tokens=PREFIX_TOKENS + a.prompt_tokens, prefix_tokens=PREFIX_TOKENS,
+                                prefix_group=rng.randrange(PREFIX_GROUPS))
+            for a in workload.poisson(rate, duration, PREFIX_SIZES, seed=seed)]
+
+
 def scenarios(capacity: float, duration: float) -> dict[str, list[workload.Arrival]]:
     out = {f"steady {x:.1f}x": workload.poisson(x * capacity, duration, SIZES, seed=int(x * 10))
            for x in (0.3, 0.6, 0.9, 1.2)}
@@ -61,12 +105,31 @@ def scenarios(capacity: float, duration: float) -> dict[str, list[workload.Arriv
     return out
 
 
-def simulated(arrivals, config, arch, model, num_blocks) -> dict:
-    res = simulate(arrivals, config=config, arch=arch, model=model, num_blocks=num_blocks)
-    out = res.summary()
-    out["makespan_s"] = res.span_s
-    out["output_tokens"] = sum(r.tokens for r in res.records if r.end_t is not None)
+def simulated(arrivals, config, arch, model, num_blocks, tenant: str = "", **kw) -> dict:
+    """The simulator's summary of the requests whose tenant starts with `tenant` (all by default)."""
+    res = simulate(arrivals, config=config, arch=arch, model=model, num_blocks=num_blocks, **kw)
+    return sim_group(res, tenant)
+
+
+def sim_group(res, tenant: str) -> dict:
+    from tokenmill.planning.simulator import SimResult
+
+    records = [r for r in res.records if r.arrival.tenant.startswith(tenant)]
+    out = SimResult(records, res.replicas, res.span_s, res.busy_s, res.prefill_s).summary()
+    done = [r for r in records if r.end_t is not None]
+    out["makespan_s"] = max((r.end_t for r in done), default=math.nan) if tenant else res.span_s
+    out["output_tokens"] = sum(r.tokens for r in done)
     return out
+
+
+def real_group(arrivals, outs, tenant: str) -> dict:
+    """A replay's measurement of the requests whose tenant starts with `tenant`, summarised as the simulator's."""
+    pairs = [(a, o) for a, o in zip(arrivals, outs, strict=True) if a.tenant.startswith(tenant)]
+    real = workload.measured([o for _, o in pairs])
+    # Output tokens over the time from the first arrival to the last completion.
+    real["makespan_s"] = max((a.t + o.done - o.sent for a, o in pairs if o.status == "ok"), default=math.nan)
+    real["output_tokens"] = sum(o.tokens for _, o in pairs if o.status == "ok")
+    return real
 
 
 def throughput(summary: dict) -> float:
@@ -81,14 +144,15 @@ def main() -> int:
     ap.add_argument("--profile-budget", type=float, default=240)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per scenario")
     ap.add_argument("--repeats", type=int, default=2, help="real runs per scenario (noise)")
-    ap.add_argument("--only", help="comma-separated scenario names")
+    ap.add_argument("--only", "--traces", dest="only", help="comma-separated scenario names (default: all)")
+    ap.add_argument("--tag", help="names the profile and results files (default: the CPU's vendor)")
     ap.add_argument("--replica-check", action="store_true",
                     help="also check the replica question on the real router over mock replicas that take the "
                          "profiled step time: the planner's fewest replicas N meets the SLO there, N-1 does not")
     ap.add_argument("--slo", default="ttft=1s,tpot=250ms", help="SLO of the replica check (p99)")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    tag = "amd" if "AMD" in cpu_name() else "intel" if "Intel" in cpu_name() else "cpu"
+    tag = args.tag or ("amd" if "AMD" in cpu_name() else "intel" if "Intel" in cpu_name() else "cpu")
     prof = Path(args.profile) if args.profile else RESULTS / f"plan_profile_{tag}.json"
     if not args.profile:
         profile(prof, args.profile_budget)
@@ -99,42 +163,43 @@ def main() -> int:
     flood = workload.poisson(50.0, 60.0, SIZES, seed=99)
     capacity = simulated(flood, config, arch, model, num_blocks)["requests_per_s"]
     print(f"simulated capacity: {capacity:.2f} requests/s of ~{SIZES.prompt_tokens} in / {SIZES.output_tokens} out")
-    cases = scenarios(capacity, args.duration)
+    cases = {k: Case(v) for k, v in scenarios(capacity, args.duration).items()}
+    cases["fair flood"] = Case(fair_flood(capacity, args.duration), "fair",
+                               (("fair flood: light tenants", "light-"), ("fair flood: flooder", "flood")))
+    pair = dict(replicas=2, routing="prefix-aware", num_blocks=None)  # as the mock replicas size their pools
+    pair_capacity = simulated(shared_prefix(40.0, 60.0, seed=98), config, arch, model, **pair)["requests_per_s"]
+    print(f"simulated capacity of 2 replicas on the shared-prefix shape: {pair_capacity:.2f} requests/s")
+    cases["shared prefix x2"] = Case(shared_prefix(0.6 * pair_capacity, args.duration), "router")
     if args.only:
-        cases = {k: v for k, v in cases.items() if k in args.only.split(",")}
+        wanted = [x.strip() for x in args.only.split(",")]
+        unknown = [w for w in wanted if w not in cases]
+        if unknown:
+            ap.error(f"unknown scenario(s) {unknown}; choose from {list(cases)}")
+        cases = {k: v for k, v in cases.items() if k in wanted}
     rows = []
-    port = free_port()
-    log = Path(tempfile.gettempdir()) / "plan_validation_server.log"
-    cmd = f"{sys.executable} -m tokenmill.entrypoints.cli serve --port {{port}} --no-inproc {' '.join(flags())}"
-    with ServerProcess(cmd, port, log) as server:
-        workload.replay(server.base_url, workload.poisson(2.0, 5.0, SIZES, seed=1), arch.vocab_size,
-                        run=999)  # warm-up
-        runs = 0
-        for name, arrivals in tqdm(cases.items(), desc="scenarios"):
-            reals = []
-            for _ in range(args.repeats):  # each run its own prompts: no prefix-cache hits on an earlier run's
-                runs += 1
-                outs = workload.replay(server.base_url, arrivals, arch.vocab_size, run=runs)
-                real = workload.measured(outs)
-                # Output tokens over the time from the first arrival to the last completion.
-                real["makespan_s"] = max((a.t + o.done - o.sent for a, o in zip(arrivals, outs, strict=True)
-                                          if o.status == "ok"), default=math.nan)
-                real["output_tokens"] = sum(o.tokens for o in outs if o.status == "ok")
-                reals.append(real)
-            sim = simulated(arrivals, config, arch, model, num_blocks)
-            row = {"scenario": name, "requests": len(arrivals), "real": reals, "sim": sim}
-            for metric, p in METRICS:
-                vals = [r[metric][p] for r in reals]
-                mean = statistics.fmean(vals)
-                row[f"{metric}.{p}"] = {"sim": sim[metric][p], "real": mean,
-                                        "error": sim[metric][p] / mean - 1 if mean else math.nan,
-                                        "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
-            tp_real = [throughput(r) for r in reals]
-            tp_mean = statistics.fmean(tp_real)
-            row["throughput"] = {"sim": throughput(sim), "real": tp_mean, "error": throughput(sim) / tp_mean - 1,
-                                 "noise": (max(tp_real) - min(tp_real)) / tp_mean if len(tp_real) > 1 else None}
-            rows.append(row)
-            print(_row_text(row), flush=True)
+    runs = 0
+    for kind in ("server", "fair", "router"):
+        mine = {k: c for k, c in cases.items() if c.kind == kind}
+        if not mine:
+            continue
+        with _target(kind, prof) as target:
+            for name, case in tqdm(mine.items(), desc=f"scenarios ({kind})"):
+                reals: dict[str, list[dict]] = {g: [] for g, _ in case.groups}
+                for _ in range(args.repeats):  # each run its own prompts: no prefix-cache hits on an earlier run's
+                    runs += 1
+                    arrivals = case.arrivals
+                    if kind == "fair":  # fresh tenants: no fair-share counters carried over from an earlier run
+                        arrivals = [dataclasses.replace(a, tenant=f"{a.tenant}-{runs}") for a in arrivals]
+                    with target.run() as url:
+                        outs = workload.replay(url, arrivals, arch.vocab_size, run=runs)
+                    for g, prefix in case.groups:
+                        reals[g].append(real_group(arrivals, outs, prefix))
+                res = simulate(case.arrivals, config=target.config(config), arch=arch, model=model,
+                               **(pair if kind == "router" else {"num_blocks": num_blocks}))
+                for g, prefix in case.groups:
+                    row = _row(g or name, case, reals[g], sim_group(res, prefix))
+                    rows.append(row)
+                    print(_row_text(row), flush=True)
     replica_check = _replica_check(prof, model, config, arch, capacity, args) if args.replica_check else None
     out = {"cpu": cpu_name(), "profile": model.source, "replica_check": replica_check, "engine": ENGINE_FLAGS, "sizes": dataclasses.asdict(SIZES),
            "capacity_rps": capacity, "duration_s": args.duration, "repeats": args.repeats, "rows": rows,
@@ -144,6 +209,59 @@ def main() -> int:
     _plot(rows, path.with_suffix(".png"), cpu_name())
     print(f"written {path} and {path.with_suffix('.png')}")
     return 0
+
+
+def _row(name: str, case: Case, reals: list[dict], sim: dict) -> dict:
+    row = {"scenario": name, "kind": case.kind, "requests": reals[0]["requests"], "real": reals, "sim": sim}
+    for metric, p in METRICS:
+        vals = [r[metric][p] for r in reals]
+        mean = statistics.fmean(vals)
+        row[f"{metric}.{p}"] = {"sim": sim[metric][p], "real": mean,
+                                "error": sim[metric][p] / mean - 1 if mean else math.nan,
+                                "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
+    tp_real = [throughput(r) for r in reals]
+    tp_mean = statistics.fmean(tp_real)
+    row["throughput"] = {"sim": throughput(sim), "real": tp_mean, "error": throughput(sim) / tp_mean - 1,
+                         "noise": (max(tp_real) - min(tp_real)) / tp_mean if len(tp_real) > 1 else None}
+    return row
+
+
+class _target:
+    """Where a kind of scenario runs: one server for all its traces ("server", "fair"), or a fresh router over
+    2 mock replicas for each run ("router": empty prefix caches and prefix index every time)."""
+
+    def __init__(self, kind: str, prof: Path):
+        self.kind, self.prof = kind, prof
+        self.server: ServerProcess | None = None
+        self.log = Path(tempfile.gettempdir()) / f"plan_validation_{kind}.log"
+
+    def config(self, base: EngineConfig) -> EngineConfig:
+        return dataclasses.replace(base, scheduling_policy="fair") if self.kind == "fair" else base
+
+    def __enter__(self) -> _target:
+        if self.kind != "router":
+            policy = " --scheduling-policy fair" if self.kind == "fair" else ""
+            cmd = (f"{sys.executable} -m tokenmill.entrypoints.cli serve --port {{port}} --no-inproc "
+                   f"{' '.join(flags())}{policy}")
+            self.server = ServerProcess(cmd, free_port(), self.log).start()
+            arch = open_model("default").arch
+            workload.replay(self.server.base_url, workload.poisson(2.0, 5.0, SIZES, seed=1), arch.vocab_size,
+                            run=999)  # warm-up
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    @contextlib.contextmanager
+    def run(self):
+        if self.server is not None:
+            yield self.server.base_url
+            return
+        cmd = (f"{sys.executable} -m tokenmill.entrypoints.cli router --port {{port}} --spawn 2 --mock "
+               f"--routing prefix-aware --replica-args=--mock-profile={self.prof} {' '.join(flags())}")
+        with ServerProcess(cmd, free_port(), self.log) as router:
+            yield router.base_url
 
 
 def _replica_check(prof: Path, model, config, arch, capacity: float, args) -> dict:
