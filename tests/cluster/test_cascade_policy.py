@@ -101,7 +101,7 @@ def test_cli_reports_bad_flags(capsys):
 
 def test_tasks_are_reproducible_and_graded():
     a, b = generate(60, seed=3), generate(60, seed=3)
-    assert a == b and len({t.family for t in a}) == 3
+    assert a == b and len({t.family for t in a}) == 2
     assert all(t.prompt.endswith("\nA:") for t in a)
     parts = split(a, (0.5, 0.5), seed=1)
     assert sorted(t.id for p in parts for t in p) == sorted(t.id for t in a)

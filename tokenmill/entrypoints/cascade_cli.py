@@ -51,12 +51,15 @@ class Record:
 
     @property
     def disagree(self) -> bool:
-        return _norm(self.small_text) != _norm(self.large_text)
+        """The answers differ: neither first line's words contain the other's ('yellow' matches 'The answer is
+        yellow.'; the large model often answers in a sentence)."""
+        s, g = _words(self.small_text), _words(self.large_text)
+        return not (s <= g or g <= s)
 
 
-def _norm(text: str) -> str:
+def _words(text: str) -> set[str]:
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    return " ".join("".join(ch for ch in line.lower() if ch.isalnum() or ch.isspace()).split())
+    return set("".join(ch if ch.isalnum() else " " for ch in line.lower()).split())
 
 
 def _run(model: str, tasks: list[Task], top_n: int, first_tokens: int, options: dict):

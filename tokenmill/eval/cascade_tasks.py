@@ -109,9 +109,10 @@ FAMILIES = {"capital": (_capital, 2), "arith": (_arith, 4), "reading": (_reading
             "next": (_next, 3)}
 
 
-# Arithmetic and next day/letter are in FAMILIES but not the default mix: both models (SmolLM2-135M-Instruct, Gemma 3
-# 270M) get almost none of them right, so they only add cost to the cascade's measurements.
-DEFAULT_FAMILIES = ("capital", "reading", "larger")
+# The default mix holds the families where the large model (Gemma 3 270M) is the better one. Arithmetic and next
+# day/letter: both models (SmolLM2-135M-Instruct, Gemma 3 270M) get almost none right. Capitals: the small model
+# is better (it knows them; Gemma's base model answers 'Russia is a country...'), so escalating cannot help there.
+DEFAULT_FAMILIES = ("reading", "larger")
 
 
 def generate(n: int, seed: int = 0, families: tuple[str, ...] = DEFAULT_FAMILIES) -> list[Task]:
