@@ -109,3 +109,29 @@ def test_tasks_are_reproducible_and_graded():
     assert grade(" The capital is Paris.\nRome", "Paris") and not grade(" Rome\nParis", "Paris")
     rng = random.Random(0)
     assert all(grade(t.answer, t.answer) for t in generate(40, seed=rng.randrange(100)))
+
+
+def test_router_reads_both_logprob_formats_and_streams_a_finished_answer():
+    import json
+    import types
+
+    from tokenmill.cluster.cascade import CascadeRouter, _as_sse
+
+    me = types.SimpleNamespace(signal="logprob", first_tokens=2)
+    chat = {"choices": [{"logprobs": {"content": [{"logprob": -1.0, "top_logprobs": []},
+                                                  {"logprob": -3.0, "top_logprobs": []},
+                                                  {"logprob": -9.0, "top_logprobs": []}]}}]}
+    assert CascadeRouter._confidence(me, chat, True) == pytest.approx(2.0)
+    comp = {"choices": [{"logprobs": {"token_logprobs": [-0.5, -0.5, -7.0], "top_logprobs": [{"a": -0.5}] * 3}}]}
+    assert CascadeRouter._confidence(me, comp, False) == pytest.approx(0.5)
+    me.signal = "entropy"
+    assert CascadeRouter._confidence(me, comp, False) == pytest.approx(top_entropy([-0.5]))
+
+    body = {"id": "x", "object": "chat.completion", "created": 1, "model": "default", "cascade": {"escalated": False},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    events = _as_sse(body, {"stream_options": {"include_usage": True}}).decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    first = json.loads(events[0][6:])
+    assert first["choices"][0]["delta"]["content"] == "hi" and first["object"] == "chat.completion.chunk"
+    assert json.loads(events[1][6:])["usage"]["prompt_tokens"] == 3
