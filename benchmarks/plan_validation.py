@@ -146,6 +146,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="real runs per scenario (noise)")
     ap.add_argument("--only", "--traces", dest="only", help="comma-separated scenario names (default: all)")
     ap.add_argument("--tag", help="names the profile and results files (default: the CPU's vendor)")
+    ap.add_argument("--resimulate", metavar="RESULTS_JSON",
+                    help="no real runs: take the measured side of each chosen trace from this earlier results file "
+                         "(made with the same profile, duration and traces) and simulate again (the simulator "
+                         "changed; the real runs do not depend on it)")
     ap.add_argument("--replica-check", action="store_true",
                     help="also check the replica question on the real router over mock replicas that take the "
                          "profiled step time: the planner's fewest replicas N meets the SLO there, N-1 does not")
@@ -178,9 +182,25 @@ def main() -> int:
         cases = {k: v for k, v in cases.items() if k in wanted}
     rows = []
     runs = 0
+    earlier = None
+    if args.resimulate:
+        earlier = json.loads(Path(args.resimulate).read_text())
+        if earlier["duration_s"] != args.duration or earlier["profile"] != model.source:
+            ap.error("--resimulate needs a results file of the same duration and profile")
     for kind in ("server", "fair", "router"):
         mine = {k: c for k, c in cases.items() if c.kind == kind}
         if not mine:
+            continue
+        if earlier is not None:
+            for name, case in mine.items():
+                res = simulate(case.arrivals, config=_target(kind, prof).config(config), arch=arch, model=model,
+                               **(pair if kind == "router" else {"num_blocks": num_blocks}))
+                for g, prefix in case.groups:
+                    old = next(r for r in earlier["rows"] if r["scenario"] == (g or name))
+                    assert old["requests"] == sum(a.tenant.startswith(prefix) for a in case.arrivals), g or name
+                    row = _row(g or name, case, old["real"], sim_group(res, prefix))
+                    rows.append(row)
+                    print(_row_text(row), flush=True)
             continue
         with _target(kind, prof) as target:
             for name, case in tqdm(mine.items(), desc=f"scenarios ({kind})"):
@@ -203,7 +223,8 @@ def main() -> int:
     replica_check = _replica_check(prof, model, config, arch, capacity, args) if args.replica_check else None
     out = {"cpu": cpu_name(), "profile": model.source, "replica_check": replica_check, "engine": ENGINE_FLAGS, "sizes": dataclasses.asdict(SIZES),
            "capacity_rps": capacity, "duration_s": args.duration, "repeats": args.repeats, "rows": rows,
-           "command": "python benchmarks/plan_validation.py " + " ".join(sys.argv[1:])}
+           "command": "python benchmarks/plan_validation.py " + " ".join(sys.argv[1:]),
+           "real_runs_from": earlier["command"] if earlier else None}
     path = RESULTS / f"plan_validation_{tag}.json"
     path.write_text(json.dumps(out, indent=1))
     _plot(rows, path.with_suffix(".png"), cpu_name())
