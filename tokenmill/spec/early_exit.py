@@ -5,9 +5,11 @@ The exit head is a final RMSNorm and a projection onto the vocabulary, or onto a
 teacher data uses most, then the lowest ids: BPE ids rise roughly as tokens grow rarer), since on a 135M
 model the head costs as much to run as a third of the layers. `tokenmill distill --exit-layer L` trains it
 on the target's hidden state after layer L (the body frozen: its features are computed once), with KL to the
-full model's top-20 distribution on the teacher's own answers, starting from the target's final norm and LM
-head. It is saved as `exit_head.safetensors` (norm, weight, token_ids) and `exit_head.json` (the exit layer,
-the base model's identity, training figures).
+full model's top-20 distribution on the teacher's own answers: a translator (hidden x hidden, from the identity,
+as the tuned lens has it), then the target's final norm and LM head rows, all trained; saved folded into one
+norm + matrix that proposes the same greedy tokens (drafting is greedy). It is saved as
+`exit_head.safetensors` (norm, weight, token_ids) and `exit_head.json` (the exit layer, the base model's identity,
+training figures).
 
 Serving (`--speculative early-exit --exit-head PATH`): `LlamaModel.early_exit_view` makes a model of the
 target's first L layers (their weights shared, not copied; on the block formats the view has its own native
@@ -187,9 +189,30 @@ def _features(body, examples, layers: list[int]) -> dict[int, torch.Tensor]:
     return {layer: torch.cat(xs) for layer, xs in per_layer.items()}
 
 
-def _head_loss(norm, weight, eps, x, cols, mask, top_lps) -> torch.Tensor:
+class _ExitHead(torch.nn.Module):
+    """What trains: a translator (hidden x hidden, from the identity: the tuned lens's map from layer L's
+    residual stream into the last layer's), the final norm and the head's rows (from the target's own)."""
+
+    def __init__(self, norm: torch.Tensor, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.translate = torch.nn.Parameter(torch.eye(norm.shape[0]))
+        self.norm = torch.nn.Parameter(norm.clone())
+        self.weight = torch.nn.Parameter(weight.clone())
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.rms_norm(F.linear(x, self.translate), self.norm.shape, self.norm, self.eps), self.weight)
+
+    @torch.no_grad()
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm, weight) of a plain norm + head with the same greedy token at every position: W diag(w) A h / rms(A h)
+        and W diag(w) A h / rms(h) differ by a positive factor per row, which moves no argmax."""
+        return torch.ones_like(self.norm), (self.weight * self.norm) @ self.translate
+
+
+def _head_loss(head: _ExitHead, x, cols, mask, top_lps) -> torch.Tensor:
     """KL(teacher || head) over the teacher's top tokens the head holds (teacher renormalised over them)."""
-    logq = torch.log_softmax(F.linear(F.rms_norm(x, norm.shape, norm, eps), weight), -1).gather(1, cols)
+    logq = torch.log_softmax(head(x), -1).gather(1, cols)
     logp = torch.log_softmax(top_lps.masked_fill(~mask, -math.inf), -1)
     p = logp.exp()
     return (p * (logp - logq)).masked_fill(~mask, 0.0).sum(-1).mean()
@@ -197,8 +220,8 @@ def _head_loss(norm, weight, eps, x, cols, mask, top_lps) -> torch.Tensor:
 
 @torch.no_grad()
 def _agreement(norm, weight, eps, x, token_ids, teacher_top1) -> float:
-    """Share of positions where the head's greedy token is the teacher's (what a first proposal's acceptance
-    would be under greedy decoding)."""
+    """Share of positions where a plain norm + head's greedy token is the teacher's (what a first proposal's
+    acceptance would be under greedy decoding)."""
     hits = 0
     for i in range(0, x.shape[0], 2048):
         logits = F.linear(F.rms_norm(x[i:i + 2048], norm.shape, norm, eps), weight)
@@ -242,22 +265,25 @@ def train_exit_heads(cfg, llm, examples, t0: float) -> dict:
     for layer in layers:
         torch.manual_seed(cfg.seed)
         x = feats[layer]
-        norm = torch.nn.Parameter(final_norm.clone())
-        weight = torch.nn.Parameter(head[token_ids].clone())
-        before = _agreement(norm, weight, eps, x[held], token_ids, top_ids[held, 0])
-        opt = torch.optim.AdamW([norm, weight], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        module = _ExitHead(final_norm, head[token_ids], eps)
+        before = _agreement(final_norm, head[token_ids], eps, x[held], token_ids, top_ids[held, 0])
+        # The head's rows start from the target's and move a tenth as fast as the translator and norm.
+        opt = torch.optim.AdamW([{"params": [module.translate, module.norm]},
+                                 {"params": [module.weight], "lr_scale": 0.1}], lr=cfg.lr, betas=(0.9, 0.95),
+                                weight_decay=0.0)
         losses: list[float] = []
         for step in range(cfg.steps):
             frac = step / max(1, cfg.steps)
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             pick = train[torch.randint(train.numel(), (min(batch, train.numel()),))]
-            loss = _head_loss(norm, weight, eps, x[pick], cols[pick], mask[pick], top_lps[pick])
+            loss = _head_loss(module, x[pick], cols[pick], mask[pick], top_lps[pick])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        norm, weight = module.folded()
         after = _agreement(norm, weight, eps, x[held], token_ids, top_ids[held, 0])
         out = Path(cfg.out).expanduser() / (f"layer-{layer}" if len(layers) > 1 else "")
         figures = {"held_out_agreement_before": before, "held_out_agreement_after": after, "losses": losses}
