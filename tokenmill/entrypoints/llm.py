@@ -10,8 +10,8 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
-from tokenmill.entrypoints.build import build_replica
-from tokenmill.entrypoints.output_processor import CompletionState
+from tokenmill.engine.output_processor import CompletionState
+from tokenmill.engine.replica import build_replica
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams

@@ -48,7 +48,7 @@ def build_engine(config: EngineConfig, send: Callable[[FromEngine], None]):
     import torch  # only the engine side pays for torch
 
     torch.set_num_threads(default_num_threads(config))
-    from tokenmill.entrypoints.build import build_replica
+    from tokenmill.engine.replica import build_replica
 
     replica = build_replica(config)
     engine = replica.engine

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineStats, RequestUpdate
+from tokenmill.engine.output_processor import CompletionState, Delta
 from tokenmill.engine.policy import DEFAULT_TENANT, class_ttft, parse_slo_classes
-from tokenmill.entrypoints.build import load_tokenizer
-from tokenmill.entrypoints.output_processor import CompletionState, Delta
+from tokenmill.engine.replica import load_tokenizer
 from tokenmill.errors import (
     EngineDeadError,
     InvalidRequestError,
