@@ -1,6 +1,6 @@
 """Which vector index `tokenmill rag` uses: faiss (exact, and HNSW), usearch and hnswlib on the same vectors.
 
-    python benchmarks/vector_index.py --out benchmarks/results/vector_index_zen4      # ~2 min on 2 cores
+    python benchmarks/vector_index.py --out benchmarks/results/vector_index_zen4      # ~10 min on one core
 
 Vectors: 384-dimensional, normalised (all-MiniLM-L6-v2's shape), drawn around random centres so neighbours
 exist, at N = 2,000 (a RAG corpus of a few hundred documents), 50,000 and 200,000. For each library: build
