@@ -785,6 +785,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     log_start = log.stat().st_size if log.exists() else 0
     server = ServerProcess(command, free_port(), log, ready_timeout_s=300)
+
+    def stop_and_exit(signum, _frame):
+        # Stopped from outside (a stuck run, a test's deadline): the server lives in a session of its own and
+        # would outlive a plain kill of this process, so it goes first.
+        server.stop(grace_s=5)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop_and_exit)
     with server:
         pid = server_pid(server)
         report = asyncio.run(soak(args, server, deadlines, t_start))

@@ -22,18 +22,24 @@ RAW_KINDS = {"slowloris", "silent", "slow_body", "leaver"}
 
 def run_soak(out: Path, log: Path) -> tuple[int | None, str]:
     """(exit code or None when it ran past its time, output). A run past its time is asked for its threads'
-    stacks (soak.py dumps them on SIGUSR1) before it is killed."""
+    stacks (soak.py dumps them on SIGUSR1) before it is stopped."""
     proc = subprocess.Popen(
         [sys.executable, str(SOAK), "--mock", "--duration", "14", "--baseline-duration", "4", "--window", "5",
          "--slowloris", "4", "--hostile-rate", "8", "--max-queue-delay", "2", "--lost-after", "20", "--out", str(out),
          "--log", str(log), "--", "--header-timeout", "1", "--body-timeout", "2", "--write-timeout", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        return proc.wait(150), proc.stdout.read()
+        return proc.wait(75), proc.stdout.read()  # a run takes ~35 s on either CPU (a mock engine)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGUSR1)
         time.sleep(2)
-        proc.kill()
+        # SIGTERM, not SIGKILL first: soak.py then stops the server it started (in a session of its own, which a
+        # kill of soak.py would leave running for the rest of the suite).
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         return None, proc.communicate()[0]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import check_logprobs_close, hf_greedy
+from hf_reference import check_logprobs_close, hf_from_gguf, hf_greedy
 
 from tokenmill import LLM, SamplingParams
 
@@ -135,10 +135,7 @@ def gemma3_prompts(gemma3_llm):
 
 
 def test_gemma3_270m_matches_transformers(gemma3_path, gemma3_prompts, gemma3_llm):
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name,
-                                                           dtype=torch.float32).eval()
+    hf = hf_from_gguf(gemma3_path)
     assert any(len(p) > 512 for p in gemma3_prompts)
     # batched = alone is the small model's check (the same code); here the reference is what costs
     first = _check_against(hf, gemma3_llm, gemma3_prompts, 8, "gemma3 270m", alone=False)
