@@ -29,7 +29,7 @@ def run_soak(out: Path, log: Path) -> tuple[int | None, str]:
          "--log", str(log), "--", "--header-timeout", "1", "--body-timeout", "2", "--write-timeout", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        return proc.wait(75), proc.stdout.read()  # a run takes ~35 s on either CPU (a mock engine)
+        return proc.wait(60), proc.stdout.read()  # a run takes ~35 s on either CPU (a mock engine)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGUSR1)
         time.sleep(2)
