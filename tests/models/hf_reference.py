@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +33,10 @@ def hf_from_gguf(path: Path):
             del model.config.quantization_config
         tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
         model.save_pretrained(tmp)
-        os.replace(tmp, d)  # atomic: a concurrent session sees no half-written directory
+        try:
+            os.replace(tmp, d)  # atomic: a concurrent session sees no half-written directory
+        except OSError:  # another session wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
         return model.eval()
     return transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
 
