@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -17,12 +18,11 @@ def hf_from_gguf(path: Path):
 
     Its GGUF reader walks the file's whole vocabulary in Python, twice (config, then weights): ~20 s for the
     default model and ~35 s for Gemma 3's 262k tokens on 2 cores, per test session. The converted model is
-    kept as safetensors under HF_REFERENCE_CACHE, keyed by the file's name, size and mtime and the
-    transformers version, so later sessions on the machine load transformers' conversion in a second."""
+    kept as safetensors under HF_REFERENCE_CACHE, keyed by the file's name and contents and the transformers
+    version, so later sessions on the machine (a fresh clone's new venv included) load it in a second."""
     import transformers
 
-    st = path.stat()
-    d = HF_REFERENCE_CACHE / f"{path.name}-{st.st_size}-{int(st.st_mtime)}-transformers{transformers.__version__}"
+    d = HF_REFERENCE_CACHE / f"{path.name}-{_digest(path)}-transformers{transformers.__version__}"
     if not (d / "config.json").is_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                   dtype=torch.float32)
@@ -33,12 +33,37 @@ def hf_from_gguf(path: Path):
             del model.config.quantization_config
         tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
         model.save_pretrained(tmp)
-        try:
-            os.replace(tmp, d)  # atomic: a concurrent session sees no half-written directory
-        except OSError:  # another session wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, d)
         return model.eval()
     return transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+
+
+def hf_tokenizer_dir(path: Path) -> Path:
+    """A directory holding transformers' own tokenizer for a GGUF file (converted once per machine, as above):
+    read it with from_pretrained or copy its files beside a model; do not write into it."""
+    import transformers
+
+    d = HF_REFERENCE_CACHE / f"{path.name}-{_digest(path)}-tokenizer-transformers{transformers.__version__}"
+    if not (d / "tokenizer_config.json").is_file():
+        tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
+        transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
+        _publish(tmp, d)
+    return d
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _publish(tmp: Path, d: Path) -> None:
+    try:
+        os.replace(tmp, d)  # atomic: a concurrent session sees no half-written directory
+    except OSError:  # another session wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()

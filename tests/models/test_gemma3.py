@@ -6,11 +6,12 @@ blocks."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import check_logprobs_close, hf_from_gguf, hf_greedy
+from hf_reference import check_logprobs_close, hf_from_gguf, hf_greedy, hf_tokenizer_dir
 
 from tokenmill import LLM, SamplingParams
 
@@ -39,7 +40,8 @@ def small_dir(tmp_path_factory, gguf_path):
             if name.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)
     model.save_pretrained(out, safe_serialization=True)
-    transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out)
+    for f in hf_tokenizer_dir(gguf_path).iterdir():
+        shutil.copy(f, out / f.name)
     return out, model
 
 

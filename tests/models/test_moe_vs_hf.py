@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from hf_reference import check_logprobs_close, hf_greedy
+from hf_reference import check_logprobs_close, hf_greedy, hf_tokenizer_dir
 
 from tokenmill import LLM, SamplingParams
 
@@ -32,12 +32,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, gguf_path):
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(d)
-    return d
+def tokenizer_dir(gguf_path):
+    return hf_tokenizer_dir(gguf_path)
 
 
 def build(case: str, out, tokenizer_dir):

@@ -167,6 +167,8 @@ def add_upcycle_parser(sub) -> None:
     add("--gen-tokens", type=int, default=d.gen_tokens, help=f"tokens per answer (default: {d.gen_tokens})")
     add("--eval-prompts", type=int, default=d.eval_prompts,
         help=f"instructions for the greedy agreement check (default: {d.eval_prompts})")
+    add("--eval-tokens", type=int, default=d.eval_tokens,
+        help="held-out tokens scored for the perplexity figures (default: all of eval/data/heldout.txt)")
     add("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd_upcycle)
 

@@ -82,6 +82,8 @@ def check(cfg: UpcycleConfig) -> None:
         raise ValueError(f"top_k must be from 1 to the number of experts ({cfg.experts}), got {cfg.top_k}")
     if cfg.noise < 0 or cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 2:
         raise ValueError("noise and steps must not be negative, batch size positive, sequence length at least 2")
+    if cfg.eval_tokens is not None and cfg.eval_tokens < 2:
+        raise ValueError("eval tokens must be at least 2 (perplexity needs a token to predict)")
 
 
 def mixtral_config(arch, cfg: UpcycleConfig, eos_token_ids: list[int], bos: int | None) -> dict:
@@ -132,11 +134,12 @@ def quality(model_dir: str, dense: str, cfg: UpcycleConfig) -> dict:
     prompts = SEED_INSTRUCTIONS[:cfg.eval_prompts]
     out = {}
     ref = LLM(dense, **opts)
-    out["dense_perplexity"] = perplexity(ref, read_text(None), window=128).perplexity
+    out["dense_perplexity"] = perplexity(ref, read_text(None), window=128, max_tokens=cfg.eval_tokens).perplexity
     ids, ref_out = greedy(ref, prompts, 24)
     del ref
     moe = LLM(model_dir, **opts)
-    out["moe_perplexity"] = perplexity(moe, read_text(None), window=128).perplexity
+    scored = perplexity(moe, read_text(None), window=128, max_tokens=cfg.eval_tokens)
+    out["moe_perplexity"], out["perplexity_tokens"] = scored.perplexity, scored.tokens
     _, moe_out = greedy(moe, prompts, 24)
     out |= agreement(ref_out, moe_out, teacher_forced_top1(moe, ids, ref_out))
     out["experts_used_per_layer"] = {i: sum(1 for c in counts if c) for i, counts in

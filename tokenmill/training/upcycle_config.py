@@ -23,3 +23,4 @@ class UpcycleConfig:
     gen_tokens: int = 96
     seed: int = 0
     eval_prompts: int = 8  # greedy agreement with the dense model on this many seed instructions
+    eval_tokens: int | None = None  # held-out tokens scored for perplexity (None: the whole file)
