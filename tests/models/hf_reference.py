@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +38,45 @@ def hf_from_gguf(path: Path):
         _publish(tmp, d)
         return model.eval()
     return transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+
+
+class GgufReference:
+    """transformers' greedy decoding of a GGUF file, remembered.
+
+    A test compares against the same prompts on the same file every session, and transformers' float32 decode
+    of them costs most of the test (25 s of the default model's 30, ~70 ms a token: its GEMVs stream the
+    weights at ~10 GB/s). The answer depends only on the file, the prompt, the decode length and the versions
+    of transformers, torch and this module's decoding code, so it is kept under HF_REFERENCE_CACHE with all of
+    those in its key, computed again whenever one changes; the model itself loads only on a miss."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._model = None
+        self._digest = _digest(path)
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = hf_from_gguf(self.path)
+        return self._model
+
+    def greedy(self, prompt_ids: list[int], max_new: int, topk: int = 5):
+        """hf_greedy's (tokens, per-step top-k {id: logprob}) for this file."""
+        import transformers
+
+        key = hashlib.sha256(json.dumps([
+            self.path.name, self._digest, transformers.__version__, torch.__version__,
+            inspect.getsource(hf_greedy), list(prompt_ids), max_new, topk]).encode()).hexdigest()[:24]
+        f = HF_REFERENCE_CACHE / "greedy" / f"{key}.json"
+        if f.is_file():
+            tokens, tops = json.loads(f.read_text())
+            return tokens, [{int(t): lp for t, lp in d.items()} for d in tops]
+        tokens, tops = hf_greedy(self.model, prompt_ids, max_new, topk)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps([tokens, tops]))  # floats round-trip exactly through JSON
+        os.replace(tmp, f)
+        return tokens, tops
 
 
 def hf_tokenizer_dir(path: Path) -> Path:

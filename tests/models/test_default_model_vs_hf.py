@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hf_reference import check_logprobs_close, hf_greedy
+from hf_reference import check_logprobs_close
 
 from tokenmill import LLM, SamplingParams
 
@@ -35,11 +35,6 @@ def llm(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def hf_model(hf_default_model):
-    return hf_default_model
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(llm):
     ids = [llm.tokenizer.encode(p) for p in RAW]
     ids += [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c), add_special_tokens=False) for c in CHATS]
@@ -47,11 +42,11 @@ def prompt_ids(llm):
     return ids
 
 
-def test_greedy_tokens_and_logprobs_match_transformers(llm, hf_model, prompt_ids):
+def test_greedy_tokens_and_logprobs_match_transformers(llm, default_reference, prompt_ids):
     params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, ignore_eos=True)
     outs = llm.generate(prompt_ids, params, use_tqdm=False)  # all prompts batched together
     for n, (ids, out) in enumerate(zip(prompt_ids, outs, strict=True)):
-        ref_tokens, ref_tops = hf_greedy(hf_model, ids, 32)
+        ref_tokens, ref_tops = default_reference.greedy(ids, 32)
         o = out.outputs[0]
         ours_tops = [{t: lp.logprob for t, lp in d.items()} for d in o.logprobs]
         assert o.token_ids == ref_tokens, f"prompt {n}: greedy tokens differ from transformers"

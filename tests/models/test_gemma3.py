@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import check_logprobs_close, hf_from_gguf, hf_greedy, hf_tokenizer_dir
+from hf_reference import GgufReference, check_logprobs_close, hf_greedy, hf_tokenizer_dir
 
 from tokenmill import LLM, SamplingParams
 
@@ -49,11 +49,12 @@ def _tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _check_against(model, llm, prompts, max_tokens, name, alone=True):
+def _check_against(greedy, llm, prompts, max_tokens, name, alone=True):
+    """greedy(ids, max_tokens): the reference's tokens and top-5 logprobs."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)  # batched, long prompts chunked
     for n, (ids, out) in enumerate(zip(prompts, outs, strict=True)):
-        ref_tokens, ref_tops = hf_greedy(model, ids, max_tokens)
+        ref_tokens, ref_tops = greedy(ids, max_tokens)
         o = out.outputs[0]
         ours = [{t: lp.logprob for t, lp in d.items()} for d in o.logprobs]
         assert o.token_ids == ref_tokens, f"{name} prompt {n} ({len(ids)} tokens): greedy tokens differ"
@@ -71,7 +72,7 @@ def test_small_gemma3_matches_transformers(small_dir):
     assert runner.kv_group_windows == (16, 16, None)  # two groups of two sliding layers, one of the two global
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 15, 16, 17, 40, 300)]
-    _check_against(model, llm, prompts, 24, "small gemma3")
+    _check_against(lambda ids, n: hf_greedy(model, ids, n), llm, prompts, 24, "small gemma3")
 
 
 def test_small_gemma3_prefix_hit_and_preemption(small_dir):
@@ -137,10 +138,10 @@ def gemma3_prompts(gemma3_llm):
 
 
 def test_gemma3_270m_matches_transformers(gemma3_path, gemma3_prompts, gemma3_llm):
-    hf = hf_from_gguf(gemma3_path)
     assert any(len(p) > 512 for p in gemma3_prompts)
     # batched = alone is the small model's check (the same code); here the reference is what costs
-    first = _check_against(hf, gemma3_llm, gemma3_prompts, 8, "gemma3 270m", alone=False)
+    first = _check_against(GgufReference(gemma3_path).greedy, gemma3_llm, gemma3_prompts, 8, "gemma3 270m",
+                           alone=False)
     # the same prompts again: their prefixes are cached now, and the tokens come out the same (the logprobs within
     # float32 GEMM rounding: a step of other rows sums in another order)
     hits = gemma3_llm.engine.stats().prefix_cache_hits
