@@ -33,7 +33,7 @@ MODEL = "default"  # --model
 
 
 def tokenmill_llm(fmt: str):
-    """fmt: a --quantization value, optionally with ":int8" (an int8 KV cache instead of one in the model dtype)
+    """fmt: a --quantization value, optionally with ":KV" (a --kv-cache-dtype: model, float16, int8; else auto)
     and then "-pyloop" (the native decoder off: LlamaModel.forward's Python loop over the same kernels)."""
     from tokenmill import LLM
 
@@ -139,7 +139,7 @@ def llama_figures(qtype: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/decode_speed")
-    ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure (suffix :int8: an int8 KV cache; "
+    ap.add_argument("--formats", default="auto,w8a8,none", help="tokenmill --quantization values to measure (suffix :KV: that --kv-cache-dtype; "
                          "-pyloop: native decoder off)")
     ap.add_argument("--offline-prompts", type=int, default=200)
     ap.add_argument("--llama-quants", default="Q4_0,Q4_1,Q8_0")

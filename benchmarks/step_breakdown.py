@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--kv-cache-dtype", default="auto", help="the engine's --kv-cache-dtype (auto or int8)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the engine's --kv-cache-dtype (auto, model, float16 or int8)")
     ap.add_argument("--out", default=f"benchmarks/results/step_breakdown_{cpu_isa()[0]}")
     args = ap.parse_args()
     results: dict = {}

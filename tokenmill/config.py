@@ -31,6 +31,7 @@ def parse_size(value: str | int | None) -> int | None:
 
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "w4a8", "w8a8")
+KV_CACHE_DTYPES = ("auto", "model", "float16", "int8")
 
 
 def _opt(default, help: str, **extra):  # noqa: A002 - 'help' mirrors argparse
@@ -110,8 +111,11 @@ class EngineConfig:
         "auto", "Activation dtype inside int8/int4 matmuls; auto is bfloat16 (torch's CPU kernels are fast "
         "only there), so a float32 model casts around them.", choices=["auto", "float32", "bfloat16"])
     kv_cache_dtype: str = _opt(
-        "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scales; ~4x the tokens "
-        "of float32 in the same memory).", choices=["auto", "int8"])
+        "auto", "KV cache storage: model (the model dtype), float16 (beside a float32 model: half the bytes, "
+        "which decode attention reads every step), int8 (per-token, per-head scales; ~4x the tokens of float32 "
+        "in the same memory), or auto: float16 where a float32 model's weights run on the quantized block "
+        "kernels (that step is not float32-exact anyway; the rounding costs no measurable perplexity), "
+        "otherwise the model dtype.", choices=KV_CACHE_DTYPES)
     speculative: str = _opt("none", "Speculative decoding: 'ngram' proposes tokens by prompt lookup, 'draft' runs "
                             "--draft-model, 'early-exit' runs the model's own first layers under --exit-head; the "
                             "target verifies all proposals in its one forward pass.",
@@ -153,8 +157,8 @@ class EngineConfig:
                               f"got {self.lm_head_quantization!r}")
         if self.quant_compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"quant_compute_dtype must be auto, float32 or bfloat16, got {self.quant_compute_dtype!r}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
         from tokenmill.engine.policy import POLICIES, parse_slo_classes

@@ -79,3 +79,32 @@ def test_rope_into_an_int8_cache_quantizes_as_quantize_kv_does():
         assert torch.equal(cache.view(-1, Hkv, D)[slots], want_q)
         assert torch.equal(scales.view(-1, Hkv)[slots], want_s)
         assert cache.count_nonzero() == want_q.count_nonzero()
+
+
+def test_rope_into_a_float16_cache_rounds_as_the_eager_write_does():
+    """A float16 cache beside a float32 model: the rotated K and the V rounded to nearest as the eager write
+    (attention.to_cache_dtype) rounds them, saturating at float16's largest value instead of overflowing."""
+    from tokenmill.layers.attention import to_cache_dtype
+
+    g = torch.Generator().manual_seed(2)
+    H, Hkv, D, bs = 9, 3, 64, 16
+    meta = AttentionMetadata.build([3, 0], [2, 2], [[4], [1]], bs, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([3, 4, 0, 1])
+    qkv = torch.randn(4, (H + 2 * Hkv) * D, generator=g) * 3
+    qkv[0, (H + Hkv) * D] = 1e6  # a V beyond float16's range, both signs
+    qkv[2, (H + Hkv) * D + 5] = -1e6
+    tables = ROPE.tables(positions, torch.float32)
+    q_e, k_e, v_e = EAGER.rope_qkv(qkv, positions, tables, H, Hkv, D, None, meta)
+    half = (torch.zeros(8, bs, Hkv, D, dtype=torch.float16), torch.zeros(8, bs, Hkv, D, dtype=torch.float16))
+    q_f, k, v = FUSED.rope_qkv(qkv, positions, tables, H, Hkv, D, half, meta)
+    assert k is None and v is None
+    torch.testing.assert_close(q_f, q_e, **TOL)
+    slots = meta.slot_mapping
+    v_got = half[1].view(-1, Hkv, D)[slots]
+    assert torch.equal(v_got, to_cache_dtype(v_e, torch.float16))  # no rotation: the same float32 in, bit for bit
+    assert v_got.isfinite().all() and v_got.abs().max() == 65504
+    # K: the rotation itself rounds within float32's last bits (TOL above), which can move a float16 rounding by
+    # one step of float16 (2^-10 relative).
+    k_got = half[0].view(-1, Hkv, D)[slots]
+    torch.testing.assert_close(k_got.float(), to_cache_dtype(k_e, torch.float16).float(), rtol=2 ** -10, atol=1e-7)
+    assert half[0].count_nonzero() == k_got.count_nonzero()  # nothing written elsewhere

@@ -1,6 +1,6 @@
 """Paged attention against a dense per-sequence reference, for every path (native decode kernel,
-PyTorch decode, prefill with and without a cached prefix), in float32 and bfloat16, with and without a sliding
-window (whose freed blocks are never read)."""
+PyTorch decode, prefill with and without a cached prefix), in float32, float32 over a float16 cache, and
+bfloat16, with and without a sliding window (whose freed blocks are never read)."""
 
 from __future__ import annotations
 
@@ -27,17 +27,21 @@ def dense_reference(q, ks, vs, starts, lens, scale, group, window=None):
     return torch.cat(outs).flatten(1)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+# A float16 cache is given K/V that float16 holds exactly, so the reference reads the same values and 1e-5
+# checks the arithmetic (the rounding on write is test_kv_float16.py's).
+@pytest.mark.parametrize("dtype,cache_dtype,atol", [(torch.float32, torch.float32, 1e-5),
+                                                    (torch.float32, torch.float16, 1e-5),
+                                                    (torch.bfloat16, torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("use_native", [True, False])
-@pytest.mark.parametrize("D,window", [(32, None), (32, 6), (256, 6)])  # 256: Gemma 3's heads, on the SIMD path
-def test_mixed_batch_matches_dense(dtype, atol, use_native, D, window, monkeypatch):
+@pytest.mark.parametrize("D,window", [(32, None), (32, 6), (64, None), (256, 6)])  # 64, 256: the SIMD path
+def test_mixed_batch_matches_dense(dtype, cache_dtype, atol, use_native, D, window, monkeypatch):
     if use_native and native() is None:
         pytest.skip("no compiler here: the native kernel is not built")
     if not use_native:
         monkeypatch.setattr("tokenmill.layers.attention.native", lambda: None)
     g = torch.Generator().manual_seed(0)
     H, Hkv, bs, NB = 8, 2, 4, 200
-    k_cache = torch.zeros(NB, bs, Hkv, D, dtype=dtype)
+    k_cache = torch.zeros(NB, bs, Hkv, D, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
     # (already cached tokens, new tokens): decodes, a cold prefill, a prefill after a cached prefix
     shapes = [(9, 1), (0, 7), (30, 1), (5, 6), (1, 1), (0, 1), (16, 1)]
@@ -48,8 +52,8 @@ def test_mixed_batch_matches_dense(dtype, atol, use_native, D, window, monkeypat
         table = perm[used:used + nblk]
         used += nblk
         tables.append(table)
-        k = torch.randn(s + n, Hkv, D, generator=g).to(dtype)
-        v = torch.randn(s + n, Hkv, D, generator=g).to(dtype)
+        k = torch.randn(s + n, Hkv, D, generator=g).to(cache_dtype).to(dtype)
+        v = torch.randn(s + n, Hkv, D, generator=g).to(cache_dtype).to(dtype)
         for p in range(s):  # the history already in the cache
             k_cache[table[p // bs], p % bs] = k[p]
             v_cache[table[p // bs], p % bs] = v[p]

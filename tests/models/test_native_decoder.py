@@ -17,9 +17,9 @@ PROMPTS = ["The capital of France is", "def fib(n):\n    if n < 2:\n        retu
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n", "1, 2, 3, 4, 5,"]
 
 
-@pytest.fixture(scope="module", params=["auto", "int8"])
+@pytest.fixture(scope="module", params=["model", "float16", "int8"])
 def llm(request):
-    """The default model with a KV cache in the model dtype, and with an int8 one."""
+    """The default model with a KV cache in the model dtype, in float16 (auto's choice here) and in int8."""
     return LLM("default", kv_cache_memory="32MiB", max_model_len=512, max_num_batched_tokens=64,
                kv_cache_dtype=request.param)
 

@@ -1,6 +1,6 @@
 """The default model quantized end to end through `LLM`: it generates, its perplexity on held-out text stays
-close to the float model's, the int8 KV cache holds ~4x the tokens of float32 in the same budget, and the
-int4 load repacks the shipped Q4_1 weights instead of requantizing them."""
+close to the float model's, the int8 KV cache holds ~4x the tokens of float32 in the same budget (float16
+twice), and the int4 load repacks the shipped Q4_1 weights instead of requantizing them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import ConfigError
 from tokenmill.eval.quality import agreement, greedy, perplexity, read_text, teacher_forced_top1
+from tokenmill.kernels.cpu import native
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def measure(**kw) -> dict:
     # two builds of the same kernels (AVX2 against AVX-512, float sums in another order), too near the bounds.
     ppl = perplexity(llm, read_text(None), window=128).perplexity
     prompt_ids, out = greedy(llm, PROMPTS, 12)
-    res = {"ppl": ppl, "prompt_ids": prompt_ids, "out": out, "llm": llm,
+    res = {"ppl": ppl, "prompt_ids": prompt_ids, "out": out, "llm": llm, "kv_storage": llm.engine.runner.kv_storage,
            "blocks": llm.engine.runner.num_blocks, "report": llm.engine.runner.model.weight_report()}
     return res
 
@@ -57,6 +58,10 @@ def test_auto_runs_the_shipped_blocks_fast_and_stays_close(float_ref):
     activations cost at most 3 % perplexity (issue 16's bound for 4-bit paths) and keep greedy agreement."""
     r = measure(quantization="auto")
     assert r["report"]["gguf_pieces_repacked_as_shipped"] == 211, r["report"]  # 210 projections + the head
+    # --kv-cache-dtype auto: float16 beside these block kernels where the native attention reads it, the model
+    # dtype beside float weights (the float32 reference stays exact)
+    assert r["llm"].engine.runner.kv_storage == ("float16" if native() is not None else "model")
+    assert float_ref["kv_storage"] == "model"
     assert {"w4a8_bytes", "w8a8_bytes"} <= set(r["report"]), r["report"]
     assert r["llm"].engine.runner.model.ops.name == "fused"  # the block formats take the fused element-wise ops
     assert abs(r["ppl"] / float_ref["ppl"] - 1) < 0.03, (r["ppl"], float_ref["ppl"])
@@ -89,6 +94,18 @@ def test_int8_kv_cache_alone_barely_moves_perplexity(float_ref):
     assert abs(r["ppl"] / float_ref["ppl"] - 1) < 0.02, (r["ppl"], float_ref["ppl"])
 
 
+def test_float16_kv_cache_beside_float_weights_is_all_but_exact(float_ref):
+    """A float16 cache holds twice the tokens of a float32 one, and K/V keep 11 significant bits: beside float32
+    weights the perplexity moves by less than 0.1 % and greedy decoding agrees on at least 99 % of tokens
+    (measured on the AMD EPYC Zen 4: 0.002 % and all 1,024 of `tokenmill eval agreement`'s tokens)."""
+    r = measure(kv_cache_dtype="float16")
+    assert r["kv_storage"] == "float16"
+    assert 1.95 < r["blocks"] / float_ref["blocks"] <= 2
+    assert abs(r["ppl"] / float_ref["ppl"] - 1) < 0.001, (r["ppl"], float_ref["ppl"])
+    forced = teacher_forced_top1(r["llm"], float_ref["prompt_ids"], float_ref["out"])
+    assert agreement(float_ref["out"], r["out"], forced)["teacher_forced_agreement"] >= 0.99
+
+
 def test_bfloat16_int4_generates_batched():
     llm = LLM(**(OPTS | {"dtype": "bfloat16", "quantization": "int4", "quant_group_size": 64,
                          "kv_cache_dtype": "int8"}))
@@ -101,6 +118,8 @@ def test_bad_options_are_config_errors():
         LLM(quantization="int3")
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         LLM(kv_cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="float16 is for a float32 model"):
+        LLM(dtype="bfloat16", kv_cache_dtype="float16", kv_cache_memory="16MiB")
 
 
 def test_eval_cli_perplexity_and_agreement(tmp_path, capsys):

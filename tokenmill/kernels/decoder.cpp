@@ -9,8 +9,8 @@
 //
 // Weights are shared with the Python model (tensors held by reference, no copy); the KV caches are handed
 // over once. Only what this covers is built: block-quantized or float linear layers, a dense or
-// mixture-of-experts MLP, q/k norms and clamping (Qwen3, OLMoE), a KV cache in the model dtype or int8, every
-// query row on the paged kernel; or Gemma 3's layer (Gemma3Model's loop: norms around attention and MLP,
+// mixture-of-experts MLP, q/k norms and clamping (Qwen3, OLMoE), a KV cache in the model dtype, float16 or
+// int8, every query row on the paged kernel; or Gemma 3's layer (Gemma3Model's loop: norms around attention and MLP,
 // GELU-tanh, sliding layers with their own rope and window, KV groups with their own block tables). Anything
 // else stays on the Python path.
 #include <algorithm>

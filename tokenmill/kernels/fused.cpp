@@ -3,7 +3,8 @@
 //   rms_norm:        y = x * rsqrt(mean(x^2) + eps) * w
 //   add_rms_norm_:   residual += x (in place); y = rms_norm(residual)
 //   rope_qkv_write:  q, k rotated (Hugging Face's rotate_half layout), k and v written into their KV slots
-//                    (quantized on write into an int8 cache), rotated q returned: the qkv output is read once
+//                    (rounded on write into a float16 cache, quantized into an int8 one), rotated q returned:
+//                    the qkv output is read once
 //                    and no k/v copy is made
 //   silu_mul:        y = silu(gate) * up over [gate | up] rows
 //   apply_token_bitmask_: structured output's masks on the logits (not a layer op; it lives with them)
@@ -86,17 +87,26 @@ inline void quantize_kv_row(const float* x, int8_t* q, float* scale, int64_t D) 
   *scale = s;
 }
 
+// Into a float16 cache: round to nearest even, saturating at float16's largest finite value (an overflow
+// would be an infinity, and a NaN in every score that reads it); NaN stays NaN. torch's clamp then .half().
+inline c10::Half to_half_saturated(float x) {
+  constexpr float most = 65504.f;
+  return c10::Half(x > most ? most : (x < -most ? -most : x));
+}
+
 // qkv [T, (H + 2 Hkv) D]; cos/sin [max_pos, D] float32 (sin's first half negated, as RotaryEmbedding keeps
-// them); caches [blocks, bs, Hkv, D] in qkv's dtype, or int8 with k_scale / v_scale [blocks, bs, Hkv] float32
-// (quantized on write); slots [T] -> q [T, H, D].
+// them); caches [blocks, bs, Hkv, D] in qkv's dtype, float16 beside float32 qkv, or int8 with k_scale /
+// v_scale [blocks, bs, Hkv] float32 (quantized on write); slots [T] -> q [T, H, D].
 torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, int64_t H,
                              int64_t Hkv, std::optional<torch::Tensor> k_scale, std::optional<torch::Tensor> v_scale) {
   const bool int8 = k_scale.has_value();
+  const bool half_cache = !int8 && qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kHalf;
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be contiguous [T, (H + 2 Hkv) D]");
-  const auto cache_dtype = int8 ? at::kChar : qkv.scalar_type();
+  const auto cache_dtype = int8 ? at::kChar : (half_cache ? at::kHalf : qkv.scalar_type());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == cache_dtype &&
-              v_cache.scalar_type() == cache_dtype, "caches must be contiguous, in qkv's dtype or int8 with scales");
+              v_cache.scalar_type() == cache_dtype,
+              "caches must be contiguous, in qkv's dtype, float16 beside float32, or int8 with scales");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
               sin.is_contiguous(), "rope tables must be contiguous float32");
   const int64_t T = qkv.size(0), D = k_cache.size(3);
@@ -135,6 +145,16 @@ torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor positions, torch::
         };
         for (int64_t h = 0; h < H; ++h) rotate(row + h * D, qp + (t * H + h) * D);
         const scalar_t* v = row + (H + Hkv) * D;
+        if (half_cache) {  // rotated in the model dtype (float32) as the eager path does, then rounded
+          c10::Half* kd = k_cache.data_ptr<c10::Half>() + sp[t] * Hkv * D;
+          c10::Half* vd = v_cache.data_ptr<c10::Half>() + sp[t] * Hkv * D;
+          for (int64_t h = 0; h < Hkv; ++h) {
+            rotate(row + (H + h) * D, k_row.data());
+            for (int64_t i = 0; i < D; ++i) kd[h * D + i] = to_half_saturated(f(k_row[i]));
+          }
+          for (int64_t i = 0; i < Hkv * D; ++i) vd[i] = to_half_saturated(f(v[i]));
+          continue;
+        }
         if (!int8) {
           scalar_t* kd = k_cache.data_ptr<scalar_t>() + sp[t] * Hkv * D;
           scalar_t* vd = v_cache.data_ptr<scalar_t>() + sp[t] * Hkv * D;

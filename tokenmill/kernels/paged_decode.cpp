@@ -2,7 +2,8 @@
 // Reads each KV row once (no gathered copy), online softmax in float32, OpenMP over
 // (sequence, kv head). Query heads that share a KV head are handled together, so GQA
 // costs no extra reads.
-// The cache holds either the model dtype (kv_t = scalar_t, no scales) or int8 with one float32
+// The cache holds the model dtype (kv_t = scalar_t, no scales), float16 beside a float32 model (half the
+// bytes to read; widened exactly on load), or int8 with one float32
 // scale per token per KV head (ks/vs [blocks, bs, Hkv]): a score is scale_k * dot(q, k_int8) and a
 // token's probability is multiplied by scale_v before it weights v_int8, so nothing is dequantized
 // into a buffer.
@@ -330,7 +331,7 @@ static bool try_fast(const scalar_t*, const kv_t*, const kv_t*, const float*, co
 }
 #endif
 
-// Shared driver: kv_t is scalar_t (plain cache) or int8_t (with scales).
+// Shared driver: kv_t is scalar_t (plain cache), c10::Half (float16 cache, float32 q) or int8_t (with scales).
 template <typename scalar_t, typename kv_t>
 static void run_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const float* ks, const float* vs, const torch::Tensor& tables, const torch::Tensor& lens,
@@ -358,12 +359,19 @@ static void check_shapes(const torch::Tensor& q, const torch::Tensor& k_cache, c
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  const bool half_cache = q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || half_cache,
+              "the cache must hold q's dtype (or float16 beside float32 q)");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "K and V caches' dtypes differ");
   check_shapes(q, k_cache, v_cache);
   q = q.contiguous();
   auto tables = block_tables.to(torch::kLong).contiguous();
   auto lens = ctx_lens.to(torch::kLong).contiguous();
   auto out = torch::empty_like(q);
+  if (half_cache) {
+    run_decode<float, c10::Half>(q, k_cache, v_cache, nullptr, nullptr, tables, lens, out, scale, window);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     run_decode<scalar_t, scalar_t>(q, k_cache, v_cache, nullptr, nullptr, tables, lens, out, scale, window);
   });

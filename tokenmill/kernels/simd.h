@@ -1,8 +1,9 @@
 // A float vector of W lanes over the ISA a build targets: 16 with AVX-512, 8 with AVX2, and the few
-// operations the kernels need (loads that widen bfloat16 and int8, FMA, max, a fast exp). Kernels written
+// operations the kernels need (loads that widen bfloat16, float16 and int8, FMA, max, a fast exp). Kernels written
 // once over it; included only where AVX2 or AVX-512 is compiled in.
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 #include <cstdint>
 
@@ -14,6 +15,9 @@ static inline vf vload(const c10::BFloat16* p) {
   // bfloat16 is the top half of a float32: widen and shift.
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline vf vload(const c10::Half* p) {  // F16C: exact widening
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 static inline vf vload(const int8_t* p) {  // 16 int8 -> sign-extended int32 -> float
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -41,6 +45,7 @@ static inline vf vload(const c10::BFloat16* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+static inline vf vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 static inline vf vload(const int8_t* p) {  // 8 int8 -> sign-extended int32 -> float
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }

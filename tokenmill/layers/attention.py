@@ -114,12 +114,20 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return g.transpose(-3, -2)
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V as a cache of `dtype` stores it: a float16 cache beside a float32 model saturates at float16's
+    largest value (an infinity would be a NaN in every score that reads it), as the native write does."""
+    if dtype == torch.float16 and x.dtype != dtype:
+        return x.clamp(-65504.0, 65504.0).to(dtype)
+    return x
+
+
 def _gather_kv(cache: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
-    """Gathered [..., Hkv, L, D] K or V in `dtype`, dequantized when the cache is int8."""
+    """Gathered [..., Hkv, L, D] K or V in `dtype`, dequantized when the cache is int8 (widened when float16)."""
     g = _gather(cache, block_table)
     if scales is None:
-        return g
+        return g.to(dtype)
     s = _gather(scales.unsqueeze(-1), block_table)  # [..., Hkv, L, 1]
     return (g.float() * s).to(dtype)
 
@@ -151,8 +159,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         k_scale.view(-1, hkv).index_copy_(0, meta.slot_mapping, ks)
         v_scale.view(-1, hkv).index_copy_(0, meta.slot_mapping, vs)
     else:
-        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, to_cache_dtype(k, k_cache.dtype))
+        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, to_cache_dtype(v, v_cache.dtype))
     kv = (k_cache, v_cache, k_scale, v_scale)
 
     if meta.all_decode:

@@ -138,7 +138,8 @@ class ModelRunner:
                     arch.architecture, arch.num_layers, str(self.dtype).removeprefix("torch."), self.device,
                     time.monotonic() - t0, self.model.weight_report())
         self.block_size = config.block_size
-        self.kv_int8 = config.kv_cache_dtype == "int8"
+        self.kv_storage = self._kv_storage()
+        self.kv_int8 = self.kv_storage == "int8"
         self.num_blocks = self._size_kv_cache()
         # The paged cache in KV groups of layers (ModelArchConfig.kv_groups): one tensor set per slot of a group;
         # a layer reads and writes its slot's tensors at its group's block ids, so a block id is one group's. The
@@ -152,7 +153,8 @@ class ModelRunner:
             slots = [(z(shape, torch.int8), z(shape, torch.int8), z(shape[:3], torch.float32),
                       z(shape[:3], torch.float32)) for _ in range(arch.kv_group_size)]
         else:
-            slots = [(z(shape, self.dtype), z(shape, self.dtype)) for _ in range(arch.kv_group_size)]
+            dt = torch.float16 if self.kv_storage == "float16" else self.dtype
+            slots = [(z(shape, dt), z(shape, dt)) for _ in range(arch.kv_group_size)]
         self.kv_caches = [slots[0]] * arch.num_layers
         for _, layers in groups:
             for slot, layer in enumerate(layers):
@@ -226,15 +228,41 @@ class ModelRunner:
     def propose(self, inputs: list[ProposeInput]) -> dict[str, list[int]]:
         return self.proposer.propose(inputs) if self.proposer is not None else {}
 
+    def _kv_storage(self) -> str:
+        """What the KV cache holds: "model" (the model dtype), "float16" or "int8"; --kv-cache-dtype resolved.
+
+        auto is float16 where a float32 model's linear layers all run on the block kernels (so its step is not
+        float32-exact anyway) and the native attention kernel reads the cache: decode attention reads every
+        cached token every step, and at batch 64 that read was as costly as all the linear layers (issue 16's
+        step breakdown). float16 keeps 11 significant bits of K and V; `tokenmill eval` and
+        tests/quant/test_kv_float16.py hold its cost to perplexity. Anywhere else auto is the model dtype."""
+        kind = self.config.kv_cache_dtype
+        if kind != "auto":
+            if kind == "float16" and self.dtype != torch.float32:
+                raise ConfigError(f"--kv-cache-dtype float16 is for a float32 model; this one runs in "
+                                  f"{str(self.dtype).removeprefix('torch.')} (use model)")
+            return kind
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            return "model"
+        from tokenmill.kernels.cpu import native
+
+        linears = [lin for layer in self.model.layers for lin in layer.linears()]
+        if native() is None or not linears or any(lin.kind not in BLOCK_MODES for lin in linears):
+            return "model"
+        return "float16"
+
     def _size_kv_cache(self) -> int:
-        per_block = self.arch.kv_block_bytes(self.block_size, self.config.kv_cache_dtype, self.dtype.itemsize)
+        itemsize = 2 if self.kv_storage == "float16" else self.dtype.itemsize
+        per_block = self.arch.kv_block_bytes(self.block_size, self.kv_storage, itemsize)
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)
         n = budget // per_block
         if n < 1:
             raise ConfigError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
-        kv_dtype = "int8" if self.kv_int8 else str(self.dtype).removeprefix("torch.")
+        kv_dtype = self.kv_storage if self.kv_storage != "model" else str(self.dtype).removeprefix("torch.")
+        if self.config.kv_cache_dtype == "auto":
+            kv_dtype += " (--kv-cache-dtype auto)"
         logger.info("KV cache: %d blocks of %d tokens (%.0f MiB, %s)", n, self.block_size,
                     n * per_block / 2**20, kv_dtype)
         return n
