@@ -1,7 +1,7 @@
 """Served throughput at 32 concurrent streams, 128 in / 128 out: tokenmill against vLLM's CPU server and
 llama-server, one server at a time (issue 16).
 
-    python benchmarks/served.py [--prompts 128] [--vllm-dtype bfloat16] [--llama-quant Q4_0] [--out FILE.json]
+    python benchmarks/served.py [--prompts 128] [--vllm-dtype bfloat16] [--llama-quant Q4_0] [--peers vllm,llama] [--out FILE.json]
 
 Each system is started on a free loopback port (tokenmill `serve` as shipped, `benchmarks/peers/vllm_cpu.sh
 serve`, `benchmarks/peers/llama_cpp.sh serve` with 32 slots), waited for, then driven by `tokenmill bench serve`
@@ -49,8 +49,10 @@ def main() -> None:
     ap.add_argument("--llama-quant", default="Q4_0")
     ap.add_argument("--tokenmill-extra", action="append", default=[],
                     help="flags for a further tokenmill row, e.g. '--kv-cache-dtype int8'")
+    ap.add_argument("--peers", default="vllm,llama", help="peers to run beside tokenmill (vllm, llama; '' for none)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/served.json"))
     args = ap.parse_args()
+    peers = {p for p in args.peers.split(",") if p}
     from tokenmill.kernels.cpu import cpu_name
 
     out_dir = args.out.with_suffix("")  # each system's server log and load-generator JSON
@@ -59,10 +61,13 @@ def main() -> None:
     systems = [("tokenmill", f"{tm} serve --model default --port {{port}}", {})]
     systems += [(f"tokenmill {extra}", f"{tm} serve --model default --port {{port}} {extra}", {})
                 for extra in args.tokenmill_extra]
-    systems += [(f"vLLM CPU ({args.vllm_dtype})", f"bash {shlex.quote(str(PEERS / 'vllm_cpu.sh'))} serve {{port}}",
-                 {"VLLM_DTYPE": args.vllm_dtype}),
-                (f"llama-server ({args.llama_quant})",
-                 f"bash {shlex.quote(str(PEERS / 'llama_cpp.sh'))} serve {{port}} {shlex.quote(args.llama_quant)}", {})]
+    if "vllm" in peers:
+        systems.append((f"vLLM CPU ({args.vllm_dtype})", f"bash {shlex.quote(str(PEERS / 'vllm_cpu.sh'))} serve {{port}}",
+                        {"VLLM_DTYPE": args.vllm_dtype}))
+    if "llama" in peers:
+        systems.append((f"llama-server ({args.llama_quant})",
+                        f"bash {shlex.quote(str(PEERS / 'llama_cpp.sh'))} serve {{port}} {shlex.quote(args.llama_quant)}",
+                        {}))
     res = {"cpu": cpu_name(), "prompts": args.prompts, "systems": {}}
     for name, launch, extra_env in systems:
         res["systems"][name] = measure(name, launch, extra_env, args, out_dir)
