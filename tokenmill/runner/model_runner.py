@@ -234,8 +234,8 @@ class ModelRunner:
         auto is float16 where a float32 model's linear layers all run on the block kernels (so its step is not
         float32-exact anyway) and the native attention kernel reads the cache: decode attention reads every
         cached token every step, and at batch 64 that read was as costly as all the linear layers (issue 16's
-        step breakdown). float16 keeps 11 significant bits of K and V; `tokenmill eval` and
-        tests/quant/test_kv_float16.py hold its cost to perplexity. Anywhere else auto is the model dtype."""
+        step breakdown). float16 keeps 11 significant bits of K and V; `tokenmill eval` measures what that costs
+        and tests/quant/test_quant_model.py bounds it. Anywhere else auto is the model dtype."""
         kind = self.config.kv_cache_dtype
         if kind != "auto":
             if kind == "float16" and self.dtype != torch.float32:
