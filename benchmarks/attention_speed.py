@@ -1,6 +1,6 @@
 """Decode attention alone, per KV cache format: the native paged kernel over one step's 30 layers of the
-default model's shapes (9 query heads, 3 KV heads of 64), every sequence at the same context length, each
-layer its own cache (so the KV streams from memory as in the engine).
+default model's shapes (9 query heads, 3 KV heads of 64), every sequence at the same context length, its
+blocks scattered over the pool, each layer its own cache (so the KV streams from memory as in the engine).
 
     python benchmarks/attention_speed.py [--batches 1 16 64] [--context 192] [--out FILE.json]
     TOKENMILL_KERNEL_ISA=avx2 python benchmarks/attention_speed.py   # another build on the same CPU
@@ -48,7 +48,8 @@ def measure(batch: int, context: int, fmt: str, rounds: int, steps: int) -> dict
     blocks = batch * per_seq + 1
     layers = caches(fmt, blocks, g)
     q = torch.randn(batch, H, D, generator=g)
-    tables = torch.arange(1, blocks).view(batch, per_seq)
+    # the pool hands out blocks in no particular order once requests come and go
+    tables = (torch.randperm(blocks - 1, generator=g) + 1).view(batch, per_seq)
     lens = torch.full((batch,), context)
     if fmt == "int8":
         def step():
