@@ -1,9 +1,12 @@
 """Decode attention alone, per KV cache format: the native paged kernel over one step's 30 layers of the
 default model's shapes (9 query heads, 3 KV heads of 64), every sequence at the same context length, its
-blocks scattered over the pool, each layer its own cache (so the KV streams from memory as in the engine).
+blocks scattered over the pool (or --contiguous), each layer its own cache (so the KV streams from memory as
+in the engine).
 
-    python benchmarks/attention_speed.py [--batches 1 16 64] [--context 192] [--out FILE.json]
+    python benchmarks/attention_speed.py [--batches 1 16 64] [--context 192] [--threads N] [--contiguous] [--out FILE.json]
     TOKENMILL_KERNEL_ISA=avx2 python benchmarks/attention_speed.py   # another build on the same CPU
+
+--contiguous gives each sequence consecutive blocks instead (as a fresh pool hands out a prompt's blocks).
 
 Prints ms per step and the KV bytes read per second for float32, float16 and int8 caches, best of --rounds.
 """
@@ -39,7 +42,7 @@ def kv_bytes(c: tuple[torch.Tensor, ...], tokens: int, blocks: int) -> float:
     return sum(t.numel() * t.element_size() for t in c) * tokens / (blocks * BS)
 
 
-def measure(batch: int, context: int, fmt: str, rounds: int, steps: int) -> dict:
+def measure(batch: int, context: int, fmt: str, rounds: int, steps: int, contiguous: bool = False) -> dict:
     from tokenmill.kernels.cpu import native
 
     k = native()
@@ -49,7 +52,8 @@ def measure(batch: int, context: int, fmt: str, rounds: int, steps: int) -> dict
     layers = caches(fmt, blocks, g)
     q = torch.randn(batch, H, D, generator=g)
     # the pool hands out blocks in no particular order once requests come and go
-    tables = (torch.randperm(blocks - 1, generator=g) + 1).view(batch, per_seq)
+    order = torch.arange(blocks - 1) if contiguous else torch.randperm(blocks - 1, generator=g)
+    tables = (order + 1).view(batch, per_seq)
     lens = torch.full((batch,), context)
     if fmt == "int8":
         def step():
@@ -76,19 +80,24 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch threads (default: as torch starts)")
+    ap.add_argument("--contiguous", action="store_true", help="each sequence's blocks consecutive, not scattered")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tokenmill.kernels.cpu import cpu_isa, cpu_name, native
 
     if native() is None:
         raise SystemExit("the native kernel did not build on this machine")
     res = {"cpu": cpu_name(), "isa": cpu_isa()[0], "threads": torch.get_num_threads(), "context": args.context,
-           "results": {}}
-    print(f"CPU: {res['cpu']}, build {res['isa']}, {res['threads']} threads, context {args.context} tokens")
+           "blocks": "contiguous" if args.contiguous else "scattered", "results": {}}
+    print(f"CPU: {res['cpu']}, build {res['isa']}, {res['threads']} threads, context {args.context} tokens, "
+          f"{res['blocks']} blocks")
     print("| batch | " + " | ".join(f"{f} ms/step (GB/s)" for f in FORMATS) + " | float32 / float16 |")
     print("|---|" + "---|" * (len(FORMATS) + 1))
     for b in args.batches:
-        row = {f: measure(b, args.context, f, args.rounds, args.steps) for f in FORMATS}
+        row = {f: measure(b, args.context, f, args.rounds, args.steps, args.contiguous) for f in FORMATS}
         res["results"][b] = row
         cells = " | ".join(f"{row[f]['ms_per_step']:.2f} ({row[f]['kv_gb_per_s']:.1f})" for f in FORMATS)
         print(f"| {b} | {cells} | {row['float32']['ms_per_step'] / row['float16']['ms_per_step']:.2f} |", flush=True)

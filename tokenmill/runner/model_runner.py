@@ -112,6 +112,9 @@ class ModelRunner:
         self.config = config
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        if config.kv_cache_dtype == "float16" and self.dtype != torch.float32:  # before the weights load
+            raise ConfigError(f"--kv-cache-dtype float16 is for a float32 model; this one runs in "
+                              f"{str(self.dtype).removeprefix('torch.')} (use model)")
         arch = source.arch
         self.arch = arch
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
@@ -237,10 +240,7 @@ class ModelRunner:
         step breakdown). float16 keeps 11 significant bits of K and V; `tokenmill eval` measures what that costs
         and tests/quant/test_quant_model.py bounds it. Anywhere else auto is the model dtype."""
         kind = self.config.kv_cache_dtype
-        if kind != "auto":
-            if kind == "float16" and self.dtype != torch.float32:
-                raise ConfigError(f"--kv-cache-dtype float16 is for a float32 model; this one runs in "
-                                  f"{str(self.dtype).removeprefix('torch.')} (use model)")
+        if kind != "auto":  # float16 beside a non-float32 model was refused in __init__
             return kind
         if self.dtype != torch.float32 or self.device.type != "cpu":
             return "model"
