@@ -24,7 +24,7 @@ def test_the_simulation_predicts_the_mock_servers_latencies():
     try:
         arch = open_model("default").arch
         # ~60% busy: queues form at times, requests share steps, and some wait for a slot (max_num_seqs 16).
-        arrivals = workload.poisson(1.6, 20.0, workload.Sizes(192, 24, 0.5), seed=11)
+        arrivals = workload.poisson(1.6, 15.0, workload.Sizes(192, 24, 0.5), seed=11)
         real = workload.measured(workload.replay(server.url, arrivals, arch.vocab_size))
     finally:
         server.stop()
