@@ -98,14 +98,28 @@ static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include "simd.h"
 
+// A row of the next block (and its scale) towards L2, asked for from inside the loop over this block's tokens:
+// one row per token computed, so the memory system sees a steady trickle of requests the compute hides. A
+// sequence's blocks lie anywhere in the pool, so the hardware prefetcher cannot run ahead across them. (The
+// whole next block asked for at once, ~200 lines in a burst, was mostly lost: batch-64 float16 attention on the
+// Zen 4 took 22 ms a step that way and 12-14 ms this way; BENCHMARKS.md.) A hint: changes no result.
+template <int D, typename kv_t>
+static inline void prefetch_row(const kv_t* row, const float* scale) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(kv_t)); o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+  if (scale != nullptr) _mm_prefetch(reinterpret_cast<const char*>(scale), _MM_HINT_T1);
+}
+
 // Scores of one block's n tokens for NG query heads that share a KV head: qv holds the heads' query vectors
 // (V each), s their score rows (stride bs); K row t of the block is kc + (row0 + t * Hkv) * D. Each key row is
 // loaded (and, from int8, widened) once for the NG heads. Per head and token the arithmetic is the same
 // whatever NG is: two partial sums (even and odd vectors, halving the chain of dependent FMAs), added, summed
 // across lanes, times the token's scale.
+// next: the row index of the same KV head's token 0 in the block after this one (-1: none, or another call
+// asks for it); that block's rows are prefetched one per token, all bs of them however many this block has.
 template <int V, int NG, typename kv_t>
 static inline void scores(const vf* qv, float* s, int64_t bs, const kv_t* kc, const float* ks, int64_t row0,
-                          int64_t Hkv, int64_t n) {
+                          int64_t Hkv, int64_t n, int64_t next) {
   constexpr int64_t D = V * W;
   vf q[NG][V];
   for (int g = 0; g < NG; ++g)
@@ -113,6 +127,7 @@ static inline void scores(const vf* qv, float* s, int64_t bs, const kv_t* kc, co
   for (int64_t t = 0; t < n; ++t) {
     const int64_t row = row0 + t * Hkv;
     const kv_t* kp = kc + row * D;
+    if (next >= 0) prefetch_row<D>(kc + (next + t * Hkv) * D, ks ? ks + next + t * Hkv : nullptr);
     vf k[V];
     for (int v = 0; v < V; ++v) k[v] = vload(kp + W * v);
     const float scale = ks ? ks[row] : 1.f;
@@ -125,13 +140,16 @@ static inline void scores(const vf* qv, float* s, int64_t bs, const kv_t* kc, co
       s[g * bs + t] = vsum(vadd(dot0, dot1)) * scale;
     }
   }
+  if (next >= 0)
+    for (int64_t t = std::max<int64_t>(n, 0); t < bs; ++t)
+      prefetch_row<D>(kc + (next + t * Hkv) * D, ks ? ks + next + t * Hkv : nullptr);
 }
 
 // acc (V per head) += p * v over one block's n tokens in token order, for NG query heads sharing a KV head,
 // each value row loaded once for them.
 template <int V, int NG, typename kv_t>
 static inline void values(vf* acc, const float* s, int64_t bs, const kv_t* vc, const float* vs, int64_t row0,
-                          int64_t Hkv, int64_t n) {
+                          int64_t Hkv, int64_t n, int64_t next) {
   constexpr int64_t D = V * W;
   vf a[NG][V];
   for (int g = 0; g < NG; ++g)
@@ -139,6 +157,7 @@ static inline void values(vf* acc, const float* s, int64_t bs, const kv_t* vc, c
   for (int64_t t = 0; t < n; ++t) {
     const int64_t row = row0 + t * Hkv;
     const kv_t* vp = vc + row * D;
+    if (next >= 0) prefetch_row<D>(vc + (next + t * Hkv) * D, vs ? vs + next + t * Hkv : nullptr);
     vf x[V];
     for (int v = 0; v < V; ++v) x[v] = vload(vp + W * v);
     const float scale = vs ? vs[row] : 1.f;
@@ -149,6 +168,9 @@ static inline void values(vf* acc, const float* s, int64_t bs, const kv_t* vc, c
   }
   for (int g = 0; g < NG; ++g)
     for (int v = 0; v < V; ++v) acc[g * V + v] = a[g][v];
+  if (next >= 0)
+    for (int64_t t = std::max<int64_t>(n, 0); t < bs; ++t)
+      prefetch_row<D>(vc + (next + t * Hkv) * D, vs ? vs + next + t * Hkv : nullptr);
 }
 
 // Calls f(first head, std::integral_constant<int, k>) over the query heads [qa, qb) that share a KV head, k at a
@@ -171,25 +193,6 @@ static inline void by_heads(int64_t qa, int64_t qb, F&& f) {
     }
     g += k;
   }
-}
-
-// The next block's K and V rows of KV heads [h0, h1) towards L2 while this block computes: a sequence's blocks
-// lie anywhere in the pool, so the hardware prefetcher cannot run ahead across them (with blocks scattered,
-// batch-64 attention took 15-35 % longer without this on the Zen 4; BENCHMARKS.md). It changes no result.
-template <int D, typename kv_t>
-static inline void prefetch_block(const kv_t* kc, const kv_t* vc, int64_t block, int64_t bs, int64_t Hkv,
-                                  int64_t h0, int64_t h1) {
-  constexpr int64_t row_bytes = D * static_cast<int64_t>(sizeof(kv_t));
-  for (int64_t t = 0; t < bs; ++t)
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t row = (block * bs + t) * Hkv + h;
-      const char* k = reinterpret_cast<const char*>(kc + row * D);
-      const char* v = reinterpret_cast<const char*>(vc + row * D);
-      for (int64_t o = 0; o < row_bytes; o += 64) {
-        _mm_prefetch(k + o, _MM_HINT_T1);
-        _mm_prefetch(v + o, _MM_HINT_T1);
-      }
-    }
 }
 
 // SIMD path for head sizes that are a multiple of W (64, 128 and Gemma's 256 cover the supported models).
@@ -249,7 +252,7 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
       const int64_t nblk = (max_len + bs - 1) / bs;
       for (int64_t blk = min_first / bs; blk < nblk; ++blk) {
         const int64_t block = table[blk];
-        if (blk + 1 < nblk) prefetch_block<D>(kc, vc, table[blk + 1], bs, Hkv, h0, h1);
+        const int64_t next_block = blk + 1 < nblk ? table[blk + 1] : -1;
         auto tokens_of = [&](int64_t r) { return std::min(bs, lens[b0 + r] - blk * bs); };  // <= 0: none
         // the row's tokens of this block before its window, skipped (>= tokens_of: none left)
         auto skipped_of = [&](int64_t r) { return std::max<int64_t>(0, first_key(lens[b0 + r], window) - blk * bs); };
@@ -259,9 +262,12 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
           const int64_t qa = std::max(h * G, q0), qb = std::min((h + 1) * G, q1);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t t0 = skipped_of(r);
+            // the next block's rows of head h, asked for once: by the first row of the run and its first heads
+            const int64_t next = next_block >= 0 && r == 0 ? next_block * bs * Hkv + h : -1;
             by_heads<V>(qa, qb, [&](int64_t qh, auto ng) {
               scores<V, decltype(ng)::value>(qv.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs + t0, bs,
-                                             kc, ks, (block * bs + t0) * Hkv + h, Hkv, tokens_of(r) - t0);
+                                             kc, ks, (block * bs + t0) * Hkv + h, Hkv, tokens_of(r) - t0,
+                                             qh == qa ? next : -1);
             });
           }
         }
@@ -303,9 +309,11 @@ static void decode_simd(const scalar_t* q, const kv_t* kc, const kv_t* vc, const
           const int64_t qa = std::max(h * G, q0), qb = std::min((h + 1) * G, q1);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t t0 = skipped_of(r);
+            const int64_t next = next_block >= 0 && r == 0 ? next_block * bs * Hkv + h : -1;
             by_heads<V>(qa, qb, [&](int64_t qh, auto ng) {
               values<V, decltype(ng)::value>(acc.data() + (r * H + qh) * V, s.data() + (r * H + qh) * bs + t0, bs,
-                                             vc, vs, (block * bs + t0) * Hkv + h, Hkv, tokens_of(r) - t0);
+                                             vc, vs, (block * bs + t0) * Hkv + h, Hkv, tokens_of(r) - t0,
+                                             qh == qa ? next : -1);
             });
           }
         }
