@@ -102,7 +102,7 @@ static void decode_kernel(const scalar_t* q, const kv_t* kc, const kv_t* vc, con
 // one row per token computed, so the memory system sees a steady trickle of requests the compute hides. A
 // sequence's blocks lie anywhere in the pool, so the hardware prefetcher cannot run ahead across them. (The
 // whole next block asked for at once, ~200 lines in a burst, was mostly lost: batch-64 float16 attention on the
-// Zen 4 took 22 ms a step that way and 12-14 ms this way; BENCHMARKS.md.) A hint: changes no result.
+// Zen 4 runs 1.5x faster this way; benchmarks/attention_ab.py, BENCHMARKS.md.) A hint: changes no result.
 template <int D, typename kv_t>
 static inline void prefetch_row(const kv_t* row, const float* scale) {
   const char* p = reinterpret_cast<const char*>(row);
