@@ -1,12 +1,15 @@
 """The paged KV cache starts as zeros without writing them: its memory becomes resident page by page as
-blocks are used, not all at once at start-up."""
+blocks are used, not all at once at start-up; so a budget the machine cannot hold is refused at start."""
 
 from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 
+from tokenmill import LLM
+from tokenmill.errors import ConfigError
 from tokenmill.runner.model_runner import zeroed
 
 
@@ -35,3 +38,9 @@ def test_int8_and_empty_shapes():
     x += 7
     assert int(x.sum()) == 105
     assert zeroed((0, 16, 3, 64), torch.float32, torch.device("cpu")).shape == (0, 16, 3, 64)
+
+
+def test_a_budget_larger_than_free_memory_is_refused_at_start():
+    # With the pages touched only as requests arrive, an impossible budget would otherwise fail mid-serving.
+    with pytest.raises(ConfigError, match="more than the .* GiB of memory free"):
+        LLM("default", kv_cache_memory="100000GiB")

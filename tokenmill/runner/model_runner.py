@@ -272,6 +272,11 @@ class ModelRunner:
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)
+        elif self.device.type == "cpu" and budget > (free := available_memory(self.device)):
+            # The cache's pages are only touched as requests fill it (zeroed()), so a budget the machine cannot hold
+            # would not fail here but mid-serving, when the kernel runs out of memory: refuse it now.
+            raise ConfigError(f"--kv-cache-memory {budget / 2**30:.1f} GiB is more than the {free / 2**30:.1f} GiB "
+                              f"of memory free; ask for less (or leave it unset: a share of free memory)")
         n = budget // per_block
         if n < 1:
             raise ConfigError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
