@@ -89,6 +89,8 @@ def one_run(kv: str) -> dict:
             proc.kill()
     log.seek(0)
     chosen = re.search(r"KV cache: \d+ blocks of \d+ tokens \((\d+) MiB", log.read())
+    if chosen is None and kv == "default":
+        raise RuntimeError("the server's log names no KV cache budget")
     out["kv_bytes"] = int(chosen.group(1)) * 2**20 if chosen else parse_size(kv)
     return out
 

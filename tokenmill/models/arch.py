@@ -145,7 +145,10 @@ class ModelArchConfig:
 
     def kv_block_bytes(self, block_size: int, cache_dtype: str, itemsize: int) -> int:
         """Bytes one KV cache block takes: K and V, every layer of a KV group and KV head. An int8 cache stores a
-        float32 scale per token and head beside the values (tokenmill/quant/kv.py); otherwise the model dtype's
-        `itemsize` bytes per value."""
-        per_token_head = self.head_dim + 4 if cache_dtype == "int8" else self.head_dim * itemsize
+        float32 scale per token and head beside the values (tokenmill/quant/kv.py), a float16 one 2 bytes a
+        value; otherwise the model dtype's `itemsize` bytes per value."""
+        if cache_dtype == "int8":
+            per_token_head = self.head_dim + 4
+        else:
+            per_token_head = self.head_dim * (2 if cache_dtype == "float16" else itemsize)
         return 2 * self.kv_group_size * block_size * self.num_kv_heads * per_token_head

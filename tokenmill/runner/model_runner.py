@@ -267,8 +267,7 @@ class ModelRunner:
         return "float16"
 
     def _size_kv_cache(self) -> int:
-        itemsize = 2 if self.kv_storage == "float16" else self.dtype.itemsize
-        per_block = self.arch.kv_block_bytes(self.block_size, self.kv_storage, itemsize)
+        per_block = self.arch.kv_block_bytes(self.block_size, self.kv_storage, self.dtype.itemsize)
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_memory_fraction)

@@ -124,7 +124,7 @@ def mock_core(config: EngineConfig, arch, model: StepSeconds, *, num_blocks: int
     when asked for)."""
     max_model_len = config.max_model_len or arch.max_position_embeddings
     if num_blocks is None:
-        itemsize = 4 if config.dtype in ("float32", "float") and config.kv_cache_dtype != "float16" else 2
+        itemsize = 4 if config.dtype in ("float32", "float") else 2
         per_block = arch.kv_block_bytes(config.block_size, config.kv_cache_dtype, itemsize)
         num_blocks = max(1, int(config.kv_cache_memory or _DEFAULT_KV_BYTES) // per_block)
     runner = MockRunner(num_blocks, config.block_size, max_model_len, arch.vocab_size, arch.eos_token_ids, model,
