@@ -56,7 +56,8 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "Longest prompt + output in tokens; defaults to the model's context.")
     block_size: int = _opt(16, "Tokens per KV cache block.")
     kv_cache_memory: int | str | None = _opt(
-        None, "Bytes for the KV cache, e.g. 512MiB or 2GiB; by default a fraction of free memory."
+        None, "Bytes for the KV cache, e.g. 512MiB or 2GiB (at most the memory free; its pages become resident as "
+        "requests fill them); by default a fraction of free memory."
     )
     kv_cache_memory_fraction: float = _opt(0.25, "Share of free memory for the KV cache when --kv-cache-memory is unset.")
     enable_prefix_caching: bool = _opt(True, "Reuse the KV blocks of identical prompt prefixes.")
