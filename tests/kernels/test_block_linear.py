@@ -65,6 +65,31 @@ def test_kernel_matches_the_same_arithmetic_in_torch(q4, rows):
     assert err < (0.25 if q4 else 0.03)
 
 
+
+@pytest.mark.parametrize("q4", [True, False])
+@pytest.mark.parametrize("counts", [[1, 1], [0, 3, 0, 9, 1, 0], [8, 8, 8, 8, 8, 8, 8, 8], [17, 0, 2]])
+def test_many_matrices_in_one_call_give_each_call_alone_bit_for_bit(q4, counts):
+    """An MoE layer's experts run as one call over the step's rows sorted by expert: each run of rows comes
+    out exactly as its own call gives it, whatever the other runs, and a matrix with no rows is never read."""
+    g = torch.Generator().manual_seed(sum(counts))
+    n, k = 67, 160
+    lins = []
+    for _ in counts:
+        w = torch.randn(n, k, generator=g) * 0.05
+        qs, d, m = quantize_q4(w) if q4 else (*quantize_q8(w), None)
+        lins.append(BlockLinear(qs, d, m, q4, None, torch.float32))
+    x = torch.randn(sum(counts), k, generator=g)
+    many = kernels.q4_linear_many if q4 else kernels.q8_linear_many
+    unread = torch.empty(0, dtype=torch.uint8 if q4 else torch.int8)  # a zero-row matrix's tensors: not checked
+    got = many(x, counts, [lin.qs if c else unread for lin, c in zip(lins, counts, strict=True)],
+               [lin.d for lin in lins], [lin.m_arg for lin in lins], n)
+    start = 0
+    for lin, c in zip(lins, counts, strict=True):
+        assert torch.equal(got[start:start + c], lin(x[start:start + c]))
+        start += c
+    with pytest.raises(RuntimeError, match="add up"):
+        many(x[1:], counts, [lin.qs for lin in lins], [lin.d for lin in lins], [lin.m_arg for lin in lins], n)
+
 @pytest.mark.parametrize("n, k", [(960, 576), (3072, 576), (576, 1536)])
 def test_dense_copy_rows_come_out_the_same_in_any_chunk(n, k):
     """Prompt positions on the dense copy: a row's result must not depend on how many rows its call had

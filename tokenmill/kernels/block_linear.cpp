@@ -39,12 +39,17 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int MR = 4;  // activation rows handled together for one weight row (q8) or group (q4)
-// Rows per interleaved group (q4 and q8): one row per 32-bit lane of the build's integer vector.
+// Rows per interleaved group (q4 and q8): one row per 32-bit lane of the build's integer vector; and the
+// activation rows run together against one group's weights, held in registers once for all of them. With
+// AVX-512's 32 registers 8 rows fit beside the weights: each weight block is unpacked once per 8 rows, and a
+// call of 8 rows (an expert's share of a batch) reads its weights in one pass, streaming from memory while
+// it computes, instead of a pass from memory and another from cache.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr int64_t GR = 16;
+constexpr int MR = 8;
 #else
 constexpr int64_t GR = 8;
+constexpr int MR = 4;
 #endif
 // Weights are read once per call, in order: software prefetch this far ahead. At batch 1 a layer's calls are
 // short (a thread's share of a 960-row matrix is ~170 KB), and the hardware prefetcher would spend part of
@@ -321,76 +326,143 @@ void q8_group(const int8_t* wq, const S* wd, const S* wm, const int8_t* xq, cons
 
 #endif  // AVX-512 VNNI
 
-// Groups of GR rows split across threads; each group runs its activation rows MR at a time (the same
-// instructions for a row whatever the others are). Q8: q8 (int8 values) or q4 (packed nibbles).
+// f(integral_constant<int, rows>) for 1 <= rows <= R: the remainder of a call's rows, with a kernel sized for it.
+template <int R, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (R >= 1) {
+    if (rows == R) return f(std::integral_constant<int, R>{});
+    with_rows<R - 1>(rows, std::forward<F>(f));
+  }
+}
+
+// One matrix's weights as the kernels read them (m null: none, q8 only).
+template <typename S>
+struct Weights {
+  const void* qs;
+  const S* d;
+  const S* m;
+};
+
+// Group g of a matrix (GR rows) against M activation rows, MR at a time: the same instructions for a row
+// whatever the others are. Q8: q8 (int8 values) or q4 (packed nibbles).
 template <bool Q8, typename S>
-void gemm_groups(const void* wq_, const S* wd, const S* wm, const int8_t* xq, const float* xd, const float* xs,
-                 int64_t M, int64_t N, int64_t K, float* out) {
+void run_group(const Weights<S>& wt, int64_t g, const int8_t* xq, const float* xd, const float* xs, int64_t M,
+               int64_t N, int64_t K, float* out) {
   using W = std::conditional_t<Q8, int8_t, uint8_t>;
-  const W* wq = static_cast<const W*>(wq_);
-  const int64_t nb = K / QK, groups = (N + GR - 1) / GR, group_bytes = nb * GR * (Q8 ? QK : QK / 2);
-  auto group = [&](auto mr, const W* w, const S* d, const S* off, int64_t m0, int64_t g, int64_t valid) {
+  const int64_t nb = K / QK, group_bytes = nb * GR * (Q8 ? QK : QK / 2);
+  const W* w = static_cast<const W*>(wt.qs) + g * group_bytes;
+  const S* d = wt.d + g * nb * GR;
+  const S* off = wt.m != nullptr ? wt.m + g * nb * GR : nullptr;
+  const int64_t valid = std::min(GR, N - g * GR);
+  auto group = [&](auto mr, int64_t m0) {
     constexpr int R = decltype(mr)::value;
     if constexpr (Q8)
       q8_group<R>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + g * GR, N, valid);
     else
       q4_group<R>(w, d, off, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, out + m0 * N + g * GR, N, valid);
   };
-  at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const W* w = wq + g * group_bytes;
-      const S* d = wd + g * nb * GR;
-      const S* off = wm != nullptr ? wm + g * nb * GR : nullptr;
-      const int64_t valid = std::min(GR, N - g * GR);
-      int64_t m0 = 0;
-      for (; m0 + MR <= M; m0 += MR) group(std::integral_constant<int, MR>{}, w, d, off, m0, g, valid);
-      switch (M - m0) {
-        case 3: group(std::integral_constant<int, 3>{}, w, d, off, m0, g, valid); break;
-        case 2: group(std::integral_constant<int, 2>{}, w, d, off, m0, g, valid); break;
-        case 1: group(std::integral_constant<int, 1>{}, w, d, off, m0, g, valid); break;
-        default: break;
-      }
+  int64_t m0 = 0;
+  for (; m0 + MR <= M; m0 += MR) group(std::integral_constant<int, MR>{}, m0);
+  if (m0 < M) with_rows<MR - 1>(M - m0, [&](auto mr) { group(mr, m0); });
+}
+
+// Matrix e against rows [start[e], start[e] + counts[e]) of the activations (counts[e] == 0: not run), every
+// matrix N x K, all in one parallel region. The work items, (matrix, group of GR rows), are split across the
+// threads by cost (its rows, plus one for reading its weights), so one call with many matrices of few rows
+// each (an MoE layer's experts over a step's tokens) pays one fork and keeps both threads busy.
+template <bool Q8, typename S>
+void gemm(const std::vector<Weights<S>>& mats, const std::vector<int64_t>& counts, const int8_t* xq,
+          const float* xd, const float* xs, int64_t N, int64_t K, float* out) {
+  const int64_t nb = K / QK, groups = (N + GR - 1) / GR, E = static_cast<int64_t>(mats.size());
+  std::vector<int64_t> start(E + 1, 0), cost(E + 1, 0);  // rows before matrix e; cost of the items before it
+  for (int64_t e = 0; e < E; ++e) {
+    start[e + 1] = start[e] + counts[e];
+    cost[e + 1] = cost[e] + (counts[e] > 0 ? groups * (counts[e] + 1) : 0);
+  }
+  auto run_items = [&](int64_t lo, int64_t hi) {  // items whose cost-weighted position falls in [lo, hi)
+    for (int64_t e = 0; e < E; ++e) {
+      if (counts[e] == 0 || cost[e + 1] <= lo || cost[e] >= hi) continue;
+      const int64_t per = counts[e] + 1, r0 = start[e];
+      // group g sits at cost[e] + g * per; take the groups starting inside [lo, hi)
+      const int64_t g0 = std::max<int64_t>(0, (lo - cost[e] + per - 1) / per);
+      const int64_t g1 = std::min(groups, (hi - cost[e] + per - 1) / per);
+      for (int64_t g = g0; g < g1; ++g)
+        run_group<Q8>(mats[e], g, xq + r0 * K, xd + r0 * nb, xs + r0 * nb, counts[e], N, K, out + r0 * N);
     }
+  };
+  const int64_t total = cost[E], threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, total / 2));
+  if (E == 1) {  // one matrix: split its groups evenly (two at least per task)
+    at::parallel_for(0, groups, 2, [&](int64_t b, int64_t e) { run_items(b * (counts[0] + 1), e * (counts[0] + 1)); });
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) run_items(total * t / threads, total * (t + 1) / threads);
   });
 }
 
-// m: per-block offsets like d (same shape and dtype), or an empty tensor for none (q8 only).
-// n: the output count (q4's groups may hold up to 7 zero rows of padding).
-torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m,
-                  int64_t N, bool q4) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
-  const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(K % QK == 0, "input columns must be a multiple of 32, got ", K);
+void check_weights(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m, int64_t N, int64_t K,
+                   bool q4, at::ScalarType scales) {
   const int64_t nb = K / QK, rows = (N + GR - 1) / GR * GR;
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous(), "weights must be contiguous");
   TORCH_CHECK(qs.scalar_type() == (q4 ? at::kByte : at::kChar), q4 ? "q4 values must be uint8" : "q8 values must be int8");
   TORCH_CHECK(qs.numel() == rows * (q4 ? K / 2 : K), "weight values do not match the input and output sizes");
   TORCH_CHECK((d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf) && d.numel() == rows * nb,
               "scales must be float32 or float16, one per block");
+  TORCH_CHECK(d.scalar_type() == scales, "every matrix of a call has scales of one dtype");
   const bool has_m = m.numel() > 0;
   TORCH_CHECK(has_m || !q4, "q4 needs its offsets m");
   if (has_m) TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == d.scalar_type() && m.is_contiguous(),
                          "offsets must be like the scales (shape and dtype)");
+}
+
+// x [M, K] against matrices (qs[e], d[e], m[e]), each N x K: rows [start_e, start_e + counts[e]) against matrix
+// e, where start_e is the rows of the matrices before it. m: per-block offsets like d (same shape and dtype),
+// or an empty tensor for none (q8 only). N: the output count (q4's groups may hold zero rows of padding).
+torch::Tensor run_many(const torch::Tensor& x_in, const std::vector<int64_t>& counts, const std::vector<torch::Tensor>& qs,
+                       const std::vector<torch::Tensor>& d, const std::vector<torch::Tensor>& m, int64_t N, bool q4) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), E = static_cast<int64_t>(counts.size());
+  TORCH_CHECK(K % QK == 0, "input columns must be a multiple of 32, got ", K);
+  TORCH_CHECK(E > 0 && static_cast<int64_t>(qs.size()) == E && static_cast<int64_t>(d.size()) == E &&
+              static_cast<int64_t>(m.size()) == E, "one (qs, d, m) per count");
+  int64_t rows = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(counts[e] >= 0, "row counts must not be negative");
+    rows += counts[e];
+    if (counts[e] > 0) check_weights(qs[e], d[e], m[e], N, K, q4, d[0].scalar_type());
+  }
+  TORCH_CHECK(rows == M, "the counts add up to ", rows, " rows, x has ", M);
+  const int64_t nb = K / QK;
   const auto x = x_in.to(at::kFloat).contiguous();
   auto out = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * nb), xs(M * nb);
   quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xs.data());
-  auto go = [&](auto* dp, auto* mp) {
+  auto go = [&](auto tag) {
+    using S = decltype(tag);
+    std::vector<Weights<S>> mats(E);
+    for (int64_t e = 0; e < E; ++e) {
+      if (counts[e] == 0) continue;
+      mats[e] = {qs[e].data_ptr(), reinterpret_cast<const S*>(d[e].data_ptr()),
+                 m[e].numel() > 0 ? reinterpret_cast<const S*>(m[e].data_ptr()) : nullptr};
+    }
     if (q4)
-      gemm_groups<false>(qs.data_ptr(), dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+      gemm<false, S>(mats, counts, xq.data(), xd.data(), xs.data(), N, K, out.data_ptr<float>());
     else
-      gemm_groups<true>(qs.data_ptr(), dp, mp, xq.data(), xd.data(), xs.data(), M, N, K, out.data_ptr<float>());
+      gemm<true, S>(mats, counts, xq.data(), xd.data(), xs.data(), N, K, out.data_ptr<float>());
   };
-  if (d.scalar_type() == at::kHalf) {
-    const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
-    go(dp, has_m ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : static_cast<const uint16_t*>(nullptr));
-  } else {
-    const float* dp = d.data_ptr<float>();
-    go(dp, has_m ? m.data_ptr<float>() : static_cast<const float*>(nullptr));
-  }
+  if (d[0].scalar_type() == at::kHalf)
+    go(uint16_t{});
+  else
+    go(float{});
   return out;
+}
+
+torch::Tensor run(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m,
+                  int64_t N, bool q4) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  return run_many(x, {x.size(0)}, {qs}, {d}, {m}, N, q4);
 }
 
 }  // namespace
@@ -413,6 +485,18 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x_in) {
   auto xs = torch::empty({M, K / QK}, x.options());
   quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
   return {xq, xd, xs};
+}
+
+// Several matrices in one call: x's rows in runs, run e (counts[e] rows) against matrix e (one MoE layer's
+// experts over the step's rows sorted by expert).
+torch::Tensor q4_linear_many(torch::Tensor x, std::vector<int64_t> counts, std::vector<torch::Tensor> qs,
+                             std::vector<torch::Tensor> d, std::vector<torch::Tensor> m, int64_t n) {
+  return run_many(x, counts, qs, d, m, n, true);
+}
+
+torch::Tensor q8_linear_many(torch::Tensor x, std::vector<int64_t> counts, std::vector<torch::Tensor> qs,
+                             std::vector<torch::Tensor> d, std::vector<torch::Tensor> m, int64_t n) {
+  return run_many(x, counts, qs, d, m, n, false);
 }
 
 int64_t group_rows() { return GR; }

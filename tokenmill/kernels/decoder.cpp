@@ -53,10 +53,41 @@ Linear float_linear_spec(torch::Tensor w, std::optional<torch::Tensor> bias) {
   return l;
 }
 
+// Matrices of one shape and format run in one call: x's rows in runs, run e (counts[e] rows) against
+// matrix e. Empty when they cannot (a float matrix, a bias, formats or scale dtypes that differ).
+struct LinearGroup {
+  std::vector<torch::Tensor> qs, d, m;
+  int64_t n = 0;
+  bool q4 = false;
+  at::ScalarType out_dtype = at::kFloat;
+
+  static LinearGroup of(const std::vector<Linear>& ls) {
+    LinearGroup g;
+    for (const Linear& l : ls) {
+      const Linear& a = ls.front();
+      if (!l.block || l.bias.defined() || l.q4 != a.q4 || l.n != a.n || l.out_dtype != a.out_dtype ||
+          l.d.scalar_type() != a.d.scalar_type() || l.qs.numel() != a.qs.numel())
+        return {};
+      g.qs.push_back(l.qs), g.d.push_back(l.d), g.m.push_back(l.m);
+    }
+    g.n = ls.front().n, g.q4 = ls.front().q4, g.out_dtype = ls.front().out_dtype;
+    return g;
+  }
+  bool empty() const { return qs.empty(); }
+
+  torch::Tensor operator()(const torch::Tensor& x, const std::vector<int64_t>& counts) const {
+    torch::Tensor y = run_many(x, counts, qs, d, m, n, q4);
+    return out_dtype != at::kFloat ? y.to(out_dtype) : y;
+  }
+};
+
 // A mixture-of-experts MLP, computed as models/moe.py's MoEBlock computes it (the same ATen ops in the same
 // order): softmax over the router's logits in float32, the top k (renormalised where the model says), then the
 // step's (token, expert) pairs sorted by expert, each chosen expert run once on its tokens and added in
 // ascending expert order; one token skips the sort. An optional shared expert gated by a sigmoid.
+// Block-quantized experts run grouped: every chosen expert's gate_up in one kernel call, and every down in
+// another (the same rows through the same kernels as one call per expert gives, bit for bit), their outputs
+// added into the tokens' rows by one index_add in the sorted order (ascending experts for each row).
 struct MoE {
   torch::Tensor router;  // [experts, hidden], the model dtype
   std::vector<Linear> gate_up, down;
@@ -66,6 +97,7 @@ struct MoE {
   Linear shared_gate_up, shared_down;
   torch::Tensor shared_gate;  // [1, hidden]
   std::vector<int64_t> tokens;  // tokens each expert ran (the expert load)
+  LinearGroup gate_up_all, down_all;  // empty: the experts run one call each
 
   torch::Tensor operator()(const torch::Tensor& h) {
     torch::Tensor probs = at::softmax(at::linear(h, router).to(at::kFloat), -1);
@@ -73,7 +105,9 @@ struct MoE {
     if (renormalize) weights = weights / weights.sum(-1, true);
     weights = weights.to(h.scalar_type());
     torch::Tensor out;
-    if (h.size(0) == 1) {
+    if (!gate_up_all.empty() && !down_all.empty()) {
+      out = grouped(h, weights, experts);
+    } else if (h.size(0) == 1) {
       std::vector<std::pair<int64_t, double>> chosen;
       const auto e = experts.contiguous();
       const auto w = weights.to(at::kDouble).contiguous();
@@ -106,6 +140,30 @@ struct MoE {
     if (!shared) return out;
     torch::Tensor s = shared_down(silu_mul(shared_gate_up(h)));
     return out + at::sigmoid(at::linear(h, shared_gate)) * s;
+  }
+
+  // The pairs sorted by expert (a stable counting sort: the order of argsort(stable=True)), every expert's
+  // rows in one call per matrix, then one index_add. For one token, 0 + a + b is the a + b of the Python path.
+  torch::Tensor grouped(const torch::Tensor& h, const torch::Tensor& weights, const torch::Tensor& experts) {
+    const int64_t T = h.size(0), P = T * top_k, E = static_cast<int64_t>(tokens.size());
+    const auto flat = experts.reshape(-1).contiguous();
+    const int64_t* ex = flat.data_ptr<int64_t>();
+    std::vector<int64_t> counts(E, 0), next(E, 0);
+    for (int64_t p = 0; p < P; ++p) counts[ex[p]] += 1;
+    for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
+    torch::Tensor order = torch::empty({P}, flat.options()), rows = torch::empty({P}, flat.options());
+    int64_t* o = order.data_ptr<int64_t>();
+    int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t at = next[ex[p]]++;
+      o[at] = p, r[at] = p / top_k;
+    }
+    for (int64_t e = 0; e < E; ++e) tokens[e] += counts[e];
+    const torch::Tensor x = T == 1 ? h.expand({P, h.size(1)}) : h.index_select(0, rows);
+    const torch::Tensor y = down_all(silu_mul(gate_up_all(x, counts)), counts);
+    torch::Tensor out = at::zeros_like(h);
+    out.index_add_(0, rows, y * weights.reshape(-1).index_select(0, order).unsqueeze(1));
+    return out;
   }
 };
 
@@ -198,6 +256,7 @@ class Decoder {
     MoE moe;
     moe.router = router, moe.gate_up = std::move(gate_up), moe.down = std::move(down), moe.top_k = top_k;
     moe.renormalize = renormalize, moe.tokens.assign(moe.gate_up.size(), 0);
+    moe.gate_up_all = LinearGroup::of(moe.gate_up), moe.down_all = LinearGroup::of(moe.down);
     if (shared_gate_up && shared_down && shared_gate) {
       moe.shared = true, moe.shared_gate_up = *shared_gate_up, moe.shared_down = *shared_down;
       moe.shared_gate = *shared_gate;

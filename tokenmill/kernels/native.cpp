@@ -15,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear,
         "x [M,K] float, q4 groups of 8 interleaved rows (w = d*q + m), n outputs -> [M,n] float32, int8 activations");
   m.def("q8_linear", &q8_linear, "x [M,K] float, q8 groups of 8 interleaved rows (w = d*q (+ m), m may be empty), n outputs -> [M,n] float32, int8 activations");
+  m.def("q4_linear_many", &q4_linear_many,
+        "x [M,K], row counts, per matrix (qs, d, m): rows in runs, run e against matrix e, in one call -> [M,n]");
+  m.def("q8_linear_many", &q8_linear_many,
+        "x [M,K], row counts, per matrix (qs, d, m; m may be empty): rows in runs, run e against matrix e -> [M,n]");
   m.def("quantize_activations", &quantize_activations, "x -> (int8 values, scales, scale * sums) per block of 32");
   m.def("group_rows", &group_rows, "rows per interleaved weight group in this build (one per vector lane)");
   m.def("isa", &isa, "the instruction set this build's dot products use");
