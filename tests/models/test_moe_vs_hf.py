@@ -12,6 +12,7 @@ import torch
 from hf_reference import check_logprobs_close, hf_greedy, hf_tokenizer_dir
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.kernels.cpu import native
 
 pytestmark = pytest.mark.slow
 
@@ -281,3 +282,23 @@ def test_moe_gguf_reads_as_the_hf_directory(case, expert_type, tmp_path, tokeniz
     for name, t in got.items():
         want = torch.from_numpy(expect[name]) if name in expect else ref[name].float()
         assert torch.equal(t, want), name
+
+
+@pytest.mark.skipif(native() is None, reason="no compiler here: the native kernels are not built")
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_the_native_router_is_torch_softmax_and_topk(renormalize):
+    """The router both the native decoder and models/moe.py use on the CPU: torch's softmax, top k and
+    renormalisation up to float32 rounding, the same experts in the same order (ties: the lower expert)."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(37, 8, generator=g) * 3
+    logits[5] = 0.25  # every expert tied: the lowest ones win, in order
+    weights, experts = native().moe_route(logits, 2, renormalize)
+    probs = torch.softmax(logits, dim=-1)
+    want_w, want_e = torch.topk(probs, 2, dim=-1)
+    if renormalize:
+        want_w = want_w / want_w.sum(dim=-1, keepdim=True)
+    assert experts.dtype == torch.int64 and experts[5].tolist() == [0, 1]
+    assert torch.equal(experts[:5], want_e[:5]) and torch.equal(experts[6:], want_e[6:])
+    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="top k"):
+        native().moe_route(logits, 9, renormalize)

@@ -53,6 +53,65 @@ Linear float_linear_spec(torch::Tensor w, std::optional<torch::Tensor> bias) {
   return l;
 }
 
+// An MoE router's choice for each row of logits [T, E] (float32): softmax (exp in expert order, summed in that
+// order), the top k (the larger probability first, on a tie the lower expert), renormalised to sum 1 where
+// the model says. models/moe.py routes with this same function wherever the native kernels load, so the
+// native decoder and the Python path choose and weight alike, bit for bit.
+void route_rows(const float* logits, int64_t T, int64_t E, int64_t k, bool renormalize, float* weights,
+                int64_t* experts) {
+  std::vector<float> p(E);
+  std::vector<char> taken(E);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits + t * E;
+    float mx = l[0], sum = 0.f;
+    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, l[e]);
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
+    for (int64_t e = 0; e < E; ++e) p[e] = p[e] / sum;
+    std::fill(taken.begin(), taken.end(), 0);
+    float* w = weights + t * k;
+    int64_t* x = experts + t * k;
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      taken[best] = 1, x[j] = best, w[j] = p[best];
+    }
+    if (renormalize) {
+      float s = 0.f;
+      for (int64_t j = 0; j < k; ++j) s += w[j];
+      for (int64_t j = 0; j < k; ++j) w[j] = w[j] / s;
+    }
+  }
+}
+
+// logits [T, E] float32 -> (weights [T, k] float32, experts [T, k] int64), as route_rows computes them.
+std::vector<torch::Tensor> moe_route(const torch::Tensor& logits_in, int64_t k, bool renormalize) {
+  TORCH_CHECK(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat, "router logits must be [T, E] float32");
+  const auto logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "top k must be within 1..", E, ", got ", k);
+  auto weights = torch::empty({T, k}, logits.options());
+  auto experts = torch::empty({T, k}, logits.options().dtype(at::kLong));
+  route_rows(logits.data_ptr<float>(), T, E, k, renormalize, weights.data_ptr<float>(), experts.data_ptr<int64_t>());
+  return {weights, experts};
+}
+
+// out = ((y_0 w_0) + y_1 w_1) + ...: rows y [k, n] weighted and added in row order, each product rounded
+// before its sum, as the Python path's `y * w` then `out + y` (never one fused multiply-add).
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void weighted_row_sum(const float* y, const float* w, int64_t k, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    float acc = y[j] * w[0];
+    for (int64_t r = 1; r < k; ++r) {
+      const float term = y[r * n + j] * w[r];
+      acc = acc + term;
+    }
+    out[j] = acc;
+  }
+}
+
 // Matrices of one shape and format run in one call: x's rows in runs, run e (counts[e] rows) against
 // matrix e. Empty when they cannot (a float matrix, a bias, formats or scale dtypes that differ).
 struct LinearGroup {
@@ -100,12 +159,40 @@ struct MoE {
   LinearGroup gate_up_all, down_all;  // empty: the experts run one call each
 
   torch::Tensor operator()(const torch::Tensor& h) {
-    torch::Tensor probs = at::softmax(at::linear(h, router).to(at::kFloat), -1);
-    auto [weights, experts] = at::topk(probs, top_k, -1);
-    if (renormalize) weights = weights / weights.sum(-1, true);
-    weights = weights.to(h.scalar_type());
+    const torch::Tensor logits = at::linear(h, router).to(at::kFloat).contiguous();
+    const bool grouped_ok = !gate_up_all.empty() && !down_all.empty();
     torch::Tensor out;
-    if (!gate_up_all.empty() && !down_all.empty()) {
+    if (h.size(0) == 1 && h.scalar_type() == at::kFloat && grouped_ok) {
+      out = one_token(h, logits);
+    } else {
+      auto routed = moe_route(logits, top_k, renormalize);
+      out = experts_of(h, routed[0].to(h.scalar_type()), routed[1], grouped_ok);
+    }
+    if (!shared) return out;
+    torch::Tensor s = shared_down(silu_mul(shared_gate_up(h)));
+    return out + at::sigmoid(at::linear(h, shared_gate)) * s;
+  }
+
+  // One float32 token: the routing, the two grouped calls and the weighted sum without a tensor op between.
+  torch::Tensor one_token(const torch::Tensor& h, const torch::Tensor& logits) {
+    const int64_t E = static_cast<int64_t>(tokens.size()), n = h.size(1);
+    std::vector<float> w(top_k), ws(top_k);
+    std::vector<int64_t> ex(top_k), counts(E, 0);
+    route_rows(logits.data_ptr<float>(), 1, E, top_k, renormalize, w.data(), ex.data());
+    std::vector<int64_t> order(top_k);  // the chosen experts ascending, as the Python path adds them
+    for (int64_t j = 0; j < top_k; ++j) order[j] = j;
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ex[a] < ex[b]; });
+    for (int64_t j = 0; j < top_k; ++j) ws[j] = w[order[j]], counts[ex[order[j]]] += 1, tokens[ex[order[j]]] += 1;
+    const torch::Tensor y = down_all(silu_mul(gate_up_all(h.expand({top_k, n}), counts)), counts).contiguous();
+    torch::Tensor out = torch::empty_like(h);
+    weighted_row_sum(y.data_ptr<float>(), ws.data(), top_k, n, out.data_ptr<float>());
+    return out;
+  }
+
+  torch::Tensor experts_of(const torch::Tensor& h, const torch::Tensor& weights, const torch::Tensor& experts,
+                           bool grouped_ok) {
+    torch::Tensor out;
+    if (grouped_ok) {
       out = grouped(h, weights, experts);
     } else if (h.size(0) == 1) {
       std::vector<std::pair<int64_t, double>> chosen;
@@ -137,9 +224,7 @@ struct MoE {
         start += n;
       }
     }
-    if (!shared) return out;
-    torch::Tensor s = shared_down(silu_mul(shared_gate_up(h)));
-    return out + at::sigmoid(at::linear(h, shared_gate)) * s;
+    return out;
   }
 
   // The pairs sorted by expert (a stable counting sort: the order of argsort(stable=True)), every expert's

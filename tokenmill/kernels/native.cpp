@@ -41,6 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ctx_lens"), py::arg("scale"), py::arg("window") = 0);
   // decoder.cpp
   using namespace tm_decoder;
+  m.def("moe_route", &moe_route, "router logits [T,E] float32, k, renormalise -> (weights [T,k] float32, experts [T,k])");
   py::class_<Linear>(m, "Linear", py::module_local());
   m.def("block_linear_spec", &block_linear_spec, "a block-quantized matrix for the decoder (tensors shared)");
   m.def("float_linear_spec", &float_linear_spec, "a float matrix for the decoder (tensor shared)");

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels.cpu import native
 from tokenmill.models.arch import ModelArchConfig
 
 if TYPE_CHECKING:
@@ -83,8 +84,14 @@ class MoEBlock:
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] in the model dtype, expert ids [T, k]): softmax in float32, top k, renormalised
-        where the architecture says so."""
-        probs = torch.softmax(F.linear(h, self.router).float(), dim=-1)
+        where the architecture says so. On the CPU with the native kernels built, their router does the
+        softmax and top k: the one the native decoder uses, so both paths route alike to the last bit."""
+        logits = F.linear(h, self.router).float()
+        kernels = native() if logits.device.type == "cpu" else None
+        if kernels is not None:
+            weights, experts = kernels.moe_route(logits, self.top_k, self.renormalize)
+            return weights.to(h.dtype), experts
+        probs = torch.softmax(logits, dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
