@@ -96,16 +96,17 @@ std::vector<torch::Tensor> moe_route(const torch::Tensor& logits_in, int64_t k, 
   return {weights, experts};
 }
 
-// out = ((y_0 w_0) + y_1 w_1) + ...: rows y [k, n] weighted and added in row order, each product rounded
-// before its sum, as the Python path's `y * w` then `out + y` (never one fused multiply-add).
+// out = ((y_0 w_0) + y_1 w_1) + ...: rows y_r (pointers, each n long) weighted and added in order, each
+// product rounded before its sum, as the Python path's `y * w` then `out + y` or index_add (0 + a is a): never
+// one fused multiply-add.
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
-void weighted_row_sum(const float* y, const float* w, int64_t k, int64_t n, float* out) {
+void weighted_row_sum(const float* const* y, const float* w, int64_t k, int64_t n, float* out) {
   for (int64_t j = 0; j < n; ++j) {
-    float acc = y[j] * w[0];
+    float acc = y[0][j] * w[0];
     for (int64_t r = 1; r < k; ++r) {
-      const float term = y[r * n + j] * w[r];
+      const float term = y[r][j] * w[r];
       acc = acc + term;
     }
     out[j] = acc;
@@ -162,8 +163,8 @@ struct MoE {
     const torch::Tensor logits = at::linear(h, router).to(at::kFloat).contiguous();
     const bool grouped_ok = !gate_up_all.empty() && !down_all.empty();
     torch::Tensor out;
-    if (h.size(0) == 1 && h.scalar_type() == at::kFloat && grouped_ok) {
-      out = one_token(h, logits);
+    if (h.scalar_type() == at::kFloat && grouped_ok) {
+      out = grouped_f32(h, logits);
     } else {
       auto routed = moe_route(logits, top_k, renormalize);
       out = experts_of(h, routed[0].to(h.scalar_type()), routed[1], grouped_ok);
@@ -173,19 +174,39 @@ struct MoE {
     return out + at::sigmoid(at::linear(h, shared_gate)) * s;
   }
 
-  // One float32 token: the routing, the two grouped calls and the weighted sum without a tensor op between.
-  torch::Tensor one_token(const torch::Tensor& h, const torch::Tensor& logits) {
-    const int64_t E = static_cast<int64_t>(tokens.size()), n = h.size(1);
-    std::vector<float> w(top_k), ws(top_k);
-    std::vector<int64_t> ex(top_k), counts(E, 0);
-    route_rows(logits.data_ptr<float>(), 1, E, top_k, renormalize, w.data(), ex.data());
-    std::vector<int64_t> order(top_k);  // the chosen experts ascending, as the Python path adds them
-    for (int64_t j = 0; j < top_k; ++j) order[j] = j;
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ex[a] < ex[b]; });
-    for (int64_t j = 0; j < top_k; ++j) ws[j] = w[order[j]], counts[ex[order[j]]] += 1, tokens[ex[order[j]]] += 1;
-    const torch::Tensor y = down_all(silu_mul(gate_up_all(h.expand({top_k, n}), counts)), counts).contiguous();
+  // float32 tokens on grouped experts: the routing, the counting sort, the two grouped calls and each token's
+  // weighted sum, without a tensor op between. The same sums as the general path: a token's experts added in
+  // ascending order (its pairs' order after the stable sort).
+  torch::Tensor grouped_f32(const torch::Tensor& h, const torch::Tensor& logits) {
+    const int64_t T = h.size(0), n = h.size(1), P = T * top_k, E = static_cast<int64_t>(tokens.size());
+    std::vector<float> w(P);
+    std::vector<int64_t> ex(P), counts(E, 0), next(E, 0), slot(P);
+    route_rows(logits.data_ptr<float>(), T, E, top_k, renormalize, w.data(), ex.data());
+    for (int64_t p = 0; p < P; ++p) counts[ex[p]] += 1;
+    for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
+    for (int64_t e = 0; e < E; ++e) tokens[e] += counts[e];
+    torch::Tensor rows = torch::empty({P}, h.options().dtype(at::kLong));
+    int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      slot[p] = next[ex[p]]++;  // pair p's row in the sorted order
+      r[slot[p]] = p / top_k;
+    }
+    const torch::Tensor x = T == 1 ? h.expand({P, n}) : h.index_select(0, rows);
+    const torch::Tensor y = down_all(silu_mul(gate_up_all(x, counts)), counts).contiguous();
     torch::Tensor out = torch::empty_like(h);
-    weighted_row_sum(y.data_ptr<float>(), ws.data(), top_k, n, out.data_ptr<float>());
+    const float* yp = y.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      std::vector<std::pair<int64_t, float>> pairs(top_k);  // (sorted slot, weight) of a token, ascending
+      std::vector<const float*> ys(top_k);
+      std::vector<float> ws(top_k);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t j = 0; j < top_k; ++j) pairs[j] = {slot[t * top_k + j], w[t * top_k + j]};
+        std::sort(pairs.begin(), pairs.end());
+        for (int64_t j = 0; j < top_k; ++j) ys[j] = yp + pairs[j].first * n, ws[j] = pairs[j].second;
+        weighted_row_sum(ys.data(), ws.data(), top_k, n, op + t * n);
+      }
+    });
     return out;
   }
 
