@@ -126,22 +126,37 @@ def deinterleave_q8(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, n
     return q, _rows(d, n), (None if m is None else _rows(m, n))
 
 
+HALF_NORMAL_MIN, HALF_MAX = 2.0 ** -14, 65504.0
+
+
+def _through_half(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to float16 (as float32) when every value is 0 or a normal float16 number, else t: scales a
+    block kernel reads as float16, like GGUF's, a fifth fewer bytes a q4 row. The values are then quantized
+    against the rounded scales, so the rounding moves a weight by a few parts in 10^4 of its block's step."""
+    a = t.abs()
+    if bool(((a == 0) | ((a >= HALF_NORMAL_MIN) & (a <= HALF_MAX))).all()):
+        return t.half().float()
+    return t
+
+
 def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float [N, K] -> (packed nibbles, d, m): asymmetric per block, d = (max - min) / 15, m = min."""
+    """Float [N, K] -> (packed nibbles, d, m): asymmetric per block, d = (max - min) / 15, m = min (both held
+    in float16 where they fit, as GGUF's Q4_1 holds them)."""
     n, k = w.shape
     wg = w.float().reshape(n, k // QK, QK)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    d = (hi - lo) / 15.0
+    lo = _through_half(lo)
+    d = _through_half((hi - lo) / 15.0)
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round((wg - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
     return pack_q4(q.reshape(n, k)), d, lo
 
 
 def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float [N, K] -> (int8 values, d): symmetric per block, d = max|w| / 127."""
+    """Float [N, K] -> (int8 values, d): symmetric per block, d = max|w| / 127 (float16 where it fits)."""
     n, k = w.shape
     wg = w.float().reshape(n, k // QK, QK)
-    d = wg.abs().amax(dim=-1) / 127.0
+    d = _through_half(wg.abs().amax(dim=-1) / 127.0)
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(wg * inv[..., None]).clamp_(-127, 127).to(torch.int8)
     return q.reshape(n, k), d
