@@ -141,13 +141,32 @@ struct LinearGroup {
   }
 };
 
-// A mixture-of-experts MLP, computed as models/moe.py's MoEBlock computes it (the same ATen ops in the same
-// order): softmax over the router's logits in float32, the top k (renormalised where the model says), then the
-// step's (token, expert) pairs sorted by expert, each chosen expert run once on its tokens and added in
-// ascending expert order; one token skips the sort. An optional shared expert gated by a sigmoid.
+// A step's (token, expert) pairs p = token * k + j sorted by expert, stably (the order of argsort(stable=True)):
+// counts[e] pairs chose expert e; pair p sits at slot[p] of the sorted order, which holds token rows[slot].
+struct SortedPairs {
+  std::vector<int64_t> counts, slot;
+  torch::Tensor rows;  // int64 [P]
+
+  SortedPairs(const int64_t* experts, int64_t P, int64_t k, int64_t E) : counts(E, 0), slot(P) {
+    std::vector<int64_t> next(E, 0);
+    for (int64_t p = 0; p < P; ++p) counts[experts[p]] += 1;
+    for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
+    rows = torch::empty({P}, torch::dtype(at::kLong));
+    int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      slot[p] = next[experts[p]]++;
+      r[slot[p]] = p / k;
+    }
+  }
+};
+
+// A mixture-of-experts MLP, computed as models/moe.py's MoEBlock computes it: the router's logits in float32,
+// softmax and top k on moe_route (renormalised where the model says), then the step's (token, expert) pairs
+// sorted by expert, each chosen expert run once on its tokens and added in ascending expert order; one token
+// skips the sort. An optional shared expert gated by a sigmoid.
 // Block-quantized experts run grouped: every chosen expert's gate_up in one kernel call, and every down in
 // another (the same rows through the same kernels as one call per expert gives, bit for bit), their outputs
-// added into the tokens' rows by one index_add in the sorted order (ascending experts for each row).
+// added into each token's row in ascending expert order.
 struct MoE {
   torch::Tensor router;  // [experts, hidden], the model dtype
   std::vector<Linear> gate_up, down;
@@ -180,19 +199,13 @@ struct MoE {
   torch::Tensor grouped_f32(const torch::Tensor& h, const torch::Tensor& logits) {
     const int64_t T = h.size(0), n = h.size(1), P = T * top_k, E = static_cast<int64_t>(tokens.size());
     std::vector<float> w(P);
-    std::vector<int64_t> ex(P), counts(E, 0), next(E, 0), slot(P);
+    std::vector<int64_t> ex(P);
     route_rows(logits.data_ptr<float>(), T, E, top_k, renormalize, w.data(), ex.data());
-    for (int64_t p = 0; p < P; ++p) counts[ex[p]] += 1;
-    for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
-    for (int64_t e = 0; e < E; ++e) tokens[e] += counts[e];
-    torch::Tensor rows = torch::empty({P}, h.options().dtype(at::kLong));
-    int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t p = 0; p < P; ++p) {
-      slot[p] = next[ex[p]]++;  // pair p's row in the sorted order
-      r[slot[p]] = p / top_k;
-    }
-    const torch::Tensor x = T == 1 ? h.expand({P, n}) : h.index_select(0, rows);
-    const torch::Tensor y = down_all(silu_mul(gate_up_all(x, counts)), counts).contiguous();
+    const SortedPairs sorted(ex.data(), P, top_k, E);
+    const std::vector<int64_t>& slot = sorted.slot;
+    for (int64_t e = 0; e < E; ++e) tokens[e] += sorted.counts[e];
+    const torch::Tensor x = T == 1 ? h.expand({P, n}) : h.index_select(0, sorted.rows);
+    const torch::Tensor y = down_all(silu_mul(gate_up_all(x, sorted.counts)), sorted.counts).contiguous();
     torch::Tensor out = torch::empty_like(h);
     const float* yp = y.data_ptr<float>();
     float* op = out.data_ptr<float>();
@@ -253,22 +266,15 @@ struct MoE {
   torch::Tensor grouped(const torch::Tensor& h, const torch::Tensor& weights, const torch::Tensor& experts) {
     const int64_t T = h.size(0), P = T * top_k, E = static_cast<int64_t>(tokens.size());
     const auto flat = experts.reshape(-1).contiguous();
-    const int64_t* ex = flat.data_ptr<int64_t>();
-    std::vector<int64_t> counts(E, 0), next(E, 0);
-    for (int64_t p = 0; p < P; ++p) counts[ex[p]] += 1;
-    for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
-    torch::Tensor order = torch::empty({P}, flat.options()), rows = torch::empty({P}, flat.options());
+    const SortedPairs sorted(flat.data_ptr<int64_t>(), P, top_k, E);
+    torch::Tensor order = torch::empty({P}, flat.options());  // the pair at each slot
     int64_t* o = order.data_ptr<int64_t>();
-    int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t at = next[ex[p]]++;
-      o[at] = p, r[at] = p / top_k;
-    }
-    for (int64_t e = 0; e < E; ++e) tokens[e] += counts[e];
-    const torch::Tensor x = T == 1 ? h.expand({P, h.size(1)}) : h.index_select(0, rows);
-    const torch::Tensor y = down_all(silu_mul(gate_up_all(x, counts)), counts);
+    for (int64_t p = 0; p < P; ++p) o[sorted.slot[p]] = p;
+    for (int64_t e = 0; e < E; ++e) tokens[e] += sorted.counts[e];
+    const torch::Tensor x = T == 1 ? h.expand({P, h.size(1)}) : h.index_select(0, sorted.rows);
+    const torch::Tensor y = down_all(silu_mul(gate_up_all(x, sorted.counts)), sorted.counts);
     torch::Tensor out = at::zeros_like(h);
-    out.index_add_(0, rows, y * weights.reshape(-1).index_select(0, order).unsqueeze(1));
+    out.index_add_(0, sorted.rows, y * weights.reshape(-1).index_select(0, order).unsqueeze(1));
     return out;
   }
 };
