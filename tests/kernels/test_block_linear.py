@@ -82,7 +82,8 @@ def test_many_matrices_in_one_call_give_each_call_alone_bit_for_bit(q4, counts):
     many = kernels.q4_linear_many if q4 else kernels.q8_linear_many
     unread = torch.empty(0, dtype=torch.uint8 if q4 else torch.int8)  # a zero-row matrix's tensors: not checked
     got = many(x, counts, [lin.qs if c else unread for lin, c in zip(lins, counts, strict=True)],
-               [lin.d for lin in lins], [lin.m_arg for lin in lins], n)
+               [lin.d if c else unread.float() for lin, c in zip(lins, counts, strict=True)],
+               [lin.m_arg for lin in lins], n)
     start = 0
     for lin, c in zip(lins, counts, strict=True):
         assert torch.equal(got[start:start + c], lin(x[start:start + c]))

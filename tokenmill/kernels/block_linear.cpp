@@ -390,11 +390,11 @@ void gemm(const std::vector<Weights<S>>& mats, const std::vector<int64_t>& count
         run_group<Q8>(mats[e], g, xq + r0 * K, xd + r0 * nb, xs + r0 * nb, counts[e], N, K, out + r0 * N);
     }
   };
-  const int64_t total = cost[E], threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, total / 2));
   if (E == 1) {  // one matrix: split its groups evenly (two at least per task)
     at::parallel_for(0, groups, 2, [&](int64_t b, int64_t e) { run_items(b * (counts[0] + 1), e * (counts[0] + 1)); });
     return;
   }
+  const int64_t total = cost[E], threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, total / 2));
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) run_items(total * t / threads, total * (t + 1) / threads);
   });
@@ -425,11 +425,13 @@ torch::Tensor run_many(const torch::Tensor& x_in, const std::vector<int64_t>& co
   TORCH_CHECK(K % QK == 0, "input columns must be a multiple of 32, got ", K);
   TORCH_CHECK(E > 0 && static_cast<int64_t>(qs.size()) == E && static_cast<int64_t>(d.size()) == E &&
               static_cast<int64_t>(m.size()) == E, "one (qs, d, m) per count");
-  int64_t rows = 0;
+  int64_t rows = 0, first = -1;  // first: a matrix with rows (one without is never read, its tensors unchecked)
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK(counts[e] >= 0, "row counts must not be negative");
     rows += counts[e];
-    if (counts[e] > 0) check_weights(qs[e], d[e], m[e], N, K, q4, d[0].scalar_type());
+    if (counts[e] == 0) continue;
+    if (first < 0) first = e;
+    check_weights(qs[e], d[e], m[e], N, K, q4, d[first].scalar_type());
   }
   TORCH_CHECK(rows == M, "the counts add up to ", rows, " rows, x has ", M);
   const int64_t nb = K / QK;
@@ -452,7 +454,7 @@ torch::Tensor run_many(const torch::Tensor& x_in, const std::vector<int64_t>& co
     else
       gemm<true, S>(mats, counts, xq.data(), xd.data(), xs.data(), N, K, out.data_ptr<float>());
   };
-  if (d[0].scalar_type() == at::kHalf)
+  if (d[first].scalar_type() == at::kHalf)
     go(uint16_t{});
   else
     go(float{});

@@ -123,14 +123,14 @@ struct LinearGroup {
 
   static LinearGroup of(const std::vector<Linear>& ls) {
     LinearGroup g;
+    const Linear& a = ls.front();
     for (const Linear& l : ls) {
-      const Linear& a = ls.front();
       if (!l.block || l.bias.defined() || l.q4 != a.q4 || l.n != a.n || l.out_dtype != a.out_dtype ||
           l.d.scalar_type() != a.d.scalar_type() || l.qs.numel() != a.qs.numel())
         return {};
       g.qs.push_back(l.qs), g.d.push_back(l.d), g.m.push_back(l.m);
     }
-    g.n = ls.front().n, g.q4 = ls.front().q4, g.out_dtype = ls.front().out_dtype;
+    g.n = a.n, g.q4 = a.q4, g.out_dtype = a.out_dtype;
     return g;
   }
   bool empty() const { return qs.empty(); }
