@@ -20,6 +20,10 @@ real router and servers, not the step-time model. Each of its runs gets a fresh 
 prefix caches). Capacity is the simulator's completed requests/s under a flood of the scenario's request
 shape. The engine gets the cores; the load generator is asyncio/httpx in this process (no torch math), and
 the simulator runs only between real runs, never at the same moment.
+The simulated side is the planner's prediction: each step drawn from the profile's spread of measured against
+fitted step time (`tokenmill plan --step-noise profile`, the default; averaged over 5 seeds), and beside it
+the same simulation with every step at its fitted time ("fitted"). The mock replicas step in exactly the
+fitted time, so the router rows have no spread to draw.
 Writes benchmarks/results/plan_validation_<tag>.json and .png (tag: --tag, else the CPU's vendor).
 """
 
@@ -111,6 +115,29 @@ def simulated(arrivals, config, arch, model, num_blocks, tenant: str = "", **kw)
     return sim_group(res, tenant)
 
 
+NOISE_SEEDS = 5  # simulations per trace with the profile's step spread; their percentiles are averaged
+
+
+def simulations(arrivals, config, arch, model, step_noise: bool, **kw) -> tuple[list, object]:
+    """(runs with the profiled step spread, one per seed; the run at fitted step times). Without a spread to
+    draw from (an old profile, or mock replicas that step in exactly the fitted time) the list holds that run."""
+    fitted = simulate(arrivals, config=config, arch=arch, model=model, step_noise=False, **kw)
+    if not (step_noise and model.noise):
+        return [fitted], fitted
+    return [simulate(arrivals, config=config, arch=arch, model=model, seed=s, **kw) for s in range(NOISE_SEEDS)], fitted
+
+
+def mean_group(runs: list, tenant: str) -> dict:
+    """sim_group over several seeded runs: each metric's percentile and the throughput's terms averaged."""
+    groups = [sim_group(r, tenant) for r in runs]
+    out = dict(groups[0])
+    for metric in {m for m, _ in METRICS}:
+        out[metric] = {k: statistics.fmean(g[metric][k] for g in groups) for k in groups[0][metric]}
+    for key in ("output_tokens", "makespan_s"):
+        out[key] = statistics.fmean(g[key] for g in groups)
+    return out
+
+
 def sim_group(res, tenant: str) -> dict:
     from tokenmill.planning.simulator import SimResult
 
@@ -193,12 +220,12 @@ def main() -> int:
             continue
         if earlier is not None:
             for name, case in mine.items():
-                res = simulate(case.arrivals, config=_target(kind, prof).config(config), arch=arch, model=model,
-                               **(pair if kind == "router" else {"num_blocks": num_blocks}))
+                runs_, fitted = simulations(case.arrivals, _target(kind, prof).config(config), arch, model,
+                                            kind != "router", **(pair if kind == "router" else {"num_blocks": num_blocks}))
                 for g, prefix in case.groups:
                     old = next(r for r in earlier["rows"] if r["scenario"] == (g or name))
                     assert old["requests"] == sum(a.tenant.startswith(prefix) for a in case.arrivals), g or name
-                    row = _row(g or name, case, old["real"], sim_group(res, prefix))
+                    row = _row(g or name, case, old["real"], mean_group(runs_, prefix), sim_group(fitted, prefix))
                     rows.append(row)
                     print(_row_text(row), flush=True)
             continue
@@ -214,10 +241,11 @@ def main() -> int:
                         outs = workload.replay(url, arrivals, arch.vocab_size, run=runs)
                     for g, prefix in case.groups:
                         reals[g].append(real_group(arrivals, outs, prefix))
-                res = simulate(case.arrivals, config=target.config(config), arch=arch, model=model,
-                               **(pair if kind == "router" else {"num_blocks": num_blocks}))
+                # mock replicas (the router rows) step in exactly the fitted time: no spread to simulate there
+                runs_, fitted = simulations(case.arrivals, target.config(config), arch, model, kind != "router",
+                                            **(pair if kind == "router" else {"num_blocks": num_blocks}))
                 for g, prefix in case.groups:
-                    row = _row(g or name, case, reals[g], sim_group(res, prefix))
+                    row = _row(g or name, case, reals[g], mean_group(runs_, prefix), sim_group(fitted, prefix))
                     rows.append(row)
                     print(_row_text(row), flush=True)
     replica_check = _replica_check(prof, model, config, arch, capacity, args) if args.replica_check else None
@@ -232,18 +260,23 @@ def main() -> int:
     return 0
 
 
-def _row(name: str, case: Case, reals: list[dict], sim: dict) -> dict:
-    row = {"scenario": name, "kind": case.kind, "requests": reals[0]["requests"], "real": reals, "sim": sim}
-    for metric, p in METRICS:
-        vals = [r[metric][p] for r in reals]
+def _row(name: str, case: Case, reals: list[dict], sim: dict, fitted: dict | None = None) -> dict:
+    """Simulated against measured per metric: `sim` is the planner's prediction (with the profiled step spread
+    where there is one), `fitted` the same simulation with every step at its fitted time."""
+    fitted = fitted or sim
+    row = {"scenario": name, "kind": case.kind, "requests": reals[0]["requests"], "real": reals, "sim": sim,
+           "sim_fitted": fitted}
+
+    def cell(got: float, got_fitted: float, vals: list[float]) -> dict:
         mean = statistics.fmean(vals)
-        row[f"{metric}.{p}"] = {"sim": sim[metric][p], "real": mean,
-                                "error": sim[metric][p] / mean - 1 if mean else math.nan,
-                                "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
-    tp_real = [throughput(r) for r in reals]
-    tp_mean = statistics.fmean(tp_real)
-    row["throughput"] = {"sim": throughput(sim), "real": tp_mean, "error": throughput(sim) / tp_mean - 1,
-                         "noise": (max(tp_real) - min(tp_real)) / tp_mean if len(tp_real) > 1 else None}
+        return {"sim": got, "sim_fitted": got_fitted, "real": mean,
+                "error": got / mean - 1 if mean else math.nan,
+                "error_fitted": got_fitted / mean - 1 if mean else math.nan,
+                "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
+
+    for metric, p in METRICS:
+        row[f"{metric}.{p}"] = cell(sim[metric][p], fitted[metric][p], [r[metric][p] for r in reals])
+    row["throughput"] = cell(throughput(sim), throughput(fitted), [throughput(r) for r in reals])
     return row
 
 
@@ -320,7 +353,8 @@ def _row_text(row: dict) -> str:
     def cell(key: str) -> str:
         c = row[key]
         noise = f" (noise {c['noise']:.0%})" if c.get("noise") is not None else ""
-        return f"{key} {c['error']:+.0%}{noise}"
+        fitted = f" [fitted {c['error_fitted']:+.0%}]" if "error_fitted" in c else ""
+        return f"{key} {c['error']:+.0%}{fitted}{noise}"
 
     return f"{row['scenario']:<14} " + "  ".join(cell(f"{m}.{p}") for m, p in METRICS) + "  " + cell("throughput")
 

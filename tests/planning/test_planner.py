@@ -3,6 +3,7 @@ worked out by hand, it runs far faster than real time, traces load, and the repl
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -205,3 +206,75 @@ def test_an_arrival_that_outranks_the_step_in_flight_abandons_it_as_the_engine_d
         assert res.busy_s[0] == pytest.approx(4 * step / 16 + step + 0.521 + 0.019 + 0.010)
     else:  # the chunk in flight ends, then 32 + 480 prompt tokens
         assert res.records[1].first_t == pytest.approx(2 * step)
+
+
+def _one_step_requests(rate: float, n: int, seed: int) -> list[workload.Arrival]:
+    """Poisson arrivals of requests that each take exactly one step: a prompt and one output token."""
+    return workload.poisson(rate, n / rate, workload.Sizes(16, 1), seed=seed)
+
+
+def _single_server_config() -> EngineConfig:
+    return EngineConfig.from_kwargs(model="default", max_num_seqs=1, max_num_batched_tokens=512)
+
+
+@pytest.mark.parametrize("ratios", [None, [0.5, 1.5], [0.25, 0.25, 0.25, 2.25]], ids=["M/D/1", "M/G/1", "skewed"])
+def test_one_step_requests_queue_as_the_closed_form_says(arch, ratios):
+    """One sequence at a time, one step a request: a single-server queue with service time S, so the mean wait
+    before the first token is Pollaczek-Khinchine's lambda E[S^2] / (2 (1 - rho)) (M/D/1 when every step takes
+    its fitted time, M/G/1 when the profile's spread stretches them)."""
+    step, rate = 0.1, 7.0  # rho = 0.7
+    model = StepTimeModel([step] * len(KNOTS), 0.0, 0.0, 0.0, noise=[[0.0, ratios]] if ratios else [])
+    arrivals = _one_step_requests(rate, 8000, seed=11)
+    res = simulate(arrivals, config=_single_server_config(), arch=arch, model=model, seed=4)
+    services = [step * r for r in ratios] if ratios else [step]
+    mean_s = sum(services) / len(services)
+    mean_s2 = sum(s * s for s in services) / len(services)
+    lam = len(arrivals) / arrivals[-1].t  # the rate these arrivals realise (1 % off 7/s moves the wait 4 %)
+    expected_wait = lam * mean_s2 / (2 * (1 - lam * mean_s))
+    waits = [r.ttft for r in res.records]
+    assert all(w is not None for w in waits) and len(waits) == len(arrivals)
+    got_wait = sum(waits) / len(waits) - mean_s
+    assert got_wait == pytest.approx(expected_wait, rel=0.1)
+
+
+def test_the_step_noise_is_seeded_and_off_on_request(arch):
+    model = StepTimeModel([0.05] * len(KNOTS), 0.0, 0.0, 0.0, noise=[[0.0, [0.6, 1.0, 1.8]]])
+    arrivals = _one_step_requests(12.0, 400, seed=3)
+
+    def ttfts(**kw):
+        return [r.ttft for r in simulate(arrivals, config=_single_server_config(), arch=arch, model=model,
+                                         **kw).records]
+
+    assert ttfts(seed=1) == ttfts(seed=1)
+    assert ttfts(seed=1) != ttfts(seed=2)
+    flat = ttfts(step_noise=False)
+    assert flat == ttfts(step_noise=False, seed=9)
+    assert min(flat) == pytest.approx(0.05)  # a request that finds the server idle: exactly one fitted step
+    assert min(ttfts(seed=1)) == pytest.approx(0.03)  # the shortest draw, 0.6 x 0.05, on some idle arrival
+
+
+def test_the_fit_keeps_the_steps_spread_by_fitted_time():
+    truth = StepTimeModel([0.002 * k ** 0.5 + 0.004 for k in KNOTS], 0.0, 0.0, 0.0)
+    rng = random.Random(1)
+    samples = []
+    for _ in range(320):
+        shape = StepShape(rng.choice([1, 4, 16, 64, 256]), 1, 0, 0)
+        t = truth.seconds(shape)
+        samples.append((shape, t + (0.004 if rng.random() < 0.1 else 0.0)))  # a 4 ms stall one step in ten
+    got = fit(samples)
+    assert len(got.noise) == 4
+    lows = [low for low, _ in got.noise]
+    assert lows == sorted(lows) and lows[0] == 0.0
+    assert sum(len(r) for _, r in got.noise) == len(samples)
+    # the same stall stretches a short step more than a long one
+    assert max(got.noise[0][1]) > max(got.noise[-1][1]) > 1.0
+
+
+def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
+    m = StepTimeModel([0.01] * len(KNOTS), 1e-7, 1e-9, 1e-4, {"cpu": "x"}, [[0.0, [0.9, 1.0, 1.4]]])
+    m.save(tmp_path / "p.json")
+    assert StepTimeModel.load(tmp_path / "p.json") == m
+    old = json.loads((tmp_path / "p.json").read_text())
+    del old["noise"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert StepTimeModel.load(tmp_path / "old.json").noise == []

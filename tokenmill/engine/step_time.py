@@ -10,12 +10,19 @@ sequence (sampling, bookkeeping). So
 
 with L piecewise linear in M between knots (hat functions), all coefficients fitted non-negative by least
 squares on relative error (steps range from milliseconds to seconds; each should count alike).
+
+That is each step's expected time. A served step also stalls now and then (the frontend, the client, another
+process on the cores): the profile keeps what its steps measured against the fit, as ratios grouped by the
+fitted time (a stall of a few milliseconds stretches a short step more than a long one), and `StepNoise`
+draws from them, so a simulation's tail latencies see the stalls its mean cannot show.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +89,8 @@ class StepTimeModel:
     per_prefill_pair_s: float
     per_sequence_s: float
     source: dict[str, Any] = field(default_factory=dict)  # machine, model, flags, fit error, sample count
+    # measured / fitted time of the profiled steps, in bins by fitted time: [[bin's lowest fitted s, ratios]]
+    noise: list[list[Any]] = field(default_factory=list)
 
     def seconds(self, shape: StepShape) -> float:
         coef = [*self.linear_s, self.per_decode_context_s, self.per_prefill_pair_s, self.per_sequence_s]
@@ -124,6 +133,7 @@ def fit(samples: Sequence[tuple[StepShape, float]], source: dict[str, Any] | Non
     if len(kept) < len(samples):
         model = _fit_once(kept)
     errors = [abs(model.seconds(s) - t) / t for s, t in samples]
+    model.noise = _noise_bins(model, samples)
     model.source = {**(source or {}), "samples": len(samples), "outliers_dropped": len(samples) - len(kept),
                     "median_abs_rel_error": _median(errors),
                     "p90_abs_rel_error": sorted(errors)[int(0.9 * (len(errors) - 1))]}
@@ -154,6 +164,47 @@ def _fit_once(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
         slope = max(0.0, (coef[b] - coef[a]) / (knots[b] - knots[a]))
         linear[b + 1:] = coef[b] + slope * (knots[b + 1:] - knots[b])
     return StepTimeModel([float(v) for v in linear], float(coef[nk]), float(coef[nk + 1]), float(coef[nk + 2]))
+
+
+NOISE_BIN_STEPS = 40  # at least this many steps to a bin of the noise model, at most NOISE_BINS bins
+NOISE_BINS = 4
+
+
+def _noise_bins(model: StepTimeModel, samples: Sequence[tuple[StepShape, float]]) -> list[list[Any]]:
+    """Every step's measured / fitted time (outliers too: the stalls are what this keeps), in up to NOISE_BINS
+    bins of equal count by fitted time."""
+    pairs = sorted((model.seconds(s), t) for s, t in samples)
+    pairs = [(f, t) for f, t in pairs if f > 0]
+    bins = max(1, min(NOISE_BINS, len(pairs) // NOISE_BIN_STEPS))
+    out = []
+    for b in range(bins):
+        part = pairs[b * len(pairs) // bins:(b + 1) * len(pairs) // bins]
+        if part:
+            out.append([0.0 if b == 0 else part[0][0], sorted(round(t / f, 4) for f, t in part)])
+    return out
+
+
+class StepNoise:
+    """A profile's step time, each step stretched or shortened by a ratio drawn (seeded) from what profiled
+    steps of about the same fitted time measured against the fit. Without noise bins, the fitted time."""
+
+    def __init__(self, model: StepTimeModel, seed: int):
+        self.model = model
+        self.rng = random.Random(seed)
+        self._lows = [lo for lo, _ in model.noise]
+
+    def draw(self, fitted_s: float) -> float:
+        if not self._lows:
+            return 1.0
+        ratios = self.model.noise[max(0, bisect.bisect_right(self._lows, fitted_s) - 1)][1]
+        return ratios[self.rng.randrange(len(ratios))]
+
+    def step_seconds(self, seqs: Sequence[Any]) -> float:
+        t = self.model.step_seconds(seqs)
+        return t * self.draw(t)
+
+    def describe(self) -> str:
+        return self.model.describe() + (", with the profiled steps' spread" if self._lows else "")
 
 
 def _median(xs: list[float]) -> float:

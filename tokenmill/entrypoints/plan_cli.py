@@ -46,6 +46,9 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
         src = model.source
         print(f"{src['samples']} steps measured on {src['cpu']}: fitted within {src['median_abs_rel_error']:.1%} "
               f"(median), {src['p90_abs_rel_error']:.1%} (p90); model in {args.out}, plot in {png}")
+        for low, ratios in model.noise:
+            print(f"  steps fitted at {low * 1e3:.1f} ms and up: measured / fitted p50 {ratios[len(ratios) // 2]:.2f}, "
+                  f"p90 {ratios[int(0.9 * (len(ratios) - 1))]:.2f}, max {ratios[-1]:.2f} ({len(ratios)} steps)")
         return 0
 
     p.set_defaults(func=run)
@@ -98,6 +101,11 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
     add("--max-queued-tokens", type=int, default=262144, help="the server's admission cap (as `serve`)")
     add("--max-queue-delay", type=float, default=None,
         help="seconds: 429 when the predicted wait for a first token exceeds it (as `serve`; default: off)")
+    add("--step-noise", choices=["profile", "off"], default="profile",
+        help="profile: each simulated step stretched or shortened as the profiled steps of about its length "
+             "measured against the fit (seeded by --seed-noise), so the tails see the stalls; off: every step "
+             "takes its fitted time (default: profile; a profile without the spread is always fitted time)")
+    add("--seed-noise", type=int, default=0, help="seed of the step-time draws (default: 0)")
     add("--price-per-replica-hour", type=float, help="cost of one replica for an hour, for cost per token")
     add("--json", dest="json_out", help="write the prediction as JSON here")
     add("--plot", help="PNG of demand, queue and TTFT over time")
@@ -143,7 +151,8 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
     def run(k: int):
         res = simulate(arrivals, config=config, arch=arch, model=model, replicas=k, limits=limits,
                        routing=args.routing, num_blocks=num_blocks, autoscale=autoscale,
-                       autoscale_interval=args.autoscale_interval, cold_start_s=args.cold_start)
+                       autoscale_interval=args.autoscale_interval, cold_start_s=args.cold_start,
+                       step_noise=args.step_noise == "profile", seed=args.seed_noise)
         logger.info("%d replica(s): p99 TTFT %.3fs, %d rejected", k, res.summary(slo)["ttft_s"]["p99"],
                     res.summary(slo)["rejected_429"])
         return res
@@ -166,6 +175,7 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"summary": summary, "cost": cost, "slo": vars(slo), "profile": model.source,
+                       "step_noise": args.step_noise if model.noise else "off (the profile kept no spread)",
                        "scale_events": result.scale_events}, f, indent=1)
     if args.plot:
         report.plot(result, args.plot, f"{len(arrivals)} requests, {result.replicas} replica(s)")

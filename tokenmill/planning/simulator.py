@@ -33,6 +33,7 @@ from tokenmill.cluster.policy import (
     route,
 )
 from tokenmill.config import EngineConfig
+from tokenmill.engine.step_time import StepNoise, StepTimeModel
 from tokenmill.planning.workload import Arrival, percentile, percentiles, prompt_ids
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import (
@@ -181,19 +182,23 @@ def simulate(arrivals: Sequence[Arrival], *, config: EngineConfig, arch: Any, mo
              replicas: int = 1, limits: Limits = Limits(), routing: str = "round-robin",
              policy_params: PolicyParams = PolicyParams(), num_blocks: int | None = None,
              prefix_index_blocks: int = 16384, autoscale: AutoscaleConfig | None = None,
-             autoscale_interval: float = 1.0, cold_start_s: float = 10.0) -> SimResult:
+             autoscale_interval: float = 1.0, cold_start_s: float = 10.0, step_noise: bool = True,
+             seed: int = 0) -> SimResult:
     """Run `arrivals` (sorted by t) through `replicas` simulated replicas; every request completes or is
     rejected (429). With `autoscale`, `replicas` is the starting count and the router's autoscaler decision
     function (tokenmill.cluster.autoscale_policy.decide) runs every `autoscale_interval` seconds on what the
-    replicas report; a replica it adds takes requests `cold_start_s` later, one it removes drains first."""
+    replicas report; a replica it adds takes requests `cold_start_s` later, one it removes drains first.
+    A profile that kept its steps' spread (StepTimeModel.noise) steps each replica in a time drawn from it,
+    seeded by `seed` and the replica's index, unless `step_noise` is off: then every step takes its fitted time."""
     return _Simulation(arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
-                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s).run()
+                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, seed).run()
 
 
 class _Simulation:
     def __init__(self, arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
-                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s):
+                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, seed):
         self.arrivals, self.config, self.arch, self.model = arrivals, config, arch, model
+        self.step_noise, self.seed = step_noise and isinstance(model, StepTimeModel) and bool(model.noise), seed
         self.limits, self.routing, self.params = limits, routing, policy_params
         self.num_blocks, self.index_blocks = num_blocks, prefix_index_blocks
         self.autoscale, self.interval, self.cold_start_s = autoscale, autoscale_interval, cold_start_s
@@ -214,8 +219,9 @@ class _Simulation:
         self.next_tick = math.inf
 
     def _new_replica(self, born: float, ready_at: float) -> _Replica:
-        return _Replica(len(self.reps), self.config, self.arch, self.model, self.num_blocks,
-                        self.index_blocks, born, ready_at)
+        index = len(self.reps)
+        model = StepNoise(self.model, self.seed * 1_000_003 + index) if self.step_noise else self.model
+        return _Replica(index, self.config, self.arch, model, self.num_blocks, self.index_blocks, born, ready_at)
 
     def _routable(self, now: float) -> list[_Replica]:
         return [r for r in self.reps if not r.draining and r.gone_at is None and r.ready_at <= now]
