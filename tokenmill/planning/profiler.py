@@ -5,7 +5,11 @@ A real server runs (`tokenmill serve`, engine in its own process, the same engin
 engine step's shape and duration (`--record-steps`); this process drives it over HTTP as clients would, so
 the steps are timed with the frontend, the IPC and a client beside the engine on the cores, as in serving.
 Workloads sweep the row count (decode batches of 1..max_num_seqs sequences, prompt chunks), the context
-decoding sequences attend over, and mixed steps, within a time budget.
+decoding sequences attend over, and mixed steps, within a time budget. Then steady open-loop load (Poisson
+arrivals at shares of the capacity a fit of those steps predicts): there the frontend takes a request and
+streams tokens while the engine steps, which costs served steps time that a burst of requests sent at once
+does not show (on a fast CPU the requests per second, and with them that work, grow), and the fit takes
+those steps in too.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from tokenmill.cluster.supervisor import engine_flags
 from tokenmill.config import EngineConfig
 from tokenmill.engine.step_time import StepShape, StepTimeModel, fit, read_recorded
 from tokenmill.kernels.cpu import cpu_name
-from tokenmill.planning.workload import Arrival, replay
+from tokenmill.planning.workload import Arrival, Sizes, poisson, replay
 
 logger = logging.getLogger(__name__)
 WARMUP_STEPS = 8
+STEADY_SIZES = Sizes(prompt_tokens=128, output_tokens=64, spread=0.5)  # the steady workloads' requests
+STEADY_LOADS = (0.4, 0.8, 1.1)  # shares of the capacity the shape workloads' fit predicts: below it and past it
+STEADY_S = 15.0  # seconds of arrivals each
 
 
 def _workloads(max_seqs: int, max_len: int) -> list[tuple[str, int, int, int]]:
@@ -65,7 +72,21 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
                     bad = next(o for o in outs if o.status != "ok")
                     raise RuntimeError(f"profile workload {label} failed: {bad.http_status} {bad.message}")
                 done.append(label)
-        num_blocks = _num_blocks(Path(tmp) / "server.log")
+            num_blocks = _num_blocks(Path(tmp) / "server.log")
+            for share in STEADY_LOADS:
+                if time.monotonic() + STEADY_S > deadline:
+                    logger.warning("profile budget spent: no steady load at %.1fx", share)
+                    break
+                label = f"steady {share:.1f}x"
+                if progress:
+                    progress(label)
+                rate = share * _capacity(fit(read_recorded(record)[WARMUP_STEPS:]), config, arch, num_blocks)
+                outs = replay(server.base_url, poisson(rate, STEADY_S, STEADY_SIZES, seed=len(done)), arch.vocab_size,
+                              run=len(done))
+                if any(o.status != "ok" for o in outs):
+                    bad = next(o for o in outs if o.status != "ok")
+                    raise RuntimeError(f"profile workload {label} failed: {bad.http_status} {bad.message}")
+                done.append(f"{label} ({rate:.1f} requests/s)")
         samples = read_recorded(record)[WARMUP_STEPS:]
     source = {"cpu": cpu_name(), "model": config.model, "dtype": config.dtype, "quantization": config.quantization,
               "num_threads": config.num_threads, "max_num_seqs": config.max_num_seqs,
@@ -73,6 +94,15 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
               "block_size": config.block_size, "max_model_len": max_len, "budget_s": budget_s,
               "measured": "a real server's engine steps, driven over HTTP", "workloads": done}
     return fit(samples, source), samples
+
+
+def _capacity(model: StepTimeModel, config: EngineConfig, arch, num_blocks: int | None) -> float:
+    """Requests per second of STEADY_SIZES that `model` completes under a flood (simulated, fitted step time)."""
+    from tokenmill.planning.simulator import simulate
+
+    flood = poisson(50.0, 20.0, STEADY_SIZES, seed=1)
+    res = simulate(flood, config=config, arch=arch, model=model, num_blocks=num_blocks, step_noise=False)
+    return res.summary()["requests_per_s"]
 
 
 def _num_blocks(log: Path) -> int | None:
