@@ -2,7 +2,8 @@
 
 Each replica is the real EngineCore (token-budget scheduler, scheduling policy, KV block pool with its prefix
 cache, preemption) over a MockRunner whose step takes the profiled time (tokenmill.engine.step_time) on a
-clock that jumps instead of sleeping. In front of the replicas: the server's admission caps (429 past
+clock that jumps instead of sleeping (each step stretched as the profile's measured steps strayed from the
+fit, drawn seeded: StepNoise). In front of the replicas: the server's admission caps (429 past
 --max-queued-requests / --max-queued-tokens) and the router's policy (tokenmill.cluster.policy.route with its
 prefix index). No torch, no sockets: a simulated hour takes seconds.
 
