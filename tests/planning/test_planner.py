@@ -1,5 +1,7 @@
-"""The planner: the step-time fit recovers a known model, the simulation's arithmetic is exact where it can be
-worked out by hand, it runs far faster than real time, traces load, and the replica search is right."""
+"""The planner: the step-time fit recovers a known model and keeps its steps' spread, the simulation's arithmetic
+is exact where it can be worked out by hand, a single-server queue waits as Pollaczek-Khinchine says (with and
+without the spread, which is seeded), it runs far faster than real time, traces load, and the replica search is
+right."""
 
 from __future__ import annotations
 
