@@ -280,3 +280,6 @@ def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
     del old["noise"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert StepTimeModel.load(tmp_path / "old.json").noise == []
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "noise": [[0.0, []]]}))
+    with pytest.raises(ConfigError, match="step spread"):
+        StepTimeModel.load(tmp_path / "bad.json")

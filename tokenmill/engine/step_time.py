@@ -116,7 +116,11 @@ class StepTimeModel:
             data = json.loads(Path(path).read_text())
             if data.pop("knots") != list(KNOTS):
                 raise ValueError("it was fitted on other row-count knots; profile again")
-            return cls(**data)
+            model = cls(**data)
+            lows = [low for low, _ in model.noise]
+            if lows != sorted(lows) or any(not ratios or min(ratios) <= 0 for _, ratios in model.noise):
+                raise ValueError("its step spread must be bins in ascending order, each of positive ratios")
+            return model
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"cannot read the step-time profile {path}: {e}") from None
 
