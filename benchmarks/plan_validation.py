@@ -21,9 +21,12 @@ prefix caches). Capacity is the simulator's completed requests/s under a flood o
 shape. The engine gets the cores; the load generator is asyncio/httpx in this process (no torch math), and
 the simulator runs only between real runs, never at the same moment.
 The simulated side is the planner's prediction: each step drawn from the profile's spread of measured against
-fitted step time (`tokenmill plan --step-noise profile`, the default; averaged over 5 seeds), and beside it
-the same simulation with every step at its fitted time ("fitted"). The mock replicas step in exactly the
-fitted time, so the router rows have no spread to draw.
+fitted step time (`tokenmill plan --step-noise profile`, the default; averaged over 5 seeds), each request's
+TTFT and e2e with a way outside the engine drawn from the profiled requests' (HTTP in, the first token back
+out: `--path-latency profile`), and beside it the same simulation with every step at its fitted time and the
+median path ("fitted") and without the path ("no path"). The mock replicas step in exactly the fitted time,
+so the router rows have no spread to draw; their path is the profiled server's, once (the router's own hop
+is not in it).
 Writes benchmarks/results/plan_validation_<tag>.json and .png (tag: --tag, else the CPU's vendor).
 """
 
@@ -118,13 +121,18 @@ def simulated(arrivals, config, arch, model, num_blocks, tenant: str = "", **kw)
 NOISE_SEEDS = 5  # simulations per trace with the profile's step spread; their percentiles are averaged
 
 
-def simulations(arrivals, config, arch, model, step_noise: bool, **kw) -> tuple[list, object]:
-    """(runs with the profiled step spread, one per seed; the run at fitted step times). Without a spread to
-    draw from (an old profile, or mock replicas that step in exactly the fitted time) the list holds that run."""
-    fitted = simulate(arrivals, config=config, arch=arch, model=model, step_noise=False, **kw)
-    if not (step_noise and model.noise):
-        return [fitted], fitted
-    return [simulate(arrivals, config=config, arch=arch, model=model, seed=s, **kw) for s in range(NOISE_SEEDS)], fitted
+def simulations(arrivals, config, arch, model, step_noise: bool, **kw) -> tuple[list, dict[str, list]]:
+    """(the prediction: runs with the profile's step spread and its requests' paths outside the engine, one per
+    seed; beside it, the same without each part: "fitted", every step at its fitted time and each request the
+    median path; "no_path", the engine's own TTFT and e2e). Without a spread to draw from (an old profile, or
+    mock replicas that step in exactly the fitted time) one run each."""
+    seeds = range(NOISE_SEEDS) if step_noise and model.noise else range(1)
+
+    def runs(seeds_: range, **extra) -> list:
+        return [simulate(arrivals, config=config, arch=arch, model=model, seed=s, **kw, **extra) for s in seeds_]
+
+    return runs(seeds, step_noise=step_noise), {"fitted": runs(range(1), step_noise=False),
+                                                "no_path": runs(seeds, step_noise=step_noise, path_latency=False)}
 
 
 def mean_group(runs: list, tenant: str) -> dict:
@@ -144,7 +152,7 @@ def sim_group(res, tenant: str) -> dict:
     records = [r for r in res.records if r.arrival.tenant.startswith(tenant)]
     out = SimResult(records, res.replicas, res.span_s, res.busy_s, res.prefill_s).summary()
     done = [r for r in records if r.end_t is not None]
-    out["makespan_s"] = max((r.end_t for r in done), default=math.nan) if tenant else res.span_s
+    out["makespan_s"] = max((r.end_t + r.out_s for r in done), default=math.nan) if tenant else res.span_s
     out["output_tokens"] = sum(r.tokens for r in done)
     return out
 
@@ -220,12 +228,13 @@ def main() -> int:
             continue
         if earlier is not None:
             for name, case in mine.items():
-                runs_, fitted = simulations(case.arrivals, _target(kind, prof).config(config), arch, model,
+                runs_, beside = simulations(case.arrivals, _target(kind, prof).config(config), arch, model,
                                             kind != "router", **(pair if kind == "router" else {"num_blocks": num_blocks}))
                 for g, prefix in case.groups:
                     old = next(r for r in earlier["rows"] if r["scenario"] == (g or name))
                     assert old["requests"] == sum(a.tenant.startswith(prefix) for a in case.arrivals), g or name
-                    row = _row(g or name, case, old["real"], mean_group(runs_, prefix), sim_group(fitted, prefix))
+                    row = _row(g or name, case, old["real"], mean_group(runs_, prefix),
+                               {k: mean_group(v, prefix) for k, v in beside.items()})
                     rows.append(row)
                     print(_row_text(row), flush=True)
             continue
@@ -242,10 +251,11 @@ def main() -> int:
                     for g, prefix in case.groups:
                         reals[g].append(real_group(arrivals, outs, prefix))
                 # mock replicas (the router rows) step in exactly the fitted time: no spread to simulate there
-                runs_, fitted = simulations(case.arrivals, target.config(config), arch, model, kind != "router",
+                runs_, beside = simulations(case.arrivals, target.config(config), arch, model, kind != "router",
                                             **(pair if kind == "router" else {"num_blocks": num_blocks}))
                 for g, prefix in case.groups:
-                    row = _row(g or name, case, reals[g], mean_group(runs_, prefix), sim_group(fitted, prefix))
+                    row = _row(g or name, case, reals[g], mean_group(runs_, prefix),
+                               {k: mean_group(v, prefix) for k, v in beside.items()})
                     rows.append(row)
                     print(_row_text(row), flush=True)
     replica_check = _replica_check(prof, model, config, arch, capacity, args) if args.replica_check else None
@@ -260,23 +270,27 @@ def main() -> int:
     return 0
 
 
-def _row(name: str, case: Case, reals: list[dict], sim: dict, fitted: dict | None = None) -> dict:
-    """Simulated against measured per metric: `sim` is the planner's prediction (with the profiled step spread
-    where there is one), `fitted` the same simulation with every step at its fitted time."""
-    fitted = fitted or sim
+def _row(name: str, case: Case, reals: list[dict], sim: dict, beside: dict[str, dict] | None = None) -> dict:
+    """Simulated against measured per metric: `sim` is the planner's prediction, `beside` the same simulation
+    with a part of it left out (simulations()), each with its own error."""
+    beside = beside or {}
     row = {"scenario": name, "kind": case.kind, "requests": reals[0]["requests"], "real": reals, "sim": sim,
-           "sim_fitted": fitted}
+           **{f"sim_{k}": v for k, v in beside.items()}}
 
-    def cell(got: float, got_fitted: float, vals: list[float]) -> dict:
+    def cell(got: float, others: dict[str, float], vals: list[float]) -> dict:
         mean = statistics.fmean(vals)
-        return {"sim": got, "sim_fitted": got_fitted, "real": mean,
-                "error": got / mean - 1 if mean else math.nan,
-                "error_fitted": got_fitted / mean - 1 if mean else math.nan,
-                "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
+        out = {"sim": got, "real": mean, "error": got / mean - 1 if mean else math.nan,
+               "noise": (max(vals) - min(vals)) / mean if mean and len(vals) > 1 else None}
+        for k, v in others.items():
+            out[f"sim_{k}"] = v
+            out[f"error_{k}"] = v / mean - 1 if mean else math.nan
+        return out
 
     for metric, p in METRICS:
-        row[f"{metric}.{p}"] = cell(sim[metric][p], fitted[metric][p], [r[metric][p] for r in reals])
-    row["throughput"] = cell(throughput(sim), throughput(fitted), [throughput(r) for r in reals])
+        row[f"{metric}.{p}"] = cell(sim[metric][p], {k: b[metric][p] for k, b in beside.items()},
+                                    [r[metric][p] for r in reals])
+    row["throughput"] = cell(throughput(sim), {k: throughput(b) for k, b in beside.items()},
+                             [throughput(r) for r in reals])
     return row
 
 
@@ -353,8 +367,8 @@ def _row_text(row: dict) -> str:
     def cell(key: str) -> str:
         c = row[key]
         noise = f" (noise {c['noise']:.0%})" if c.get("noise") is not None else ""
-        fitted = f" [fitted {c['error_fitted']:+.0%}]" if "error_fitted" in c else ""
-        return f"{key} {c['error']:+.0%}{fitted}{noise}"
+        beside = "".join(f" [{k[6:].replace('_', ' ')} {v:+.0%}]" for k, v in c.items() if k.startswith("error_"))
+        return f"{key} {c['error']:+.0%}{beside}{noise}"
 
     return f"{row['scenario']:<14} " + "  ".join(cell(f"{m}.{p}") for m, p in METRICS) + "  " + cell("throughput")
 

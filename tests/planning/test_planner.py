@@ -156,7 +156,7 @@ def test_the_autoscaler_decision_runs_in_the_simulation(arch):
 def test_the_step_recorder_notes_shape_and_duration(arch, tmp_path):
     """serve --record-steps: each engine step's shape and its time (here the mock's modelled sleep), read back
     as the profiler reads them."""
-    from tokenmill.engine.step_time import StepRecorder, read_recorded
+    from tokenmill.engine.step_time import StepRecorder, read_recorded, read_requests
     from tokenmill.sampling_params import SamplingParams
     from tokenmill.server.mock_engine import mock_core
 
@@ -170,6 +170,10 @@ def test_the_step_recorder_notes_shape_and_duration(arch, tmp_path):
     assert samples[0][0].prefill_tokens == 120 and samples[0][0].sequences == 3
     assert [s.decode_seqs for s, _ in samples[1:]] == [3, 3, 3, 3]
     assert all(0.004 <= t < 0.1 for _, t in samples)
+    # and each finished request: when it arrived, and its first token at the end of the first (prefill) step
+    requests = read_requests(tmp_path / "steps.jsonl")
+    assert len(requests) == 3
+    assert all(0.004 <= first - arrival < 0.1 for arrival, first in requests.values())
 
 
 def test_predictive_admission_turns_away_what_would_wait_too_long(arch):
@@ -283,3 +287,49 @@ def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**old, "noise": [[0.0, []]]}))
     with pytest.raises(ConfigError, match="step spread"):
         StepTimeModel.load(tmp_path / "bad.json")
+    m.path = [[0.002, 0.001], [0.003, 0.004]]
+    m.save(tmp_path / "p.json")
+    assert StepTimeModel.load(tmp_path / "p.json") == m
+    assert StepTimeModel.load(tmp_path / "old.json").path == []
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "path": [[0.002, -0.001]]}))
+    with pytest.raises(ConfigError, match="request paths"):
+        StepTimeModel.load(tmp_path / "bad.json")
+
+
+def test_the_requests_path_adds_to_ttft_and_e2e_only(arch):
+    """A profile's request paths: the client sends at the trace's time, the server takes it `in` later, the
+    client has each token `out` after the engine made it. TPOT is the engine's; TTFT and e2e grow by in + out
+    (the medians without the step spread; drawn per request, seeded, with it)."""
+    model = StepTimeModel([0.02] * len(KNOTS), 0.0, 0.0, 0.0, noise=[[0.0, [1.0]]],
+                          path=[[0.001, 0.002], [0.003, 0.004], [0.009, 0.010]])
+    arrivals = workload.poisson(2.0, 30.0, workload.Sizes(64, 8), seed=5)
+
+    def run(**kw):
+        return simulate(arrivals, config=_config(), arch=arch, model=model, **kw)
+
+    bare = run(path_latency=False)
+    median = run(step_noise=False)
+    assert [r.sent_t for r in median.records] == [a.t for a in arrivals]
+    assert [r.arrival.t for r in median.records] == pytest.approx([a.t + 0.003 for a in arrivals])
+    b, m = bare.summary(), median.summary()
+    assert m["tpot_s"] == b["tpot_s"]
+    assert m["ttft_s"]["p50"] == pytest.approx(b["ttft_s"]["p50"] + 0.007)
+    assert m["e2e_s"]["p99"] == pytest.approx(b["e2e_s"]["p99"] + 0.007)
+    drawn = run(seed=3)
+    assert {round(r.out_s, 6) for r in drawn.records} == {0.002, 0.004, 0.010}
+    assert [r.ttft for r in drawn.records] == [r.ttft for r in run(seed=3).records]
+    assert [r.ttft for r in drawn.records] != [r.ttft for r in run(seed=4).records]
+
+
+def test_the_profiler_tells_a_requests_path_from_the_engines_part():
+    """request_paths: the client's send and first-token times against the engine's record of the request
+    (frontend arrival, first token), matched by the server's id; what failed or has no engine record is left."""
+    from tokenmill.bench.overload import Outcome
+    from tokenmill.planning.profiler import request_paths
+
+    outs = [Outcome("c", "t", "ok", sent=10.0, ttft=0.050, response_id="cmpl-a"),
+            Outcome("c", "t", "ok", sent=11.0, ttft=0.070, response_id="cmpl-b"),
+            Outcome("c", "t", "error", sent=12.0, ttft=0.010, response_id="cmpl-c"),
+            Outcome("c", "t", "ok", sent=13.0, ttft=0.020, response_id="cmpl-d")]
+    engine = {"cmpl-a-0-0": (10.002, 10.047), "cmpl-b-0-0": (11.004, 11.061), "cmpl-c-0-0": (12.001, 12.005)}
+    assert request_paths(outs, engine) == [[0.002, 0.003], [0.004, 0.009]]

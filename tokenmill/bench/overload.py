@@ -42,6 +42,7 @@ class Outcome:
     retry_after: float | None = None
     message: str = ""
     token_times: list[float] = field(default_factory=list)
+    response_id: str = ""  # the server's id for the request ("cmpl-..."), from its first event
 
 
 def prompt_words(i: int, words: int) -> str:
@@ -79,6 +80,7 @@ async def send(client: httpx.AsyncClient, a: Arrival) -> Outcome:
                     out.message = ev["error"].get("message", "")
                     finished = "error"
                     continue
+                out.response_id = out.response_id or ev.get("id", "")
                 choice = ev["choices"][0]
                 n = len(choice["logprobs"]["tokens"]) if choice.get("logprobs") else 0
                 if n:

@@ -14,7 +14,8 @@ squares on relative error (steps range from milliseconds to seconds; each should
 That is each step's expected time. A served step also stalls now and then (the frontend, the client, another
 process on the cores): the profile keeps what its steps measured against the fit, as ratios grouped by the
 fitted time (a stall of a few milliseconds stretches a short step more than a long one), and `StepNoise`
-draws from them, so a simulation's tail latencies see the stalls its mean cannot show.
+draws from them, so a simulation's tail latencies see the stalls its mean cannot show. The profile also
+keeps each request's way outside the engine (`path`): HTTP in, and the first token's way back out.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class StepTimeModel:
     source: dict[str, Any] = field(default_factory=dict)  # machine, model, flags, fit error, sample count
     # measured / fitted time of the profiled steps, in bins by fitted time: [[bin's lowest fitted s, ratios]]
     noise: list[list[Any]] = field(default_factory=list)
+    # The way of each profiled request outside the engine, [in s, out s]: client send to the frontend taking it
+    # (HTTP), and the engine's first token to the client having it (IPC, the frontend, streaming). Not a step's
+    # time, but what a client's TTFT holds beside the steps; the simulator adds it per request.
+    path: list[list[float]] = field(default_factory=list)
 
     def seconds(self, shape: StepShape) -> float:
         coef = [*self.linear_s, self.per_decode_context_s, self.per_prefill_pair_s, self.per_sequence_s]
@@ -120,6 +125,8 @@ class StepTimeModel:
             lows = [low for low, _ in model.noise]
             if lows != sorted(lows) or any(not ratios or min(ratios) <= 0 for _, ratios in model.noise):
                 raise ValueError("its step spread must be bins in ascending order, each of positive ratios")
+            if any(len(p) != 2 or min(p) < 0 for p in model.path):
+                raise ValueError("its request paths must be [in, out] pairs of seconds, neither negative")
             return model
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"cannot read the step-time profile {path}: {e}") from None
@@ -221,7 +228,11 @@ class StepRecorder:
     `tokenmill profile` reads to fit this model on the steps of a real server, frontend and all beside it on
     the cores. The duration is the whole step (scheduling, forward pass, bookkeeping) plus, when the engine
     went straight on from the previous step, the engine loop's work in between (sending that step's output,
-    taking new requests): what a request waits per token."""
+    taking new requests): what a request waits per token.
+
+    Each finished request gets a line too: when the frontend took it (its HTTP arrival) and when the engine
+    produced its first token, so the profile can tell the client's TTFT apart into the engine's part and the
+    way in and out (HTTP, the frontend, IPC, streaming), which the simulator adds per request (`path`)."""
 
     def __init__(self, path: str | Path):
         self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the engine's life, line-buffered
@@ -229,6 +240,8 @@ class StepRecorder:
         self._prev_end: float | None = None  # when the previous step ended, if work was left after it
 
     def install(self, engine: Any) -> None:
+        import time
+
         runner = engine.runner
         recorder = self
 
@@ -244,15 +257,18 @@ class StepRecorder:
         step = engine.step
 
         def timed_step(*args: Any, **kwargs: Any):
-            import time
-
             self._shape = None
             t0 = time.perf_counter()
             out = step(*args, **kwargs)
             end = time.perf_counter()
             start = self._prev_end if self._prev_end is not None else t0
             if self._shape is not None:
-                self.file.write(json.dumps({**asdict(self._shape), "seconds": end - start}) + "\n")
+                self.file.write(json.dumps({**asdict(self._shape), "seconds": end - start,
+                                            "end": time.monotonic()}) + "\n")
+            for u in out or ():
+                if u.finish_reason and u.first_token_time is not None:
+                    self.file.write(json.dumps({"request": u.request_id, "arrival": u.arrival_time,
+                                                "first": u.first_token_time}) + "\n")
             self._prev_end = end if engine.has_unfinished() else None
             return out
 
@@ -260,9 +276,23 @@ class StepRecorder:
 
 
 def read_recorded(path: str | Path) -> list[tuple[StepShape, float]]:
+    """The recorded steps, in order."""
     samples = []
     for line in Path(path).read_text().splitlines():
         d = json.loads(line)
+        if "seconds" not in d:
+            continue
         seconds = d.pop("seconds")
+        d.pop("end", None)  # when the step ended (time.monotonic)
         samples.append((StepShape(**d), seconds))
     return samples
+
+
+def read_requests(path: str | Path) -> dict[str, tuple[float, float]]:
+    """Engine request id -> (frontend arrival, engine first token), time.monotonic(), of finished requests."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        if "request" in d:
+            out[d["request"]] = (d["arrival"], d["first"])
+    return out

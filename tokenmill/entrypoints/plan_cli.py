@@ -49,6 +49,10 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
         for low, ratios in model.noise:
             print(f"  steps fitted at {low * 1e3:.1f} ms and up: measured / fitted p50 {ratios[len(ratios) // 2]:.2f}, "
                   f"p90 {ratios[int(0.9 * (len(ratios) - 1))]:.2f}, max {ratios[-1]:.2f} ({len(ratios)} steps)")
+        if model.path:
+            ways = sorted(a + b for a, b in model.path)
+            print(f"  requests' way outside the engine (HTTP in, first token out): p50 {ways[len(ways) // 2] * 1e3:.1f} ms, "
+                  f"p90 {ways[int(0.9 * (len(ways) - 1))] * 1e3:.1f} ms ({len(ways)} requests)")
         return 0
 
     p.set_defaults(func=run)
@@ -105,7 +109,11 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
         help="profile: each simulated step stretched or shortened as the profiled steps of about its length "
              "measured against the fit (seeded by --seed-noise), so the tails see the stalls; off: every step "
              "takes its fitted time (default: profile; a profile without the spread is always fitted time)")
-    add("--seed-noise", type=int, default=0, help="seed of the step-time draws (default: 0)")
+    add("--seed-noise", type=int, default=0, help="seed of the step-time and request-path draws (default: 0)")
+    add("--path-latency", choices=["profile", "off"], default="profile",
+        help="profile: each request's TTFT and e2e include its way outside the engine (HTTP in, the first token "
+             "back out to the client), as the profiled requests measured it (drawn per request with --step-noise "
+             "profile, else the median); off: the engine's own (default: profile)")
     add("--price-per-replica-hour", type=float, help="cost of one replica for an hour, for cost per token")
     add("--json", dest="json_out", help="write the prediction as JSON here")
     add("--plot", help="PNG of demand, queue and TTFT over time")
@@ -152,7 +160,8 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
         res = simulate(arrivals, config=config, arch=arch, model=model, replicas=k, limits=limits,
                        routing=args.routing, num_blocks=num_blocks, autoscale=autoscale,
                        autoscale_interval=args.autoscale_interval, cold_start_s=args.cold_start,
-                       step_noise=args.step_noise == "profile", seed=args.seed_noise)
+                       step_noise=args.step_noise == "profile", path_latency=args.path_latency == "profile",
+                       seed=args.seed_noise)
         logger.info("%d replica(s): p99 TTFT %.3fs, %d rejected", k, res.summary(slo)["ttft_s"]["p99"],
                     res.summary(slo)["rejected_429"])
         return res
@@ -176,6 +185,7 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
         with open(args.json_out, "w") as f:
             json.dump({"summary": summary, "cost": cost, "slo": vars(slo), "profile": model.source,
                        "step_noise": args.step_noise if model.noise else "off (the profile kept no spread)",
+                       "path_latency": args.path_latency if model.path else "off (the profile kept no paths)",
                        "scale_events": result.scale_events}, f, indent=1)
     if args.plot:
         report.plot(result, args.plot, f"{len(arrivals)} requests, {result.replicas} replica(s)")

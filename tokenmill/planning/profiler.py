@@ -18,13 +18,14 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenmill.bench.launch import ServerProcess, free_port
 from tokenmill.cluster.supervisor import engine_flags
 from tokenmill.config import EngineConfig
-from tokenmill.engine.step_time import StepShape, StepTimeModel, fit, read_recorded
+from tokenmill.engine.step_time import StepShape, StepTimeModel, fit, read_recorded, read_requests
 from tokenmill.kernels.cpu import cpu_name
 from tokenmill.planning.workload import Arrival, Sizes, poisson, replay
 
@@ -58,6 +59,7 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
         cmd = " ".join([sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--port", "{port}",
                         "--no-inproc", *engine_flags(config), "--record-steps", str(record)])
         done: list[str] = []
+        steady: list = []  # the steady workloads' outcomes: their requests' way outside the engine
         deadline = time.monotonic() + budget_s
         with ServerProcess(cmd, free_port(), Path(tmp) / "server.log") as server:
             for k, (label, n, prompt_len, out_len) in enumerate(_workloads(config.max_num_seqs, max_len)):
@@ -87,13 +89,39 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
                     bad = next(o for o in outs if o.status != "ok")
                     raise RuntimeError(f"profile workload {label} failed: {bad.http_status} {bad.message}")
                 done.append(f"{label} ({rate:.1f} requests/s)")
+                steady += outs
         samples = read_recorded(record)[WARMUP_STEPS:]
+        paths = request_paths(steady, read_requests(record))
     source = {"cpu": cpu_name(), "model": config.model, "dtype": config.dtype, "quantization": config.quantization,
               "num_threads": config.num_threads, "max_num_seqs": config.max_num_seqs,
               "max_num_batched_tokens": config.max_num_batched_tokens, "num_blocks": num_blocks,
               "block_size": config.block_size, "max_model_len": max_len, "budget_s": budget_s,
               "measured": "a real server's engine steps, driven over HTTP", "workloads": done}
-    return fit(samples, source), samples
+    model = fit(samples, source)
+    model.path = paths
+    return model, samples
+
+
+MAX_PATHS = 1000  # requests' paths kept in a profile (evenly spaced over the sorted ones)
+
+
+def request_paths(outcomes: Sequence[Any], engine: dict[str, tuple[float, float]]) -> list[list[float]]:
+    """[in, out] seconds of each completed request outside the engine: from the client sending it to the
+    frontend taking it, and from the engine's first token to the client having it (the client's and the
+    engine's clocks are the same monotonic clock: one machine). The frontend's own work before the engine
+    sees a request (parsing, IPC; about a millisecond) falls on neither side."""
+    by_prefix = {rid.rsplit("-", 2)[0]: times for rid, times in engine.items()}  # engine id: "{id}-{i}-{j}"
+    pairs = []
+    for o in outcomes:
+        times = by_prefix.get(o.response_id)
+        if o.status != "ok" or o.ttft is None or times is None:
+            continue
+        arrival, first = times
+        pairs.append([round(max(0.0, arrival - o.sent), 6), round(max(0.0, o.sent + o.ttft - first), 6)])
+    pairs.sort(key=lambda p: p[0] + p[1])
+    if len(pairs) > MAX_PATHS:
+        pairs = [pairs[i * len(pairs) // MAX_PATHS] for i in range(MAX_PATHS)]
+    return pairs
 
 
 def _capacity(model: StepTimeModel, config: EngineConfig, arch, num_blocks: int | None) -> float:

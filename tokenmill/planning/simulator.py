@@ -18,7 +18,9 @@ state at its own time; otherwise it waits for its turn, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,16 +68,23 @@ class Slo:
 
 @dataclass
 class RequestRecord:
-    arrival: Arrival
+    arrival: Arrival  # as the server sees it: its t is when the frontend takes the request
+    sent_t: float  # when the client sent it
+    out_s: float  # each token's way from the engine back to the client
     replica: int | None = None
     rejected: bool = False
-    first_t: float | None = None
+    first_t: float | None = None  # the engine's first token (the client has it out_s later)
     end_t: float | None = None
     tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
-        return None if self.first_t is None else self.first_t - self.arrival.t
+        """As the client measures it: from sending to having the first token."""
+        return None if self.first_t is None else self.first_t + self.out_s - self.sent_t
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.end_t is None else self.end_t + self.out_s - self.sent_t
 
     @property
     def tpot(self) -> float | None:
@@ -147,7 +156,7 @@ class SimResult:
         done = [r for r in self.records if r.end_t is not None]
         ttft = [r.ttft for r in done if r.ttft is not None]
         tpot = [r.tpot for r in done if r.tpot is not None]
-        e2e = [r.end_t - r.arrival.t for r in done]
+        e2e = [r.e2e for r in done]
         good = [r for r in done if (r.ttft or 0) <= slo.ttft_s and (r.tpot or 0) <= slo.tpot_s]
         out_tokens = sum(r.tokens for r in done)
         span = max(self.span_s, 1e-9)
@@ -184,21 +193,42 @@ def simulate(arrivals: Sequence[Arrival], *, config: EngineConfig, arch: Any, mo
              policy_params: PolicyParams = PolicyParams(), num_blocks: int | None = None,
              prefix_index_blocks: int = 16384, autoscale: AutoscaleConfig | None = None,
              autoscale_interval: float = 1.0, cold_start_s: float = 10.0, step_noise: bool = True,
-             seed: int = 0) -> SimResult:
+             path_latency: bool = True, seed: int = 0) -> SimResult:
     """Run `arrivals` (sorted by t) through `replicas` simulated replicas; every request completes or is
     rejected (429). With `autoscale`, `replicas` is the starting count and the router's autoscaler decision
     function (tokenmill.cluster.autoscale_policy.decide) runs every `autoscale_interval` seconds on what the
     replicas report; a replica it adds takes requests `cold_start_s` later, one it removes drains first.
     A profile that kept its steps' spread (StepTimeModel.noise) steps each replica in a time drawn from it,
-    seeded by `seed` and the replica's index, unless `step_noise` is off: then every step takes its fitted time."""
+    seeded by `seed` and the replica's index, unless `step_noise` is off: then every step takes its fitted time.
+    A profile that kept its requests' way outside the engine (StepTimeModel.path) delays each request's arrival
+    at the server and its tokens' at the client by a pair drawn from it (seeded; the medians when `step_noise`
+    is off), so TTFT and e2e are the client's; `path_latency` off leaves them the server's."""
     return _Simulation(arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
-                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, seed).run()
+                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, path_latency,
+                       seed).run()
+
+
+def _paths(model: StepSeconds, n: int, drawn: bool, seed: int) -> list[tuple[float, float]]:
+    """Each of n requests' (in, out) seconds outside the engine, from the profile's measured requests."""
+    pairs = getattr(model, "path", None) or []
+    if not pairs:
+        return [(0.0, 0.0)] * n
+    if not drawn:
+        ins, outs = sorted(p[0] for p in pairs), sorted(p[1] for p in pairs)
+        return [(ins[len(ins) // 2], outs[len(outs) // 2])] * n
+    rng = random.Random(seed * 7_919 + 1)
+    return [tuple(pairs[rng.randrange(len(pairs))]) for _ in range(n)]
 
 
 class _Simulation:
     def __init__(self, arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
-                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, seed):
-        self.arrivals, self.config, self.arch, self.model = arrivals, config, arch, model
+                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, path_latency, seed):
+        paths = _paths(model, len(arrivals), step_noise, seed) if path_latency else [(0.0, 0.0)] * len(arrivals)
+        # The server sees each request when its way in ends: that is the order it handles them in.
+        order = sorted(range(len(arrivals)), key=lambda k: arrivals[k].t + paths[k][0])
+        self.arrivals = [dataclasses.replace(arrivals[k], t=arrivals[k].t + paths[k][0]) for k in order]
+        self.records = [RequestRecord(a, arrivals[k].t, paths[k][1]) for a, k in zip(self.arrivals, order, strict=True)]
+        self.config, self.arch, self.model = config, arch, model
         self.step_noise, self.seed = step_noise and isinstance(model, StepTimeModel) and bool(model.noise), seed
         self.limits, self.routing, self.params = limits, routing, policy_params
         self.num_blocks, self.index_blocks = num_blocks, prefix_index_blocks
@@ -207,7 +237,6 @@ class _Simulation:
         for _ in range(replicas):
             self.reps.append(self._new_replica(0.0, 0.0))
         self.now = 0.0  # the time of the event being handled
-        self.records = [RequestRecord(a) for a in arrivals]
         self.by_id: dict[str, RequestRecord] = {}
         self.pending: list[int] = []  # arrivals waiting in the router for a replica to be ready
         self.timeline: list[tuple[float, int, int]] = []
