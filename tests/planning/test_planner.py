@@ -287,11 +287,11 @@ def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**old, "noise": [[0.0, []]]}))
     with pytest.raises(ConfigError, match="step spread"):
         StepTimeModel.load(tmp_path / "bad.json")
-    m.path = [[0.002, 0.001], [0.003, 0.004]]
+    m.path = [[0.002, 0.001, 1], [0.003, 0.004, 5]]
     m.save(tmp_path / "p.json")
     assert StepTimeModel.load(tmp_path / "p.json") == m
     assert StepTimeModel.load(tmp_path / "old.json").path == []
-    (tmp_path / "bad.json").write_text(json.dumps({**old, "path": [[0.002, -0.001]]}))
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "path": [[0.002, -0.001, 1]]}))
     with pytest.raises(ConfigError, match="request paths"):
         StepTimeModel.load(tmp_path / "bad.json")
 
@@ -299,9 +299,9 @@ def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
 def test_the_requests_path_adds_to_ttft_and_e2e_only(arch):
     """A profile's request paths: the client sends at the trace's time, the server takes it `in` later, the
     client has each token `out` after the engine made it. TPOT is the engine's; TTFT and e2e grow by in + out
-    (the medians without the step spread; drawn per request, seeded, with it)."""
+    (the median without the step spread; drawn per request, seeded, with it)."""
     model = StepTimeModel([0.02] * len(KNOTS), 0.0, 0.0, 0.0, noise=[[0.0, [1.0]]],
-                          path=[[0.001, 0.002], [0.003, 0.004], [0.009, 0.010]])
+                          path=[[0.001, 0.002, 1], [0.003, 0.004, 1], [0.009, 0.010, 2]])
     arrivals = workload.poisson(2.0, 30.0, workload.Sizes(64, 8), seed=5)
 
     def run(**kw):
@@ -309,16 +309,30 @@ def test_the_requests_path_adds_to_ttft_and_e2e_only(arch):
 
     bare = run(path_latency=False)
     median = run(step_noise=False)
-    assert [r.sent_t for r in median.records] == [a.t for a in arrivals]
-    assert [r.arrival.t for r in median.records] == pytest.approx([a.t + 0.003 for a in arrivals])
+    assert [r.arrival for r in median.records] == arrivals
+    assert [r.in_s for r in median.records] == [0.003] * len(arrivals)
     b, m = bare.summary(), median.summary()
     assert m["tpot_s"] == b["tpot_s"]
     assert m["ttft_s"]["p50"] == pytest.approx(b["ttft_s"]["p50"] + 0.007)
     assert m["e2e_s"]["p99"] == pytest.approx(b["e2e_s"]["p99"] + 0.007)
     drawn = run(seed=3)
-    assert {round(r.out_s, 6) for r in drawn.records} == {0.002, 0.004, 0.010}
+    assert {r.out_s for r in drawn.records} == {0.002, 0.004, 0.010}
     assert [r.ttft for r in drawn.records] == [r.ttft for r in run(seed=3).records]
     assert [r.ttft for r in drawn.records] != [r.ttft for r in run(seed=4).records]
+
+
+def test_a_requests_path_is_drawn_for_the_requests_in_flight(arch):
+    """The way out grows with the streams being served at once: a request sent alone draws from the profiled
+    requests sent alone, one sent into a crowd from those sent into one."""
+    alone = [[0.001, 0.001, 1]] * 40
+    crowd = [[0.004, 0.030, 20]] * 40
+    model = StepTimeModel([0.02] * len(KNOTS), 0.0, 0.0, 0.0, noise=[[0.0, [1.0]]], path=alone + crowd)
+    quiet = [workload.Arrival(t * 2.0, 64, 8) for t in range(10)]  # each done long before the next
+    busy = [workload.Arrival(t * 0.001, 64, 8) for t in range(30)]  # all in flight together
+    q = simulate(quiet, config=_config(), arch=arch, model=model, seed=1)
+    b = simulate(busy, config=_config(), arch=arch, model=model, seed=1)
+    assert {r.out_s for r in q.records} == {0.001}
+    assert {r.out_s for r in b.records[25:]} == {0.030}  # the 20th request on finds 20 and more in flight
 
 
 def test_the_profiler_tells_a_requests_path_from_the_engines_part():
@@ -331,5 +345,8 @@ def test_the_profiler_tells_a_requests_path_from_the_engines_part():
             Outcome("c", "t", "ok", sent=11.0, ttft=0.070, response_id="cmpl-b"),
             Outcome("c", "t", "error", sent=12.0, ttft=0.010, response_id="cmpl-c"),
             Outcome("c", "t", "ok", sent=13.0, ttft=0.020, response_id="cmpl-d")]
+    for o, done in zip(outs, (11.5, 11.6, 12.1, 13.5), strict=True):
+        o.done = done
     engine = {"cmpl-a-0-0": (10.002, 10.047), "cmpl-b-0-0": (11.004, 11.061), "cmpl-c-0-0": (12.001, 12.005)}
-    assert request_paths(outs, engine) == [[0.002, 0.003], [0.004, 0.009]]
+    # b was sent while a was still streaming: two in flight
+    assert request_paths(outs, engine) == [[0.002, 0.003, 1], [0.004, 0.009, 2]]

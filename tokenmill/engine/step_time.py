@@ -92,9 +92,10 @@ class StepTimeModel:
     source: dict[str, Any] = field(default_factory=dict)  # machine, model, flags, fit error, sample count
     # measured / fitted time of the profiled steps, in bins by fitted time: [[bin's lowest fitted s, ratios]]
     noise: list[list[Any]] = field(default_factory=list)
-    # The way of each profiled request outside the engine, [in s, out s]: client send to the frontend taking it
-    # (HTTP), and the engine's first token to the client having it (IPC, the frontend, streaming). Not a step's
-    # time, but what a client's TTFT holds beside the steps; the simulator adds it per request.
+    # The way of each profiled request outside the engine, [in s, out s, requests in flight when sent]: client
+    # send to the frontend taking it (HTTP), and the engine's first token to the client having it (IPC, the
+    # frontend, streaming). Not a step's time, but what a client's TTFT holds beside the steps; the simulator
+    # adds it per request, drawn among requests sent with about as many in flight.
     path: list[list[float]] = field(default_factory=list)
 
     def seconds(self, shape: StepShape) -> float:
@@ -125,8 +126,9 @@ class StepTimeModel:
             lows = [low for low, _ in model.noise]
             if lows != sorted(lows) or any(not ratios or min(ratios) <= 0 for _, ratios in model.noise):
                 raise ValueError("its step spread must be bins in ascending order, each of positive ratios")
-            if any(len(p) != 2 or min(p) < 0 for p in model.path):
-                raise ValueError("its request paths must be [in, out] pairs of seconds, neither negative")
+            if any(len(p) != 3 or min(p[:2]) < 0 or p[2] < 1 for p in model.path):
+                raise ValueError("its request paths must be [in s, out s, requests in flight] with neither time "
+                                 "negative and at least one in flight")
             return model
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"cannot read the step-time profile {path}: {e}") from None

@@ -102,68 +102,26 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
     return model, samples
 
 
-MAX_PATHS = 1000  # requests' paths kept in a profile (evenly spaced over the sorted ones)
+MAX_PATHS = 2000  # requests' paths kept in a profile (evenly spaced over them, by requests in flight)
 
 
 def request_paths(outcomes: Sequence[Any], engine: dict[str, tuple[float, float]]) -> list[list[float]]:
-    """[in, out] seconds of each completed request outside the engine: from the client sending it to the
-    frontend taking it, and from the engine's first token to the client having it (the client's and the
-    engine's clocks are the same monotonic clock: one machine). The frontend's own work before the engine
-    sees a request (parsing, IPC; about a millisecond) falls on neither side."""
+    """[in, out, in flight] of each completed request: its seconds from the client sending it to the frontend
+    taking it, and from the engine's first token to the client having it (the client's and the engine's
+    clocks are one machine's monotonic clock), and the client's requests in flight when it was sent, itself
+    included (the frontend and the client stream to that many at once). The frontend's own work before the
+    engine sees a request (parsing, IPC; about a millisecond) falls on neither side."""
     by_prefix = {rid.rsplit("-", 2)[0]: times for rid, times in engine.items()}  # engine id: "{id}-{i}-{j}"
-    pairs = []
+    spans = sorted((o.sent, o.done if o.done is not None else o.sent) for o in outcomes)
+    paths = []
     for o in outcomes:
         times = by_prefix.get(o.response_id)
         if o.status != "ok" or o.ttft is None or times is None:
             continue
         arrival, first = times
-        pairs.append([round(max(0.0, arrival - o.sent), 6), round(max(0.0, o.sent + o.ttft - first), 6)])
-    pairs.sort(key=lambda p: p[0] + p[1])
-    if len(pairs) > MAX_PATHS:
-        pairs = [pairs[i * len(pairs) // MAX_PATHS] for i in range(MAX_PATHS)]
-    return pairs
-
-
-def _capacity(model: StepTimeModel, config: EngineConfig, arch, num_blocks: int | None) -> float:
-    """Requests per second of STEADY_SIZES that `model` completes under a flood (simulated, fitted step time;
-    what the admission caps turn away does not count, and the replica stays busy to the end)."""
-    from tokenmill.planning.simulator import simulate
-
-    flood = poisson(200.0, 10.0, STEADY_SIZES, seed=1)
-    res = simulate(flood, config=config, arch=arch, model=model, num_blocks=num_blocks, step_noise=False)
-    return res.summary()["requests_per_s"]
-
-
-def _num_blocks(log: Path) -> int | None:
-    """The served engine's KV pool size, from the line the server logs when ready (the planner sizes its
-    simulated pool the same)."""
-    import re
-
-    found = re.findall(r"KV cache \d+ tokens \((\d+) blocks\)", log.read_text(errors="replace"))
-    return int(found[-1]) if found else None
-
-
-def plot_fit(model: StepTimeModel, samples: list[tuple[StepShape, float]], path: str) -> None:
-    """Fitted against measured step time, one point per step (log-log), coloured by what the step held."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    kinds = {"decode only": lambda s: s.prefill_tokens == 0, "prefill only": lambda s: s.decode_seqs == 0,
-             "mixed": lambda s: s.prefill_tokens > 0 and s.decode_seqs > 0}
-    for name, pick in kinds.items():
-        pts = [(t * 1e3, model.seconds(s) * 1e3) for s, t in samples if pick(s)]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), s=8, alpha=0.6, label=f"{name} ({len(pts)})")
-    lo = min(t for _, t in samples) * 1e3 * 0.8
-    hi = max(t for _, t in samples) * 1e3 * 1.2
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="fitted = measured")
-    ax.set(xscale="log", yscale="log", xlabel="measured step time (ms)", ylabel="fitted step time (ms)",
-           title=f"step-time model: median error {model.source['median_abs_rel_error']:.1%}, "
-                 f"p90 {model.source['p90_abs_rel_error']:.1%}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        in_flight = sum(1 for sent, done in spans if sent <= o.sent and (done > o.sent or sent == o.sent))
+        paths.append([round(max(0.0, arrival - o.sent), 6), round(max(0.0, o.sent + o.ttft - first), 6), in_flight])
+    paths.sort(key=lambda p: (p[2], p[0] + p[1]))
+    if len(paths) > MAX_PATHS:
+        paths = [paths[i * len(paths) // MAX_PATHS] for i in range(MAX_PATHS)]
+    return paths

@@ -48,7 +48,7 @@ def plot(result: SimResult, path: str, title: str, bin_s: float | None = None) -
     nbins = int(span / bin_s) + 1
     counts = [0] * nbins
     for r in result.records:
-        counts[min(int(r.sent_t / bin_s), nbins - 1)] += 1
+        counts[min(int(r.arrival.t / bin_s), nbins - 1)] += 1
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
     a1.step([k * bin_s for k in range(nbins)], [c / bin_s for c in counts], where="post")
     a1.set_ylabel("arrivals / s")
@@ -67,10 +67,10 @@ def plot(result: SimResult, path: str, title: str, bin_s: float | None = None) -
         twin.step(ts, ns, where="post", color="k", lw=1.2, label="replicas (asked for)")
         twin.set_ylabel("replicas")
         twin.legend(loc="upper right")
-    ok = [(r.sent_t, r.ttft * 1e3) for r in result.records if r.ttft is not None]
+    ok = [(r.arrival.t, r.ttft * 1e3) for r in result.records if r.ttft is not None]
     if ok:
         a3.scatter(*zip(*ok, strict=True), s=3, alpha=0.5, label="TTFT")
-    rej = [r.sent_t for r in result.records if r.rejected]
+    rej = [r.arrival.t for r in result.records if r.rejected]
     if rej:
         top = max((v for _, v in ok), default=1.0)
         a3.scatter(rej, [top] * len(rej), s=6, marker="x", color="red", label="429")

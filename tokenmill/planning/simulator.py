@@ -18,7 +18,8 @@ state at its own time; otherwise it waits for its turn, as before.
 
 from __future__ import annotations
 
-import dataclasses
+import bisect
+import heapq
 import math
 import random
 from collections import deque
@@ -68,9 +69,9 @@ class Slo:
 
 @dataclass
 class RequestRecord:
-    arrival: Arrival  # as the server sees it: its t is when the frontend takes the request
-    sent_t: float  # when the client sent it
-    out_s: float  # each token's way from the engine back to the client
+    arrival: Arrival  # its t: when the client sends it
+    in_s: float = 0.0  # its way to the server: the server takes it at arrival.t + in_s
+    out_s: float = 0.0  # each token's way from the engine back to the client
     replica: int | None = None
     rejected: bool = False
     first_t: float | None = None  # the engine's first token (the client has it out_s later)
@@ -80,11 +81,11 @@ class RequestRecord:
     @property
     def ttft(self) -> float | None:
         """As the client measures it: from sending to having the first token."""
-        return None if self.first_t is None else self.first_t + self.out_s - self.sent_t
+        return None if self.first_t is None else self.first_t + self.out_s - self.arrival.t
 
     @property
     def e2e(self) -> float | None:
-        return None if self.end_t is None else self.end_t + self.out_s - self.sent_t
+        return None if self.end_t is None else self.end_t + self.out_s - self.arrival.t
 
     @property
     def tpot(self) -> float | None:
@@ -201,34 +202,48 @@ def simulate(arrivals: Sequence[Arrival], *, config: EngineConfig, arch: Any, mo
     A profile that kept its steps' spread (StepTimeModel.noise) steps each replica in a time drawn from it,
     seeded by `seed` and the replica's index, unless `step_noise` is off: then every step takes its fitted time.
     A profile that kept its requests' way outside the engine (StepTimeModel.path) delays each request's arrival
-    at the server and its tokens' at the client by a pair drawn from it (seeded; the medians when `step_noise`
-    is off), so TTFT and e2e are the client's; `path_latency` off leaves them the server's."""
+    at the server and its tokens' at the client by a pair drawn from the profiled requests sent with about as
+    many in flight (seeded; the bin's median when `step_noise` is off), so TTFT and e2e are the client's;
+    `path_latency` off leaves them the server's."""
     return _Simulation(arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
                        prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, path_latency,
                        seed).run()
 
 
-def _paths(model: StepSeconds, n: int, drawn: bool, seed: int) -> list[tuple[float, float]]:
-    """Each of n requests' (in, out) seconds outside the engine, from the profile's measured requests."""
-    pairs = getattr(model, "path", None) or []
-    if not pairs:
-        return [(0.0, 0.0)] * n
-    if not drawn:
-        ins, outs = sorted(p[0] for p in pairs), sorted(p[1] for p in pairs)
-        return [(ins[len(ins) // 2], outs[len(outs) // 2])] * n
-    rng = random.Random(seed * 7_919 + 1)
-    return [tuple(pairs[rng.randrange(len(pairs))]) for _ in range(n)]
+PATH_BIN_REQUESTS = 40  # at least this many profiled requests to a bin of the path model, at most PATH_BINS
+PATH_BINS = 4
+
+
+class _Paths:
+    """Each request's (in, out) seconds outside the engine, from the profile's measured requests
+    (StepTimeModel.path: [in, out, requests in flight when it was sent]). The way grows with the streams the
+    frontend and the client serve at once, so the profiled requests are binned by that count (equal-count
+    bins) and a request draws from the bin of the count at its own sending: seeded, or the bin's median."""
+
+    def __init__(self, model: StepSeconds, drawn: bool, seed: int):
+        pairs = sorted(getattr(model, "path", None) or [], key=lambda p: p[2])
+        n = max(1, min(PATH_BINS, len(pairs) // PATH_BIN_REQUESTS))
+        self.bins = [pairs[b * len(pairs) // n:(b + 1) * len(pairs) // n] for b in range(n)] if pairs else []
+        self.lows = [b[0][2] for b in self.bins]
+        self.medians = [sorted(b, key=lambda p: p[0] + p[1])[len(b) // 2] for b in self.bins]
+        self.rng = random.Random(seed * 7_919 + 1) if drawn else None
+
+    def draw(self, in_flight: int) -> tuple[float, float]:
+        if not self.bins:
+            return 0.0, 0.0
+        b = max(0, bisect.bisect_right(self.lows, in_flight) - 1)
+        pair = self.bins[b][self.rng.randrange(len(self.bins[b]))] if self.rng else self.medians[b]
+        return pair[0], pair[1]
 
 
 class _Simulation:
     def __init__(self, arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
                  prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, path_latency, seed):
-        paths = _paths(model, len(arrivals), step_noise, seed) if path_latency else [(0.0, 0.0)] * len(arrivals)
-        # The server sees each request when its way in ends: that is the order it handles them in.
-        order = sorted(range(len(arrivals)), key=lambda k: arrivals[k].t + paths[k][0])
-        self.arrivals = [dataclasses.replace(arrivals[k], t=arrivals[k].t + paths[k][0]) for k in order]
-        self.records = [RequestRecord(a, arrivals[k].t, paths[k][1]) for a, k in zip(self.arrivals, order, strict=True)]
-        self.config, self.arch, self.model = config, arch, model
+        self.arrivals, self.config, self.arch, self.model = arrivals, config, arch, model
+        self.records = [RequestRecord(a) for a in arrivals]
+        self.paths = _Paths(model if path_latency else None, step_noise, seed)
+        self.in_flight = 0  # sent by the client, not yet finished or turned away
+        self.incoming: list[tuple[float, int]] = []  # (when the server takes it, arrival index): on their way in
         self.step_noise, self.seed = step_noise and isinstance(model, StepTimeModel) and bool(model.noise), seed
         self.limits, self.routing, self.params = limits, routing, policy_params
         self.num_blocks, self.index_blocks = num_blocks, prefix_index_blocks
@@ -245,7 +260,7 @@ class _Simulation:
         self.ttfts: list[float] = []  # first tokens since the last autoscaler observation
         self.events: list[dict[str, Any]] = []
         self.seq = 0
-        self.i = 0  # the next arrival to handle
+        self.i = 0  # the next arrival to send
         self.next_tick = math.inf
 
     def _new_replica(self, born: float, ready_at: float) -> _Replica:
@@ -269,17 +284,19 @@ class _Simulation:
             step = min(busy, key=lambda r: r.now) if busy else None
             starting = [r.ready_at for r in live if r.ready_at > self.now and not r.draining]
             ready = min(starting, default=math.inf) if self.pending else math.inf
-            t_arrival = self.arrivals[i].t if i < n else math.inf
+            t_send = self.arrivals[i].t if i < n else math.inf
+            t_in = self.incoming[0][0] if self.incoming else math.inf
             t_step = step.now if step else math.inf
-            if i >= n and step is None and not self.pending:
+            if i >= n and not self.incoming and step is None and not self.pending:
                 break
-            t = min(t_arrival, t_step, next_tick, ready)
+            t = min(t_send, t_in, t_step, next_tick, ready)
             if t == math.inf:
                 break  # requests wait for a replica that nothing will start (no replicas, no autoscaler)
             self.now = max(self.now, t)
-            if t == t_arrival:
-                self.pending.append(i)
-                self.i += 1
+            if t == t_send:
+                self._send(i)
+            elif t == t_in:
+                self.pending.append(heapq.heappop(self.incoming)[1])
                 self._route_pending(t)
             elif t == ready:
                 self._route_pending(t)
@@ -293,6 +310,20 @@ class _Simulation:
         return SimResult(self.records, len(self.reps), span, [r.busy_s for r in self.reps],
                          sum(r.prefill_s for r in self.reps), self.timeline, time.perf_counter() - wall0,
                          max(replica_s, 0.0), self.events)
+
+    def _send(self, k: int) -> None:
+        """The client sends arrival k: it reaches the server after its way in, drawn for the requests in
+        flight now."""
+        self.i += 1
+        self.in_flight += 1
+        rec = self.records[k]
+        rec.in_s, rec.out_s = self.paths.draw(self.in_flight)
+        heapq.heappush(self.incoming, (rec.arrival.t + rec.in_s, k))
+
+    def _next_event_t(self) -> float:
+        """When the next send or arrival at the server happens."""
+        t_send = self.arrivals[self.i].t if self.i < len(self.arrivals) else math.inf
+        return min(t_send, self.incoming[0][0] if self.incoming else math.inf)
 
     def _route_pending(self, now: float) -> None:
         targets = self._routable(now)
@@ -319,6 +350,7 @@ class _Simulation:
         if (len(target.queued) + 1 > self.limits.max_queued_requests
                 or sum(target.queued.values()) + a.prompt_tokens > self.limits.max_queued_tokens):
             rec.rejected = True
+            self.in_flight -= 1
             return
         work = QueuedWork(a.priority, math.inf, a.tenant or "", a.prompt_tokens)
         if self.limits.max_queue_delay is not None:  # as the frontend: the same arithmetic on the same meters
@@ -328,12 +360,13 @@ class _Simulation:
             if admission_decide(predict_wait(ahead, target.drain.rate, overtaking), None,
                                 self.limits.max_queue_delay, nothing_ahead=ahead <= a.prompt_tokens) is not None:
                 rec.rejected = True
+                self.in_flight -= 1
                 return
         target.arrived.observe(now, a.priority, a.prompt_tokens)
         target.now = max(target.now, now)  # an idle replica wakes at the arrival
         rid = f"sim-{k}"
         target.engine.add_request(ids, SamplingParams(max_tokens=a.output_tokens, ignore_eos=True),
-                                  request_id=rid, priority=a.priority, arrival_time=a.t, tenant=a.tenant)
+                                  request_id=rid, priority=a.priority, arrival_time=a.t + rec.in_s, tenant=a.tenant)
         target.queued[rid] = a.prompt_tokens
         target.queued_work[rid] = work
         target.outstanding[rid] = a.prompt_tokens + a.output_tokens
@@ -345,16 +378,18 @@ class _Simulation:
         """While `r` steps (its clock inside the step): handle the arrivals due by now, if no other event comes
         before them. True when one was admitted (to any replica: the engine asks its policy about its own)."""
         before = len(r.queued)
-        while self.i < len(self.arrivals) and not self.pending:
-            t = self.arrivals[self.i].t
+        while not self.pending:
+            t = self._next_event_t()
             others = [x.now for x in self.reps if x is not r and x.gone_at is None and x.engine.has_unfinished()]
             if t > r.now or t >= min(others, default=math.inf) or t >= self.next_tick or any(
                     self.now < x.ready_at <= t for x in self.reps if x.gone_at is None and not x.draining):
                 break
             self.now = max(self.now, t)
-            self.pending.append(self.i)
-            self.i += 1
-            self._route_pending(t)
+            if self.incoming and self.incoming[0][0] == t:
+                self.pending.append(heapq.heappop(self.incoming)[1])
+                self._route_pending(t)
+            else:
+                self._send(self.i)
         return len(r.queued) > before
 
     def _step(self, r: _Replica) -> None:
@@ -364,7 +399,7 @@ class _Simulation:
             if u.new_token_ids:
                 if rec.first_t is None:
                     rec.first_t = r.now
-                    self.ttfts.append(r.now - rec.arrival.t)
+                    self.ttfts.append(r.now - rec.arrival.t - rec.in_s)  # as the server measures it
                     drained += r.queued.pop(u.request_id, 0)
                     r.queued_work.pop(u.request_id, None)
                     r.outstanding[u.request_id] -= rec.arrival.prompt_tokens
@@ -372,6 +407,7 @@ class _Simulation:
                 r.outstanding[u.request_id] -= len(u.new_token_ids)
             if u.finish_reason is not None:
                 rec.end_t = r.now
+                self.in_flight -= 1
                 r.queued.pop(u.request_id, None)
                 r.queued_work.pop(u.request_id, None)
                 r.outstanding.pop(u.request_id, None)
