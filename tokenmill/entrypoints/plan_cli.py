@@ -49,10 +49,13 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
         for low, ratios in model.noise:
             print(f"  steps fitted at {low * 1e3:.1f} ms and up: measured / fitted p50 {ratios[len(ratios) // 2]:.2f}, "
                   f"p90 {ratios[int(0.9 * (len(ratios) - 1))]:.2f}, max {ratios[-1]:.2f} ({len(ratios)} steps)")
-        if model.path:
-            ways = sorted(a + b for a, b in model.path)
-            print(f"  requests' way outside the engine (HTTP in, first token out): p50 {ways[len(ways) // 2] * 1e3:.1f} ms, "
-                  f"p90 {ways[int(0.9 * (len(ways) - 1))] * 1e3:.1f} ms ({len(ways)} requests)")
+        from tokenmill.planning.simulator import path_bins
+
+        for group in path_bins(model.path):
+            low, high, ways = int(group[0][2]), int(group[-1][2]), sorted(p[0] + p[1] for p in group)
+            print(f"  requests sent with {low}-{high} in flight: way outside the engine (HTTP in, first token out) "
+                  f"p50 {ways[len(ways) // 2] * 1e3:.1f} ms, p90 {ways[int(0.9 * (len(ways) - 1))] * 1e3:.1f} ms "
+                  f"({len(ways)} requests)")
         return 0
 
     p.set_defaults(func=run)

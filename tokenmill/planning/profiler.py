@@ -92,6 +92,7 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
                 steady += outs
         samples = read_recorded(record)[WARMUP_STEPS:]
         paths = request_paths(steady, read_requests(record))
+        logger.info("%d of the steady load's %d requests matched to the engine's record", len(paths), len(steady))
     source = {"cpu": cpu_name(), "model": config.model, "dtype": config.dtype, "quantization": config.quantization,
               "num_threads": config.num_threads, "max_num_seqs": config.max_num_seqs,
               "max_num_batched_tokens": config.max_num_batched_tokens, "num_blocks": num_blocks,
@@ -125,3 +126,48 @@ def request_paths(outcomes: Sequence[Any], engine: dict[str, tuple[float, float]
     if len(paths) > MAX_PATHS:
         paths = [paths[i * len(paths) // MAX_PATHS] for i in range(MAX_PATHS)]
     return paths
+
+
+def _capacity(model: StepTimeModel, config: EngineConfig, arch, num_blocks: int | None) -> float:
+    """Requests per second of STEADY_SIZES that `model` completes under a flood (simulated, fitted step time;
+    what the admission caps turn away does not count, and the replica stays busy to the end)."""
+    from tokenmill.planning.simulator import simulate
+
+    flood = poisson(200.0, 10.0, STEADY_SIZES, seed=1)
+    res = simulate(flood, config=config, arch=arch, model=model, num_blocks=num_blocks, step_noise=False)
+    return res.summary()["requests_per_s"]
+
+
+def _num_blocks(log: Path) -> int | None:
+    """The served engine's KV pool size, from the line the server logs when ready (the planner sizes its
+    simulated pool the same)."""
+    import re
+
+    found = re.findall(r"KV cache \d+ tokens \((\d+) blocks\)", log.read_text(errors="replace"))
+    return int(found[-1]) if found else None
+
+
+def plot_fit(model: StepTimeModel, samples: list[tuple[StepShape, float]], path: str) -> None:
+    """Fitted against measured step time, one point per step (log-log), coloured by what the step held."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    kinds = {"decode only": lambda s: s.prefill_tokens == 0, "prefill only": lambda s: s.decode_seqs == 0,
+             "mixed": lambda s: s.prefill_tokens > 0 and s.decode_seqs > 0}
+    for name, pick in kinds.items():
+        pts = [(t * 1e3, model.seconds(s) * 1e3) for s, t in samples if pick(s)]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=8, alpha=0.6, label=f"{name} ({len(pts)})")
+    lo = min(t for _, t in samples) * 1e3 * 0.8
+    hi = max(t for _, t in samples) * 1e3 * 1.2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="fitted = measured")
+    ax.set(xscale="log", yscale="log", xlabel="measured step time (ms)", ylabel="fitted step time (ms)",
+           title=f"step-time model: median error {model.source['median_abs_rel_error']:.1%}, "
+                 f"p90 {model.source['p90_abs_rel_error']:.1%}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

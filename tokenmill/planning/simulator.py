@@ -214,6 +214,14 @@ PATH_BIN_REQUESTS = 40  # at least this many profiled requests to a bin of the p
 PATH_BINS = 4
 
 
+def path_bins(path: Sequence[Sequence[float]]) -> list[list[Sequence[float]]]:
+    """A profile's request paths ([in, out, in flight]) in up to PATH_BINS equal-count bins by requests in
+    flight, each of at least PATH_BIN_REQUESTS (fewer bins when there are fewer requests)."""
+    by_load = sorted(path, key=lambda p: p[2])
+    n = max(1, min(PATH_BINS, len(by_load) // PATH_BIN_REQUESTS))
+    return [by_load[b * len(by_load) // n:(b + 1) * len(by_load) // n] for b in range(n)] if by_load else []
+
+
 class _Paths:
     """Each request's (in, out) seconds outside the engine, from the profile's measured requests
     (StepTimeModel.path: [in, out, requests in flight when it was sent]). The way grows with the streams the
@@ -221,9 +229,7 @@ class _Paths:
     bins) and a request draws from the bin of the count at its own sending: seeded, or the bin's median."""
 
     def __init__(self, model: StepSeconds, drawn: bool, seed: int):
-        pairs = sorted(getattr(model, "path", None) or [], key=lambda p: p[2])
-        n = max(1, min(PATH_BINS, len(pairs) // PATH_BIN_REQUESTS))
-        self.bins = [pairs[b * len(pairs) // n:(b + 1) * len(pairs) // n] for b in range(n)] if pairs else []
+        self.bins = path_bins(getattr(model, "path", None) or [])
         self.lows = [b[0][2] for b in self.bins]
         self.medians = [sorted(b, key=lambda p: p[0] + p[1])[len(b) // 2] for b in self.bins]
         self.rng = random.Random(seed * 7_919 + 1) if drawn else None
