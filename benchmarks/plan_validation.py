@@ -24,7 +24,8 @@ The simulated side is the planner's prediction: each step drawn from the profile
 fitted step time (`tokenmill plan --step-noise profile`, the default; averaged over 5 seeds), each request's
 TTFT and e2e with a way outside the engine drawn from the profiled requests' (HTTP in, the first token back
 out: `--path-latency profile`), and beside it the same simulation with every step at its fitted time and the
-median path ("fitted") and without the path ("no path"). The mock replicas step in exactly the fitted time,
+median path ("fitted"), with each step's stretch drawn on its own rather than in the profiled steps' runs
+("independent"), and without the path ("no path"). The mock replicas step in exactly the fitted time,
 so the router rows have no spread to draw; their path is the profiled server's, once (the router's own hop
 is not in it).
 Writes benchmarks/results/plan_validation_<tag>.json and .png (tag: --tag, else the CPU's vendor).
@@ -122,17 +123,20 @@ NOISE_SEEDS = 5  # simulations per trace with the profile's step spread; their p
 
 
 def simulations(arrivals, config, arch, model, step_noise: bool, **kw) -> tuple[list, dict[str, list]]:
-    """(the prediction: runs with the profile's step spread and its requests' paths outside the engine, one per
-    seed; beside it, the same without each part: "fitted", every step at its fitted time and each request the
-    median path; "no_path", the engine's own TTFT and e2e). Without a spread to draw from (an old profile, or
+    """(the prediction: runs with the profile's step spread, in runs as its steps came, and its requests' paths
+    outside the engine, one per seed; beside it, the same without each part: "fitted", every step at its
+    fitted time and each request the median path; "independent", each step's stretch drawn on its own;
+    "no_path", the engine's own TTFT and e2e). Without a spread to draw from (an old profile, or
     mock replicas that step in exactly the fitted time) one run each."""
     seeds = range(NOISE_SEEDS) if step_noise and model.noise else range(1)
 
     def runs(seeds_: range, **extra) -> list:
         return [simulate(arrivals, config=config, arch=arch, model=model, seed=s, **kw, **extra) for s in seeds_]
 
-    return runs(seeds, step_noise=step_noise), {"fitted": runs(range(1), step_noise=False),
-                                                "no_path": runs(seeds, step_noise=step_noise, path_latency=False)}
+    return runs(seeds, step_noise=step_noise), {
+        "fitted": runs(range(1), step_noise=False),
+        "independent": runs(seeds, step_noise=step_noise, noise_runs=False),
+        "no_path": runs(seeds, step_noise=step_noise, path_latency=False)}
 
 
 def mean_group(runs: list, tenant: str) -> dict:

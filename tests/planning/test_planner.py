@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 
 import pytest
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.step_time import KNOTS, StepShape, StepTimeModel, fit
+from tokenmill.engine.step_time import KNOTS, StepNoise, StepShape, StepTimeModel, fit
 from tokenmill.errors import ConfigError
 from tokenmill.models.loader import open_model
 from tokenmill.planning import workload
@@ -274,6 +275,30 @@ def test_the_fit_keeps_the_steps_spread_by_fitted_time():
     assert sum(len(r) for _, r in got.noise) == len(samples)
     # the same stall stretches a short step more than a long one
     assert max(got.noise[0][1]) > max(got.noise[-1][1]) > 1.0
+    # and each step's rank in its bin, in the order they ran: the stalled steps rank at the top
+    assert len(got.noise_trace) == len(samples)
+    stalled = [u for (shape, t), u in zip(samples, got.noise_trace, strict=True) if t > truth.seconds(shape)]
+    assert min(stalled) > 0.8 and statistics.median(got.noise_trace) < 0.6
+
+
+def test_the_step_noise_replays_the_profiled_steps_runs():
+    """Slow steps came in runs in the profile (the trace's ranks: 100 fast, 100 slow, ...); the replay keeps
+    runs, where independent draws alternate at random. The share of slow steps is the same either way."""
+    trace = ([0.1] * 100 + [0.9] * 100) * 10
+    model = StepTimeModel([0.01] * len(KNOTS), 0.0, 0.0, 0.0, noise=[[0.0, [1.0] * 50 + [2.0] * 50]],
+                          noise_trace=trace)
+
+    def draws(runs: bool) -> list[float]:
+        noise = StepNoise(model, seed=4, runs=runs)
+        return [noise.draw(0.01) for _ in range(4000)]
+
+    def switches(xs: list[float]) -> int:
+        return sum(a != b for a, b in zip(xs, xs[1:], strict=False))
+
+    replayed, independent = draws(True), draws(False)
+    assert set(replayed) == set(independent) == {1.0, 2.0}
+    assert 0.4 < replayed.count(2.0) / 4000 < 0.6 and 0.4 < independent.count(2.0) / 4000 < 0.6
+    assert switches(replayed) < 200 < 1500 < switches(independent)
 
 
 def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
@@ -287,10 +312,14 @@ def test_a_profile_keeps_its_spread_and_old_profiles_load(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**old, "noise": [[0.0, []]]}))
     with pytest.raises(ConfigError, match="step spread"):
         StepTimeModel.load(tmp_path / "bad.json")
+    m.noise_trace = [0.1, 0.95, 0.5]
     m.path = [[0.002, 0.001, 1], [0.003, 0.004, 5]]
     m.save(tmp_path / "p.json")
     assert StepTimeModel.load(tmp_path / "p.json") == m
     assert StepTimeModel.load(tmp_path / "old.json").path == []
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "noise_trace": [1.5]}))
+    with pytest.raises(ConfigError, match="step trace"):
+        StepTimeModel.load(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps({**old, "path": [[0.002, -0.001, 1]]}))
     with pytest.raises(ConfigError, match="request paths"):
         StepTimeModel.load(tmp_path / "bad.json")

@@ -13,8 +13,9 @@ squares on relative error (steps range from milliseconds to seconds; each should
 
 That is each step's expected time. A served step also stalls now and then (the frontend, the client, another
 process on the cores): the profile keeps what its steps measured against the fit, as ratios grouped by the
-fitted time (a stall of a few milliseconds stretches a short step more than a long one), and `StepNoise`
-draws from them, so a simulation's tail latencies see the stalls its mean cannot show. The profile also
+fitted time (a stall of a few milliseconds stretches a short step more than a long one), and in the order
+the steps ran (slow steps come in runs), and `StepNoise` replays them, so a simulation's tail latencies see
+the stalls its mean cannot show. The profile also
 keeps each request's way outside the engine (`path`): HTTP in, and the first token's way back out.
 """
 
@@ -92,6 +93,9 @@ class StepTimeModel:
     source: dict[str, Any] = field(default_factory=dict)  # machine, model, flags, fit error, sample count
     # measured / fitted time of the profiled steps, in bins by fitted time: [[bin's lowest fitted s, ratios]]
     noise: list[list[Any]] = field(default_factory=list)
+    # Each profiled step's place within its bin's ratios (0 = the fastest, 1 = the slowest), in the order the
+    # steps ran: slow steps come in runs (a stall lasts, a shape the fit misjudges repeats), which this keeps.
+    noise_trace: list[float] = field(default_factory=list)
     # The way of each profiled request outside the engine, [in s, out s, requests in flight when sent]: client
     # send to the frontend taking it (HTTP), and the engine's first token to the client having it (IPC, the
     # frontend, streaming). Not a step's time, but what a client's TTFT holds beside the steps; the simulator
@@ -126,6 +130,8 @@ class StepTimeModel:
             lows = [low for low, _ in model.noise]
             if lows != sorted(lows) or any(not ratios or min(ratios) <= 0 for _, ratios in model.noise):
                 raise ValueError("its step spread must be bins in ascending order, each of positive ratios")
+            if any(not 0 <= u <= 1 for u in model.noise_trace):
+                raise ValueError("its step trace must hold ranks between 0 and 1")
             if any(len(p) != 3 or min(p[:2]) < 0 or p[2] < 1 for p in model.path):
                 raise ValueError("its request paths must be [in s, out s, requests in flight] with neither time "
                                  "negative and at least one in flight")
@@ -147,6 +153,7 @@ def fit(samples: Sequence[tuple[StepShape, float]], source: dict[str, Any] | Non
         model = _fit_once(kept)
     errors = [abs(model.seconds(s) - t) / t for s, t in samples]
     model.noise = _noise_bins(model, samples)
+    model.noise_trace = _noise_trace(model, samples)
     model.source = {**(source or {}), "samples": len(samples), "outliers_dropped": len(samples) - len(kept),
                     "median_abs_rel_error": _median(errors),
                     "p90_abs_rel_error": sorted(errors)[int(0.9 * (len(errors) - 1))]}
@@ -197,20 +204,53 @@ def _noise_bins(model: StepTimeModel, samples: Sequence[tuple[StepShape, float]]
     return out
 
 
-class StepNoise:
-    """A profile's step time, each step stretched or shortened by a ratio drawn (seeded) from what profiled
-    steps of about the same fitted time measured against the fit. Without noise bins, the fitted time."""
+MAX_TRACE_STEPS = 5000
 
-    def __init__(self, model: StepTimeModel, seed: int):
+
+def _noise_trace(model: StepTimeModel, samples: Sequence[tuple[StepShape, float]]) -> list[float]:
+    """Each step's rank among its bin's ratios (midpoint of its ties), in sample order; at most MAX_TRACE_STEPS,
+    the latest (the profile's steady load comes last)."""
+    lows = [lo for lo, _ in model.noise]
+    out = []
+    for shape, t in samples[-MAX_TRACE_STEPS:]:
+        f = model.seconds(shape)
+        if f <= 0 or not lows:
+            continue
+        ratios = model.noise[max(0, bisect.bisect_right(lows, f) - 1)][1]
+        r = round(t / f, 4)
+        out.append(round((bisect.bisect_left(ratios, r) + bisect.bisect_right(ratios, r)) / 2 / len(ratios), 4))
+    return out
+
+
+TRACE_RUN_STEPS = 200  # mean length of a run of consecutive profiled steps that StepNoise replays
+
+
+class StepNoise:
+    """A profile's step time, each step stretched or shortened by a ratio from what profiled steps of about the
+    same fitted time measured against the fit (seeded). With the profile's trace (and `runs`), the ratios come
+    in runs as the profiled steps' did: a step takes the rank its predecessor in the trace had after the
+    previous step's, and every TRACE_RUN_STEPS steps or so the replay jumps to a random place (a block
+    bootstrap); the rank picks the ratio within the bin of this step's own fitted time. Without the trace, or
+    `runs` off, each step draws independently. Without noise bins, the fitted time."""
+
+    def __init__(self, model: StepTimeModel, seed: int, runs: bool = True):
         self.model = model
         self.rng = random.Random(seed)
         self._lows = [lo for lo, _ in model.noise]
+        self._trace = model.noise_trace if runs else []
+        self._at: int | None = None
 
     def draw(self, fitted_s: float) -> float:
         if not self._lows:
             return 1.0
         ratios = self.model.noise[max(0, bisect.bisect_right(self._lows, fitted_s) - 1)][1]
-        return ratios[self.rng.randrange(len(ratios))]
+        if not self._trace:
+            return ratios[self.rng.randrange(len(ratios))]
+        if self._at is None or self.rng.random() < 1 / TRACE_RUN_STEPS:
+            self._at = self.rng.randrange(len(self._trace))
+        else:
+            self._at = (self._at + 1) % len(self._trace)
+        return ratios[min(len(ratios) - 1, int(self._trace[self._at] * len(ratios)))]
 
     def step_seconds(self, seqs: Sequence[Any]) -> float:
         t = self.model.step_seconds(seqs)

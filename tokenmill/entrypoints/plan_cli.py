@@ -108,10 +108,11 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
     add("--max-queued-tokens", type=int, default=262144, help="the server's admission cap (as `serve`)")
     add("--max-queue-delay", type=float, default=None,
         help="seconds: 429 when the predicted wait for a first token exceeds it (as `serve`; default: off)")
-    add("--step-noise", choices=["profile", "off"], default="profile",
+    add("--step-noise", choices=["profile", "independent", "off"], default="profile",
         help="profile: each simulated step stretched or shortened as the profiled steps of about its length "
-             "measured against the fit (seeded by --seed-noise), so the tails see the stalls; off: every step "
-             "takes its fitted time (default: profile; a profile without the spread is always fitted time)")
+             "measured against the fit, in runs as they came (seeded by --seed-noise), so the tails see the "
+             "stalls; independent: the same stretches, each step its own draw; off: every step takes its fitted "
+             "time (default: profile; a profile without the spread is always fitted time)")
     add("--seed-noise", type=int, default=0, help="seed of the step-time and request-path draws (default: 0)")
     add("--path-latency", choices=["profile", "off"], default="profile",
         help="profile: each request's TTFT and e2e include its way outside the engine (HTTP in, the first token "
@@ -163,7 +164,8 @@ def run_plan(args: argparse.Namespace, config: EngineConfig) -> int:
         res = simulate(arrivals, config=config, arch=arch, model=model, replicas=k, limits=limits,
                        routing=args.routing, num_blocks=num_blocks, autoscale=autoscale,
                        autoscale_interval=args.autoscale_interval, cold_start_s=args.cold_start,
-                       step_noise=args.step_noise == "profile", path_latency=args.path_latency == "profile",
+                       step_noise=args.step_noise != "off", noise_runs=args.step_noise == "profile",
+                       path_latency=args.path_latency == "profile",
                        seed=args.seed_noise)
         logger.info("%d replica(s): p99 TTFT %.3fs, %d rejected", k, res.summary(slo)["ttft_s"]["p99"],
                     res.summary(slo)["rejected_429"])

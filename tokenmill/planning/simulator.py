@@ -194,20 +194,22 @@ def simulate(arrivals: Sequence[Arrival], *, config: EngineConfig, arch: Any, mo
              policy_params: PolicyParams = PolicyParams(), num_blocks: int | None = None,
              prefix_index_blocks: int = 16384, autoscale: AutoscaleConfig | None = None,
              autoscale_interval: float = 1.0, cold_start_s: float = 10.0, step_noise: bool = True,
-             path_latency: bool = True, seed: int = 0) -> SimResult:
+             noise_runs: bool = True, path_latency: bool = True, seed: int = 0) -> SimResult:
     """Run `arrivals` (sorted by t) through `replicas` simulated replicas; every request completes or is
     rejected (429). With `autoscale`, `replicas` is the starting count and the router's autoscaler decision
     function (tokenmill.cluster.autoscale_policy.decide) runs every `autoscale_interval` seconds on what the
     replicas report; a replica it adds takes requests `cold_start_s` later, one it removes drains first.
     A profile that kept its steps' spread (StepTimeModel.noise) steps each replica in a time drawn from it,
     seeded by `seed` and the replica's index, unless `step_noise` is off: then every step takes its fitted time.
+    The stretches come in runs as the profiled steps' did (StepTimeModel.noise_trace), or with `noise_runs`
+    off each step's independently.
     A profile that kept its requests' way outside the engine (StepTimeModel.path) delays each request's arrival
     at the server and its tokens' at the client by a pair drawn from the profiled requests sent with about as
     many in flight (seeded; the bin's median when `step_noise` is off), so TTFT and e2e are the client's;
     `path_latency` off leaves them the server's."""
     return _Simulation(arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
-                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, path_latency,
-                       seed).run()
+                       prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, noise_runs,
+                       path_latency, seed).run()
 
 
 PATH_BIN_REQUESTS = 40  # at least this many profiled requests to a bin of the path model, at most PATH_BINS
@@ -244,13 +246,15 @@ class _Paths:
 
 class _Simulation:
     def __init__(self, arrivals, config, arch, model, replicas, limits, routing, policy_params, num_blocks,
-                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, path_latency, seed):
+                 prefix_index_blocks, autoscale, autoscale_interval, cold_start_s, step_noise, noise_runs,
+                 path_latency, seed):
         self.arrivals, self.config, self.arch, self.model = arrivals, config, arch, model
         self.records = [RequestRecord(a) for a in arrivals]
         self.paths = _Paths(model if path_latency else None, step_noise, seed)
         self.in_flight = 0  # sent by the client, not yet finished or turned away
         self.incoming: list[tuple[float, int]] = []  # (when the server takes it, arrival index): on their way in
         self.step_noise, self.seed = step_noise and isinstance(model, StepTimeModel) and bool(model.noise), seed
+        self.noise_runs = noise_runs
         self.limits, self.routing, self.params = limits, routing, policy_params
         self.num_blocks, self.index_blocks = num_blocks, prefix_index_blocks
         self.autoscale, self.interval, self.cold_start_s = autoscale, autoscale_interval, cold_start_s
@@ -271,7 +275,8 @@ class _Simulation:
 
     def _new_replica(self, born: float, ready_at: float) -> _Replica:
         index = len(self.reps)
-        model = StepNoise(self.model, self.seed * 1_000_003 + index) if self.step_noise else self.model
+        model = (StepNoise(self.model, self.seed * 1_000_003 + index, self.noise_runs) if self.step_noise
+                 else self.model)
         return _Replica(index, self.config, self.arch, model, self.num_blocks, self.index_blocks, born, ready_at)
 
     def _routable(self, now: float) -> list[_Replica]:
