@@ -203,15 +203,23 @@ def main() -> int:
     config = EngineConfig.from_kwargs(model="default", **ENGINE_FLAGS)
     arch = open_model("default").arch
     num_blocks = model.source.get("num_blocks")
-    flood = workload.poisson(50.0, 60.0, SIZES, seed=99)
-    capacity = simulated(flood, config, arch, model, num_blocks)["requests_per_s"]
+    earlier = None
+    if args.resimulate:
+        earlier = json.loads(Path(args.resimulate).read_text())
+        if earlier["duration_s"] != args.duration or earlier["profile"] != model.source:
+            ap.error("--resimulate needs a results file of the same duration and profile")
+    pair = dict(replicas=2, routing="prefix-aware", num_blocks=None)  # as the mock replicas size their pools
+    if earlier is not None and "pair_capacity_rps" in earlier:  # the traces that were replayed, exactly
+        capacity, pair_capacity = earlier["capacity_rps"], earlier["pair_capacity_rps"]
+    else:
+        flood = workload.poisson(50.0, 60.0, SIZES, seed=99)
+        capacity = simulated(flood, config, arch, model, num_blocks)["requests_per_s"]
+        pair_capacity = simulated(shared_prefix(40.0, 60.0, seed=98), config, arch, model, **pair)["requests_per_s"]
     print(f"simulated capacity: {capacity:.2f} requests/s of ~{SIZES.prompt_tokens} in / {SIZES.output_tokens} out")
+    print(f"simulated capacity of 2 replicas on the shared-prefix shape: {pair_capacity:.2f} requests/s")
     cases = {k: Case(v) for k, v in scenarios(capacity, args.duration).items()}
     cases["fair flood"] = Case(fair_flood(capacity, args.duration), "fair",
                                (("fair flood: light tenants", "light-"), ("fair flood: flooder", "flood")))
-    pair = dict(replicas=2, routing="prefix-aware", num_blocks=None)  # as the mock replicas size their pools
-    pair_capacity = simulated(shared_prefix(40.0, 60.0, seed=98), config, arch, model, **pair)["requests_per_s"]
-    print(f"simulated capacity of 2 replicas on the shared-prefix shape: {pair_capacity:.2f} requests/s")
     cases["shared prefix x2"] = Case(shared_prefix(0.6 * pair_capacity, args.duration), "router")
     if args.only:
         wanted = [x.strip() for x in args.only.split(",")]
@@ -221,11 +229,6 @@ def main() -> int:
         cases = {k: v for k, v in cases.items() if k in wanted}
     rows = []
     runs = 0
-    earlier = None
-    if args.resimulate:
-        earlier = json.loads(Path(args.resimulate).read_text())
-        if earlier["duration_s"] != args.duration or earlier["profile"] != model.source:
-            ap.error("--resimulate needs a results file of the same duration and profile")
     for kind in ("server", "fair", "router"):
         mine = {k: c for k, c in cases.items() if c.kind == kind}
         if not mine:
@@ -264,7 +267,7 @@ def main() -> int:
                     print(_row_text(row), flush=True)
     replica_check = _replica_check(prof, model, config, arch, capacity, args) if args.replica_check else None
     out = {"cpu": cpu_name(), "profile": model.source, "replica_check": replica_check, "engine": ENGINE_FLAGS, "sizes": dataclasses.asdict(SIZES),
-           "capacity_rps": capacity, "duration_s": args.duration, "repeats": args.repeats, "rows": rows,
+           "capacity_rps": capacity, "pair_capacity_rps": pair_capacity, "duration_s": args.duration, "repeats": args.repeats, "rows": rows,
            "command": "python benchmarks/plan_validation.py " + " ".join(sys.argv[1:]),
            "real_runs_from": earlier["command"] if earlier else None}
     path = RESULTS / f"plan_validation_{tag}.json"

@@ -6,7 +6,9 @@
 For each --rate: a fresh `tokenmill serve` (plan_validation.py's engine flags) with `--record-steps`, a short
 warm-up, then --duration seconds of Poisson arrivals of plan_validation.py's request shape, replayed over HTTP
 (this process: asyncio, no torch math). Prints the engine's busy share, each recorded step's measured / fitted
-time (p10 / p50 / p90, and the sums' ratio), overall and by rows and prefill, and the replay's TTFT and TPOT.
+time (p10 / p50 / p90, and the sums' ratio), overall and by rows and prefill, the replay's TTFT and TPOT, and
+how far a step's place in the profile's spread carries over to the steps after it (autocorrelation of the
+ranks at lags 1, 10 and 100).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from tokenmill.bench.launch import ServerProcess, free_port
-from tokenmill.engine.step_time import StepTimeModel, read_recorded
+from tokenmill.engine.step_time import StepTimeModel, noise_ranks, read_recorded
 from tokenmill.models.loader import open_model
 from tokenmill.planning import workload
 
@@ -59,6 +61,18 @@ def one_rate(model: StepTimeModel, rate: float, duration: float, vocab: int) -> 
         groups[(rows, "with prefill" if s.prefill_tokens else "decode only")].append(r)
     for (rows, kind), rs in sorted(groups.items()):
         print(f"  {rows:>6} rows, {kind:<12} {len(rs):5d} steps: {quantiles(rs)}, mean {statistics.fmean(rs):.2f}")
+    # Do slow steps come in runs? Each step's rank within the profile's spread for its length, correlated
+    # with the rank some steps later (independent draws would give 0 at every lag).
+    ranks = noise_ranks(model, steps)
+    if len(ranks) > 200:
+        print("  rank autocorrelation at lag " + ", ".join(f"{k}: {autocorrelation(ranks, k):.2f}"
+                                                          for k in (1, 10, 100)) + f" ({len(ranks)} steps)")
+
+
+def autocorrelation(xs: list[float], lag: int) -> float:
+    mean = statistics.fmean(xs)
+    d = [x - mean for x in xs]
+    return sum(a * b for a, b in zip(d, d[lag:], strict=False)) / sum(a * a for a in d)
 
 
 def main() -> int:
