@@ -15,8 +15,8 @@ That is each step's expected time. A served step also stalls now and then (the f
 process on the cores): the profile keeps what its steps measured against the fit, as ratios grouped by the
 fitted time (a stall of a few milliseconds stretches a short step more than a long one), and in the order
 the steps ran (slow steps come in runs), and `StepNoise` replays them, so a simulation's tail latencies see
-the stalls its mean cannot show. The profile also
-keeps each request's way outside the engine (`path`): HTTP in, and the first token's way back out.
+the stalls its mean cannot show. The profile also keeps each request's way outside the engine (`path`): HTTP
+in, and the first token's way back out.
 """
 
 from __future__ import annotations
@@ -229,9 +229,9 @@ TRACE_RUN_STEPS = 30  # mean length of a run of consecutive profiled steps that 
 class StepNoise:
     """A profile's step time, each step stretched or shortened by a ratio from what profiled steps of about the
     same fitted time measured against the fit (seeded). With the profile's trace (and `runs`), the ratios come
-    in runs as the profiled steps' did: a step takes the rank its predecessor in the trace had after the
-    previous step's, and every TRACE_RUN_STEPS steps or so the replay jumps to a random place (a block
-    bootstrap); the rank picks the ratio within the bin of this step's own fitted time. Without the trace, or
+    in runs as the profiled steps' did: each step takes the rank that followed the previous step's in the
+    trace, and every TRACE_RUN_STEPS steps or so the replay jumps to a random place (a block bootstrap); the
+    rank picks the ratio within the bin of this step's own fitted time. Without the trace, or
     `runs` off, each step draws independently. Without noise bins, the fitted time."""
 
     def __init__(self, model: StepTimeModel, seed: int, runs: bool = True):

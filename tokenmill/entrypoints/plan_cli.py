@@ -116,8 +116,8 @@ def add_plan_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentPars
     add("--seed-noise", type=int, default=0, help="seed of the step-time and request-path draws (default: 0)")
     add("--path-latency", choices=["profile", "off"], default="profile",
         help="profile: each request's TTFT and e2e include its way outside the engine (HTTP in, the first token "
-             "back out to the client), as the profiled requests measured it (drawn per request with --step-noise "
-             "profile, else the median); off: the engine's own (default: profile)")
+             "back out to the client), as the profiled requests sent with about as many in flight measured it "
+             "(drawn per request, or their median with --step-noise off); off: the engine's own (default: profile)")
     add("--price-per-replica-hour", type=float, help="cost of one replica for an hour, for cost per token")
     add("--json", dest="json_out", help="write the prediction as JSON here")
     add("--plot", help="PNG of demand, queue and TTFT over time")

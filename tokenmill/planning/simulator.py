@@ -3,14 +3,16 @@
 Each replica is the real EngineCore (token-budget scheduler, scheduling policy, KV block pool with its prefix
 cache, preemption) over a MockRunner whose step takes the profiled time (tokenmill.engine.step_time) on a
 clock that jumps instead of sleeping (each step stretched as the profile's measured steps strayed from the
-fit, drawn seeded: StepNoise). In front of the replicas: the server's admission caps (429 past
+fit, in runs as they came, seeded: StepNoise). In front of the replicas: the server's admission caps (429 past
 --max-queued-requests / --max-queued-tokens) and the router's policy (tokenmill.cluster.policy.route with its
 prefix index). No torch, no sockets: a simulated hour takes seconds.
 
-Events are processed in time order: an arrival at time T is routed and admitted at T, and joins its replica's
-next step; each replica runs its steps back to back while it has work. A step in flight polls for arrivals as
-the server's engine loop does (EngineCore.step(poll), at the runner's check points in its first half): one due
-by then joins the scheduler at once, and under --interruptible-steps the step is abandoned and redone for it
+Events are processed in time order: a request the client sends at time T reaches the server after its way in
+(a profiled request's, drawn for the requests then in flight), is routed and admitted then, and joins its
+replica's next step; the client has each token its way out after the engine made it. Each replica runs its
+steps back to back while it has work. A step in flight polls for arrivals as the server's engine loop does
+(EngineCore.step(poll), at the runner's check points in its first half): one due by then joins the scheduler
+at once, and under --interruptible-steps the step is abandoned and redone for it
 when the policy ranks it above the step's work. An arrival is taken mid-step only when no other event (another
 replica's step, an autoscaler tick, a replica coming up) falls before it, so every decision still sees the
 state at its own time; otherwise it waits for its turn, as before.
