@@ -34,7 +34,7 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
     def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
-        from tokenmill.planning.profiler import plot_fit, profile
+        from tokenmill.planning.profiler import DRIFT_WORKLOAD, plot_fit, profile
 
         bar = tqdm(desc="profiling", unit="workload")
         model, samples = profile(engine_config(args), args.budget,
@@ -49,6 +49,9 @@ def add_profile_parser(subparsers, add_engine_args: Callable[[argparse.ArgumentP
         for low, ratios in model.noise:
             print(f"  steps fitted at {low * 1e3:.1f} ms and up: measured / fitted p50 {ratios[len(ratios) // 2]:.2f}, "
                   f"p90 {ratios[int(0.9 * (len(ratios) - 1))]:.2f}, max {ratios[-1]:.2f} ({len(ratios)} steps)")
+        if "speed_drift" in src:
+            print(f"  the machine's speed while profiling: the same {DRIFT_WORKLOAD} burst took {src['speed_drift']:+.0%} "
+                  f"per step after the steady load against before it")
         from tokenmill.planning.simulator import path_bins
 
         for group in path_bins(model.path):

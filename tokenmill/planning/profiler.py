@@ -9,12 +9,14 @@ decoding sequences attend over, and mixed steps, within a time budget. Then stea
 arrivals at shares of the capacity a fit of those steps predicts): there the frontend takes a request and
 streams tokens while the engine steps, which costs served steps time that a burst of requests sent at once
 does not show (on a fast CPU the requests per second, and with them that work, grow), and the fit takes
-those steps in too.
+those steps in too. One burst runs before the steady load and again after it: how far the machine's speed moved
+meanwhile (`speed_drift` in the profile; a warning past 15 %).
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +36,9 @@ WARMUP_STEPS = 8
 STEADY_SIZES = Sizes(prompt_tokens=128, output_tokens=64, spread=0.5)  # the steady workloads' requests
 STEADY_LOADS = (0.4, 0.8, 1.1)  # shares of the capacity the shape workloads' fit predicts: below it and past it
 STEADY_S = 15.0  # seconds of arrivals each
+DRIFT_WORKLOAD = "decode x8"  # run before and after the steady load: how far the machine's speed moved meanwhile
+DRIFT_WARN = 0.15
+DRIFT_RUNS = 10_000  # the drift bursts' prompt seeds: none of the other workloads' prompts
 
 
 def _workloads(max_seqs: int, max_len: int) -> list[tuple[str, int, int, int]]:
@@ -60,36 +65,50 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
                         "--no-inproc", *engine_flags(config), "--record-steps", str(record)])
         done: list[str] = []
         steady: list = []  # the steady workloads' outcomes: their requests' way outside the engine
+        steps_of: dict[str, list[float]] = {}  # a burst workload's recorded step times
         deadline = time.monotonic() + budget_s
         with ServerProcess(cmd, free_port(), Path(tmp) / "server.log") as server:
-            for k, (label, n, prompt_len, out_len) in enumerate(_workloads(config.max_num_seqs, max_len)):
-                if time.monotonic() > deadline:
-                    logger.warning("profile budget spent: skipped %s and later workloads", label)
-                    break
+
+            def run(label: str, arrivals: list[Arrival], k: int) -> list:
                 if progress:
                     progress(label)
-                # All n at once, distinct prompts (the planner's cold case), exact lengths (ignore_eos).
-                outs = replay(server.base_url, [Arrival(0.0, prompt_len, out_len)] * n, arch.vocab_size, run=k)
+                before = len(read_recorded(record)) if record.exists() else 0  # the engine may not have begun it
+                outs = replay(server.base_url, arrivals, arch.vocab_size, run=k)
                 if any(o.status != "ok" for o in outs):
                     bad = next(o for o in outs if o.status != "ok")
                     raise RuntimeError(f"profile workload {label} failed: {bad.http_status} {bad.message}")
+                steps_of[label] = [t for _, t in read_recorded(record)[before:]]
+                return outs
+
+            workloads = _workloads(config.max_num_seqs, max_len)
+            for k, (label, n, prompt_len, out_len) in enumerate(workloads):
+                if time.monotonic() > deadline:
+                    logger.warning("profile budget spent: skipped %s and later workloads", label)
+                    break
+                # All n at once, distinct prompts (the planner's cold case), exact lengths (ignore_eos).
+                run(label, [Arrival(0.0, prompt_len, out_len)] * n, k)
                 done.append(label)
             num_blocks = _num_blocks(Path(tmp) / "server.log")
+            # The machine's speed can move while it is profiled (a VM's neighbours): one burst now and again after
+            # the steady load. (Not the sweep's own burst, which ran before any larger batch had: in a check on a
+            # Zen 5 the same burst stepped ~20 % faster once one had.)
+            drift = next((w for w in workloads if w[0] == DRIFT_WORKLOAD), None)
+            if drift is not None:
+                label, n, prompt_len, out_len = drift
+                run(f"{label} before the steady load", [Arrival(0.0, prompt_len, out_len)] * n, DRIFT_RUNS)
+                done.append(f"{label} before the steady load")
             for share in STEADY_LOADS:
                 if time.monotonic() + STEADY_S > deadline:
                     logger.warning("profile budget spent: no steady load at %.1fx", share)
                     break
                 label = f"steady {share:.1f}x"
-                if progress:
-                    progress(label)
                 rate = share * _capacity(fit(read_recorded(record)[WARMUP_STEPS:]), config, arch, num_blocks)
-                outs = replay(server.base_url, poisson(rate, STEADY_S, STEADY_SIZES, seed=len(done)), arch.vocab_size,
-                              run=len(done))
-                if any(o.status != "ok" for o in outs):
-                    bad = next(o for o in outs if o.status != "ok")
-                    raise RuntimeError(f"profile workload {label} failed: {bad.http_status} {bad.message}")
+                steady += run(label, poisson(rate, STEADY_S, STEADY_SIZES, seed=len(done)), len(done))
                 done.append(f"{label} ({rate:.1f} requests/s)")
-                steady += outs
+            if drift is not None:
+                label, n, prompt_len, out_len = drift
+                run(f"{label} after it", [Arrival(0.0, prompt_len, out_len)] * n, DRIFT_RUNS + 1)
+                done.append(f"{label} after it")
         samples = read_recorded(record)[WARMUP_STEPS:]
         paths = request_paths(steady, read_requests(record))
         logger.info("%d of the steady load's %d requests matched to the engine's record", len(paths), len(steady))
@@ -98,6 +117,15 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
               "max_num_batched_tokens": config.max_num_batched_tokens, "num_blocks": num_blocks,
               "block_size": config.block_size, "max_model_len": max_len, "budget_s": budget_s,
               "measured": "a real server's engine steps, driven over HTTP", "workloads": done}
+    before, after = f"{DRIFT_WORKLOAD} before the steady load", f"{DRIFT_WORKLOAD} after it"
+    if before in steps_of and after in steps_of:
+        first, last = steps_of[before], steps_of[after]
+        source["speed_drift"] = statistics.median(last) / statistics.median(first) - 1
+        if abs(source["speed_drift"]) > DRIFT_WARN:
+            logger.warning("the engine's steps took %+.0f%% longer after the profile's steady load than before it "
+                           "(the same %s burst): this machine's speed moved while it was profiled, and a plan "
+                           "from it carries that uncertainty; profile again on a quiet machine",
+                           100 * source["speed_drift"], DRIFT_WORKLOAD)
     model = fit(samples, source)
     model.path = paths
     return model, samples
