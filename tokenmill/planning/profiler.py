@@ -90,8 +90,7 @@ def profile(config: EngineConfig, budget_s: float = 240.0, progress: Callable[[s
                 done.append(label)
             num_blocks = _num_blocks(Path(tmp) / "server.log")
             # The machine's speed can move while it is profiled (a VM's neighbours): one burst now and again after
-            # the steady load. (Not the sweep's own burst, which ran before any larger batch had: in a check on a
-            # Zen 5 the same burst stepped ~20 % faster once one had.)
+            # the steady load, both after the whole sweep.
             drift = next((w for w in workloads if w[0] == DRIFT_WORKLOAD), None)
             if drift is not None:
                 label, n, prompt_len, out_len = drift
