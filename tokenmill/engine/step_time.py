@@ -306,8 +306,7 @@ class StepRecorder:
             end = time.perf_counter()
             start = self._prev_end if self._prev_end is not None else t0
             if self._shape is not None:
-                self.file.write(json.dumps({**asdict(self._shape), "seconds": end - start,
-                                            "end": time.monotonic()}) + "\n")
+                self.file.write(json.dumps({**asdict(self._shape), "seconds": end - start}) + "\n")
             for u in out or ():
                 if u.finish_reason and u.first_token_time is not None:
                     self.file.write(json.dumps({"request": u.request_id, "arrival": u.arrival_time,
@@ -326,7 +325,6 @@ def read_recorded(path: str | Path) -> list[tuple[StepShape, float]]:
         if "seconds" not in d:
             continue
         seconds = d.pop("seconds")
-        d.pop("end", None)  # when the step ended (time.monotonic)
         samples.append((StepShape(**d), seconds))
     return samples
 
